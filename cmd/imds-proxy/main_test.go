@@ -1,0 +1,311 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http/httpproxy"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+// binary is the imds-proxy built once for these tests.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "imds-proxy-bin")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "imds-proxy")
+	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building imds-proxy: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// running is an imds-proxy process started by a test.
+type running struct {
+	cmd          *exec.Cmd
+	api, metrics string // base URLs
+	logs         *lineLog
+	done         chan error
+}
+
+// startBinary runs imds-proxy sidecar with args and env (on top of a clean
+// environment) and waits for its "serving" log line.
+func startBinary(t *testing.T, env []string, args ...string) *running {
+	t.Helper()
+	base := []string{"sidecar", "--rules=false", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-level", "debug"}
+	cmd := exec.Command(binary, append(base, args...)...)
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	r := &running{cmd: cmd, logs: newLineLog(stderr), done: make(chan error, 1)}
+	go func() { r.done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-r.logs.closed
+	})
+	serving, err := r.logs.waitFor(`"msg":"serving"`, 10*time.Second)
+	if err != nil {
+		t.Fatalf("imds-proxy did not start: %v\n%s", err, r.logs.String())
+	}
+	var line struct{ Listen, MetricsListen string }
+	if err := json.Unmarshal([]byte(strings.Replace(serving, "metrics_listen", "metricslisten", 1)), &line); err != nil {
+		t.Fatal(err)
+	}
+	r.api, r.metrics = "http://"+line.Listen, "http://"+line.MetricsListen
+	return r
+}
+
+// get sends a request with an http.Client that never uses a proxy.
+func get(t *testing.T, method, rawURL string, header http.Header) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest(method, rawURL, nil)
+	for k, v := range header {
+		req.Header[k] = v
+	}
+	client := &http.Client{Transport: &http.Transport{Proxy: nil}, Timeout: 20 * time.Second}
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, rawURL, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+func waitReady(t *testing.T, r *running) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if status, _ := get(t, "GET", r.metrics+"/readyz", nil); status == 200 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz never became ready\n%s", r.logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestHelpExplainsEveryFlag(t *testing.T) {
+	out, err := exec.Command(binary, "sidecar", "--help").CombinedOutput()
+	if err != nil {
+		t.Fatalf("sidecar --help: %v\n%s", err, out)
+	}
+	for _, want := range []string{"-listen", "-metrics-listen", "-upstream", "-v1", "-upstream-v1-fallback",
+		"-upstream-token-ttl", "-upstream-token-timeout", "-upstream-retry-min", "-upstream-retry-max",
+		"-upstream-dial-timeout", "-upstream-response-timeout", "-shutdown-timeout", "-rules",
+		"-log-format", "-log-level", "IMDS_PROXY_"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("sidecar --help does not mention %s", want)
+		}
+	}
+	out, err = exec.Command(binary, "--help").CombinedOutput()
+	if err != nil {
+		t.Fatalf("--help: %v\n%s", err, out)
+	}
+	for _, sub := range []string{"sidecar", "node", "rules", "doctor", "version"} {
+		if !strings.Contains(string(out), sub) {
+			t.Errorf("--help does not list %s", sub)
+		}
+	}
+}
+
+func TestBadInputGetsAClearError(t *testing.T) {
+	cases := map[string]struct {
+		args []string
+		env  []string
+		want string
+	}{
+		"bad policy":          {[]string{"--v1", "sometimes"}, nil, "unknown IMDSv1 policy"},
+		"bad policy from env": {nil, []string{"IMDS_PROXY_V1=sometimes"}, "unknown IMDSv1 policy"},
+		"https upstream":      {[]string{"--upstream", "https://169.254.169.254"}, nil, "scheme must be http"},
+		"bad log level":       {[]string{"--log-level", "loud"}, nil, "--log-level"},
+		"listen in use":       {[]string{"--listen", "127.0.0.1:1"}, nil, "--listen"},
+		"rules not yet":       {[]string{"--rules=true"}, nil, "--rules=false"},
+		"stray argument":      {[]string{"extra"}, nil, "unexpected arguments"},
+	}
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			args := append([]string{"sidecar", "--rules=false", "--metrics-listen", "", "--upstream", "http://127.0.0.1:1"}, c.args...)
+			cmd := exec.Command(binary, args...)
+			cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, c.env...)
+			out, err := cmd.CombinedOutput()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+				t.Fatalf("exit: %v, want status 1\n%s", err, out)
+			}
+			if !strings.Contains(string(out), c.want) {
+				t.Errorf("output %q does not say %q", out, c.want)
+			}
+		})
+	}
+}
+
+// TestEnvironmentAndFlags: every flag has an IMDS_PROXY_ variable, and a flag
+// given on the command line wins over it.
+func TestEnvironmentAndFlags(t *testing.T) {
+	aemm := testutil.StartAEMM(t, "-I")
+	env := []string{"IMDS_PROXY_UPSTREAM=" + aemm.URL, "IMDS_PROXY_V1=block"}
+
+	fromEnv := startBinary(t, env)
+	waitReady(t, fromEnv)
+	if status, _ := get(t, "GET", fromEnv.api+"/latest/meta-data/instance-id", nil); status != 401 {
+		t.Errorf("IMDS_PROXY_V1=block: tokenless GET got %d, want 401", status)
+	}
+
+	flagWins := startBinary(t, env, "--v1", "allow")
+	waitReady(t, flagWins)
+	if status, body := get(t, "GET", flagWins.api+"/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+		t.Errorf("--v1 allow over IMDS_PROXY_V1=block: tokenless GET got %d %q, want 200 from AEMM", status, body)
+	}
+}
+
+// TestIgnoresProxyEnvironment: with HTTP_PROXY pointing at a trap, the proxy
+// still goes straight to its upstream. The upstream is addressed as 0.0.0.0,
+// which Linux connects to the local host, because Go's proxy rules never
+// proxy loopback addresses and the test would prove nothing with 127.0.0.1.
+func TestIgnoresProxyEnvironment(t *testing.T) {
+	aemm := testutil.StartAEMM(t, "-I")
+	trap := testutil.NewTap(t, "")
+	upstream := strings.Replace(aemm.URL, "127.0.0.1", "0.0.0.0", 1)
+	proxyEnv := &httpproxy.Config{HTTPProxy: trap.URL(), HTTPSProxy: trap.URL()}
+	if u, _ := proxyEnv.ProxyFunc()(mustParse(t, upstream)); u == nil {
+		t.Fatalf("control: HTTP_PROXY would not apply to %s, so this test would prove nothing", upstream)
+	}
+	env := []string{"HTTP_PROXY=" + trap.URL(), "http_proxy=" + trap.URL(), "HTTPS_PROXY=" + trap.URL(), "ALL_PROXY=" + trap.URL()}
+	r := startBinary(t, env, "--upstream", upstream)
+	waitReady(t, r)
+	status, tok := get(t, "PUT", r.api+"/latest/api/token", http.Header{"X-Aws-Ec2-Metadata-Token-Ttl-Seconds": {"60"}})
+	if status != 200 {
+		t.Fatalf("token PUT: %d", status)
+	}
+	status, body := get(t, "GET", r.api+"/latest/meta-data/instance-id", http.Header{"X-Aws-Ec2-Metadata-Token": {tok}})
+	if status != 200 || body != "i-1234567890abcdef0" {
+		t.Errorf("GET through the proxy: %d %q, want 200 from AEMM", status, body)
+	}
+	if n := trap.Conns(); n != 0 {
+		t.Errorf("the HTTP_PROXY trap received %d connections", n)
+	}
+}
+
+// TestSIGTERMFinishesInFlightRequests: on SIGTERM the proxy stops accepting,
+// lets a request already in flight finish, and exits 0.
+func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
+	aemm := testutil.StartAEMM(t) // IMDSv1 allowed so the request below needs no token
+	slow := testutil.NewDelayingTap(t, aemm.Addr, time.Second)
+	r := startBinary(t, nil, "--upstream", slow.URL())
+	waitReady(t, r)
+
+	result := make(chan string, 1)
+	go func() {
+		status, body := get(t, "GET", r.api+"/latest/meta-data/instance-id", nil)
+		result <- fmt.Sprint(status, " ", body)
+	}()
+	if err := slow.WaitRequests(1, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if got := <-result; got != "200 i-1234567890abcdef0" {
+		t.Errorf("in-flight request during shutdown got %q, want 200 and the instance id", got)
+	}
+	select {
+	case err := <-r.done:
+		if err != nil {
+			t.Errorf("exit after SIGTERM: %v, want status 0\n%s", err, r.logs.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("imds-proxy did not exit after SIGTERM")
+	}
+	if _, err := http.Get(r.api + "/"); err == nil {
+		t.Error("the listener still accepts connections after shutdown")
+	}
+}
+
+func TestVersion(t *testing.T) {
+	out, err := exec.Command(binary, "version").Output()
+	if err != nil || !strings.HasPrefix(string(out), "imds-proxy ") {
+		t.Errorf("version: %q, %v", out, err)
+	}
+}
+
+func mustParse(t *testing.T, raw string) *url.URL {
+	u, err := url.Parse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
+// lineLog collects a process's log lines and lets a test wait for one.
+type lineLog struct {
+	lines  chan string
+	closed chan struct{}
+	mu     sync.Mutex
+	all    strings.Builder
+}
+
+func newLineLog(r io.Reader) *lineLog {
+	l := &lineLog{lines: make(chan string, 4096), closed: make(chan struct{})}
+	go func() {
+		defer close(l.closed)
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			l.mu.Lock()
+			l.all.WriteString(sc.Text() + "\n")
+			l.mu.Unlock()
+			select {
+			case l.lines <- sc.Text():
+			default: // nobody is waiting for lines this far on
+			}
+		}
+	}()
+	return l
+}
+
+func (l *lineLog) waitFor(substr string, timeout time.Duration) (string, error) {
+	deadline := time.After(timeout)
+	for {
+		select {
+		case line := <-l.lines:
+			if strings.Contains(line, substr) {
+				return line, nil
+			}
+		case <-deadline:
+			return "", fmt.Errorf("no log line with %q within %s", substr, timeout)
+		}
+	}
+}
+
+// String returns everything logged so far.
+func (l *lineLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.all.String()
+}

@@ -1,0 +1,102 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/url"
+	"time"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+
+	"github.com/imds-proxy/imds-proxy/proxy"
+)
+
+// serveFlags are the flags of the serving subcommands.
+type serveFlags struct {
+	listen          string
+	metricsListen   string
+	upstream        string
+	v1              string
+	v1Fallback      bool
+	tokenTTL        time.Duration
+	tokenTimeout    time.Duration
+	retryMin        time.Duration
+	retryMax        time.Duration
+	dialTimeout     time.Duration
+	responseTimeout time.Duration
+	shutdownTimeout time.Duration
+	rules           bool
+	logFormat       string
+	logLevel        string
+}
+
+func (f *serveFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.listen, "listen", "127.0.0.1:8169", "address the IMDS API is served on (the redirect target)")
+	fs.StringVar(&f.metricsListen, "metrics-listen", ":9169", "address of /metrics, /healthz and /readyz; empty disables it")
+	fs.StringVar(&f.upstream, "upstream", "http://169.254.169.254", "IMDS, or a node agent, that requests are forwarded to (http://host[:port])")
+	fs.StringVar(&f.v1, "v1", string(proxy.V1Allow), "IMDSv1 (tokenless) requests: allow (serve, log, count) or block (answer 401 as IMDS does when tokens are required)")
+	fs.BoolVar(&f.v1Fallback, "upstream-v1-fallback", true, "while no upstream IMDSv2 token can be had, forward GETs without one (else answer 503)")
+	fs.DurationVar(&f.tokenTTL, "upstream-token-ttl", 6*time.Hour, "lifetime of the proxy's own upstream token (1s..6h); refreshed at half of it")
+	fs.DurationVar(&f.tokenTimeout, "upstream-token-timeout", time.Second, "how long to wait for an upstream token response before diagnosing the hop-limit symptom")
+	fs.DurationVar(&f.retryMin, "upstream-retry-min", time.Second, "first wait before retrying IMDSv2 upstream after a failure (doubles each time)")
+	fs.DurationVar(&f.retryMax, "upstream-retry-max", time.Minute, "longest wait between IMDSv2 retries upstream")
+	fs.DurationVar(&f.dialTimeout, "upstream-dial-timeout", time.Second, "bound on connecting to the upstream")
+	fs.DurationVar(&f.responseTimeout, "upstream-response-timeout", 5*time.Second, "bound on waiting for upstream response headers")
+	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 10*time.Second, "on SIGTERM, how long in-flight requests may take to finish")
+	fs.BoolVar(&f.rules, "rules", true, "install the iptables redirect rules (not implemented yet: pass --rules=false)")
+	fs.StringVar(&f.logFormat, "log-format", "json", "log format: json or console")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error (debug logs every request)")
+}
+
+func (f *serveFlags) proxyConfig() (proxy.Config, error) {
+	upstream, err := url.Parse(f.upstream)
+	if err != nil {
+		return proxy.Config{}, fmt.Errorf("--upstream: %w", err)
+	}
+	policy, err := proxy.ParseV1Policy(f.v1)
+	if err != nil {
+		return proxy.Config{}, fmt.Errorf("--v1: %w", err)
+	}
+	cfg := proxy.Config{
+		Upstream:                upstream,
+		V1:                      policy,
+		UpstreamV1Fallback:      f.v1Fallback,
+		UpstreamTokenTTL:        f.tokenTTL,
+		UpstreamTokenTimeout:    f.tokenTimeout,
+		UpstreamRetryMin:        f.retryMin,
+		UpstreamRetryMax:        f.retryMax,
+		UpstreamDialTimeout:     f.dialTimeout,
+		UpstreamResponseTimeout: f.responseTimeout,
+	}
+	return cfg, cfg.Validate()
+}
+
+func newSidecarCommand(stderr io.Writer) *ffcli.Command {
+	var f serveFlags
+	fs := flag.NewFlagSet("imds-proxy sidecar", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	f.register(fs)
+	return &ffcli.Command{
+		Name:       "sidecar",
+		ShortUsage: "imds-proxy sidecar [flags]",
+		ShortHelp:  "serve IMDS to the workloads of this network namespace (task or pod)",
+		LongHelp: "Serves the IMDS API on --listen and forwards to --upstream. In a task's or pod's\n" +
+			"network namespace, traffic to 169.254.169.254:80 is redirected to --listen.\n\n" +
+			"Every flag can also be set as " + envPrefix + "_<FLAG> (e.g. " + envPrefix + "_UPSTREAM); flags win.",
+		FlagSet: fs,
+		Options: parseOptions(),
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("unexpected arguments %q", args)
+			}
+			if f.rules {
+				return errors.New("iptables rules are not implemented in this version yet: " +
+					"run with --rules=false and send traffic to --listen yourself")
+			}
+			return serve(ctx, &f, stderr)
+		},
+	}
+}

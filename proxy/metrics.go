@@ -1,0 +1,81 @@
+package proxy
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Request outcomes, the values of the "outcome" label. The set is fixed so
+// that hostile traffic cannot grow label cardinality.
+const (
+	outcomeForwarded           = "forwarded"
+	outcomeTokenIssued         = "token_issued"
+	outcomeTokenRefused        = "token_refused"
+	outcomeUnauthorized        = "unauthorized"
+	outcomeV1Blocked           = "v1_blocked"
+	outcomeBadRequest          = "bad_request"
+	outcomeMethodNotAllowed    = "method_not_allowed"
+	outcomeNotAProxy           = "not_a_forward_proxy"
+	outcomeUpstreamError       = "upstream_error"
+	outcomeUpstreamTimeout     = "upstream_timeout"
+	outcomeUpstreamUnavailable = "upstream_unavailable"
+)
+
+// metrics holds the proxy's Prometheus collectors.
+type metrics struct {
+	requests         *prometheus.CounterVec
+	tokensMinted     prometheus.Counter
+	upstreamLatency  *prometheus.HistogramVec
+	sessionState     *prometheus.GaugeVec
+	upstreamTokenErr *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imds_proxy_requests_total",
+			Help: "Client requests by method, outcome and IMDS version (v1 = no token, v2 = token).",
+		}, []string{"method", "outcome", "imds_version"}),
+		tokensMinted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imds_proxy_tokens_minted_total",
+			Help: "IMDSv2 session tokens minted for clients.",
+		}),
+		upstreamLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "imds_proxy_upstream_request_duration_seconds",
+			Help:    "Time to response headers for requests to the upstream IMDS, by kind (metadata, token).",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}, []string{"kind"}),
+		sessionState: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "imds_proxy_upstream_session_state",
+			Help: "1 for the current state of the upstream IMDSv2 session: pending, v2, v1_fallback or down.",
+		}, []string{"state"}),
+		upstreamTokenErr: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imds_proxy_upstream_token_failures_total",
+			Help: "Failed upstream token requests by cause; cause=timeout is the hop-limit symptom.",
+		}, []string{"cause"}),
+	}
+	for _, c := range []prometheus.Collector{m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+func (m *metrics) setSessionState(s sessionState) {
+	for _, each := range allSessionStates {
+		v := 0.0
+		if each == s {
+			v = 1
+		}
+		m.sessionState.WithLabelValues(each.String()).Set(v)
+	}
+}
+
+// methodLabel bounds the method label to the methods IMDS knows.
+func methodLabel(method string) string {
+	switch method {
+	case "GET", "HEAD", "PUT":
+		return method
+	}
+	return "other"
+}

@@ -1,0 +1,221 @@
+// Package proxy serves the IMDS API to workloads and forwards what it does not
+// answer itself to one configured upstream IMDS.
+//
+// It answers IMDSv2 token requests with its own tokens (package token), so the
+// token response travels over loopback or one local hop and the instance's hop
+// limit no longer matters; it keeps its own IMDSv2 session with the upstream;
+// and it applies the IMDSv1 policy to requests that carry no token.
+//
+// The engine is goproxy, used as a transparent proxy: only requests with a
+// relative URI are served, and every one of them goes to the configured
+// upstream whatever its Host header says. Absolute-URI requests and CONNECT are
+// refused before goproxy sees them, so nothing else is ever contacted.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/elazarl/goproxy"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/imds-proxy/imds-proxy/token"
+)
+
+const (
+	tokenPath  = "/latest/api/token"
+	userAgent  = "imds-proxy"
+	serverName = "EC2ws" // what IMDS puts in its Server header
+
+	maxUpstreamTokenBytes = 4096
+)
+
+// V1Policy decides what happens to requests that carry no IMDSv2 token.
+type V1Policy string
+
+// IMDSv1 policies.
+const (
+	// V1Allow forwards tokenless GET and HEAD requests (logged and counted).
+	V1Allow V1Policy = "allow"
+	// V1Block answers them 401, as IMDS does when tokens are required.
+	V1Block V1Policy = "block"
+)
+
+// ParseV1Policy parses the value of --v1.
+func ParseV1Policy(s string) (V1Policy, error) {
+	switch p := V1Policy(s); p {
+	case V1Allow, V1Block:
+		return p, nil
+	}
+	return "", fmt.Errorf("unknown IMDSv1 policy %q: want allow or block", s)
+}
+
+// Config is the proxy's whole configuration.
+type Config struct {
+	// Upstream is the IMDS (or node agent) that every forwarded request goes to,
+	// e.g. http://169.254.169.254. It must be http with no path.
+	Upstream *url.URL
+	// V1 is the policy for requests without a token.
+	V1 V1Policy
+	// UpstreamV1Fallback serves tokenless requests upstream while no upstream
+	// token can be had; when false, clients get 503 instead.
+	UpstreamV1Fallback bool
+	// UpstreamTokenTTL is the lifetime requested for the upstream token; it is
+	// refreshed at half of it.
+	UpstreamTokenTTL time.Duration
+	// UpstreamTokenTimeout bounds one upstream token request.
+	UpstreamTokenTimeout time.Duration
+	// UpstreamRetryMin and UpstreamRetryMax bound the backoff between token
+	// attempts while the upstream session is not IMDSv2.
+	UpstreamRetryMin, UpstreamRetryMax time.Duration
+	// UpstreamDialTimeout bounds connecting to the upstream.
+	UpstreamDialTimeout time.Duration
+	// UpstreamResponseTimeout bounds the wait for upstream response headers.
+	UpstreamResponseTimeout time.Duration
+	// UpstreamDialControl, if set, is applied to every upstream socket before
+	// it connects (the iptables exemption marks sockets with it).
+	UpstreamDialControl func(network, address string, c syscall.RawConn) error
+}
+
+// Validate checks the configuration and says what to fix.
+func (c *Config) Validate() error {
+	switch {
+	case c.Upstream == nil:
+		return errors.New("no upstream configured")
+	case c.Upstream.Scheme != "http":
+		return fmt.Errorf("upstream %q: scheme must be http (IMDS speaks plain HTTP)", c.Upstream.Redacted())
+	case c.Upstream.Host == "":
+		return fmt.Errorf("upstream %q has no host", c.Upstream.Redacted())
+	case c.Upstream.Path != "" && c.Upstream.Path != "/", c.Upstream.RawQuery != "", c.Upstream.User != nil:
+		return fmt.Errorf("upstream %q must be scheme://host[:port] only, with no path, query or credentials", c.Upstream.Redacted())
+	}
+	if _, err := ParseV1Policy(string(c.V1)); err != nil {
+		return err
+	}
+	if c.UpstreamTokenTTL < token.MinTTL || c.UpstreamTokenTTL > token.MaxTTL {
+		return fmt.Errorf("upstream token TTL %s is outside %s..%s", c.UpstreamTokenTTL, token.MinTTL, token.MaxTTL)
+	}
+	for name, d := range map[string]time.Duration{
+		"upstream token timeout": c.UpstreamTokenTimeout, "upstream retry minimum": c.UpstreamRetryMin,
+		"upstream retry maximum": c.UpstreamRetryMax, "upstream dial timeout": c.UpstreamDialTimeout,
+		"upstream response timeout": c.UpstreamResponseTimeout,
+	} {
+		if d <= 0 {
+			return fmt.Errorf("%s must be positive, got %s", name, d)
+		}
+	}
+	return nil
+}
+
+// Proxy is the IMDS proxy. It is an http.Handler; call Run to keep its
+// upstream session alive.
+type Proxy struct {
+	cfg     Config
+	log     *zap.Logger
+	metrics *metrics
+	minter  *token.Minter
+	session *session
+	engine  *goproxy.ProxyHttpServer
+	fwd     *forwarder
+}
+
+// New builds a Proxy. The caller owns reg (metrics are registered there) and
+// minter (whose key signs client tokens).
+func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.Minter) (*Proxy, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("invalid proxy configuration: %w", err)
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, fmt.Errorf("registering metrics: %w", err)
+	}
+	transport := newUpstreamTransport(&cfg)
+	p := &Proxy{cfg: cfg, log: log, metrics: m, minter: minter}
+	p.session = newSession(&p.cfg, transport, log, m)
+	p.fwd = &forwarder{upstream: p.cfg.Upstream, transport: transport, session: p.session, metrics: m}
+	p.engine = p.newEngine()
+	return p, nil
+}
+
+// Run keeps the upstream IMDSv2 session until ctx is cancelled.
+func (p *Proxy) Run(ctx context.Context) { p.session.run(ctx) }
+
+// Ready reports an error until the upstream session state is decided
+// (IMDSv2, IMDSv1 fallback or down), so that readiness probes wait for it.
+func (p *Proxy) Ready() error { return p.session.ready() }
+
+// newUpstreamTransport returns the proxy's own HTTP transport: it ignores
+// HTTP_PROXY and friends, bounds every wait, keeps a small pool, and passes
+// bodies through untouched (no transparent gzip).
+func newUpstreamTransport(cfg *Config) *http.Transport {
+	dialer := &net.Dialer{Timeout: cfg.UpstreamDialTimeout, Control: cfg.UpstreamDialControl}
+	return &http.Transport{
+		Proxy:                  nil,
+		DialContext:            dialer.DialContext,
+		MaxIdleConns:           8,
+		MaxIdleConnsPerHost:    8,
+		MaxConnsPerHost:        64,
+		IdleConnTimeout:        60 * time.Second,
+		ResponseHeaderTimeout:  cfg.UpstreamResponseTimeout,
+		DisableCompression:     true,
+		MaxResponseHeaderBytes: 64 << 10,
+	}
+}
+
+// newEngine configures goproxy: request handlers decide, the forwarder
+// reaches the upstream, and the response handler maps errors and records.
+func (p *Proxy) newEngine() *goproxy.ProxyHttpServer {
+	engine := goproxy.NewProxyHttpServer()
+	engine.Logger = zapPrintf{p.log}
+	engine.Tr = nil // never used: every request gets the forwarder as its RoundTripper
+	engine.ConnectDial = nil
+	engine.KeepAcceptEncoding = true
+	engine.NonproxyHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "imds-proxy: internal routing error", http.StatusInternalServerError)
+	})
+	engine.OnRequest().DoFunc(p.handleRequest)
+	engine.OnResponse().DoFunc(p.handleResponse)
+	return engine
+}
+
+// ServeHTTP refuses anything but a relative-URI request, points that request
+// at the upstream, and hands it to goproxy.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodConnect || r.URL.IsAbs() || r.URL.Host != "" {
+		p.refuseForwardProxying(w, r)
+		return
+	}
+	r.URL.Scheme = p.cfg.Upstream.Scheme
+	r.URL.Host = p.cfg.Upstream.Host
+	r.Host = p.cfg.Upstream.Host
+	p.engine.ServeHTTP(w, r)
+}
+
+func (p *Proxy) refuseForwardProxying(w http.ResponseWriter, r *http.Request) {
+	x := newExchange(r)
+	x.outcome = outcomeNotAProxy
+	w.Header().Set("Server", serverName)
+	http.Error(w, "imds-proxy serves the instance metadata API only; it is not a forward proxy", http.StatusForbidden)
+	p.record(x, r, http.StatusForbidden)
+}
+
+// zapPrintf routes goproxy's own log lines to zap: its warnings at warn, the
+// rest at debug.
+type zapPrintf struct{ log *zap.Logger }
+
+func (z zapPrintf) Printf(format string, v ...any) {
+	msg := fmt.Sprintf(format, v...)
+	if strings.Contains(msg, "] WARN: ") {
+		z.log.Warn("goproxy", zap.String("message", msg))
+		return
+	}
+	z.log.Debug("goproxy", zap.String("message", msg))
+}

@@ -1,0 +1,253 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/imds-proxy/imds-proxy/token"
+)
+
+// sessionState is what the proxy knows about its own IMDSv2 session upstream.
+type sessionState int
+
+const (
+	// statePending: the first token request has not finished yet.
+	statePending sessionState = iota
+	// stateV2: the proxy holds an upstream token and adds it to every request.
+	stateV2
+	// stateV1Fallback: no upstream token could be had; GETs go upstream
+	// without one while IMDSv2 is retried in the background.
+	stateV1Fallback
+	// stateDown: no upstream token and fallback is disabled; clients get 503.
+	stateDown
+)
+
+var allSessionStates = []sessionState{statePending, stateV2, stateV1Fallback, stateDown}
+
+func (s sessionState) String() string {
+	switch s {
+	case stateV2:
+		return "v2"
+	case stateV1Fallback:
+		return "v1_fallback"
+	case stateDown:
+		return "down"
+	}
+	return "pending"
+}
+
+// Causes of a failed upstream token request, the values of the "cause" label.
+const (
+	causeTimeout     = "timeout"
+	causeUnreachable = "unreachable"
+	causeRefused     = "refused"
+	causeHTTPStatus  = "http_status"
+)
+
+// tokenError is a failed upstream token request with its classified cause.
+type tokenError struct {
+	cause string
+	err   error
+}
+
+func (e *tokenError) Error() string { return e.err.Error() }
+func (e *tokenError) Unwrap() error { return e.err }
+
+// diagnosis explains a token failure to the operator in terms of its cause and fix.
+func (e *tokenError) diagnosis() string {
+	switch e.cause {
+	case causeTimeout:
+		return "the upstream IMDSv2 token request timed out. This is the hop-limit symptom: " +
+			"IMDS sends token responses with IP TTL = HttpPutResponseHopLimit (default 1), and they " +
+			"die before reaching a network namespace that is one or more forwarding hops away. " +
+			"Fix: run imds-proxy in node mode on the host and chain this proxy to it (--upstream), " +
+			"or raise the hop limit: aws ec2 modify-instance-metadata-options --instance-id <id> " +
+			"--http-put-response-hop-limit 2"
+	case causeUnreachable:
+		return "the upstream IMDS cannot be reached; check --upstream and that the metadata " +
+			"endpoint is enabled (HttpEndpoint=enabled)"
+	case causeRefused:
+		return "the upstream refused to issue an IMDSv2 token (403/404/405): it does not support " +
+			"IMDSv2 or rejected the request; check --upstream"
+	}
+	return "the upstream answered the IMDSv2 token request with an unexpected status"
+}
+
+// session keeps one IMDSv2 session with the upstream: a token, refreshed in
+// the background well before it expires, and the state that decides how
+// client requests are forwarded.
+type session struct {
+	cfg       *Config
+	transport http.RoundTripper
+	log       *zap.Logger
+	metrics   *metrics
+
+	refreshes singleflight.Group
+
+	mu      sync.Mutex
+	state   sessionState
+	token   string
+	decided chan struct{} // closed once state leaves statePending
+}
+
+func newSession(cfg *Config, transport http.RoundTripper, log *zap.Logger, m *metrics) *session {
+	m.setSessionState(statePending)
+	return &session{cfg: cfg, transport: transport, log: log, metrics: m, decided: make(chan struct{})}
+}
+
+// run refreshes the session until ctx is cancelled: at half the token's
+// lifetime while IMDSv2 works, and with capped exponential backoff while it
+// does not.
+func (s *session) run(ctx context.Context) {
+	backoff := s.cfg.UpstreamRetryMin
+	for {
+		state, _ := s.refresh("")
+		wait := s.cfg.UpstreamTokenTTL / 2
+		if state != stateV2 {
+			wait = backoff
+			backoff = min(2*backoff, s.cfg.UpstreamRetryMax)
+		} else {
+			backoff = s.cfg.UpstreamRetryMin
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+// current returns the session state and token, waiting for the first token
+// request to finish if it has not yet.
+func (s *session) current(ctx context.Context) (sessionState, string, error) {
+	select {
+	case <-s.decided:
+	case <-ctx.Done():
+		return statePending, "", ctx.Err()
+	}
+	snap := s.snapshot()
+	return snap.state, snap.token, nil
+}
+
+// ready reports an error until the session state has been decided.
+func (s *session) ready() error {
+	select {
+	case <-s.decided:
+		return nil
+	default:
+		return errors.New("upstream IMDSv2 session not decided yet")
+	}
+}
+
+// refresh fetches a new upstream token unless the token stale has already been
+// replaced ("" forces a fetch). Concurrent callers share one upstream request,
+// and the staleness check runs inside it so that a caller arriving just after
+// a refresh does not start another.
+func (s *session) refresh(stale string) (sessionState, string) {
+	s.refreshes.Do("token", func() (any, error) {
+		if stale == "" || s.snapshot().token == stale {
+			s.update(s.fetchToken())
+		}
+		return nil, nil
+	})
+	snap := s.snapshot()
+	return snap.state, snap.token
+}
+
+type sessionSnapshot struct {
+	state sessionState
+	token string
+}
+
+func (s *session) snapshot() sessionSnapshot {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return sessionSnapshot{s.state, s.token}
+}
+
+// update records the outcome of a token request and logs state transitions
+// once, not on every retry.
+func (s *session) update(tok string, err error) {
+	s.mu.Lock()
+	prev := s.state
+	switch {
+	case err == nil:
+		s.state, s.token = stateV2, tok
+	case s.cfg.UpstreamV1Fallback:
+		s.state, s.token = stateV1Fallback, ""
+	default:
+		s.state, s.token = stateDown, ""
+	}
+	next := s.state
+	if prev == statePending {
+		close(s.decided)
+	}
+	s.mu.Unlock()
+
+	s.metrics.setSessionState(next)
+	var te *tokenError
+	if errors.As(err, &te) {
+		s.metrics.upstreamTokenErr.WithLabelValues(te.cause).Inc()
+	}
+	if next == prev {
+		return
+	}
+	switch {
+	case next == stateV2:
+		s.log.Info("upstream IMDSv2 session established", zap.Stringer("previous_state", prev))
+	case te != nil:
+		s.log.Error("no upstream IMDSv2 session: "+te.diagnosis(),
+			zap.Stringer("state", next), zap.String("cause", te.cause),
+			zap.Bool("v1_fallback", s.cfg.UpstreamV1Fallback), zap.Error(err))
+	}
+}
+
+// fetchToken asks the upstream for a token, bounded by UpstreamTokenTimeout.
+func (s *session) fetchToken() (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.UpstreamTokenTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, s.cfg.Upstream.JoinPath(tokenPath).String(), http.NoBody)
+	if err != nil {
+		return "", &tokenError{cause: causeUnreachable, err: err}
+	}
+	req.Header.Set(token.TTLHeader, fmt.Sprint(int(s.cfg.UpstreamTokenTTL.Seconds())))
+	req.Header.Set("User-Agent", userAgent)
+	start := time.Now()
+	resp, err := s.transport.RoundTrip(req)
+	s.metrics.upstreamLatency.WithLabelValues("token").Observe(time.Since(start).Seconds())
+	if err != nil {
+		return "", classifyTokenError(ctx, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxUpstreamTokenBytes+1))
+	if err != nil {
+		return "", classifyTokenError(ctx, err)
+	}
+	switch {
+	case resp.StatusCode == http.StatusForbidden, resp.StatusCode == http.StatusNotFound,
+		resp.StatusCode == http.StatusMethodNotAllowed:
+		return "", &tokenError{cause: causeRefused, err: fmt.Errorf("upstream token request: HTTP %d", resp.StatusCode)}
+	case resp.StatusCode != http.StatusOK:
+		return "", &tokenError{cause: causeHTTPStatus, err: fmt.Errorf("upstream token request: HTTP %d", resp.StatusCode)}
+	case len(body) == 0 || len(body) > maxUpstreamTokenBytes:
+		return "", &tokenError{cause: causeHTTPStatus, err: fmt.Errorf("upstream token has implausible length %d", len(body))}
+	}
+	return string(body), nil
+}
+
+func classifyTokenError(ctx context.Context, err error) error {
+	var netErr net.Error
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout()) {
+		return &tokenError{cause: causeTimeout, err: fmt.Errorf("upstream token request: %w", err)}
+	}
+	return &tokenError{cause: causeUnreachable, err: fmt.Errorf("upstream token request: %w", err)}
+}

@@ -1,0 +1,122 @@
+// Package token mints and verifies the IMDSv2 session tokens that imds-proxy
+// hands to its clients.
+//
+// Tokens are stateless: each one carries its expiry and an HMAC-SHA256 over
+// that expiry and the caller's address, keyed with a secret that never leaves
+// the process. Minting a million tokens therefore costs no memory, a token is
+// useless to any other caller, and a restart (new key) invalidates every token,
+// which clients handle like an expired one: they receive 401 and fetch a new one.
+package token
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// MinTTL and MaxTTL bound the lifetime a client may request, as IMDS does.
+const (
+	MinTTL = 1 * time.Second
+	MaxTTL = 21600 * time.Second
+)
+
+// KeySize is the length in bytes of the HMAC key.
+const KeySize = 32
+
+const (
+	formatVersion = 1
+	expiryLen     = 8
+	macLen        = sha256.Size
+	rawLen        = 1 + expiryLen + macLen
+)
+
+var encoding = base64.RawURLEncoding
+
+// Errors returned by Verify. They are distinct so that callers can count them,
+// but a client must only ever see "401 Unauthorized" for all of them.
+var (
+	ErrMalformed = errors.New("token is malformed")
+	ErrForged    = errors.New("token signature does not match this caller")
+	ErrExpired   = errors.New("token has expired")
+)
+
+// Minter mints and verifies tokens. It is safe for concurrent use.
+type Minter struct {
+	key [KeySize]byte
+	now func() time.Time
+}
+
+// NewMinter returns a Minter keyed with key, which must be KeySize bytes of
+// secret randomness. now is the clock; nil means time.Now.
+func NewMinter(key []byte, now func() time.Time) (*Minter, error) {
+	if len(key) != KeySize {
+		return nil, fmt.Errorf("token key must be %d bytes, got %d", KeySize, len(key))
+	}
+	if now == nil {
+		now = time.Now
+	}
+	m := &Minter{now: now}
+	copy(m.key[:], key)
+	return m, nil
+}
+
+// NewRandomMinter returns a Minter with a fresh key from crypto/rand.
+func NewRandomMinter() (*Minter, error) {
+	key := make([]byte, KeySize)
+	if _, err := rand.Read(key); err != nil {
+		return nil, fmt.Errorf("reading random token key: %w", err)
+	}
+	return NewMinter(key, nil)
+}
+
+// Mint returns a token for caller that expires ttl from now, and that expiry.
+// ttl must lie within [MinTTL, MaxTTL].
+func (m *Minter) Mint(caller netip.Addr, ttl time.Duration) (string, time.Time, error) {
+	if ttl < MinTTL || ttl > MaxTTL {
+		return "", time.Time{}, fmt.Errorf("token TTL %s is outside %s..%s", ttl, MinTTL, MaxTTL)
+	}
+	expiry := m.now().Add(ttl).UnixMilli()
+	raw := make([]byte, 1+expiryLen, rawLen)
+	raw[0] = formatVersion
+	binary.BigEndian.PutUint64(raw[1:], uint64(expiry))
+	raw = append(raw, m.sign(raw, caller)...)
+	return encoding.EncodeToString(raw), time.UnixMilli(expiry), nil
+}
+
+// Verify reports whether tok was minted by m for caller and has not expired.
+// The signature is compared in constant time.
+func (m *Minter) Verify(tok string, caller netip.Addr) error {
+	if encoding.DecodedLen(len(tok)) != rawLen {
+		return ErrMalformed
+	}
+	raw, err := encoding.DecodeString(tok)
+	if err != nil || len(raw) != rawLen || raw[0] != formatVersion {
+		return ErrMalformed
+	}
+	signed, mac := raw[:1+expiryLen], raw[1+expiryLen:]
+	if !hmac.Equal(mac, m.sign(signed, caller)) {
+		return ErrForged
+	}
+	expiry := int64(binary.BigEndian.Uint64(raw[1:]))
+	if m.now().UnixMilli() >= expiry {
+		return ErrExpired
+	}
+	return nil
+}
+
+// sign returns the MAC of the version and expiry bound to caller. IPv4-mapped
+// IPv6 addresses are unmapped so that one client is one caller on dual-stack
+// listeners.
+func (m *Minter) sign(signed []byte, caller netip.Addr) []byte {
+	mac := hmac.New(sha256.New, m.key[:])
+	mac.Write(signed)
+	addr := caller.Unmap().As16()
+	mac.Write(addr[:])
+	return mac.Sum(nil)
+}

@@ -1,0 +1,53 @@
+package token
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+)
+
+// TTLHeader is the request header in which a client asks for a token lifetime
+// in seconds, and the response header in which IMDS confirms it.
+const TTLHeader = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
+
+// Header is the request header that carries a token on metadata requests.
+const Header = "X-Aws-Ec2-Metadata-Token"
+
+// ErrBadTTL means the TTL header was missing, repeated, not a whole number of
+// seconds, or out of range. IMDS answers all of these with 400.
+var ErrBadTTL = errors.New("bad token TTL")
+
+// ParseTTL parses the values of the TTL header as IMDS does: exactly one value
+// of decimal digits between 1 and 21600.
+func ParseTTL(values []string) (time.Duration, error) {
+	if len(values) != 1 {
+		return 0, fmt.Errorf("%w: want exactly one %s header, got %d", ErrBadTTL, TTLHeader, len(values))
+	}
+	v := values[0]
+	if v == "" || len(v) > 5 || !allDigits(v) {
+		return 0, fmt.Errorf("%w: %q is not a whole number of seconds", ErrBadTTL, truncate(v, 16))
+	}
+	secs, _ := strconv.Atoi(v) // cannot fail: at most five digits
+	ttl := time.Duration(secs) * time.Second
+	if ttl < MinTTL || ttl > MaxTTL {
+		return 0, fmt.Errorf("%w: %d seconds is outside 1..21600", ErrBadTTL, secs)
+	}
+	return ttl, nil
+}
+
+func allDigits(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
