@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -136,6 +137,11 @@ func TestHelpExplainsEveryFlag(t *testing.T) {
 }
 
 func TestBadInputGetsAClearError(t *testing.T) {
+	occupied, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer occupied.Close()
 	cases := map[string]struct {
 		args []string
 		env  []string
@@ -145,7 +151,7 @@ func TestBadInputGetsAClearError(t *testing.T) {
 		"bad policy from env": {nil, []string{"IMDS_PROXY_V1=sometimes"}, "unknown IMDSv1 policy"},
 		"https upstream":      {[]string{"--upstream", "https://169.254.169.254"}, nil, "scheme must be http"},
 		"bad log level":       {[]string{"--log-level", "loud"}, nil, "--log-level"},
-		"listen in use":       {[]string{"--listen", "127.0.0.1:1"}, nil, "--listen"},
+		"listen in use":       {[]string{"--listen", occupied.Addr().String()}, nil, "--listen"},
 		"rules not yet":       {[]string{"--rules=true"}, nil, "--rules=false"},
 		"stray argument":      {[]string{"extra"}, nil, "unexpected arguments"},
 	}
@@ -218,22 +224,28 @@ func TestIgnoresProxyEnvironment(t *testing.T) {
 func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
 	aemm := testutil.StartAEMM(t) // IMDSv1 allowed so the request below needs no token
 	slow := testutil.NewDelayingTap(t, aemm.Addr, time.Second)
-	r := startBinary(t, nil, "--upstream", slow.URL())
+	r := startBinary(t, nil, "--upstream", slow.URL(), "--upstream-token-timeout", "5s")
 	waitReady(t, r)
 
 	result := make(chan string, 1)
 	go func() {
-		status, body := get(t, "GET", r.api+"/latest/meta-data/instance-id", nil)
-		result <- fmt.Sprint(status, " ", body)
+		resp, err := http.Get(r.api + "/latest/meta-data/instance-id")
+		if err != nil {
+			result <- err.Error()
+			return
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		result <- fmt.Sprint(resp.StatusCode, " ", string(body))
 	}()
-	if err := slow.WaitRequests(1, 10*time.Second); err != nil {
+	if err := slow.WaitRequests(2, 10*time.Second); err != nil { // the proxy's token PUT, then the GET
 		t.Fatal(err)
 	}
 	if err := r.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	if got := <-result; got != "200 i-1234567890abcdef0" {
-		t.Errorf("in-flight request during shutdown got %q, want 200 and the instance id", got)
+		t.Errorf("in-flight request during shutdown got %q, want 200 and the instance id\n%s", got, r.logs.String())
 	}
 	select {
 	case err := <-r.done:

@@ -1,8 +1,8 @@
 package testutil
 
 import (
-	"fmt"
 	"bufio"
+	"fmt"
 	"io"
 	"net"
 	"net/http"

@@ -1,0 +1,36 @@
+# imds-proxy. `make test` and `make demo` work on a fresh machine: they
+# install what they need (Go modules through the module proxy).
+GO           ?= go
+VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+AEMM_MODULE  := github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock@v1.13.0
+BIN          := $(CURDIR)/bin
+
+.PHONY: build test lint demo clean
+
+## build: bin/imds-proxy
+build:
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/imds-proxy ./cmd/imds-proxy
+
+# The IMDS mock the tests and the demo run as a real process.
+$(BIN)/ec2-metadata-mock:
+	GOBIN=$(BIN) $(GO) install $(AEMM_MODULE)
+
+$(BIN)/demo-client: $(shell find demo/client -name '*.go') go.mod
+	$(GO) build -o $@ ./demo/client
+
+## lint: gofmt and go vet
+lint:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+## test: every test, with the race detector
+test: lint $(BIN)/ec2-metadata-mock
+	AEMM_BIN=$(BIN)/ec2-metadata-mock $(GO) test -race -count=1 -timeout 10m ./...
+
+## demo: the proxy end to end in front of an IMDS mock, with the AWS SDK as client
+demo: build $(BIN)/ec2-metadata-mock $(BIN)/demo-client
+	./demo/loopback.sh
+
+clean:
+	rm -rf $(BIN)

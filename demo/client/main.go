@@ -1,0 +1,67 @@
+// Command client is the demo's workload: it uses the AWS SDK for Go v2 the way
+// an application does, fetches the instance role's credentials and some
+// metadata from the IMDS endpoint it is given, and prints how long each took.
+//
+// It reads only AWS_EC2_METADATA_SERVICE_ENDPOINT-style configuration given as
+// a flag and contacts nothing but that endpoint.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
+)
+
+func main() {
+	endpoint := flag.String("endpoint", "", "IMDS endpoint, e.g. http://127.0.0.1:8169 (required)")
+	label := flag.String("label", "", "row label for the output table")
+	calls := flag.Int("calls", 10, "metadata calls to time")
+	flag.Parse()
+	if *endpoint == "" || *calls < 1 || *calls > 1000 {
+		fmt.Fprintln(os.Stderr, "usage: client --endpoint URL [--label L] [--calls 1..1000]")
+		os.Exit(2)
+	}
+	if err := run(*endpoint, *label, *calls); err != nil {
+		fmt.Fprintf(os.Stdout, "%-34s FAILED: %v\n", *label, err)
+		os.Exit(1)
+	}
+}
+
+func run(endpoint, label string, calls int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	start := time.Now()
+	cfg, err := config.LoadDefaultConfig(ctx, config.WithEC2IMDSEndpoint(endpoint), config.WithRegion("us-east-1"))
+	if err != nil {
+		return err
+	}
+	creds, err := cfg.Credentials.Retrieve(ctx)
+	if err != nil {
+		return fmt.Errorf("credentials: %w", err)
+	}
+	credTime := time.Since(start)
+
+	client := imds.NewFromConfig(cfg, func(o *imds.Options) { o.Endpoint = endpoint })
+	start = time.Now()
+	var id []byte
+	for i := 0; i < calls; i++ {
+		out, err := client.GetMetadata(ctx, &imds.GetMetadataInput{Path: "instance-id"})
+		if err != nil {
+			return fmt.Errorf("metadata: %w", err)
+		}
+		id, _ = io.ReadAll(out.Content)
+	}
+	perCall := time.Since(start) / time.Duration(calls)
+	fmt.Printf("%-34s %12s %14s   key %s…, instance %s\n", label, round(credTime), round(perCall), creds.AccessKeyID[:4], id)
+	return nil
+}
+
+func round(d time.Duration) string {
+	return d.Round(10 * time.Microsecond).String()
+}
