@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"context"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -8,6 +9,9 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 	"github.com/imds-proxy/imds-proxy/proxy"
@@ -191,4 +195,39 @@ func TestConfigValidation(t *testing.T) {
 	if err := cfg.Validate(); err != nil {
 		t.Errorf("default-like config rejected: %v", err)
 	}
+}
+
+// TestNotReadyUntilSessionDecided: /readyz must not pass while the first
+// upstream token request is still outstanding.
+func TestNotReadyUntilSessionDecided(t *testing.T) {
+	var puts atomic.Int32
+	upstream := stallingUpstream(t, &puts)
+	cfg := testConfig(upstream.URL)
+	cfg.UpstreamTokenTimeout = time.Second
+	p, err := proxy.New(cfg, zap.NewNop(), prometheus.NewRegistry(), mustMinter(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go p.Run(ctx)
+	if err := p.Ready(); err == nil {
+		t.Fatal("ready before the upstream session was decided")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for p.Ready() != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("never ready after the token timeout")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func mustMinter(t *testing.T) *token.Minter {
+	t.Helper()
+	m, err := token.NewRandomMinter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }

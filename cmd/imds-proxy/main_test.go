@@ -184,6 +184,14 @@ func TestEnvironmentAndFlags(t *testing.T) {
 		t.Errorf("IMDS_PROXY_V1=block: tokenless GET got %d, want 401", status)
 	}
 
+	if status, body := get(t, "GET", fromEnv.metrics+"/metrics", nil); status != 200 ||
+		!strings.Contains(body, `imds_proxy_requests_total{imds_version="v1",method="GET",outcome="v1_blocked"} 1`) {
+		t.Errorf("/metrics: %d, want 200 counting the blocked request:\n%s", status, body)
+	}
+	if status, _ := get(t, "GET", fromEnv.metrics+"/healthz", nil); status != 200 {
+		t.Errorf("/healthz: %d, want 200", status)
+	}
+
 	flagWins := startBinary(t, env, "--v1", "allow")
 	waitReady(t, flagWins)
 	if status, body := get(t, "GET", flagWins.api+"/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
