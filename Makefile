@@ -5,7 +5,7 @@ VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo
 AEMM_MODULE  := github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock@v1.13.0
 BIN          := $(CURDIR)/bin
 
-.PHONY: build test lint demo clean
+.PHONY: build test lint demo clean deps
 
 ## build: bin/imds-proxy
 build:
@@ -24,8 +24,15 @@ lint:
 	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(GO) vet ./...
 
+## deps: the system packages the namespace tests need (as root; elsewhere they skip)
+deps:
+	@if [ "$$(id -u)" = 0 ] && ! { command -v iptables-legacy && command -v iptables-nft && command -v ip; } >/dev/null; then \
+		echo "installing iptables and iproute2"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 >/dev/null; \
+	fi
+
 ## test: every test, with the race detector
-test: lint $(BIN)/ec2-metadata-mock
+test: deps lint $(BIN)/ec2-metadata-mock
 	AEMM_BIN=$(BIN)/ec2-metadata-mock $(GO) test -race -count=1 -timeout 10m ./...
 
 ## demo: the proxy end to end in front of an IMDS mock, with the AWS SDK as client

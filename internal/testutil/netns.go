@@ -1,0 +1,120 @@
+package testutil
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// RequireRoot skips a test that needs root and network namespaces, except in
+// CI (CI=true), where such tests must run and their absence is a failure.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		if _, err := exec.LookPath("ip"); err != nil {
+			t.Fatalf("the ip command (iproute2) is missing: %v", err)
+		}
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatal("this test needs root and network namespaces, and CI must run it: run make test as root")
+	}
+	t.Skip("needs root for network namespaces (runs in CI)")
+}
+
+// Netns is a network namespace made by a test and deleted when it ends.
+type Netns struct{ Name string }
+
+// NewNetns creates a namespace with its loopback up.
+func NewNetns(t testing.TB) *Netns {
+	t.Helper()
+	RequireRoot(t)
+	suffix := make([]byte, 4)
+	_, _ = rand.Read(suffix)
+	n := &Netns{Name: "imdsp-test-" + hex.EncodeToString(suffix)}
+	run(t, "ip", "netns", "add", n.Name)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", n.Name).Run() })
+	n.Run(t, "ip", "link", "set", "lo", "up")
+	return n
+}
+
+// Run runs a command inside the namespace and returns its output; failure
+// fails the test.
+func (n *Netns) Run(t testing.TB, args ...string) string {
+	t.Helper()
+	return run(t, append([]string{"ip", "netns", "exec", n.Name}, args...)...)
+}
+
+// Command returns a command that will run inside the namespace.
+func (n *Netns) Command(args ...string) *exec.Cmd {
+	return exec.Command("ip", append([]string{"netns", "exec", n.Name}, args...)...)
+}
+
+// Do runs fn with the calling goroutine's thread inside the namespace, so
+// that processes fn starts (such as iptables) run there too.
+func (n *Netns) Do(t testing.TB, fn func()) {
+	t.Helper()
+	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		t.Fatal(err)
+	}
+	defer orig.Close()
+	target, err := os.Open("/var/run/netns/" + n.Name)
+	if err != nil {
+		runtime.UnlockOSThread()
+		t.Fatal(err)
+	}
+	defer target.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		t.Fatalf("entering %s: %v", n.Name, err)
+	}
+	defer func() {
+		// A thread that cannot return stays locked, so Go discards it.
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err == nil {
+			runtime.UnlockOSThread()
+		}
+	}()
+	fn()
+}
+
+// IptablesSave returns `<cmd>-save` of the namespace with counters zeroed and
+// comment lines (which hold timestamps) dropped: what must be identical
+// before install and after remove.
+func (n *Netns) IptablesSave(t testing.TB, saveCmd string) string {
+	t.Helper()
+	var lines []string
+	for _, line := range strings.Split(n.Run(t, saveCmd), "\n") {
+		if strings.HasPrefix(line, "#") || line == "" {
+			continue
+		}
+		if strings.HasPrefix(line, ":") {
+			if i := strings.LastIndex(line, " ["); i > 0 {
+				line = line[:i] + " [0:0]"
+			}
+		}
+		lines = append(lines, line)
+	}
+	return strings.Join(lines, "\n") + "\n"
+}
+
+func run(t testing.TB, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// String names the namespace.
+func (n *Netns) String() string { return fmt.Sprintf("netns %s", n.Name) }

@@ -1,0 +1,223 @@
+package iptables
+
+import (
+	"errors"
+	"fmt"
+	"os/exec"
+	"strings"
+
+	goiptables "github.com/coreos/go-iptables/iptables"
+)
+
+// Backend is the iptables flavour: the nf_tables one or the legacy one.
+type Backend string
+
+// Backends.
+const (
+	BackendAuto   Backend = "auto"
+	BackendNFT    Backend = "nft"
+	BackendLegacy Backend = "legacy"
+)
+
+// ParseBackend parses the value of --iptables-backend.
+func ParseBackend(s string) (Backend, error) {
+	switch b := Backend(s); b {
+	case BackendAuto, BackendNFT, BackendLegacy:
+		return b, nil
+	}
+	return "", fmt.Errorf("unknown iptables backend %q: want auto, nft or legacy", s)
+}
+
+// Table applies one family's ruleset with one iptables binary.
+type Table struct {
+	ipt     *goiptables.IPTables
+	family  Family
+	backend Backend
+}
+
+// Open finds the iptables binary for family and backend. With BackendAuto it
+// does as Istio does: legacy when the legacy tables already hold rules (the
+// host uses legacy), nft otherwise.
+func Open(family Family, backend Backend) (*Table, error) {
+	if backend == BackendAuto {
+		backend = detectBackend(family)
+	}
+	path, err := binaryPath(family, backend)
+	if err != nil {
+		return nil, err
+	}
+	proto := goiptables.ProtocolIPv4
+	if family == IPv6 {
+		proto = goiptables.ProtocolIPv6
+	}
+	ipt, err := goiptables.New(goiptables.IPFamily(proto), goiptables.Path(path), goiptables.Timeout(5))
+	if err != nil {
+		return nil, explain(fmt.Errorf("starting %s: %w", path, err))
+	}
+	return &Table{ipt: ipt, family: family, backend: backend}, nil
+}
+
+// Backend is the backend in use.
+func (t *Table) Backend() Backend { return t.backend }
+
+func command(family Family) string {
+	if family == IPv6 {
+		return "ip6tables"
+	}
+	return "iptables"
+}
+
+func binaryPath(family Family, backend Backend) (string, error) {
+	name := command(family) + "-" + string(backend)
+	if path, err := exec.LookPath(name); err == nil {
+		return path, nil
+	}
+	if path, err := exec.LookPath(command(family)); err == nil {
+		return path, nil
+	}
+	return "", fmt.Errorf("neither %s nor %s is installed: install the iptables package "+
+		"(Debian/Ubuntu: apt-get install iptables; Alpine: apk add iptables ip6tables)", name, command(family))
+}
+
+// detectBackend reports legacy when iptables-legacy-save shows any rule.
+func detectBackend(family Family) Backend {
+	out, err := exec.Command(command(family) + "-legacy-save").Output()
+	if err != nil {
+		return BackendNFT
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(line, "-A ") {
+			return BackendLegacy
+		}
+	}
+	return BackendNFT
+}
+
+// Install applies rs: the proxy's chains are (re)filled first and the jumps
+// into them added last, so traffic is never sent to a half-built chain.
+// Installing twice yields the same ruleset. On failure everything this
+// package owns is removed again and the error says what is missing.
+func (t *Table) Install(rs Ruleset) error {
+	if err := t.install(rs); err != nil {
+		if rmErr := t.Remove(rs); rmErr != nil {
+			err = fmt.Errorf("%w (and removing the partial ruleset failed: %v)", err, rmErr)
+		}
+		return explain(err)
+	}
+	return nil
+}
+
+func (t *Table) install(rs Ruleset) error {
+	for _, c := range rs.Chains {
+		if err := t.ipt.ClearChain(c.Table, c.Name); err != nil {
+			return fmt.Errorf("creating chain %s/%s: %w", c.Table, c.Name, err)
+		}
+	}
+	for _, r := range rs.Rules {
+		if err := t.ipt.Append(r.Table, r.Chain, r.Spec...); err != nil {
+			return fmt.Errorf("adding rule to %s/%s: %w", r.Table, r.Chain, err)
+		}
+	}
+	for _, j := range rs.Jumps {
+		if err := t.ipt.InsertUnique(j.Table, j.Chain, 1, j.Spec...); err != nil {
+			return fmt.Errorf("adding jump from %s/%s: %w", j.Table, j.Chain, err)
+		}
+	}
+	return nil
+}
+
+// Remove deletes the jumps and the proxy's chains, and nothing else. Removing
+// what is not there is not an error.
+func (t *Table) Remove(rs Ruleset) error {
+	var errs []error
+	present := map[Chain]bool{}
+	for _, c := range rs.Chains {
+		exists, err := t.ipt.ChainExists(c.Table, c.Name)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("looking for chain %s/%s: %w", c.Table, c.Name, err))
+		}
+		present[c] = exists
+	}
+	for _, j := range rs.Jumps {
+		// A jump cannot exist without its target chain, and iptables
+		// cannot even check for one.
+		if !present[jumpTarget(j)] {
+			continue
+		}
+		if err := t.ipt.DeleteIfExists(j.Table, j.Chain, j.Spec...); err != nil {
+			errs = append(errs, fmt.Errorf("removing jump from %s/%s: %w", j.Table, j.Chain, err))
+		}
+	}
+	for _, c := range rs.Chains {
+		if !present[c] {
+			continue
+		}
+		if err := t.ipt.ClearAndDeleteChain(c.Table, c.Name); err != nil {
+			errs = append(errs, fmt.Errorf("removing chain %s/%s: %w", c.Table, c.Name, err))
+		}
+	}
+	return explain(errors.Join(errs...))
+}
+
+// Missing returns the rules of rs that are not in place, in install order.
+// Every rule of a deleted chain, and every jump to it, is missing.
+func (t *Table) Missing(rs Ruleset) ([]Rule, error) {
+	present := map[Chain]bool{}
+	for _, c := range rs.Chains {
+		exists, err := t.ipt.ChainExists(c.Table, c.Name)
+		if err != nil {
+			return nil, explain(err)
+		}
+		present[c] = exists
+	}
+	var missing []Rule
+	// A rule needs the chain it sits in; a jump also needs its target.
+	check := func(r Rule, needs Chain) error {
+		ok := present[needs]
+		if ok {
+			var err error
+			if ok, err = t.ipt.Exists(r.Table, r.Chain, r.Spec...); err != nil {
+				return explain(err)
+			}
+		}
+		if !ok {
+			missing = append(missing, r)
+		}
+		return nil
+	}
+	for _, r := range rs.Rules {
+		if err := check(r, Chain{r.Table, r.Chain}); err != nil {
+			return nil, err
+		}
+	}
+	for _, j := range rs.Jumps {
+		if err := check(j, jumpTarget(j)); err != nil {
+			return nil, err
+		}
+	}
+	return missing, nil
+}
+
+// jumpTarget is the proxy chain a jump leads to.
+func jumpTarget(j Rule) Chain { return Chain{j.Table, j.Spec[len(j.Spec)-1]} }
+
+// explain adds what to do to the iptables errors an operator will meet.
+func explain(err error) error {
+	if err == nil {
+		return nil
+	}
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "Permission denied"), strings.Contains(msg, "Operation not permitted"):
+		return fmt.Errorf("%w: changing iptables needs the NET_ADMIN capability (add it to the "+
+			"container's securityContext.capabilities or linuxParameters.capabilities, or run as root)", err)
+	case strings.Contains(msg, "Couldn't load match `mark'"), strings.Contains(msg, "Couldn't load match `owner'"),
+		strings.Contains(msg, "Couldn't load match `comment'"), strings.Contains(msg, "Couldn't load target `REDIRECT'"):
+		return fmt.Errorf("%w: the kernel lacks an iptables extension; load it on the host "+
+			"(modprobe xt_mark xt_owner xt_comment xt_REDIRECT) or use --iptables-backend nft", err)
+	case strings.Contains(msg, "can't initialize") && strings.Contains(msg, "nat"):
+		return fmt.Errorf("%w: the nat table is unavailable; load it on the host (modprobe iptable_nat) "+
+			"or try the other --iptables-backend", err)
+	}
+	return err
+}

@@ -1,0 +1,87 @@
+package iptables
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+// unrelatedRules are someone else's rules in the chains imds-proxy jumps
+// from; they must survive install and remove untouched.
+var unrelatedRules = [][]string{
+	{"-t", "nat", "-A", "OUTPUT", "-d", "10.0.0.1/32", "-p", "tcp", "-j", "RETURN"},
+	{"-t", "nat", "-A", "PREROUTING", "-d", "10.0.0.2/32", "-p", "tcp", "-j", "RETURN"},
+	{"-t", "filter", "-A", "INPUT", "-p", "udp", "--dport", "53", "-j", "ACCEPT"},
+}
+
+// TestInstallIsIdempotentAndRemoveRestores runs real iptables of each backend
+// in a throw-away namespace: install twice gives one ruleset, a deleted rule
+// is reported missing and restored by installing again, and remove leaves
+// iptables-save exactly as it was.
+func TestInstallIsIdempotentAndRemoveRestores(t *testing.T) {
+	for _, backend := range []Backend{BackendNFT, BackendLegacy} {
+		for _, cfg := range []Config{sidecarConfig(), nodeConfig()} {
+			t.Run(string(backend)+"/"+string(cfg.Mode), func(t *testing.T) {
+				ns := testutil.NewNetns(t)
+				bin := "iptables-" + string(backend)
+				for _, r := range unrelatedRules {
+					ns.Run(t, append([]string{bin}, r...)...)
+				}
+				save := bin + "-save"
+				before := ns.IptablesSave(t, save)
+				rs := Build(cfg, IPv4)
+
+				var installed, again, restored, removed string
+				ns.Do(t, func() {
+					table, err := Open(IPv4, backend)
+					if err != nil {
+						t.Fatal(err)
+					}
+					mustInstall(t, table, rs)
+					installed = ns.IptablesSave(t, save)
+					mustInstall(t, table, rs)
+					again = ns.IptablesSave(t, save)
+
+					victim := rs.Rules[len(rs.Rules)-1]
+					ns.Run(t, append([]string{bin, "-t", victim.Table, "-D", victim.Chain}, victim.Spec...)...)
+					missing, err := table.Missing(rs)
+					if err != nil || len(missing) != 1 || strings.Join(missing[0].Spec, " ") != strings.Join(victim.Spec, " ") {
+						t.Errorf("after deleting one rule, Missing = %v, %v; want that rule", missing, err)
+					}
+					mustInstall(t, table, rs)
+					restored = ns.IptablesSave(t, save)
+
+					if err := table.Remove(rs); err != nil {
+						t.Fatal(err)
+					}
+					removed = ns.IptablesSave(t, save)
+					if err := table.Remove(rs); err != nil {
+						t.Errorf("removing twice: %v", err)
+					}
+				})
+				for _, r := range append(rs.Rules, rs.Jumps...) {
+					if !strings.Contains(installed, r.Spec[len(r.Spec)-1]) || !strings.Contains(installed, "imds-proxy: ") {
+						t.Errorf("installed ruleset lacks %v:\n%s", r.Spec, installed)
+					}
+				}
+				if again != installed {
+					t.Errorf("install twice differs from install once:\n%s\nvs\n%s", again, installed)
+				}
+				if restored != installed {
+					t.Errorf("reinstall after a deleted rule differs:\n%s\nvs\n%s", restored, installed)
+				}
+				if removed != before {
+					t.Errorf("remove did not restore the namespace:\nbefore:\n%s\nafter:\n%s", before, removed)
+				}
+			})
+		}
+	}
+}
+
+func mustInstall(t *testing.T, table *Table, rs Ruleset) {
+	t.Helper()
+	if err := table.Install(rs); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,216 @@
+// Package iptables owns the nat (and, in node mode, filter) rules that send
+// IMDS traffic to imds-proxy.
+//
+// Every rule lives in the proxy's own chains; the built-in chains get exactly
+// one jump each, so removal deletes those jumps and the proxy's chains and
+// touches nothing else. Every rule carries a comment naming imds-proxy.
+package iptables
+
+import (
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// Mode is where the proxy runs.
+type Mode string
+
+// Modes.
+const (
+	// ModeSidecar: inside the workload's network namespace; nat OUTPUT is
+	// redirected to the local listener.
+	ModeSidecar Mode = "sidecar"
+	// ModeNode: in the host namespace; nat PREROUTING from container-facing
+	// interfaces is redirected, and filter INPUT keeps the listener off every
+	// other interface.
+	ModeNode Mode = "node"
+)
+
+// Family is an IP family, each with its own iptables binary.
+type Family string
+
+// Families.
+const (
+	IPv4 Family = "ipv4"
+	IPv6 Family = "ipv6"
+)
+
+// The IMDS endpoints, and the chains this package owns.
+const (
+	IMDSv4 = "169.254.169.254/32"
+	IMDSv6 = "fd00:ec2::254/128"
+
+	ChainOutput     = "IMDS_PROXY_OUTPUT"
+	ChainPrerouting = "IMDS_PROXY_PREROUTING"
+	ChainInput      = "IMDS_PROXY_INPUT"
+
+	commentPrefix = "imds-proxy: "
+)
+
+// Config is everything the rules depend on.
+type Config struct {
+	Mode Mode
+	// ProxyPort is the port the proxy listens on, the redirect target.
+	ProxyPort int
+	// ExemptMark (sidecar) is the socket mark the proxy sets on its upstream
+	// connections; they are not redirected. Setting it needs NET_ADMIN, so an
+	// app container without it cannot forge the exemption. 0 disables it.
+	ExemptMark uint32
+	// ExemptUID (sidecar) exempts connections of this UID instead, for when an
+	// init container installs the rules and the proxy runs without NET_ADMIN.
+	// Negative disables it.
+	ExemptUID int
+	// Interfaces (node) are the container-facing interfaces, iptables
+	// wildcards allowed (cni+, eni+, veth+).
+	Interfaces []string
+}
+
+// Validate says what is wrong with the configuration.
+func (c Config) Validate() error {
+	if c.ProxyPort < 1 || c.ProxyPort > 65535 {
+		return fmt.Errorf("proxy port %d is not a TCP port", c.ProxyPort)
+	}
+	switch c.Mode {
+	case ModeSidecar:
+		if c.ExemptMark == 0 && c.ExemptUID < 0 {
+			return fmt.Errorf("sidecar mode needs an exemption for the proxy's own traffic: a socket mark or a UID")
+		}
+	case ModeNode:
+		if len(c.Interfaces) == 0 {
+			return fmt.Errorf("node mode needs the container-facing interfaces (e.g. docker0,cni+,eni+)")
+		}
+		for _, name := range c.Interfaces {
+			if !validInterface(name) {
+				return fmt.Errorf("interface %q is not a valid interface name or wildcard", name)
+			}
+		}
+	default:
+		return fmt.Errorf("unknown mode %q: want sidecar or node", c.Mode)
+	}
+	return nil
+}
+
+func validInterface(name string) bool {
+	base := strings.TrimSuffix(name, "+")
+	if base == "" || len(base) > 15 {
+		return false
+	}
+	return !strings.ContainsAny(base, " \t/+!\"'")
+}
+
+// Rule is one iptables rule.
+type Rule struct {
+	Table, Chain string
+	Spec         []string
+}
+
+// Chain is one chain this package owns.
+type Chain struct{ Table, Name string }
+
+// Ruleset is the complete set of rules for one family: the proxy's own
+// chains with their rules, and the jumps into them from built-in chains.
+type Ruleset struct {
+	Family Family
+	Chains []Chain
+	Rules  []Rule // in the proxy's chains, in order
+	Jumps  []Rule // one per built-in chain, inserted first
+}
+
+// Build returns the ruleset for cfg and family.
+func Build(cfg Config, family Family) Ruleset {
+	imds := IMDSv4
+	if family == IPv6 {
+		imds = IMDSv6
+	}
+	if cfg.Mode == ModeNode {
+		return buildNode(cfg, family, imds)
+	}
+	return buildSidecar(cfg, family, imds)
+}
+
+func buildSidecar(cfg Config, family Family, imds string) Ruleset {
+	rs := Ruleset{Family: family, Chains: []Chain{{"nat", ChainOutput}}}
+	rs.Jumps = append(rs.Jumps, rule("nat", "OUTPUT", "send IMDS traffic to the sidecar chain",
+		"-d", imds, "-p", "tcp", "-m", "tcp", "--dport", "80", "-j", ChainOutput))
+	if cfg.ExemptMark != 0 {
+		mark := fmt.Sprintf("0x%x/0x%x", cfg.ExemptMark, cfg.ExemptMark)
+		rs.Rules = append(rs.Rules, rule("nat", ChainOutput, "the proxy's own upstream connections go straight to IMDS",
+			"-m", "mark", "--mark", mark, "-j", "RETURN"))
+	}
+	if cfg.ExemptUID >= 0 {
+		rs.Rules = append(rs.Rules, rule("nat", ChainOutput, "the proxy's UID goes straight to IMDS",
+			"-m", "owner", "--uid-owner", strconv.Itoa(cfg.ExemptUID), "-j", "RETURN"))
+	}
+	rs.Rules = append(rs.Rules, rule("nat", ChainOutput, "redirect IMDS to the sidecar",
+		"-p", "tcp", "-j", "REDIRECT", "--to-ports", strconv.Itoa(cfg.ProxyPort)))
+	return rs
+}
+
+func buildNode(cfg Config, family Family, imds string) Ruleset {
+	port := strconv.Itoa(cfg.ProxyPort)
+	rs := Ruleset{Family: family, Chains: []Chain{{"nat", ChainPrerouting}, {"filter", ChainInput}}}
+	rs.Jumps = append(rs.Jumps,
+		rule("nat", "PREROUTING", "send IMDS traffic to the node chain",
+			"-d", imds, "-p", "tcp", "-m", "tcp", "--dport", "80", "-j", ChainPrerouting),
+		rule("filter", "INPUT", "guard the node listener",
+			"-p", "tcp", "-m", "tcp", "--dport", port, "-j", ChainInput))
+	for _, iface := range cfg.Interfaces {
+		rs.Rules = append(rs.Rules, rule("nat", ChainPrerouting, "redirect IMDS from containers on "+iface,
+			"-i", iface, "-p", "tcp", "-j", "REDIRECT", "--to-ports", port))
+	}
+	rs.Rules = append(rs.Rules, rule("filter", ChainInput, "the node itself may reach the listener",
+		"-i", "lo", "-j", "RETURN"))
+	for _, iface := range cfg.Interfaces {
+		rs.Rules = append(rs.Rules, rule("filter", ChainInput, "containers on "+iface+" may reach the listener",
+			"-i", iface, "-j", "RETURN"))
+	}
+	rs.Rules = append(rs.Rules, rule("filter", ChainInput, "no other interface (the VPC) may reach the listener",
+		"-j", "DROP"))
+	return rs
+}
+
+// rule builds a Rule with its comment placed before the target, where
+// iptables-save prints it.
+func rule(table, chain, comment string, spec ...string) Rule {
+	target := slices.Index(spec, "-j")
+	out := append([]string(nil), spec[:target]...)
+	out = append(out, "-m", "comment", "--comment", commentPrefix+comment)
+	return Rule{Table: table, Chain: chain, Spec: append(out, spec[target:]...)}
+}
+
+// Render prints the ruleset as iptables-save-style lines, table by table:
+// what `imds-proxy rules show` prints and what install applies.
+func (rs Ruleset) Render() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "# %s\n", rs.Family)
+	for _, table := range []string{"nat", "filter"} {
+		var lines []string
+		for _, c := range rs.Chains {
+			if c.Table == table {
+				lines = append(lines, ":"+c.Name+" - [0:0]")
+			}
+		}
+		for _, r := range append(append([]Rule(nil), rs.Jumps...), rs.Rules...) {
+			if r.Table == table {
+				lines = append(lines, "-A "+r.Chain+" "+quoteSpec(r.Spec))
+			}
+		}
+		if len(lines) == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "*%s\n%s\nCOMMIT\n", table, strings.Join(lines, "\n"))
+	}
+	return b.String()
+}
+
+func quoteSpec(spec []string) string {
+	out := make([]string, len(spec))
+	for i, arg := range spec {
+		if strings.ContainsAny(arg, " \t") {
+			arg = strconv.Quote(arg)
+		}
+		out[i] = arg
+	}
+	return strings.Join(out, " ")
+}

@@ -1,0 +1,92 @@
+package iptables
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata")
+
+func sidecarConfig() Config {
+	return Config{Mode: ModeSidecar, ProxyPort: 8169, ExemptMark: 0x1169, ExemptUID: -1}
+}
+
+func nodeConfig() Config {
+	return Config{Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"docker0", "cni+", "eni+"}}
+}
+
+// TestRenderGolden pins the exact rules of every mode and family.
+func TestRenderGolden(t *testing.T) {
+	uid := sidecarConfig()
+	uid.ExemptMark, uid.ExemptUID = 0, 1337
+	configs := map[string]Config{"sidecar": sidecarConfig(), "sidecar-uid": uid, "node": nodeConfig()}
+	for name, cfg := range configs {
+		for _, family := range []Family{IPv4, IPv6} {
+			got := Build(cfg, family).Render()
+			file := filepath.Join("testdata", name+"-"+string(family)+".golden")
+			if *update {
+				if err := os.WriteFile(file, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatalf("%v (run go test ./iptables -update to create it)", err)
+			}
+			if got != string(want) {
+				t.Errorf("%s differs from the golden file:\n%s", file, got)
+			}
+		}
+	}
+}
+
+func TestOnlyJumpsTouchBuiltInChains(t *testing.T) {
+	for _, cfg := range []Config{sidecarConfig(), nodeConfig()} {
+		rs := Build(cfg, IPv4)
+		for _, r := range rs.Rules {
+			if !strings.HasPrefix(r.Chain, "IMDS_PROXY_") {
+				t.Errorf("%s: rule in built-in chain %s: %v", cfg.Mode, r.Chain, r.Spec)
+			}
+		}
+		seen := map[string]bool{}
+		for _, j := range rs.Jumps {
+			if seen[j.Table+j.Chain] {
+				t.Errorf("%s: two jumps from %s/%s", cfg.Mode, j.Table, j.Chain)
+			}
+			seen[j.Table+j.Chain] = true
+		}
+		for _, r := range append(rs.Rules, rs.Jumps...) {
+			spec := strings.Join(r.Spec, " ")
+			if !strings.Contains(spec, "--comment imds-proxy: ") {
+				t.Errorf("%s: rule without the imds-proxy comment: %s", cfg.Mode, spec)
+			}
+			if strings.Contains(spec, "169.254.170.") || strings.Contains(spec, "fd00:ec2::23") {
+				t.Errorf("%s: rule touches the ECS or EKS credential endpoints: %s", cfg.Mode, spec)
+			}
+		}
+	}
+}
+
+func TestValidate(t *testing.T) {
+	bad := map[string]Config{
+		"port 0":             {Mode: ModeSidecar, ExemptMark: 1, ExemptUID: -1},
+		"no exemption":       {Mode: ModeSidecar, ProxyPort: 8169, ExemptUID: -1},
+		"node no interfaces": {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1},
+		"bad interface":      {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eth0 -j ACCEPT"}},
+		"long interface":     {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"averyveryverylongname"}},
+		"unknown mode":       {Mode: "host", ProxyPort: 8169},
+	}
+	for name, cfg := range bad {
+		if err := cfg.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	for _, cfg := range []Config{sidecarConfig(), nodeConfig()} {
+		if err := cfg.Validate(); err != nil {
+			t.Errorf("%s: %v", cfg.Mode, err)
+		}
+	}
+}
