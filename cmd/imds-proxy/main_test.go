@@ -23,8 +23,8 @@ import (
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
-// binary is the imds-proxy built once for these tests.
-var binary string
+// binary and demoClient are built once for these tests.
+var binary, demoClient string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "imds-proxy-bin")
@@ -32,9 +32,12 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binary = filepath.Join(dir, "imds-proxy")
-	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "building imds-proxy: %v\n%s", err, out)
-		os.Exit(1)
+	demoClient = filepath.Join(dir, "demo-client")
+	for out, pkg := range map[string]string{binary: ".", demoClient: "../../demo/client"} {
+		if msg, err := exec.Command("go", "build", "-o", out, pkg).CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", pkg, err, msg)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -49,12 +52,21 @@ type running struct {
 	done         chan error
 }
 
-// startBinary runs imds-proxy sidecar with args and env (on top of a clean
-// environment) and waits for its "serving" log line.
+// startBinary runs imds-proxy sidecar without rules on loopback, with args
+// and env on top of a clean environment, and waits for its "serving" line.
 func startBinary(t *testing.T, env []string, args ...string) *running {
 	t.Helper()
 	base := []string{"sidecar", "--rules=false", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-level", "debug"}
-	cmd := exec.Command(binary, append(base, args...)...)
+	return startIn(t, nil, env, append(base, args...)...)
+}
+
+// startIn runs imds-proxy with exactly args, inside ns when it is not nil.
+func startIn(t *testing.T, ns *testutil.Netns, env []string, args ...string) *running {
+	t.Helper()
+	cmd := exec.Command(binary, args...)
+	if ns != nil {
+		cmd = ns.Command(append([]string{binary}, args...)...)
+	}
 	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -120,6 +132,7 @@ func TestHelpExplainsEveryFlag(t *testing.T) {
 	for _, want := range []string{"-listen", "-metrics-listen", "-upstream", "-v1", "-upstream-v1-fallback",
 		"-upstream-token-ttl", "-upstream-token-timeout", "-upstream-retry-min", "-upstream-retry-max",
 		"-upstream-dial-timeout", "-upstream-response-timeout", "-shutdown-timeout", "-rules",
+		"-keep-rules-on-exit", "-exempt-mark", "-exempt-uid", "-iptables-backend", "-reconcile-interval", "-ipv6",
 		"-log-format", "-log-level", "IMDS_PROXY_"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("sidecar --help does not mention %s", want)
@@ -152,7 +165,8 @@ func TestBadInputGetsAClearError(t *testing.T) {
 		"https upstream":      {[]string{"--upstream", "https://169.254.169.254"}, nil, "scheme must be http"},
 		"bad log level":       {[]string{"--log-level", "loud"}, nil, "--log-level"},
 		"listen in use":       {[]string{"--listen", occupied.Addr().String()}, nil, "--listen"},
-		"rules not yet":       {[]string{"--rules=true"}, nil, "--rules=false"},
+		"bad backend":         {[]string{"--rules=true", "--iptables-backend", "iptables9"}, nil, "unknown iptables backend"},
+		"rules need a port":   {[]string{"--rules=true", "--listen", "127.0.0.1:0"}, nil, "fixed port"},
 		"stray argument":      {[]string{"extra"}, nil, "unexpected arguments"},
 	}
 	for name, c := range cases {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -14,6 +15,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/imds-proxy/imds-proxy/iptables"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
 )
@@ -30,6 +32,9 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if cfg.UpstreamDialControl, err = exemptionControl(f, log); err != nil {
+		return err
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	minter, err := token.NewRandomMinter()
@@ -40,9 +45,25 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	if err != nil {
 		return err
 	}
-	servers, err := listenAll(f, p, proxy.NewAdminHandler(reg, p.Ready), log)
+	rules, err := newRules(f, log)
 	if err != nil {
 		return err
+	}
+	readiness := []func() error{p.Ready}
+	if rules != nil {
+		readiness = append(readiness, rules.Ready)
+	}
+	servers, err := listenAll(f, p, proxy.NewAdminHandler(reg, readiness...), log)
+	if err != nil {
+		return err
+	}
+	if rules != nil {
+		// After the listener exists, so redirected traffic always finds it.
+		if err := rules.Install(); err != nil {
+			servers.close()
+			return err
+		}
+		defer removeRules(rules, f.keepRules, log)
 	}
 	log.Info("serving", zap.String("listen", servers.api.addr), zap.String("metrics_listen", servers.admin.addr),
 		zap.String("upstream", cfg.Upstream.String()), zap.String("v1", string(cfg.V1)),
@@ -51,6 +72,9 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
 	go p.Run(runCtx)
+	if rules != nil {
+		go rules.Reconcile(runCtx, f.reconcile)
+	}
 	errc := servers.start()
 	select {
 	case <-ctx.Done():
@@ -92,6 +116,12 @@ func listenAll(f *serveFlags, api, admin http.Handler, log *zap.Logger) (*server
 	}
 	s.admin = listener{srv: newHTTPServer(admin, log), ln: adminLn, addr: adminLn.Addr().String()}
 	return s, nil
+}
+
+func (s *serverSet) close() {
+	for _, l := range s.each() {
+		l.ln.Close()
+	}
 }
 
 func (s *serverSet) each() []listener {
@@ -152,4 +182,50 @@ func newLogger(format, level string, out io.Writer) (*zap.Logger, error) {
 		return nil, fmt.Errorf("--log-format %q: want json or console", format)
 	}
 	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(out)), lvl)), nil
+}
+
+// exemptionControl marks the proxy's upstream sockets when it may, so the
+// sidecar redirect lets them through. Without NET_ADMIN the rules need
+// --exempt-uid instead.
+func exemptionControl(f *serveFlags, log *zap.Logger) (func(string, string, syscall.RawConn) error, error) {
+	if f.exemptMark == 0 {
+		return nil, nil
+	}
+	mark := uint32(f.exemptMark)
+	if err := iptables.CanMark(mark); err != nil {
+		if f.rules && f.exemptUID < 0 {
+			return nil, fmt.Errorf("--rules: %w; give the proxy NET_ADMIN, or run it as a dedicated UID with --exempt-uid", err)
+		}
+		log.Info("upstream connections are not marked", zap.Error(err))
+		return nil, nil
+	}
+	return iptables.MarkControl(mark), nil
+}
+
+// newRules returns the rule manager for --rules, or nil without it.
+func newRules(f *serveFlags, log *zap.Logger) (*iptables.Manager, error) {
+	if !f.rules {
+		return nil, nil
+	}
+	backend, err := iptables.ParseBackend(f.backend)
+	if err != nil {
+		return nil, fmt.Errorf("--iptables-backend: %w", err)
+	}
+	cfg, err := f.rulesConfig()
+	if err != nil {
+		return nil, err
+	}
+	return iptables.NewManager(cfg, backend, f.families(), log)
+}
+
+func removeRules(rules *iptables.Manager, keep bool, log *zap.Logger) {
+	if keep {
+		log.Info("leaving iptables rules in place (--keep-rules-on-exit)")
+		return
+	}
+	if err := rules.Remove(); err != nil {
+		log.Error("removing iptables rules", zap.Error(err))
+		return
+	}
+	log.Info("iptables rules removed")
 }

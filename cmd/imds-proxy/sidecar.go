@@ -2,15 +2,17 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/url"
+	"strconv"
 	"time"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
+	"github.com/imds-proxy/imds-proxy/iptables"
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
@@ -29,6 +31,12 @@ type serveFlags struct {
 	responseTimeout time.Duration
 	shutdownTimeout time.Duration
 	rules           bool
+	keepRules       bool
+	exemptMark      uint
+	exemptUID       int
+	backend         string
+	reconcile       time.Duration
+	ipv6            bool
 	logFormat       string
 	logLevel        string
 }
@@ -46,7 +54,13 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.dialTimeout, "upstream-dial-timeout", time.Second, "bound on connecting to the upstream")
 	fs.DurationVar(&f.responseTimeout, "upstream-response-timeout", 5*time.Second, "bound on waiting for upstream response headers")
 	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 10*time.Second, "on SIGTERM, how long in-flight requests may take to finish")
-	fs.BoolVar(&f.rules, "rules", true, "install the iptables redirect rules (not implemented yet: pass --rules=false)")
+	fs.BoolVar(&f.rules, "rules", true, "install the iptables redirect rules before becoming ready, and remove them on exit")
+	fs.BoolVar(&f.keepRules, "keep-rules-on-exit", false, "leave the rules in place on exit: IMDS stays unreachable until the proxy is back (fails closed) instead of reachable directly (fails open)")
+	fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "socket mark on the proxy's upstream connections, exempting them from the redirect (needs NET_ADMIN; 0 disables)")
+	fs.IntVar(&f.exemptUID, "exempt-uid", -1, "exempt this UID's connections from the redirect instead, for a proxy without NET_ADMIN (-1 disables)")
+	fs.StringVar(&f.backend, "iptables-backend", string(iptables.BackendAuto), "iptables backend: auto (legacy if legacy tables hold rules, else nft), nft or legacy")
+	fs.DurationVar(&f.reconcile, "reconcile-interval", 30*time.Second, "how often to re-check the rules and restore any deleted")
+	fs.BoolVar(&f.ipv6, "ipv6", true, "also redirect IMDS over IPv6 (fd00:ec2::254) where ip6tables works")
 	fs.StringVar(&f.logFormat, "log-format", "json", "log format: json or console")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error (debug logs every request)")
 }
@@ -74,6 +88,27 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 	return cfg, cfg.Validate()
 }
 
+// rulesConfig is the sidecar ruleset for these flags.
+func (f *serveFlags) rulesConfig() (iptables.Config, error) {
+	_, portText, err := net.SplitHostPort(f.listen)
+	if err != nil {
+		return iptables.Config{}, fmt.Errorf("--listen %q: %w", f.listen, err)
+	}
+	port, err := strconv.Atoi(portText)
+	if err != nil || port == 0 {
+		return iptables.Config{}, fmt.Errorf("--listen %q: the redirect needs a fixed port", f.listen)
+	}
+	cfg := iptables.Config{Mode: iptables.ModeSidecar, ProxyPort: port, ExemptMark: uint32(f.exemptMark), ExemptUID: f.exemptUID}
+	return cfg, cfg.Validate()
+}
+
+func (f *serveFlags) families() []iptables.Family {
+	if f.ipv6 {
+		return []iptables.Family{iptables.IPv4, iptables.IPv6}
+	}
+	return []iptables.Family{iptables.IPv4}
+}
+
 func newSidecarCommand(stderr io.Writer) *ffcli.Command {
 	var f serveFlags
 	fs := flag.NewFlagSet("imds-proxy sidecar", flag.ContinueOnError)
@@ -91,10 +126,6 @@ func newSidecarCommand(stderr io.Writer) *ffcli.Command {
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
 				return fmt.Errorf("unexpected arguments %q", args)
-			}
-			if f.rules {
-				return errors.New("iptables rules are not implemented in this version yet: " +
-					"run with --rules=false and send traffic to --listen yourself")
 			}
 			return serve(ctx, &f, stderr)
 		},

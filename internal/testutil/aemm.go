@@ -71,6 +71,18 @@ func StartAEMM(t testing.TB, args ...string) *AEMM {
 // StartAEMMAt starts ec2-metadata-mock listening on addr (127.0.0.1:PORT).
 func StartAEMMAt(t testing.TB, addr string, args ...string) *AEMM {
 	t.Helper()
+	return startAEMM(t, nil, addr, args...)
+}
+
+// StartAEMMIn starts ec2-metadata-mock inside ns, listening on addr
+// (169.254.169.254:80, say).
+func StartAEMMIn(t testing.TB, ns *Netns, addr string, args ...string) *AEMM {
+	t.Helper()
+	return startAEMM(t, ns, addr, args...)
+}
+
+func startAEMM(t testing.TB, ns *Netns, addr string, args ...string) *AEMM {
+	t.Helper()
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		t.Fatal(err)
@@ -78,6 +90,9 @@ func StartAEMMAt(t testing.TB, addr string, args ...string) *AEMM {
 	logs := &syncBuffer{}
 	argv := append([]string{"-n", host, "-p", port}, args...)
 	cmd := exec.Command(AEMMBinary(t), argv...)
+	if ns != nil {
+		cmd = ns.Command(append([]string{AEMMBinary(t)}, argv...)...)
+	}
 	cmd.Dir = t.TempDir() // AEMM looks for config files in its working directory and $HOME
 	cmd.Env = append(os.Environ(), "HOME="+cmd.Dir)
 	cmd.Stdout, cmd.Stderr = logs, logs
@@ -86,7 +101,12 @@ func StartAEMMAt(t testing.TB, addr string, args ...string) *AEMM {
 	}
 	a := &AEMM{URL: "http://" + addr, Addr: addr, cmd: cmd, logs: logs}
 	t.Cleanup(a.Stop)
-	if err := WaitListening(addr, 10*time.Second); err != nil {
+	wait := func() error { return WaitListening(addr, 10*time.Second) }
+	if ns != nil {
+		inner := wait
+		wait = func() (err error) { ns.Do(t, func() { err = inner() }); return err }
+	}
+	if err := wait(); err != nil {
 		a.Stop()
 		t.Fatalf("ec2-metadata-mock did not start: %v\n%s", err, logs.String())
 	}

@@ -1,14 +1,19 @@
 package testutil
 
 import (
+	"bufio"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -118,3 +123,47 @@ func run(t testing.TB, args ...string) string {
 
 // String names the namespace.
 func (n *Netns) String() string { return fmt.Sprintf("netns %s", n.Name) }
+
+// Get sends one GET from inside the namespace and returns the status and
+// body. It dials on the calling thread itself (net/http's transport would
+// dial from another thread, outside the namespace).
+func (n *Netns) Get(t testing.TB, addr, path string, header http.Header) (int, string) {
+	t.Helper()
+	var status int
+	var body []byte
+	n.Do(t, func() {
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			t.Fatalf("%s: dial %s: %v", n, addr, err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
+		for k, v := range header {
+			req.Header[k] = v
+		}
+		req.Close = true
+		if err := req.Write(c); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), req)
+		if err != nil {
+			t.Fatalf("%s: GET %s%s: %v", n, addr, path, err)
+		}
+		defer resp.Body.Close()
+		status = resp.StatusCode
+		body, _ = io.ReadAll(resp.Body)
+	})
+	return status, string(body)
+}
+
+// Veth connects namespaces a and b with a veth pair named aName (in a) and
+// bName (in b), both up, with the given addresses (CIDR).
+func Veth(t testing.TB, a *Netns, aName, aAddr string, b *Netns, bName, bAddr string) {
+	t.Helper()
+	a.Run(t, "ip", "link", "add", aName, "type", "veth", "peer", "name", bName, "netns", b.Name)
+	a.Run(t, "ip", "addr", "add", aAddr, "dev", aName)
+	b.Run(t, "ip", "addr", "add", bAddr, "dev", bName)
+	a.Run(t, "ip", "link", "set", aName, "up")
+	b.Run(t, "ip", "link", "set", bName, "up")
+}

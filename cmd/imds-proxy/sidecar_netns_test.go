@@ -1,0 +1,114 @@
+package main
+
+import (
+	"net/http"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+// sidecarTopology is a task namespace with a link to an imds namespace where
+// amazon-ec2-metadata-mock (IMDSv2 required) answers on 169.254.169.254:80.
+type sidecarTopology struct {
+	task, imds *testutil.Netns
+	aemm       *testutil.AEMM
+}
+
+func newSidecarTopology(t *testing.T) *sidecarTopology {
+	t.Helper()
+	top := &sidecarTopology{task: testutil.NewNetns(t), imds: testutil.NewNetns(t)}
+	testutil.Veth(t, top.task, "veth-task", "169.254.1.2/16", top.imds, "veth-imds", "169.254.169.254/16")
+	top.aemm = testutil.StartAEMMIn(t, top.imds, "169.254.169.254:80", "-I")
+	return top
+}
+
+func (top *sidecarTopology) save(t *testing.T) string {
+	return top.task.IptablesSave(t, "iptables-nft-save") + top.task.IptablesSave(t, "ip6tables-nft-save")
+}
+
+// TestSidecarRedirectsAndCleansUp runs `imds-proxy sidecar` with its rules in
+// a task namespace: a client dialling 169.254.169.254:80 reaches the proxy,
+// the proxy's own upstream connections reach IMDS (not itself), a deleted
+// rule comes back, and SIGTERM leaves iptables exactly as it found them.
+func TestSidecarRedirectsAndCleansUp(t *testing.T) {
+	top := newSidecarTopology(t)
+	const imds = "169.254.169.254:80"
+	// Without the proxy, IMDSv1 is refused: AEMM requires tokens.
+	if status, _ := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 401 {
+		t.Fatalf("control: tokenless GET straight to IMDS got %d, want 401", status)
+	}
+	// Someone else's nat rules, which must survive untouched. (Without any,
+	// iptables-nft leaves an empty nat table behind: nothing that matches.)
+	top.task.Run(t, "iptables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "10.0.0.1/32", "-p", "tcp", "-j", "RETURN")
+	top.task.Run(t, "ip6tables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "fd00::1/128", "-p", "tcp", "-j", "RETURN")
+	before := top.save(t)
+
+	proxy := startIn(t, top.task, nil, "sidecar", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
+		"--upstream", "http://169.254.169.254", "--reconcile-interval", "200ms", "--iptables-backend", "nft", "--log-level", "debug")
+	waitReadyIn(t, top.task, "127.0.0.1:9169")
+	installed := top.save(t)
+	if !strings.Contains(installed, "IMDS_PROXY_OUTPUT") {
+		t.Fatalf("no rules after start:\n%s", installed)
+	}
+
+	// A tokenless GET now reaches the proxy, which serves it over its own
+	// IMDSv2 session: only a redirect to the proxy can turn 401 into 200.
+	if status, body := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+		t.Errorf("tokenless GET through the redirect: %d %q, want 200 and the instance id", status, body)
+	}
+	runSDK(t, top.task, "http://169.254.169.254")
+	if n := testutil.CountLines(top.aemm.Logs(), "GenerateToken Received request"); n != 1 {
+		t.Errorf("AEMM issued %d tokens, want exactly 1: the proxy's own (client PUTs must stay in the proxy)", n)
+	}
+
+	top.task.Run(t, "iptables-nft", "-t", "nat", "-F", "IMDS_PROXY_OUTPUT")
+	if _, err := proxy.logs.waitFor("iptables rule missing; restoring it", 10*time.Second); err != nil {
+		t.Errorf("a flushed chain was not noticed: %v", err)
+	}
+	waitFor(t, 10*time.Second, func() bool { return top.save(t) == installed }, "the flushed rules to come back")
+
+	if err := proxy.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-proxy.done; err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, proxy.logs.String())
+	}
+	if after := top.save(t); after != before {
+		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
+// runSDK runs the demo client (the AWS SDK for Go v2) in ns against endpoint.
+func runSDK(t *testing.T, ns *testutil.Netns, endpoint string) {
+	t.Helper()
+	cmd := ns.Command(demoClient, "--endpoint", endpoint, "--label", "sdk", "--calls", "3")
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir(),
+		"AWS_CONFIG_FILE=/dev/null", "AWS_SHARED_CREDENTIALS_FILE=/dev/null"}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "i-1234567890abcdef0") {
+		t.Errorf("AWS SDK in %s: %v\n%s", ns, err, out)
+	}
+}
+
+func waitReadyIn(t *testing.T, ns *testutil.Netns, metricsAddr string) {
+	t.Helper()
+	waitFor(t, 15*time.Second, func() bool {
+		status, _ := ns.Get(t, metricsAddr, "/readyz", nil)
+		return status == http.StatusOK
+	}, "/readyz")
+}
+
+func waitFor(t *testing.T, timeout time.Duration, cond func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -1,0 +1,151 @@
+package iptables
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultExemptMark is the socket mark the sidecar puts on its own upstream
+// connections so that they are not redirected back to itself.
+const DefaultExemptMark = 0x1169
+
+// MarkControl returns a net.Dialer Control function that sets SO_MARK on
+// every socket. Setting a mark needs NET_ADMIN; an error here means the proxy
+// lacks it and should use --exempt-uid instead.
+func MarkControl(mark uint32) func(network, address string, c syscall.RawConn) error {
+	return func(_, _ string, c syscall.RawConn) error {
+		var sockErr error
+		if err := c.Control(func(fd uintptr) {
+			sockErr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(mark))
+		}); err != nil {
+			return err
+		}
+		if sockErr != nil {
+			return fmt.Errorf("setting socket mark 0x%x (needs NET_ADMIN; without it use --exempt-uid): %w", mark, sockErr)
+		}
+		return nil
+	}
+}
+
+// Manager keeps one ruleset per family installed: it installs, re-checks
+// periodically and restores what someone else deleted, and removes on
+// request.
+type Manager struct {
+	tables   []*Table
+	rulesets []Ruleset
+	log      *zap.Logger
+	ready    atomic.Bool
+}
+
+// NewManager opens the iptables binaries for the given families. IPv6 is
+// skipped, with a log line, when ip6tables does not work in this namespace.
+func NewManager(cfg Config, backend Backend, families []Family, log *zap.Logger) (*Manager, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("invalid iptables configuration: %w", err)
+	}
+	m := &Manager{log: log}
+	for _, family := range families {
+		table, err := Open(family, backend)
+		if err == nil && family == IPv6 {
+			_, err = table.ipt.ListChains("nat")
+		}
+		if err != nil {
+			if family == IPv6 {
+				log.Warn("IPv6 IMDS traffic will not be redirected: ip6tables does not work here", zap.Error(err))
+				continue
+			}
+			return nil, err
+		}
+		m.tables = append(m.tables, table)
+		m.rulesets = append(m.rulesets, Build(cfg, family))
+	}
+	return m, nil
+}
+
+// Install installs every family's ruleset; on failure nothing is left.
+func (m *Manager) Install() error {
+	for i, table := range m.tables {
+		if err := table.Install(m.rulesets[i]); err != nil {
+			_ = m.Remove()
+			return fmt.Errorf("installing %s rules (%s backend): %w", table.family, table.backend, err)
+		}
+		m.log.Info("iptables rules installed", zap.String("family", string(table.family)),
+			zap.String("backend", string(table.backend)), zap.Int("rules", len(m.rulesets[i].Rules)+len(m.rulesets[i].Jumps)))
+	}
+	m.ready.Store(true)
+	return nil
+}
+
+// Remove deletes every family's ruleset.
+func (m *Manager) Remove() error {
+	m.ready.Store(false)
+	var errs []error
+	for i, table := range m.tables {
+		errs = append(errs, table.Remove(m.rulesets[i]))
+	}
+	return errors.Join(errs...)
+}
+
+// Ready reports an error until the rules are installed.
+func (m *Manager) Ready() error {
+	if !m.ready.Load() {
+		return errors.New("iptables redirect rules not installed")
+	}
+	return nil
+}
+
+// Reconcile re-checks the rules every interval until ctx ends, and restores
+// any that are missing.
+func (m *Manager) Reconcile(ctx context.Context, interval time.Duration) {
+	ticker := time.NewTicker(interval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+			m.reconcileOnce()
+		}
+	}
+}
+
+func (m *Manager) reconcileOnce() {
+	for i, table := range m.tables {
+		missing, err := table.Missing(m.rulesets[i])
+		if err != nil {
+			m.log.Error("checking iptables rules", zap.String("family", string(table.family)), zap.Error(err))
+			continue
+		}
+		if len(missing) == 0 {
+			continue
+		}
+		for _, r := range missing {
+			m.log.Warn("iptables rule missing; restoring it", zap.String("family", string(table.family)),
+				zap.String("table", r.Table), zap.String("chain", r.Chain), zap.Strings("rule", r.Spec))
+		}
+		if err := table.Install(m.rulesets[i]); err != nil {
+			m.log.Error("restoring iptables rules", zap.String("family", string(table.family)), zap.Error(err))
+		}
+	}
+}
+
+// CanMark reports whether this process may set SO_MARK (has NET_ADMIN), by
+// trying it on a throw-away socket.
+func CanMark(mark uint32) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("probing socket marks: %w", err)
+	}
+	defer unix.Close(fd)
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(mark)); err != nil {
+		return fmt.Errorf("setting socket mark 0x%x needs NET_ADMIN: %w", mark, err)
+	}
+	return nil
+}
