@@ -55,8 +55,8 @@ func newRootCommand(stdout, stderr io.Writer) *ffcli.Command {
 		FlagSet: fs,
 		Subcommands: []*ffcli.Command{
 			newSidecarCommand(stderr),
-			notYetCommand("node", "run as a node agent in the host network namespace", stderr),
-			notYetCommand("rules", "install, remove or show the iptables redirect rules", stderr),
+			newNodeCommand(stderr),
+			newRulesCommand(stdout, stderr),
 			notYetCommand("doctor", "diagnose IMDS reachability and the hop-limit symptom", stderr),
 			newVersionCommand(stdout),
 		},

@@ -207,9 +207,9 @@ func newRules(f *serveFlags, log *zap.Logger) (*iptables.Manager, error) {
 	if !f.rules {
 		return nil, nil
 	}
-	backend, err := iptables.ParseBackend(f.backend)
+	backend, err := f.parseBackend()
 	if err != nil {
-		return nil, fmt.Errorf("--iptables-backend: %w", err)
+		return nil, err
 	}
 	cfg, err := f.rulesConfig()
 	if err != nil {

@@ -1,23 +1,76 @@
 package main
 
 import (
-	"context"
 	"flag"
 	"fmt"
-	"io"
 	"net"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
-
-	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"github.com/imds-proxy/imds-proxy/iptables"
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
-// serveFlags are the flags of the serving subcommands.
+// defaultInterfaces are the container-facing interfaces of common setups:
+// Docker's bridge, CNI bridges, the VPC CNI's ENIs and veth pairs.
+const defaultInterfaces = "docker0,cni+,eni+,veth+"
+
+// ruleFlags describe the iptables redirect; `rules` and the serving
+// subcommands share them.
+type ruleFlags struct {
+	mode       iptables.Mode
+	exemptMark uint
+	exemptUID  int
+	interfaces string
+	backend    string
+	ipv6       bool
+}
+
+func (f *ruleFlags) register(fs *flag.FlagSet) {
+	if f.mode == iptables.ModeNode {
+		fs.StringVar(&f.interfaces, "interfaces", defaultInterfaces, "container-facing interfaces whose IMDS traffic is redirected (comma-separated, iptables wildcards with +); the listener is reachable only from these and lo")
+	} else {
+		fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "socket mark on the proxy's upstream connections, exempting them from the redirect (needs NET_ADMIN; 0 disables)")
+		fs.IntVar(&f.exemptUID, "exempt-uid", -1, "exempt this UID's connections from the redirect instead, for a proxy without NET_ADMIN (-1 disables)")
+	}
+	fs.StringVar(&f.backend, "iptables-backend", string(iptables.BackendAuto), "iptables backend: auto (legacy if legacy tables hold rules, else nft), nft or legacy")
+	fs.BoolVar(&f.ipv6, "ipv6", true, "also redirect IMDS over IPv6 (fd00:ec2::254) where ip6tables works")
+}
+
+// config is the ruleset configuration for a proxy on port.
+func (f *ruleFlags) config(port int) (iptables.Config, error) {
+	cfg := iptables.Config{Mode: f.mode, ProxyPort: port, ExemptMark: uint32(f.exemptMark), ExemptUID: f.exemptUID}
+	if f.mode == iptables.ModeNode {
+		cfg.ExemptUID = -1
+		for _, name := range strings.Split(f.interfaces, ",") {
+			if name = strings.TrimSpace(name); name != "" {
+				cfg.Interfaces = append(cfg.Interfaces, name)
+			}
+		}
+	}
+	return cfg, cfg.Validate()
+}
+
+func (f *ruleFlags) families() []iptables.Family {
+	if f.ipv6 {
+		return []iptables.Family{iptables.IPv4, iptables.IPv6}
+	}
+	return []iptables.Family{iptables.IPv4}
+}
+
+func (f *ruleFlags) parseBackend() (iptables.Backend, error) {
+	b, err := iptables.ParseBackend(f.backend)
+	if err != nil {
+		return "", fmt.Errorf("--iptables-backend: %w", err)
+	}
+	return b, nil
+}
+
+// serveFlags are the flags of the serving subcommands, sidecar and node.
 type serveFlags struct {
+	ruleFlags
 	listen          string
 	metricsListen   string
 	upstream        string
@@ -32,17 +85,13 @@ type serveFlags struct {
 	shutdownTimeout time.Duration
 	rules           bool
 	keepRules       bool
-	exemptMark      uint
-	exemptUID       int
-	backend         string
 	reconcile       time.Duration
-	ipv6            bool
 	logFormat       string
 	logLevel        string
 }
 
-func (f *serveFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.listen, "listen", "127.0.0.1:8169", "address the IMDS API is served on (the redirect target)")
+func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
+	fs.StringVar(&f.listen, "listen", defaultListen, "address the IMDS API is served on (the redirect target)")
 	fs.StringVar(&f.metricsListen, "metrics-listen", ":9169", "address of /metrics, /healthz and /readyz; empty disables it")
 	fs.StringVar(&f.upstream, "upstream", "http://169.254.169.254", "IMDS, or a node agent, that requests are forwarded to (http://host[:port])")
 	fs.StringVar(&f.v1, "v1", string(proxy.V1Allow), "IMDSv1 (tokenless) requests: allow (serve, log, count) or block (answer 401 as IMDS does when tokens are required)")
@@ -56,13 +105,10 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 10*time.Second, "on SIGTERM, how long in-flight requests may take to finish")
 	fs.BoolVar(&f.rules, "rules", true, "install the iptables redirect rules before becoming ready, and remove them on exit")
 	fs.BoolVar(&f.keepRules, "keep-rules-on-exit", false, "leave the rules in place on exit: IMDS stays unreachable until the proxy is back (fails closed) instead of reachable directly (fails open)")
-	fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "socket mark on the proxy's upstream connections, exempting them from the redirect (needs NET_ADMIN; 0 disables)")
-	fs.IntVar(&f.exemptUID, "exempt-uid", -1, "exempt this UID's connections from the redirect instead, for a proxy without NET_ADMIN (-1 disables)")
-	fs.StringVar(&f.backend, "iptables-backend", string(iptables.BackendAuto), "iptables backend: auto (legacy if legacy tables hold rules, else nft), nft or legacy")
 	fs.DurationVar(&f.reconcile, "reconcile-interval", 30*time.Second, "how often to re-check the rules and restore any deleted")
-	fs.BoolVar(&f.ipv6, "ipv6", true, "also redirect IMDS over IPv6 (fd00:ec2::254) where ip6tables works")
 	fs.StringVar(&f.logFormat, "log-format", "json", "log format: json or console")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error (debug logs every request)")
+	f.ruleFlags.register(fs)
 }
 
 func (f *serveFlags) proxyConfig() (proxy.Config, error) {
@@ -88,7 +134,7 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 	return cfg, cfg.Validate()
 }
 
-// rulesConfig is the sidecar ruleset for these flags.
+// rulesConfig is the ruleset for a proxy listening on --listen.
 func (f *serveFlags) rulesConfig() (iptables.Config, error) {
 	_, portText, err := net.SplitHostPort(f.listen)
 	if err != nil {
@@ -98,36 +144,5 @@ func (f *serveFlags) rulesConfig() (iptables.Config, error) {
 	if err != nil || port == 0 {
 		return iptables.Config{}, fmt.Errorf("--listen %q: the redirect needs a fixed port", f.listen)
 	}
-	cfg := iptables.Config{Mode: iptables.ModeSidecar, ProxyPort: port, ExemptMark: uint32(f.exemptMark), ExemptUID: f.exemptUID}
-	return cfg, cfg.Validate()
-}
-
-func (f *serveFlags) families() []iptables.Family {
-	if f.ipv6 {
-		return []iptables.Family{iptables.IPv4, iptables.IPv6}
-	}
-	return []iptables.Family{iptables.IPv4}
-}
-
-func newSidecarCommand(stderr io.Writer) *ffcli.Command {
-	var f serveFlags
-	fs := flag.NewFlagSet("imds-proxy sidecar", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	f.register(fs)
-	return &ffcli.Command{
-		Name:       "sidecar",
-		ShortUsage: "imds-proxy sidecar [flags]",
-		ShortHelp:  "serve IMDS to the workloads of this network namespace (task or pod)",
-		LongHelp: "Serves the IMDS API on --listen and forwards to --upstream. In a task's or pod's\n" +
-			"network namespace, traffic to 169.254.169.254:80 is redirected to --listen.\n\n" +
-			"Every flag can also be set as " + envPrefix + "_<FLAG> (e.g. " + envPrefix + "_UPSTREAM); flags win.",
-		FlagSet: fs,
-		Options: parseOptions(),
-		Exec: func(ctx context.Context, args []string) error {
-			if len(args) > 0 {
-				return fmt.Errorf("unexpected arguments %q", args)
-			}
-			return serve(ctx, &f, stderr)
-		},
-	}
+	return f.config(port)
 }

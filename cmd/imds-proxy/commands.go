@@ -1,0 +1,132 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+	"go.uber.org/zap"
+
+	"github.com/imds-proxy/imds-proxy/iptables"
+)
+
+const envHelp = "\n\nEvery flag can also be set as " + envPrefix + "_<FLAG> (e.g. " + envPrefix + "_UPSTREAM); flags win."
+
+func newSidecarCommand(stderr io.Writer) *ffcli.Command {
+	return newServeCommand(iptables.ModeSidecar, "127.0.0.1:8169",
+		"serve IMDS to the workloads of this network namespace (task or pod)",
+		"Serves the IMDS API on --listen and forwards to --upstream. Inside a task's or pod's\n"+
+			"network namespace, nat OUTPUT redirects 169.254.169.254:80 (and [fd00:ec2::254]:80)\n"+
+			"to --listen; the proxy's own upstream connections carry --exempt-mark and pass.", stderr)
+}
+
+func newNodeCommand(stderr io.Writer) *ffcli.Command {
+	return newServeCommand(iptables.ModeNode, ":8169",
+		"serve IMDS to the containers of this host (host network namespace)",
+		"Serves the IMDS API on --listen and forwards to --upstream. In the host network\n"+
+			"namespace, nat PREROUTING redirects IMDS traffic arriving on --interfaces to the\n"+
+			"listener, and filter INPUT drops connections to the listener from any other\n"+
+			"interface, so it is never reachable from the VPC.", stderr)
+}
+
+func newServeCommand(mode iptables.Mode, defaultListen, short, long string, stderr io.Writer) *ffcli.Command {
+	f := serveFlags{ruleFlags: ruleFlags{mode: mode}}
+	fs := flag.NewFlagSet("imds-proxy "+string(mode), flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	f.register(fs, defaultListen)
+	return &ffcli.Command{
+		Name:       string(mode),
+		ShortUsage: "imds-proxy " + string(mode) + " [flags]",
+		ShortHelp:  short,
+		LongHelp:   long + envHelp,
+		FlagSet:    fs,
+		Options:    parseOptions(),
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("unexpected arguments %q", args)
+			}
+			return serve(ctx, &f, stderr)
+		},
+	}
+}
+
+// newRulesCommand is the one-shot rule tool for init containers and operators.
+func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
+	action := func(name, help string) *ffcli.Command {
+		var f ruleFlags
+		var mode string
+		var port int
+		fs := flag.NewFlagSet("imds-proxy rules "+name, flag.ContinueOnError)
+		fs.SetOutput(stderr)
+		fs.StringVar(&mode, "mode", string(iptables.ModeSidecar), "sidecar or node")
+		fs.IntVar(&port, "port", 8169, "the proxy's listening port, the redirect target")
+		fs.StringVar(&f.interfaces, "interfaces", defaultInterfaces, "node mode: container-facing interfaces (comma-separated, + wildcards)")
+		fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "sidecar mode: socket mark that exempts the proxy's upstream connections (0 disables)")
+		fs.IntVar(&f.exemptUID, "exempt-uid", -1, "sidecar mode: UID whose connections are exempt, for a proxy without NET_ADMIN (-1 disables)")
+		fs.StringVar(&f.backend, "iptables-backend", string(iptables.BackendAuto), "auto, nft or legacy")
+		fs.BoolVar(&f.ipv6, "ipv6", true, "also the IPv6 rules, where ip6tables works")
+		return &ffcli.Command{
+			Name:       name,
+			ShortUsage: "imds-proxy rules " + name + " [flags]",
+			ShortHelp:  help,
+			LongHelp:   help + envHelp,
+			FlagSet:    fs,
+			Options:    parseOptions(),
+			Exec: func(_ context.Context, args []string) error {
+				if len(args) > 0 {
+					return fmt.Errorf("unexpected arguments %q", args)
+				}
+				f.mode = iptables.Mode(mode)
+				cfg, err := f.config(port)
+				if err != nil {
+					return err
+				}
+				return runRules(name, cfg, &f, stdout, stderr)
+			},
+		}
+	}
+	return &ffcli.Command{
+		Name:       "rules",
+		ShortUsage: "imds-proxy rules <install|remove|show> [flags]",
+		ShortHelp:  "install, remove or show the iptables redirect rules",
+		Subcommands: []*ffcli.Command{
+			action("install", "install the redirect rules (needs NET_ADMIN); installing twice changes nothing"),
+			action("remove", "remove exactly what install added (needs NET_ADMIN)"),
+			action("show", "print the exact rules, iptables-save style (a dry run: needs no privileges)"),
+		},
+		Exec: func(context.Context, []string) error { return flag.ErrHelp },
+	}
+}
+
+func runRules(action string, cfg iptables.Config, f *ruleFlags, stdout, stderr io.Writer) error {
+	if action == "show" {
+		for _, family := range f.families() {
+			if _, err := io.WriteString(stdout, iptables.Build(cfg, family).Render()); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	backend, err := f.parseBackend()
+	if err != nil {
+		return err
+	}
+	log, err := newLogger("console", "info", stderr)
+	if err != nil {
+		return err
+	}
+	m, err := iptables.NewManager(cfg, backend, f.families(), log)
+	if err != nil {
+		return err
+	}
+	if action == "install" {
+		return m.Install()
+	}
+	if err := m.Remove(); err != nil {
+		return err
+	}
+	log.Info("iptables rules removed", zap.String("mode", string(cfg.Mode)))
+	return nil
+}

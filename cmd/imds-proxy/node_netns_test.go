@@ -1,0 +1,118 @@
+package main
+
+import (
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+// nodeTopology is an EC2 host in miniature: a node namespace that forwards
+// between a container (task) on cveth0, IMDS on imdslink, and the VPC
+// (outside) on uplink0.
+type nodeTopology struct {
+	node, task, imds, outside *testutil.Netns
+	aemm                      *testutil.AEMM
+}
+
+func newNodeTopology(t *testing.T) *nodeTopology {
+	t.Helper()
+	top := &nodeTopology{node: testutil.NewNetns(t), task: testutil.NewNetns(t), imds: testutil.NewNetns(t), outside: testutil.NewNetns(t)}
+	testutil.Veth(t, top.node, "cveth0", "10.200.1.1/24", top.task, "eth0", "10.200.1.2/24")
+	testutil.Veth(t, top.node, "imdslink", "169.254.0.1/16", top.imds, "eth0", "169.254.169.254/16")
+	testutil.Veth(t, top.node, "uplink0", "10.200.2.1/24", top.outside, "eth0", "10.200.2.2/24")
+	top.task.Run(t, "ip", "route", "add", "default", "via", "10.200.1.1")
+	top.outside.Run(t, "ip", "route", "add", "default", "via", "10.200.2.1")
+	top.imds.Run(t, "ip", "route", "add", "default", "via", "169.254.0.1")
+	top.node.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	top.aemm = testutil.StartAEMMIn(t, top.imds, "169.254.169.254:80", "-I")
+	return top
+}
+
+func (top *nodeTopology) save(t *testing.T) string {
+	return top.node.IptablesSave(t, "iptables-nft-save") + top.node.IptablesSave(t, "ip6tables-nft-save")
+}
+
+// TestNodeRedirectsContainersOnly runs `imds-proxy node` in the node
+// namespace: a container's IMDS traffic is redirected to it, the listener
+// cannot be reached from the VPC side, and SIGTERM leaves iptables as found.
+func TestNodeRedirectsContainersOnly(t *testing.T) {
+	top := newNodeTopology(t)
+	const imds = "169.254.169.254:80"
+	if status, _ := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 401 {
+		t.Fatalf("control: the container reaches IMDS through the node and tokenless gets %d, want 401", status)
+	}
+	for _, table := range []string{"nat", "filter"} {
+		top.node.Run(t, "iptables-nft", "-t", table, "-A", "INPUT", "-p", "udp", "-j", "RETURN")
+		top.node.Run(t, "ip6tables-nft", "-t", table, "-A", "INPUT", "-p", "udp", "-j", "RETURN")
+	}
+	before := top.save(t)
+
+	proxy := startIn(t, top.node, nil, "node", "--listen", ":8169", "--metrics-listen", "127.0.0.1:9169",
+		"--interfaces", "cveth+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft")
+	waitReadyIn(t, top.node, "127.0.0.1:9169")
+
+	if status, body := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+		t.Errorf("container's tokenless GET through the node agent: %d %q, want 200 and the instance id", status, body)
+	}
+	runSDK(t, top.task, "http://169.254.169.254")
+	for _, addr := range []string{"10.200.2.1:8169", "10.200.1.1:8169"} {
+		if err := dialFrom(t, top.outside, addr); err == nil {
+			t.Errorf("the node listener %s is reachable from the VPC side", addr)
+		}
+	}
+	if err := dialFrom(t, top.task, "10.200.1.1:8169"); err != nil {
+		t.Errorf("a container cannot reach the node listener directly: %v", err)
+	}
+
+	if err := proxy.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-proxy.done; err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, proxy.logs.String())
+	}
+	if after := top.save(t); after != before {
+		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
+// dialFrom tries a TCP connection from inside ns with a short timeout.
+func dialFrom(t *testing.T, ns *testutil.Netns, addr string) (err error) {
+	t.Helper()
+	ns.Do(t, func() {
+		var c net.Conn
+		if c, err = net.DialTimeout("tcp", addr, time.Second); err == nil {
+			c.Close()
+		}
+	})
+	return err
+}
+
+// TestRulesShowMatchesGolden: `rules show` prints the golden rules without
+// privileges or an iptables binary.
+func TestRulesShowMatchesGolden(t *testing.T) {
+	for _, mode := range []string{"sidecar", "node"} {
+		cmd := exec.Command(binary, "rules", "show", "--mode", mode)
+		cmd.Env = []string{"PATH=/nonexistent"}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("rules show --mode %s: %v\n%s", mode, err, out)
+		}
+		var want strings.Builder
+		for _, family := range []string{"ipv4", "ipv6"} {
+			golden, err := os.ReadFile("../../iptables/testdata/" + mode + "-" + family + ".golden")
+			if err != nil {
+				t.Fatal(err)
+			}
+			want.Write(golden)
+		}
+		if string(out) != want.String() {
+			t.Errorf("rules show --mode %s:\n%s\nwant:\n%s", mode, out, want.String())
+		}
+	}
+}
