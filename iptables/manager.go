@@ -79,6 +79,11 @@ func (m *Manager) Install() error {
 		m.log.Info("iptables rules installed", zap.String("family", string(table.family)),
 			zap.String("backend", string(table.backend)), zap.Int("rules", len(m.rulesets[i].Rules)+len(m.rulesets[i].Jumps)))
 	}
+	if n, err := FlushBypassingConnections(); err != nil {
+		m.log.Warn("could not reset IMDS connections opened before the rules; they bypass the proxy until they close", zap.Error(err))
+	} else if n > 0 {
+		m.log.Info("reset IMDS connections opened before the rules", zap.Int("connections", n))
+	}
 	m.ready.Store(true)
 	return nil
 }

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"bufio"
+	"io"
+	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -41,11 +44,18 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 	if status, _ := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 401 {
 		t.Fatalf("control: tokenless GET straight to IMDS got %d, want 401", status)
 	}
-	// Someone else's nat rules, which must survive untouched. (Without any,
-	// iptables-nft leaves an empty nat table behind: nothing that matches.)
-	top.task.Run(t, "iptables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "10.0.0.1/32", "-p", "tcp", "-j", "RETURN")
-	top.task.Run(t, "ip6tables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "fd00::1/128", "-p", "tcp", "-j", "RETURN")
+	// Someone else's nat rules (another sidecar's redirect), which must
+	// survive untouched. A NAT rule also turns on connection tracking, so the
+	// early connection below is tracked as not redirected. (Without any
+	// rules, iptables-nft would leave an empty nat table behind.)
+	top.task.Run(t, "iptables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "10.0.0.1/32", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+	top.task.Run(t, "ip6tables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "fd00::1/128", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
 	before := top.save(t)
+	// A keep-alive connection opened before the redirect exists.
+	early := dialIn(t, top.task, imds)
+	if status := getOn(t, early, "/latest/meta-data/instance-id"); status != 401 {
+		t.Fatalf("control: tokenless GET on the early connection got %d, want 401 from IMDS", status)
+	}
 
 	proxy := startIn(t, top.task, nil, "sidecar", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
 		"--upstream", "http://169.254.169.254", "--reconcile-interval", "200ms", "--iptables-backend", "nft", "--log-level", "debug")
@@ -61,6 +71,13 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 		t.Errorf("tokenless GET through the redirect: %d %q, want 200 and the instance id", status, body)
 	}
 	runSDK(t, top.task, "http://169.254.169.254")
+	// The early connection must not keep reaching IMDS past the proxy.
+	if status := getOn(t, early, "/latest/meta-data/instance-id"); status == 401 {
+		t.Error("a connection opened before the rules still reaches IMDS directly")
+	}
+	if n := testutil.CountLines(top.aemm.Logs(), "No token provided"); n != 2 { // both controls above
+		t.Errorf("AEMM refused %d tokenless requests, want 2 (the two controls before the proxy started)", n)
+	}
 	if n := testutil.CountLines(top.aemm.Logs(), "GenerateToken Received request"); n != 1 {
 		t.Errorf("AEMM issued %d tokens, want exactly 1: the proxy's own (client PUTs must stay in the proxy)", n)
 	}
@@ -80,6 +97,39 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 	if after := top.save(t); after != before {
 		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
+}
+
+// dialIn opens a TCP connection from inside ns.
+func dialIn(t *testing.T, ns *testutil.Netns, addr string) net.Conn {
+	t.Helper()
+	var c net.Conn
+	var err error
+	ns.Do(t, func() { c, err = net.DialTimeout("tcp", addr, 5*time.Second) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// getOn sends a keep-alive GET on c and returns the status, or 0 when the
+// connection fails.
+func getOn(t *testing.T, c net.Conn, path string) int {
+	t.Helper()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	req, _ := http.NewRequest("GET", "http://169.254.169.254"+path, nil)
+	if err := req.Write(c); err != nil {
+		t.Logf("early connection: %v", err)
+		return 0
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), req)
+	if err != nil {
+		t.Logf("early connection: %v", err)
+		return 0
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode
 }
 
 // runSDK runs the demo client (the AWS SDK for Go v2) in ns against endpoint.

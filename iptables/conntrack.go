@@ -1,0 +1,56 @@
+package iptables
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/ti-mo/conntrack"
+)
+
+var imdsAddrs = []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd00:ec2::254")}
+
+// FlushBypassingConnections deletes the conntrack entries of TCP connections
+// to IMDS port 80 that are not redirected: connections opened before the
+// rules existed. NAT is decided on a connection's first packet, so without
+// this a keep-alive connection would bypass the proxy for as long as it
+// lives. With its entry gone, the connection's next packet is redirected to
+// the proxy, which resets it, and the client reconnects through the proxy.
+// It returns how many entries it deleted.
+func FlushBypassingConnections() (int, error) {
+	c, err := conntrack.Dial(nil)
+	if err != nil {
+		return 0, fmt.Errorf("opening conntrack netlink socket: %w", err)
+	}
+	defer c.Close()
+	flows, err := c.Dump(nil)
+	if err != nil {
+		return 0, fmt.Errorf("listing conntrack entries: %w", err)
+	}
+	deleted := 0
+	for _, f := range flows {
+		if !bypassesProxy(f) {
+			continue
+		}
+		if err := c.Delete(f); err != nil {
+			return deleted, fmt.Errorf("deleting conntrack entry %s -> %s: %w",
+				f.TupleOrig.IP.SourceAddress, f.TupleOrig.IP.DestinationAddress, err)
+		}
+		deleted++
+	}
+	return deleted, nil
+}
+
+// bypassesProxy: a TCP flow to IMDS port 80 whose reply comes from IMDS
+// itself, i.e. one that was not redirected.
+func bypassesProxy(f conntrack.Flow) bool {
+	orig, reply := f.TupleOrig, f.TupleReply
+	if orig.Proto.Protocol != 6 || orig.Proto.DestinationPort != 80 {
+		return false
+	}
+	for _, imds := range imdsAddrs {
+		if orig.IP.DestinationAddress == imds && reply.IP.SourceAddress == imds {
+			return true
+		}
+	}
+	return false
+}
