@@ -20,66 +20,55 @@ import (
 	"github.com/imds-proxy/imds-proxy/token"
 )
 
-// serve wires the proxy, its listeners and its admin endpoints together and
-// runs them until ctx is cancelled, then drains in-flight requests.
+// serve wires the proxy, its listeners, its rules and its admin endpoints
+// together and runs them until ctx is cancelled, then drains in-flight
+// requests and removes the rules.
 func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	log, err := newLogger(f.logFormat, f.logLevel, logOut)
 	if err != nil {
 		return err
 	}
 	defer func() { _ = log.Sync() }()
-	cfg, err := f.proxyConfig()
+	p, reg, err := newProxy(f, log)
 	if err != nil {
 		return err
 	}
-	if cfg.UpstreamDialControl, err = exemptionControl(f, log); err != nil {
-		return err
-	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	minter, err := token.NewRandomMinter()
+	servers, families, err := listenAPI(f, p, log)
 	if err != nil {
 		return err
 	}
-	p, err := proxy.New(cfg, log, reg, minter)
-	if err != nil {
-		return err
+	rules, err := newRules(f, families, log)
+	if err == nil {
+		err = servers.listenAdmin(f.metricsListen, proxy.NewAdminHandler(reg, readiness(p, rules)...), log)
 	}
-	rules, err := newRules(f, log)
-	if err != nil {
-		return err
-	}
-	readiness := []func() error{p.Ready}
-	if rules != nil {
-		readiness = append(readiness, rules.Ready)
-	}
-	servers, err := listenAll(f, p, proxy.NewAdminHandler(reg, readiness...), log)
-	if err != nil {
-		return err
-	}
-	if rules != nil {
-		// After the listener exists, so redirected traffic always finds it.
-		if err := rules.Install(); err != nil {
-			servers.close()
-			return err
+	if err == nil && rules != nil {
+		// After the listeners exist, so redirected traffic always finds one.
+		if err = rules.Install(); err == nil {
+			defer removeRules(rules, f.keepRules, log)
 		}
-		defer removeRules(rules, f.keepRules, log)
 	}
-	log.Info("serving", zap.String("listen", servers.api.addr), zap.String("metrics_listen", servers.admin.addr),
-		zap.String("upstream", cfg.Upstream.String()), zap.String("v1", string(cfg.V1)),
-		zap.Bool("upstream_v1_fallback", cfg.UpstreamV1Fallback), zap.String("version", version))
+	if err != nil {
+		servers.close()
+		return err
+	}
+	log.Info("serving", zap.String("listen", servers.addr(0)), zap.String("metrics_listen", servers.adminAddr()),
+		zap.String("upstream", f.upstream), zap.String("v1", f.v1), zap.String("version", version))
+	return run(ctx, f, p, rules, servers, log)
+}
 
+// run serves until ctx ends or a server fails, then shuts down gracefully.
+func run(ctx context.Context, f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, servers *serverSet, log *zap.Logger) error {
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
 	go p.Run(runCtx)
 	if rules != nil {
 		go rules.Reconcile(runCtx, f.reconcile)
 	}
-	errc := servers.start()
+	var err error
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down: finishing in-flight requests", zap.Duration("timeout", f.shutdownTimeout))
-	case err = <-errc:
+	case err = <-servers.start():
 		log.Error("server failed", zap.Error(err))
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
@@ -91,52 +80,104 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	return err
 }
 
-// listener is one bound HTTP server.
-type listener struct {
-	srv  *http.Server
-	ln   net.Listener
-	addr string
+func newProxy(f *serveFlags, log *zap.Logger) (*proxy.Proxy, *prometheus.Registry, error) {
+	cfg, err := f.proxyConfig()
+	if err != nil {
+		return nil, nil, err
+	}
+	if cfg.UpstreamDialControl, err = exemptionControl(f, log); err != nil {
+		return nil, nil, err
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	minter, err := token.NewRandomMinter()
+	if err != nil {
+		return nil, nil, err
+	}
+	p, err := proxy.New(cfg, log, reg, minter)
+	return p, reg, err
 }
 
-type serverSet struct{ api, admin listener }
+func readiness(p *proxy.Proxy, rules *iptables.Manager) []func() error {
+	if rules == nil {
+		return []func() error{p.Ready}
+	}
+	return []func() error{p.Ready, rules.Ready}
+}
 
-func listenAll(f *serveFlags, api, admin http.Handler, log *zap.Logger) (*serverSet, error) {
-	apiLn, err := net.Listen("tcp", f.listen)
+// listener is one bound HTTP server.
+type listener struct {
+	srv *http.Server
+	ln  net.Listener
+}
+
+// serverSet is the API listeners, then the admin listener if any.
+type serverSet struct {
+	all   []listener
+	admin bool
+}
+
+// listenAPI binds --listen and, for a sidecar redirecting IPv6, the same port
+// on [::1], where ip6tables REDIRECT delivers. It returns the families whose
+// traffic can be redirected: without an IPv6 loopback, IPv4 only.
+func listenAPI(f *serveFlags, api http.Handler, log *zap.Logger) (*serverSet, []iptables.Family, error) {
+	s := &serverSet{}
+	if err := s.listen(f.listen, api, log); err != nil {
+		return nil, nil, fmt.Errorf("--listen %s: %w", f.listen, err)
+	}
+	families := f.families()
+	if f.mode != iptables.ModeSidecar || !f.rules || !f.ipv6 {
+		return s, families, nil
+	}
+	_, port, _ := net.SplitHostPort(s.addr(0))
+	if err := s.listen(net.JoinHostPort("::1", port), api, log); err != nil {
+		log.Warn("IPv6 IMDS traffic will not be redirected: cannot listen on [::1]", zap.Error(err))
+		families = []iptables.Family{iptables.IPv4}
+	}
+	return s, families, nil
+}
+
+func (s *serverSet) listen(addr string, h http.Handler, log *zap.Logger) error {
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("--listen %s: %w", f.listen, err)
+		return err
 	}
-	s := &serverSet{api: listener{srv: newHTTPServer(api, log), ln: apiLn, addr: apiLn.Addr().String()}}
-	if f.metricsListen == "" {
-		return s, nil
+	s.all = append(s.all, listener{srv: newHTTPServer(h, log), ln: ln})
+	return nil
+}
+
+func (s *serverSet) listenAdmin(addr string, h http.Handler, log *zap.Logger) error {
+	if addr == "" {
+		return nil
 	}
-	adminLn, err := net.Listen("tcp", f.metricsListen)
-	if err != nil {
-		apiLn.Close()
-		return nil, fmt.Errorf("--metrics-listen %s: %w", f.metricsListen, err)
+	if err := s.listen(addr, h, log); err != nil {
+		return fmt.Errorf("--metrics-listen %s: %w", addr, err)
 	}
-	s.admin = listener{srv: newHTTPServer(admin, log), ln: adminLn, addr: adminLn.Addr().String()}
-	return s, nil
+	s.admin = true
+	return nil
+}
+
+func (s *serverSet) addr(i int) string { return s.all[i].ln.Addr().String() }
+
+func (s *serverSet) adminAddr() string {
+	if !s.admin {
+		return ""
+	}
+	return s.addr(len(s.all) - 1)
 }
 
 func (s *serverSet) close() {
-	for _, l := range s.each() {
+	for _, l := range s.all {
 		l.ln.Close()
 	}
 }
 
-func (s *serverSet) each() []listener {
-	if s.admin.srv == nil {
-		return []listener{s.api}
-	}
-	return []listener{s.api, s.admin}
-}
-
 func (s *serverSet) start() <-chan error {
-	errc := make(chan error, 2)
-	for _, l := range s.each() {
+	errc := make(chan error, len(s.all))
+	for _, l := range s.all {
 		go func() {
 			if err := l.srv.Serve(l.ln); !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("serving %s: %w", l.addr, err)
+				errc <- fmt.Errorf("serving %s: %w", l.ln.Addr(), err)
 			}
 		}()
 	}
@@ -145,7 +186,7 @@ func (s *serverSet) start() <-chan error {
 
 func (s *serverSet) shutdown(ctx context.Context) error {
 	var errs []error
-	for _, l := range s.each() {
+	for _, l := range s.all {
 		errs = append(errs, l.srv.Shutdown(ctx))
 	}
 	return errors.Join(errs...)
@@ -203,7 +244,7 @@ func exemptionControl(f *serveFlags, log *zap.Logger) (func(string, string, sysc
 }
 
 // newRules returns the rule manager for --rules, or nil without it.
-func newRules(f *serveFlags, log *zap.Logger) (*iptables.Manager, error) {
+func newRules(f *serveFlags, families []iptables.Family, log *zap.Logger) (*iptables.Manager, error) {
 	if !f.rules {
 		return nil, nil
 	}
@@ -215,7 +256,7 @@ func newRules(f *serveFlags, log *zap.Logger) (*iptables.Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	return iptables.NewManager(cfg, backend, f.families(), log)
+	return iptables.NewManager(cfg, backend, families, log)
 }
 
 func removeRules(rules *iptables.Manager, keep bool, log *zap.Logger) {

@@ -25,6 +25,8 @@ func newSidecarTopology(t *testing.T) *sidecarTopology {
 	t.Helper()
 	top := &sidecarTopology{task: testutil.NewNetns(t), imds: testutil.NewNetns(t)}
 	testutil.Veth(t, top.task, "veth-task", "169.254.1.2/16", top.imds, "veth-imds", "169.254.169.254/16")
+	top.task.Run(t, "ip", "-6", "addr", "add", "fd00:ec2::2/64", "dev", "veth-task", "nodad")
+	top.imds.Run(t, "ip", "-6", "addr", "add", "fd00:ec2::254/64", "dev", "veth-imds", "nodad")
 	top.aemm = testutil.StartAEMMIn(t, top.imds, "169.254.169.254:80", "-I")
 	return top
 }
@@ -69,6 +71,10 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 	// IMDSv2 session: only a redirect to the proxy can turn 401 into 200.
 	if status, body := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET through the redirect: %d %q, want 200 and the instance id", status, body)
+	}
+	// The IPv6 endpoint is redirected too (to the proxy's [::1] listener).
+	if status, body := top.task.Get(t, "[fd00:ec2::254]:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+		t.Errorf("tokenless GET to [fd00:ec2::254] through the redirect: %d %q, want 200 and the instance id", status, body)
 	}
 	runSDK(t, top.task, "http://169.254.169.254")
 	// The early connection must not keep reaching IMDS past the proxy.
