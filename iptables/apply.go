@@ -99,10 +99,11 @@ func detectBackend(family Family) Backend {
 // package owns is removed again and the error says what is missing.
 func (t *Table) Install(rs Ruleset) error {
 	if err := t.install(rs); err != nil {
-		if rmErr := t.Remove(rs); rmErr != nil {
-			err = fmt.Errorf("%w (and removing the partial ruleset failed: %v)", err, rmErr)
+		err = explain(err)
+		if rmErr := t.remove(rs); rmErr != nil {
+			err = fmt.Errorf("%w (removing the partial ruleset failed too: %v)", err, rmErr)
 		}
-		return explain(err)
+		return err
 	}
 	return nil
 }
@@ -128,7 +129,9 @@ func (t *Table) install(rs Ruleset) error {
 
 // Remove deletes the jumps and the proxy's chains, and nothing else. Removing
 // what is not there is not an error.
-func (t *Table) Remove(rs Ruleset) error {
+func (t *Table) Remove(rs Ruleset) error { return explain(t.remove(rs)) }
+
+func (t *Table) remove(rs Ruleset) error {
 	var errs []error
 	present := map[Chain]bool{}
 	for _, c := range rs.Chains {
@@ -156,7 +159,7 @@ func (t *Table) Remove(rs Ruleset) error {
 			errs = append(errs, fmt.Errorf("removing chain %s/%s: %w", c.Table, c.Name, err))
 		}
 	}
-	return explain(errors.Join(errs...))
+	return errors.Join(errs...)
 }
 
 // Missing returns the rules of rs that are not in place, in install order.
