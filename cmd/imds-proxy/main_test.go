@@ -31,6 +31,10 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
+	// Readable by all: one test runs the proxy as an unprivileged user.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		panic(err)
+	}
 	binary = filepath.Join(dir, "imds-proxy")
 	demoClient = filepath.Join(dir, "demo-client")
 	for out, pkg := range map[string]string{binary: ".", demoClient: "../../demo/client"} {
@@ -68,6 +72,13 @@ func startIn(t *testing.T, ns *testutil.Netns, env []string, args ...string) *ru
 		cmd = ns.Command(append([]string{binary}, args...)...)
 	}
 	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
+	return startCommand(t, cmd)
+}
+
+// startCommand starts cmd, an imds-proxy serving command, and waits for its
+// "serving" log line.
+func startCommand(t *testing.T, cmd *exec.Cmd) *running {
+	t.Helper()
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

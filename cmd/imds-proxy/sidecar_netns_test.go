@@ -168,3 +168,30 @@ func waitFor(t *testing.T, timeout time.Duration, cond func() bool, what string)
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestInitContainerShape: `rules install --exempt-uid` as an init container
+// would run it, then an unprivileged proxy (no capabilities, its own UID)
+// with --rules=false; the proxy's upstream traffic passes by its UID. Then
+// `rules remove` restores the namespace.
+func TestInitContainerShape(t *testing.T) {
+	top := newSidecarTopology(t)
+	top.task.Run(t, "iptables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "10.0.0.1/32", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+	top.task.Run(t, "ip6tables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "fd00::1/128", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+	before := top.save(t)
+	const uid = "65534"
+	top.task.Run(t, binary, "rules", "install", "--mode", "sidecar", "--port", "8169", "--exempt-uid", uid, "--exempt-mark", "0", "--iptables-backend", "nft")
+
+	unprivileged := top.task.Command("setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all",
+		"--bounding-set=-all", binary, "sidecar", "--rules=false", "--listen", "127.0.0.1:8169",
+		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254", "--exempt-uid", uid)
+	unprivileged.Env = []string{"PATH=" + os.Getenv("PATH")}
+	startCommand(t, unprivileged)
+	waitReadyIn(t, top.task, "127.0.0.1:9169")
+	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+		t.Errorf("tokenless GET through the init-container rules: %d %q, want 200 and the instance id", status, body)
+	}
+	top.task.Run(t, binary, "rules", "remove", "--mode", "sidecar", "--port", "8169", "--exempt-uid", uid, "--exempt-mark", "0", "--iptables-backend", "nft")
+	if after := top.save(t); after != before {
+		t.Errorf("rules remove did not restore the namespace:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
