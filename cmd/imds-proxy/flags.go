@@ -146,3 +146,18 @@ func (f *serveFlags) rulesConfig() (iptables.Config, error) {
 	}
 	return f.config(port)
 }
+
+// validate reports bad flag values before anything needs privileges.
+func (f *serveFlags) validate() error {
+	if _, err := f.proxyConfig(); err != nil {
+		return err
+	}
+	if !f.rules {
+		return nil
+	}
+	if _, err := f.parseBackend(); err != nil {
+		return err
+	}
+	_, err := f.rulesConfig()
+	return err
+}

@@ -29,6 +29,9 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 		return err
 	}
 	defer func() { _ = log.Sync() }()
+	if err := f.validate(); err != nil {
+		return err
+	}
 	p, reg, err := newProxy(f, log)
 	if err != nil {
 		return err
