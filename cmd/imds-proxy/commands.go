@@ -62,11 +62,7 @@ func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
 		fs.SetOutput(stderr)
 		fs.StringVar(&mode, "mode", string(iptables.ModeSidecar), "sidecar or node")
 		fs.IntVar(&port, "port", 8169, "the proxy's listening port, the redirect target")
-		fs.StringVar(&f.interfaces, "interfaces", defaultInterfaces, "node mode: container-facing interfaces (comma-separated, + wildcards)")
-		fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "sidecar mode: socket mark that exempts the proxy's upstream connections (0 disables)")
-		fs.IntVar(&f.exemptUID, "exempt-uid", -1, "sidecar mode: UID whose connections are exempt, for a proxy without NET_ADMIN (-1 disables)")
-		fs.StringVar(&f.backend, "iptables-backend", string(iptables.BackendAuto), "auto, nft or legacy")
-		fs.BoolVar(&f.ipv6, "ipv6", true, "also the IPv6 rules, where ip6tables works")
+		f.register(fs)
 		return &ffcli.Command{
 			Name:       name,
 			ShortUsage: "imds-proxy rules " + name + " [flags]",

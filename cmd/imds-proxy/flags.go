@@ -28,12 +28,15 @@ type ruleFlags struct {
 	ipv6       bool
 }
 
+// register adds the flags of f.mode, or of both modes when f.mode is not
+// yet known (the rules command, whose --mode is itself a flag).
 func (f *ruleFlags) register(fs *flag.FlagSet) {
-	if f.mode == iptables.ModeNode {
-		fs.StringVar(&f.interfaces, "interfaces", defaultInterfaces, "container-facing interfaces whose IMDS traffic is redirected (comma-separated, iptables wildcards with +); the listener is reachable only from these and lo")
-	} else {
-		fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "socket mark on the proxy's upstream connections, exempting them from the redirect (needs NET_ADMIN; 0 disables)")
-		fs.IntVar(&f.exemptUID, "exempt-uid", -1, "exempt this UID's connections from the redirect instead, for a proxy without NET_ADMIN (-1 disables)")
+	if f.mode != iptables.ModeSidecar {
+		fs.StringVar(&f.interfaces, "interfaces", defaultInterfaces, "node mode: container-facing interfaces whose IMDS traffic is redirected (comma-separated, iptables wildcards with +); the listener is reachable only from these and lo")
+	}
+	if f.mode != iptables.ModeNode {
+		fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "sidecar mode: socket mark on the proxy's upstream connections, exempting them from the redirect (4457 = 0x1169; needs NET_ADMIN; 0 disables)")
+		fs.IntVar(&f.exemptUID, "exempt-uid", -1, "sidecar mode: exempt this UID's connections from the redirect instead, for a proxy without NET_ADMIN (-1 disables)")
 	}
 	fs.StringVar(&f.backend, "iptables-backend", string(iptables.BackendAuto), "iptables backend: auto (legacy if legacy tables hold rules, else nft), nft or legacy")
 	fs.BoolVar(&f.ipv6, "ipv6", true, "also redirect IMDS over IPv6 (fd00:ec2::254) where ip6tables works")

@@ -5,7 +5,6 @@ import (
 	"os"
 	"os/exec"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -70,12 +69,7 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 		t.Errorf("a container cannot reach the node listener directly: %v", err)
 	}
 
-	if err := proxy.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-proxy.done; err != nil {
-		t.Fatalf("exit after SIGTERM: %v\n%s", err, proxy.logs.String())
-	}
+	terminate(t, proxy)
 	if after := top.save(t); after != before {
 		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
 	}

@@ -50,8 +50,7 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 	// survive untouched. A NAT rule also turns on connection tracking, so the
 	// early connection below is tracked as not redirected. (Without any
 	// rules, iptables-nft would leave an empty nat table behind.)
-	top.task.Run(t, "iptables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "10.0.0.1/32", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
-	top.task.Run(t, "ip6tables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "fd00::1/128", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+	addForeignNATRules(t, top.task)
 	before := top.save(t)
 	// A keep-alive connection opened before the redirect exists.
 	early := dialIn(t, top.task, imds)
@@ -94,14 +93,28 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 	}
 	waitFor(t, 10*time.Second, func() bool { return top.save(t) == installed }, "the flushed rules to come back")
 
+	terminate(t, proxy)
+	if after := top.save(t); after != before {
+		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
+// addForeignNATRules adds another sidecar's redirect (Istio-like) to ns: rules
+// that imds-proxy must leave untouched.
+func addForeignNATRules(t *testing.T, ns *testutil.Netns) {
+	t.Helper()
+	ns.Run(t, "iptables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "10.0.0.1/32", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+	ns.Run(t, "ip6tables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "fd00::1/128", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+}
+
+// terminate sends SIGTERM and expects a clean exit.
+func terminate(t *testing.T, proxy *running) {
+	t.Helper()
 	if err := proxy.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	if err := <-proxy.done; err != nil {
 		t.Fatalf("exit after SIGTERM: %v\n%s", err, proxy.logs.String())
-	}
-	if after := top.save(t); after != before {
-		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
 }
 
@@ -175,8 +188,7 @@ func waitFor(t *testing.T, timeout time.Duration, cond func() bool, what string)
 // `rules remove` restores the namespace.
 func TestInitContainerShape(t *testing.T) {
 	top := newSidecarTopology(t)
-	top.task.Run(t, "iptables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "10.0.0.1/32", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
-	top.task.Run(t, "ip6tables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "fd00::1/128", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+	addForeignNATRules(t, top.task)
 	before := top.save(t)
 	const uid = "65534"
 	top.task.Run(t, binary, "rules", "install", "--mode", "sidecar", "--port", "8169", "--exempt-uid", uid, "--exempt-mark", "0", "--iptables-backend", "nft")
