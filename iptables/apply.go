@@ -30,9 +30,10 @@ func ParseBackend(s string) (Backend, error) {
 
 // Table applies one family's ruleset with one iptables binary.
 type Table struct {
-	ipt     *goiptables.IPTables
-	family  Family
-	backend Backend
+	ipt         *goiptables.IPTables
+	family      Family
+	backend     Backend
+	restorePath string // empty: apply rule by rule
 }
 
 // Open finds the iptables binary for family and backend. With BackendAuto it
@@ -54,7 +55,8 @@ func Open(family Family, backend Backend) (*Table, error) {
 	if err != nil {
 		return nil, explain(fmt.Errorf("starting %s: %w", path, err))
 	}
-	return &Table{ipt: ipt, family: family, backend: backend}, nil
+	restorePath, _ := exec.LookPath(command(family) + "-" + string(backend) + "-restore")
+	return &Table{ipt: ipt, family: family, backend: backend, restorePath: restorePath}, nil
 }
 
 // Backend is the backend in use.
@@ -109,6 +111,46 @@ func (t *Table) Install(rs Ruleset) error {
 }
 
 func (t *Table) install(rs Ruleset) error {
+	if t.restorePath != "" {
+		return t.restore(rs)
+	}
+	return t.installEach(rs)
+}
+
+// restore applies rs with iptables-restore --noflush: each table changes in
+// one transaction, so no packet ever meets half a ruleset.
+func (t *Table) restore(rs Ruleset) error {
+	present := map[Chain]bool{}
+	for _, c := range rs.Chains {
+		exists, err := t.ipt.ChainExists(c.Table, c.Name)
+		if err != nil {
+			return fmt.Errorf("looking for chain %s/%s: %w", c.Table, c.Name, err)
+		}
+		present[c] = exists
+	}
+	var lookErr error
+	input := rs.restoreInput(func(j Rule) bool {
+		if !present[jumpTarget(j)] {
+			return false
+		}
+		ok, err := t.ipt.Exists(j.Table, j.Chain, j.Spec...)
+		lookErr = errors.Join(lookErr, err)
+		return ok
+	})
+	if lookErr != nil {
+		return fmt.Errorf("looking for the jumps: %w", lookErr)
+	}
+	cmd := exec.Command(t.restorePath, "--noflush", "--wait")
+	cmd.Stdin = strings.NewReader(input)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s --noflush: %w: %s", t.restorePath, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// installEach applies rs rule by rule, chains first and jumps last, where
+// no restore binary is available.
+func (t *Table) installEach(rs Ruleset) error {
 	for _, c := range rs.Chains {
 		if err := t.ipt.ClearChain(c.Table, c.Name); err != nil {
 			return fmt.Errorf("creating chain %s/%s: %w", c.Table, c.Name, err)

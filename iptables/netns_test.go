@@ -1,6 +1,7 @@
 package iptables
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -16,67 +17,85 @@ var unrelatedRules = [][]string{
 }
 
 // TestInstallIsIdempotentAndRemoveRestores runs real iptables of each backend
-// in a throw-away namespace: install twice gives one ruleset, a deleted rule
-// is reported missing and restored by installing again, and remove leaves
-// iptables-save exactly as it was.
+// in a throw-away namespace, applying in one batch (iptables-restore) and rule
+// by rule: install twice gives one ruleset, a deleted rule is reported
+// missing and restored by installing again, and remove leaves iptables-save
+// exactly as it was.
 func TestInstallIsIdempotentAndRemoveRestores(t *testing.T) {
 	for _, backend := range []Backend{BackendNFT, BackendLegacy} {
 		for _, cfg := range []Config{sidecarConfig(), nodeConfig()} {
-			t.Run(string(backend)+"/"+string(cfg.Mode), func(t *testing.T) {
-				ns := testutil.NewNetns(t)
-				bin := "iptables-" + string(backend)
-				for _, r := range unrelatedRules {
-					ns.Run(t, append([]string{bin}, r...)...)
-				}
-				save := bin + "-save"
-				before := ns.IptablesSave(t, save)
-				rs := Build(cfg, IPv4)
-
-				var installed, again, restored, removed string
-				ns.Do(t, func() {
-					table, err := Open(IPv4, backend)
-					if err != nil {
-						t.Fatal(err)
-					}
-					mustInstall(t, table, rs)
-					installed = ns.IptablesSave(t, save)
-					mustInstall(t, table, rs)
-					again = ns.IptablesSave(t, save)
-
-					victim := rs.Rules[len(rs.Rules)-1]
-					ns.Run(t, append([]string{bin, "-t", victim.Table, "-D", victim.Chain}, victim.Spec...)...)
-					missing, err := table.Missing(rs)
-					if err != nil || len(missing) != 1 || strings.Join(missing[0].Spec, " ") != strings.Join(victim.Spec, " ") {
-						t.Errorf("after deleting one rule, Missing = %v, %v; want that rule", missing, err)
-					}
-					mustInstall(t, table, rs)
-					restored = ns.IptablesSave(t, save)
-
-					if err := table.Remove(rs); err != nil {
-						t.Fatal(err)
-					}
-					removed = ns.IptablesSave(t, save)
-					if err := table.Remove(rs); err != nil {
-						t.Errorf("removing twice: %v", err)
-					}
-				})
-				for _, r := range append(rs.Rules, rs.Jumps...) {
-					if !strings.Contains(installed, r.Spec[len(r.Spec)-1]) || !strings.Contains(installed, "imds-proxy: ") {
-						t.Errorf("installed ruleset lacks %v:\n%s", r.Spec, installed)
-					}
-				}
-				if again != installed {
-					t.Errorf("install twice differs from install once:\n%s\nvs\n%s", again, installed)
-				}
-				if restored != installed {
-					t.Errorf("reinstall after a deleted rule differs:\n%s\nvs\n%s", restored, installed)
-				}
-				if removed != before {
-					t.Errorf("remove did not restore the namespace:\nbefore:\n%s\nafter:\n%s", before, removed)
-				}
-			})
+			for _, batch := range []bool{true, false} {
+				name := fmt.Sprintf("%s/%s/batch=%t", backend, cfg.Mode, batch)
+				t.Run(name, func(t *testing.T) { testInstallRemove(t, backend, cfg, batch) })
+			}
 		}
 	}
+}
+
+func testInstallRemove(t *testing.T, backend Backend, cfg Config, batch bool) {
+	ns := testutil.NewNetns(t)
+	bin := "iptables-" + string(backend)
+	for _, r := range unrelatedRules {
+		ns.Run(t, append([]string{bin}, r...)...)
+	}
+	save := bin + "-save"
+	before := ns.IptablesSave(t, save)
+	rs := Build(cfg, IPv4)
+
+	var installed, again, restored, removed string
+	ns.Do(t, func() {
+		table := openForTest(t, backend, batch)
+		mustInstall(t, table, rs)
+		installed = ns.IptablesSave(t, save)
+		mustInstall(t, table, rs)
+		again = ns.IptablesSave(t, save)
+
+		victim := rs.Rules[len(rs.Rules)-1]
+		ns.Run(t, append([]string{bin, "-t", victim.Table, "-D", victim.Chain}, victim.Spec...)...)
+		missing, err := table.Missing(rs)
+		if err != nil || len(missing) != 1 || strings.Join(missing[0].Spec, " ") != strings.Join(victim.Spec, " ") {
+			t.Errorf("after deleting one rule, Missing = %v, %v; want that rule", missing, err)
+		}
+		mustInstall(t, table, rs)
+		restored = ns.IptablesSave(t, save)
+
+		if err := table.Remove(rs); err != nil {
+			t.Fatal(err)
+		}
+		removed = ns.IptablesSave(t, save)
+		if err := table.Remove(rs); err != nil {
+			t.Errorf("removing twice: %v", err)
+		}
+	})
+	if want := len(rs.Rules) + len(rs.Jumps); strings.Count(installed, "imds-proxy: ") != want {
+		t.Errorf("installed ruleset has %d imds-proxy rules, want %d:\n%s", strings.Count(installed, "imds-proxy: "), want, installed)
+	}
+	if again != installed {
+		t.Errorf("install twice differs from install once:\n%s\nvs\n%s", again, installed)
+	}
+	if restored != installed {
+		t.Errorf("reinstall after a deleted rule differs:\n%s\nvs\n%s", restored, installed)
+	}
+	if removed != before {
+		t.Errorf("remove did not restore the namespace:\nbefore:\n%s\nafter:\n%s", before, removed)
+	}
+}
+
+// openForTest opens the IPv4 table of backend, applying in one batch or rule
+// by rule.
+func openForTest(t *testing.T, backend Backend, batch bool) *Table {
+	t.Helper()
+	table, err := Open(IPv4, backend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if batch && table.restorePath == "" {
+		t.Fatalf("no %s restore binary: the batch path would go untested", backend)
+	}
+	if !batch {
+		table.restorePath = ""
+	}
+	return table
 }
 
 func mustInstall(t *testing.T, table *Table, rs Ruleset) {

@@ -182,6 +182,28 @@ func rule(table, chain, comment string, spec ...string) Rule {
 // Render prints the ruleset as iptables-save-style lines, table by table:
 // what `imds-proxy rules show` prints and what install applies.
 func (rs Ruleset) Render() string {
+	return rs.render(func(r Rule) string { return "-A " + r.Chain })
+}
+
+// restoreInput is the `iptables-restore --noflush` input that installs rs in
+// one transaction per table: declaring the proxy's chains creates them or
+// empties them, their rules follow, and each jump that is not in place yet
+// is inserted at the top of its built-in chain.
+func (rs Ruleset) restoreInput(jumpInPlace func(Rule) bool) string {
+	return rs.render(func(r Rule) string {
+		if !strings.HasPrefix(r.Chain, "IMDS_PROXY_") {
+			if jumpInPlace(r) {
+				return ""
+			}
+			return "-I " + r.Chain + " 1"
+		}
+		return "-A " + r.Chain
+	})
+}
+
+// render prints the chains and rules table by table; verb gives each rule's
+// command ("-A CHAIN", "-I CHAIN 1"), or "" to leave it out.
+func (rs Ruleset) render(verb func(Rule) string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# %s\n", rs.Family)
 	for _, table := range []string{"nat", "filter"} {
@@ -192,8 +214,8 @@ func (rs Ruleset) Render() string {
 			}
 		}
 		for _, r := range append(append([]Rule(nil), rs.Jumps...), rs.Rules...) {
-			if r.Table == table {
-				lines = append(lines, "-A "+r.Chain+" "+quoteSpec(r.Spec))
+			if v := verb(r); r.Table == table && v != "" {
+				lines = append(lines, v+" "+quoteSpec(r.Spec))
 			}
 		}
 		if len(lines) == 0 {
