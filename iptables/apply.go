@@ -120,13 +120,9 @@ func (t *Table) install(rs Ruleset) error {
 // restore applies rs with iptables-restore --noflush: each table changes in
 // one transaction, so no packet ever meets half a ruleset.
 func (t *Table) restore(rs Ruleset) error {
-	present := map[Chain]bool{}
-	for _, c := range rs.Chains {
-		exists, err := t.ipt.ChainExists(c.Table, c.Name)
-		if err != nil {
-			return fmt.Errorf("looking for chain %s/%s: %w", c.Table, c.Name, err)
-		}
-		present[c] = exists
+	present, err := t.existingChains(rs)
+	if err != nil {
+		return err
 	}
 	var lookErr error
 	input := rs.restoreInput(func(j Rule) bool {
@@ -174,23 +170,15 @@ func (t *Table) installEach(rs Ruleset) error {
 func (t *Table) Remove(rs Ruleset) error { return explain(t.remove(rs)) }
 
 func (t *Table) remove(rs Ruleset) error {
-	var errs []error
-	present := map[Chain]bool{}
-	for _, c := range rs.Chains {
-		exists, err := t.ipt.ChainExists(c.Table, c.Name)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("looking for chain %s/%s: %w", c.Table, c.Name, err))
-		}
-		present[c] = exists
+	present, err := t.existingChains(rs)
+	if err != nil {
+		return err
 	}
+	var errs []error
 	for _, j := range rs.Jumps {
-		// A jump cannot exist without its target chain, and iptables
-		// cannot even check for one.
-		if !present[jumpTarget(j)] {
-			continue
-		}
-		if err := t.ipt.DeleteIfExists(j.Table, j.Chain, j.Spec...); err != nil {
-			errs = append(errs, fmt.Errorf("removing jump from %s/%s: %w", j.Table, j.Chain, err))
+		// A jump cannot exist without its target chain.
+		if present[jumpTarget(j)] {
+			errs = append(errs, t.removeJumpsTo(j.Table, j.Chain, jumpTarget(j).Name))
 		}
 	}
 	for _, c := range rs.Chains {
@@ -204,16 +192,52 @@ func (t *Table) remove(rs Ruleset) error {
 	return errors.Join(errs...)
 }
 
-// Missing returns the rules of rs that are not in place, in install order.
-// Every rule of a deleted chain, and every jump to it, is missing.
-func (t *Table) Missing(rs Ruleset) ([]Rule, error) {
+// removeJumpsTo deletes every rule of a built-in chain that jumps to target:
+// duplicates from racing installs and stale jumps from an earlier
+// configuration (another port) too, or the chain could not be deleted.
+func (t *Table) removeJumpsTo(table, chain, target string) error {
+	rules, err := t.ipt.List(table, chain)
+	if err != nil {
+		return fmt.Errorf("listing %s/%s: %w", table, chain, err)
+	}
+	var numbers []int
+	n := 0
+	for _, r := range rules {
+		if !strings.HasPrefix(r, "-A ") {
+			continue
+		}
+		n++
+		if strings.HasSuffix(r, " -j "+target) {
+			numbers = append(numbers, n)
+		}
+	}
+	for i := len(numbers) - 1; i >= 0; i-- { // from the bottom, so numbers stay valid
+		if err := t.ipt.DeleteById(table, chain, numbers[i]); err != nil {
+			return fmt.Errorf("removing jump %d from %s/%s: %w", numbers[i], table, chain, err)
+		}
+	}
+	return nil
+}
+
+// existingChains reports which of the proxy's chains exist.
+func (t *Table) existingChains(rs Ruleset) (map[Chain]bool, error) {
 	present := map[Chain]bool{}
 	for _, c := range rs.Chains {
 		exists, err := t.ipt.ChainExists(c.Table, c.Name)
 		if err != nil {
-			return nil, explain(err)
+			return nil, fmt.Errorf("looking for chain %s/%s: %w", c.Table, c.Name, err)
 		}
 		present[c] = exists
+	}
+	return present, nil
+}
+
+// Missing returns the rules of rs that are not in place, in install order.
+// Every rule of a deleted chain, and every jump to it, is missing.
+func (t *Table) Missing(rs Ruleset) ([]Rule, error) {
+	present, err := t.existingChains(rs)
+	if err != nil {
+		return nil, explain(err)
 	}
 	var missing []Rule
 	// A rule needs the chain it sits in; a jump also needs its target.

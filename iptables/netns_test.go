@@ -59,6 +59,13 @@ func testInstallRemove(t *testing.T, backend Backend, cfg Config, batch bool) {
 		mustInstall(t, table, rs)
 		restored = ns.IptablesSave(t, save)
 
+		// A racing second install and a stale jump from another port must
+		// not keep remove from deleting the chains.
+		for _, j := range rs.Jumps {
+			ns.Run(t, append([]string{bin, "-t", j.Table, "-I", j.Chain, "1"}, j.Spec...)...)
+			stale := append([]string{bin, "-t", j.Table, "-A", j.Chain, "-p", "tcp", "-m", "tcp", "--dport", "9999", "-j"}, jumpTarget(j).Name)
+			ns.Run(t, stale...)
+		}
 		if err := table.Remove(rs); err != nil {
 			t.Fatal(err)
 		}

@@ -76,6 +76,9 @@ func (c Config) Validate() error {
 		if c.ExemptMark == 0 && c.ExemptUID < 0 {
 			return fmt.Errorf("sidecar mode needs an exemption for the proxy's own traffic: a socket mark or a UID")
 		}
+		if c.ExemptUID == 0 {
+			return fmt.Errorf("exempting UID 0 would let every root process in the namespace bypass the proxy: run the proxy as a dedicated UID")
+		}
 	case ModeNode:
 		if len(c.Interfaces) == 0 {
 			return fmt.Errorf("node mode needs the container-facing interfaces (e.g. docker0,cni+,eni+)")
@@ -134,7 +137,7 @@ func buildSidecar(cfg Config, family Family, imds string) Ruleset {
 	rs.Jumps = append(rs.Jumps, rule("nat", "OUTPUT", "send IMDS traffic to the sidecar chain",
 		"-d", imds, "-p", "tcp", "-m", "tcp", "--dport", "80", "-j", ChainOutput))
 	if cfg.ExemptMark != 0 {
-		mark := fmt.Sprintf("0x%x/0x%x", cfg.ExemptMark, cfg.ExemptMark)
+		mark := fmt.Sprintf("0x%x/0xffffffff", cfg.ExemptMark) // exact: no other component's mark matches
 		rs.Rules = append(rs.Rules, rule("nat", ChainOutput, "the proxy's own upstream connections go straight to IMDS",
 			"-m", "mark", "--mark", mark, "-j", "RETURN"))
 	}
