@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -38,6 +39,7 @@ func MarkControl(mark uint32) func(network, address string, c syscall.RawConn) e
 // periodically and restores what someone else deleted, and removes on
 // request.
 type Manager struct {
+	mu       sync.Mutex // one change to the rules at a time
 	tables   []*Table
 	rulesets []Ruleset
 	log      *zap.Logger
@@ -71,9 +73,11 @@ func NewManager(cfg Config, backend Backend, families []Family, log *zap.Logger)
 
 // Install installs every family's ruleset; on failure nothing is left.
 func (m *Manager) Install() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	for i, table := range m.tables {
 		if err := table.Install(m.rulesets[i]); err != nil {
-			_ = m.Remove()
+			_ = m.remove()
 			return fmt.Errorf("installing %s rules (%s backend): %w", table.family, table.backend, err)
 		}
 		m.log.Info("iptables rules installed", zap.String("family", string(table.family)),
@@ -90,6 +94,12 @@ func (m *Manager) Install() error {
 
 // Remove deletes every family's ruleset.
 func (m *Manager) Remove() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.remove()
+}
+
+func (m *Manager) remove() error {
 	m.ready.Store(false)
 	var errs []error
 	for i, table := range m.tables {
@@ -122,6 +132,8 @@ func (m *Manager) Reconcile(ctx context.Context, interval time.Duration) {
 }
 
 func (m *Manager) reconcileOnce() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	for i, table := range m.tables {
 		missing, err := table.Missing(m.rulesets[i])
 		if err != nil {

@@ -46,9 +46,7 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	}
 	if err == nil && rules != nil {
 		// After the listeners exist, so redirected traffic always finds one.
-		if err = rules.Install(); err == nil {
-			defer removeRules(rules, f.keepRules, log)
-		}
+		err = rules.Install()
 	}
 	if err != nil {
 		servers.close()
@@ -59,20 +57,31 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	return run(ctx, f, p, rules, servers, log)
 }
 
-// run serves until ctx ends or a server fails, then shuts down gracefully.
+// run serves until ctx ends or a server fails. Then it stops the reconcile
+// loop, removes the rules (so new IMDS connections no longer meet a closing
+// listener), and drains the requests in flight.
 func run(ctx context.Context, f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, servers *serverSet, log *zap.Logger) error {
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
 	go p.Run(runCtx)
-	if rules != nil {
-		go rules.Reconcile(runCtx, f.reconcile)
-	}
+	reconciled := make(chan struct{})
+	go func() {
+		defer close(reconciled)
+		if rules != nil {
+			rules.Reconcile(runCtx, f.reconcile)
+		}
+	}()
 	var err error
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down: finishing in-flight requests", zap.Duration("timeout", f.shutdownTimeout))
 	case err = <-servers.start():
 		log.Error("server failed", zap.Error(err))
+	}
+	cancelRun()
+	<-reconciled
+	if rules != nil {
+		removeRules(rules, f.keepRules, log)
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
 	defer cancel()
