@@ -14,6 +14,7 @@ import (
 // forwarder sends client requests to the upstream with the proxy's own
 // session token. It is the goproxy RoundTripper of every forwarded request.
 type forwarder struct {
+	id        string // loopHeader value
 	upstream  *url.URL
 	transport http.RoundTripper
 	session   *session
@@ -53,6 +54,7 @@ func (f *forwarder) send(req *http.Request, sessionToken string) (*http.Response
 	out := req.Clone(req.Context())
 	out.URL.Scheme, out.URL.Host, out.Host = f.upstream.Scheme, f.upstream.Host, f.upstream.Host
 	out.Body = http.NoBody
+	out.Header.Set(loopHeader, f.id)
 	if sessionToken != "" {
 		out.Header.Set(token.Header, sessionToken)
 	}

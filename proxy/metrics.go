@@ -18,6 +18,7 @@ const (
 	outcomeUpstreamError       = "upstream_error"
 	outcomeUpstreamTimeout     = "upstream_timeout"
 	outcomeUpstreamUnavailable = "upstream_unavailable"
+	outcomeLoop                = "loop_detected"
 )
 
 // metrics holds the proxy's Prometheus collectors.

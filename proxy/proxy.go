@@ -14,6 +14,8 @@ package proxy
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -31,6 +33,10 @@ import (
 )
 
 const (
+	// loopHeader carries a per-process id on the proxy's upstream requests:
+	// a request that comes back with our own id was redirected to us by a
+	// misconfigured exemption, and is refused instead of recursing.
+	loopHeader = "X-Imds-Proxy-Id"
 	tokenPath  = "/latest/api/token"
 	userAgent  = "imds-proxy"
 	serverName = "EC2ws" // what IMDS puts in its Server header
@@ -118,6 +124,7 @@ func (c *Config) Validate() error {
 // Proxy is the IMDS proxy. It is an http.Handler; call Run to keep its
 // upstream session alive.
 type Proxy struct {
+	id      string // this process's loopHeader value
 	cfg     Config
 	log     *zap.Logger
 	metrics *metrics
@@ -137,10 +144,14 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 	if err != nil {
 		return nil, fmt.Errorf("registering metrics: %w", err)
 	}
+	id := make([]byte, 8)
+	if _, err := rand.Read(id); err != nil {
+		return nil, fmt.Errorf("reading random proxy id: %w", err)
+	}
 	transport := newUpstreamTransport(&cfg)
-	p := &Proxy{cfg: cfg, log: log, metrics: m, minter: minter}
-	p.session = newSession(&p.cfg, transport, log, m)
-	p.fwd = &forwarder{upstream: p.cfg.Upstream, transport: transport, session: p.session, metrics: m}
+	p := &Proxy{id: hex.EncodeToString(id), cfg: cfg, log: log, metrics: m, minter: minter}
+	p.session = newSession(&p.cfg, p.id, transport, log, m)
+	p.fwd = &forwarder{id: p.id, upstream: p.cfg.Upstream, transport: transport, session: p.session, metrics: m}
 	p.engine = p.newEngine()
 	return p, nil
 }
@@ -193,10 +204,25 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.refuseForwardProxying(w, r)
 		return
 	}
+	if r.Header.Get(loopHeader) == p.id {
+		p.refuseLoop(w, r)
+		return
+	}
+	r.Header.Del(loopHeader) // a downstream proxy's id is not for the upstream
 	r.URL.Scheme = p.cfg.Upstream.Scheme
 	r.URL.Host = p.cfg.Upstream.Host
 	r.Host = p.cfg.Upstream.Host
 	p.engine.ServeHTTP(w, r)
+}
+
+func (p *Proxy) refuseLoop(w http.ResponseWriter, r *http.Request) {
+	x := newExchange(r)
+	x.outcome = outcomeLoop
+	p.log.Error("the proxy's own upstream request came back to it: the redirect exemption does not "+
+		"match its traffic; check --exempt-mark (needs NET_ADMIN) or --exempt-uid against the UID it runs as",
+		zap.String("path", r.URL.Path))
+	http.Error(w, http.StatusText(http.StatusLoopDetected), http.StatusLoopDetected)
+	p.record(x, r, http.StatusLoopDetected)
 }
 
 func (p *Proxy) refuseForwardProxying(w http.ResponseWriter, r *http.Request) {

@@ -51,6 +51,7 @@ const (
 	causeUnreachable = "unreachable"
 	causeRefused     = "refused"
 	causeHTTPStatus  = "http_status"
+	causeLoop        = "loop"
 )
 
 // tokenError is a failed upstream token request with its classified cause.
@@ -75,6 +76,9 @@ func (e *tokenError) diagnosis() string {
 	case causeUnreachable:
 		return "the upstream IMDS cannot be reached; check --upstream and that the metadata " +
 			"endpoint is enabled (HttpEndpoint=enabled)"
+	case causeLoop:
+		return "the upstream token request was redirected back to this proxy: the iptables exemption " +
+			"does not match its traffic; check --exempt-mark (needs NET_ADMIN) or --exempt-uid"
 	case causeRefused:
 		return "the upstream refused to issue an IMDSv2 token (403/404/405): it does not support " +
 			"IMDSv2 or rejected the request; check --upstream"
@@ -86,6 +90,7 @@ func (e *tokenError) diagnosis() string {
 // the background well before it expires, and the state that decides how
 // client requests are forwarded.
 type session struct {
+	id        string // loopHeader value
 	cfg       *Config
 	transport http.RoundTripper
 	log       *zap.Logger
@@ -99,9 +104,9 @@ type session struct {
 	decided chan struct{} // closed once state leaves statePending
 }
 
-func newSession(cfg *Config, transport http.RoundTripper, log *zap.Logger, m *metrics) *session {
+func newSession(cfg *Config, id string, transport http.RoundTripper, log *zap.Logger, m *metrics) *session {
 	m.setSessionState(statePending)
-	return &session{cfg: cfg, transport: transport, log: log, metrics: m, decided: make(chan struct{})}
+	return &session{id: id, cfg: cfg, transport: transport, log: log, metrics: m, decided: make(chan struct{})}
 }
 
 // run refreshes the session until ctx is cancelled: at half the token's
@@ -221,6 +226,7 @@ func (s *session) fetchToken() (string, error) {
 	}
 	req.Header.Set(token.TTLHeader, fmt.Sprint(int(s.cfg.UpstreamTokenTTL.Seconds())))
 	req.Header.Set("User-Agent", userAgent)
+	req.Header.Set(loopHeader, s.id)
 	start := time.Now()
 	resp, err := s.transport.RoundTrip(req)
 	s.metrics.upstreamLatency.WithLabelValues("token").Observe(time.Since(start).Seconds())
@@ -233,6 +239,8 @@ func (s *session) fetchToken() (string, error) {
 		return "", classifyTokenError(ctx, err)
 	}
 	switch {
+	case resp.StatusCode == http.StatusLoopDetected:
+		return "", &tokenError{cause: causeLoop, err: errors.New("upstream token request came back to this proxy")}
 	case resp.StatusCode == http.StatusForbidden, resp.StatusCode == http.StatusNotFound,
 		resp.StatusCode == http.StatusMethodNotAllowed:
 		return "", &tokenError{cause: causeRefused, err: fmt.Errorf("upstream token request: HTTP %d", resp.StatusCode)}

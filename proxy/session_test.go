@@ -31,7 +31,7 @@ func TestConcurrentRefreshesCoalesce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newSession(cfg, newUpstreamTransport(cfg), zap.NewNop(), m)
+	s := newSession(cfg, "test", newUpstreamTransport(cfg), zap.NewNop(), m)
 	if state, tok := s.refresh(""); state != stateV2 || tok != "token-1" {
 		t.Fatalf("first refresh: %v %q", state, tok)
 	}

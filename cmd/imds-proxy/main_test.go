@@ -179,6 +179,8 @@ func TestBadInputGetsAClearError(t *testing.T) {
 		"bad backend":         {[]string{"--rules=true", "--iptables-backend", "iptables9"}, nil, "unknown iptables backend"},
 		"rules need a port":   {[]string{"--rules=true", "--listen", "127.0.0.1:0"}, nil, "fixed port"},
 		"stray argument":      {[]string{"extra"}, nil, "unexpected arguments"},
+		"exempt UID not ours": {[]string{"--exempt-mark", "0", "--exempt-uid", "4321"}, nil, "redirected back to itself"},
+		"exempt UID 0":        {[]string{"--rules=true", "--exempt-uid", "0"}, nil, "UID 0"},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"syscall"
 	"time"
 
@@ -239,20 +240,27 @@ func newLogger(format, level string, out io.Writer) (*zap.Logger, error) {
 
 // exemptionControl marks the proxy's upstream sockets when it may, so the
 // sidecar redirect lets them through. Without NET_ADMIN the rules need
-// --exempt-uid instead.
+// --exempt-uid instead, and the proxy must run as that UID.
 func exemptionControl(f *serveFlags, log *zap.Logger) (func(string, string, syscall.RawConn) error, error) {
-	if f.exemptMark == 0 {
-		return nil, nil
+	if f.mode != iptables.ModeSidecar {
+		return nil, nil // node mode redirects forwarded traffic only, never the node's own
 	}
 	mark := uint32(f.exemptMark)
-	if err := iptables.CanMark(mark); err != nil {
-		if f.rules && f.exemptUID < 0 {
-			return nil, fmt.Errorf("--rules: %w; give the proxy NET_ADMIN, or run it as a dedicated UID with --exempt-uid", err)
-		}
-		log.Info("upstream connections are not marked", zap.Error(err))
-		return nil, nil
+	markErr := errors.New("--exempt-mark is 0")
+	if mark != 0 {
+		markErr = iptables.CanMark(mark)
 	}
-	return iptables.MarkControl(mark), nil
+	switch {
+	case markErr == nil:
+		return iptables.MarkControl(mark), nil
+	case f.exemptUID >= 0 && os.Geteuid() != f.exemptUID:
+		return nil, fmt.Errorf("--exempt-uid %d, but the proxy runs as UID %d and cannot mark its sockets (%v): "+
+			"its upstream connections would be redirected back to itself", f.exemptUID, os.Geteuid(), markErr)
+	case f.exemptUID < 0 && f.rules:
+		return nil, fmt.Errorf("--rules: %w; give the proxy NET_ADMIN, or run it as a dedicated UID with --exempt-uid", markErr)
+	}
+	log.Info("upstream connections are not marked", zap.Error(markErr))
+	return nil, nil
 }
 
 // newRules returns the rule manager for --rules, or nil without it.

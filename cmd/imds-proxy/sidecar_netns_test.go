@@ -207,3 +207,31 @@ func TestInitContainerShape(t *testing.T) {
 		t.Errorf("rules remove did not restore the namespace:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
 }
+
+// TestMisconfiguredExemptionIsDiagnosed: rules exempting a UID the proxy does
+// not run as send its upstream requests back to itself; it must say so and
+// answer 508 rather than recurse.
+func TestMisconfiguredExemptionIsDiagnosed(t *testing.T) {
+	top := newSidecarTopology(t)
+	top.task.Run(t, binary, "rules", "install", "--port", "8169", "--exempt-uid", "1234", "--exempt-mark", "0", "--iptables-backend", "nft")
+	t.Cleanup(func() {
+		_ = top.task.Command(binary, "rules", "remove", "--port", "8169", "--exempt-uid", "1234", "--exempt-mark", "0", "--iptables-backend", "nft").Run()
+	})
+	cmd := top.task.Command("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all",
+		"--bounding-set=-all", binary, "sidecar", "--rules=false", "--listen", "127.0.0.1:8169",
+		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254")
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	proxy := startCommand(t, cmd)
+	if _, err := proxy.logs.waitFor("redirected back to this proxy", 10*time.Second); err != nil {
+		t.Errorf("no loop diagnosis: %v\n%s", err, proxy.logs.String())
+	}
+	waitReadyIn(t, top.task, "127.0.0.1:9169")
+	start := time.Now()
+	status, _ := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil)
+	if status != http.StatusLoopDetected {
+		t.Errorf("tokenless GET through a looping proxy: %d, want 508", status)
+	}
+	if elapsed := time.Since(start); elapsed > 3*time.Second {
+		t.Errorf("the looping request took %s; it must be refused at once, not time out", elapsed)
+	}
+}
