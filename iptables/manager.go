@@ -71,6 +71,29 @@ func NewManager(cfg Config, backend Backend, families []Family, log *zap.Logger)
 	return m, nil
 }
 
+// Manages reports whether the manager installs rules for family.
+func (m *Manager) Manages(family Family) bool {
+	for _, t := range m.tables {
+		if t.family == family {
+			return true
+		}
+	}
+	return false
+}
+
+// Drop stops managing family; call it before Install.
+func (m *Manager) Drop(family Family) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i, t := range m.tables {
+		if t.family == family {
+			m.tables = append(m.tables[:i], m.tables[i+1:]...)
+			m.rulesets = append(m.rulesets[:i], m.rulesets[i+1:]...)
+			return
+		}
+	}
+}
+
 // Install installs every family's ruleset; on failure nothing is left.
 func (m *Manager) Install() error {
 	m.mu.Lock()

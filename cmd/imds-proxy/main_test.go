@@ -171,20 +171,25 @@ func TestBadInputGetsAClearError(t *testing.T) {
 		env  []string
 		want string
 	}{
-		"bad policy":          {[]string{"--v1", "sometimes"}, nil, "unknown IMDSv1 policy"},
-		"bad policy from env": {nil, []string{"IMDS_PROXY_V1=sometimes"}, "unknown IMDSv1 policy"},
-		"https upstream":      {[]string{"--upstream", "https://169.254.169.254"}, nil, "scheme must be http"},
-		"bad log level":       {[]string{"--log-level", "loud"}, nil, "--log-level"},
-		"listen in use":       {[]string{"--listen", occupied.Addr().String()}, nil, "--listen"},
-		"bad backend":         {[]string{"--rules=true", "--iptables-backend", "iptables9"}, nil, "unknown iptables backend"},
-		"rules need a port":   {[]string{"--rules=true", "--listen", "127.0.0.1:0"}, nil, "fixed port"},
-		"stray argument":      {[]string{"extra"}, nil, "unexpected arguments"},
-		"exempt UID not ours": {[]string{"--exempt-mark", "0", "--exempt-uid", "4321"}, nil, "redirected back to itself"},
-		"exempt UID 0":        {[]string{"--rules=true", "--exempt-uid", "0"}, nil, "UID 0"},
+		"bad policy":                          {[]string{"--v1", "sometimes"}, nil, "unknown IMDSv1 policy"},
+		"bad policy from env":                 {nil, []string{"IMDS_PROXY_V1=sometimes"}, "unknown IMDSv1 policy"},
+		"https upstream":                      {[]string{"--upstream", "https://169.254.169.254"}, nil, "scheme must be http"},
+		"bad log level":                       {[]string{"--log-level", "loud"}, nil, "--log-level"},
+		"listen in use":                       {[]string{"--listen", occupied.Addr().String()}, nil, "--listen"},
+		"bad backend":                         {[]string{"--rules=true", "--iptables-backend", "iptables9"}, nil, "unknown iptables backend"},
+		"rules need a port":                   {[]string{"--rules=true", "--listen", "127.0.0.1:0"}, nil, "fixed port"},
+		"stray argument":                      {[]string{"extra"}, nil, "unexpected arguments"},
+		"exempt UID not ours":                 {[]string{"--exempt-mark", "0", "--exempt-uid", "4321"}, nil, "redirected back to itself"},
+		"exempt UID 0":                        {[]string{"--rules=true", "--exempt-uid", "0"}, nil, "UID 0"},
+		"node on every address without rules": {[]string{"--listen", ":0"}, nil, "without --rules"},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
-			args := append([]string{"sidecar", "--rules=false", "--metrics-listen", "", "--upstream", "http://127.0.0.1:1"}, c.args...)
+			mode := "sidecar"
+			if strings.HasPrefix(name, "node") {
+				mode = "node"
+			}
+			args := append([]string{mode, "--rules=false", "--metrics-listen", "", "--upstream", "http://127.0.0.1:1"}, c.args...)
 			cmd := exec.Command(binary, args...)
 			cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, c.env...)
 			out, err := cmd.CombinedOutput()

@@ -29,6 +29,8 @@ func newNodeTopology(t *testing.T) *nodeTopology {
 	top.outside.Run(t, "ip", "route", "add", "default", "via", "10.200.2.1")
 	top.imds.Run(t, "ip", "route", "add", "default", "via", "169.254.0.1")
 	top.node.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	top.node.Run(t, "ip", "-6", "addr", "add", "fd00:200:2::1/64", "dev", "uplink0", "nodad")
+	top.outside.Run(t, "ip", "-6", "addr", "add", "fd00:200:2::2/64", "dev", "eth0", "nodad")
 	top.aemm = testutil.StartAEMMIn(t, top.imds, "169.254.169.254:80", "-I")
 	return top
 }
@@ -60,7 +62,7 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 		t.Errorf("container's tokenless GET through the node agent: %d %q, want 200 and the instance id", status, body)
 	}
 	runSDK(t, top.task, "http://169.254.169.254")
-	for _, addr := range []string{"10.200.2.1:8169", "10.200.1.1:8169"} {
+	for _, addr := range []string{"10.200.2.1:8169", "10.200.1.1:8169", "[fd00:200:2::1]:8169"} {
 		if err := dialFrom(t, top.outside, addr); err == nil {
 			t.Errorf("the node listener %s is reachable from the VPC side", addr)
 		}

@@ -37,14 +37,15 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	if err != nil {
 		return err
 	}
-	servers, families, err := listenAPI(f, p, log)
+	rules, err := newRules(f, log)
 	if err != nil {
 		return err
 	}
-	rules, err := newRules(f, families, log)
-	if err == nil {
-		err = servers.listenAdmin(f.metricsListen, proxy.NewAdminHandler(reg, readiness(p, rules)...), log)
+	servers, err := listenAPI(f, p, rules, log)
+	if err != nil {
+		return err
 	}
+	err = servers.listenAdmin(f.metricsListen, proxy.NewAdminHandler(reg, readiness(p, rules)...), log)
 	if err == nil && rules != nil {
 		// After the listeners exist, so redirected traffic always finds one.
 		err = rules.Install()
@@ -130,28 +131,51 @@ type serverSet struct {
 	admin bool
 }
 
-// listenAPI binds --listen and, for a sidecar redirecting IPv6, the same port
-// on [::1], where ip6tables REDIRECT delivers. It returns the families whose
-// traffic can be redirected: without an IPv6 loopback, IPv4 only.
-func listenAPI(f *serveFlags, api http.Handler, log *zap.Logger) (*serverSet, []iptables.Family, error) {
-	s := &serverSet{}
-	if err := s.listen(f.listen, api, log); err != nil {
-		return nil, nil, fmt.Errorf("--listen %s: %w", f.listen, err)
+// listenAPI binds --listen. A redirecting sidecar also listens on [::1] at
+// the same port, where ip6tables REDIRECT delivers, and gives up the IPv6
+// rules if it cannot. A node agent listening on a wildcard address binds
+// only the families whose filter guard is installed, so the VPC never
+// reaches it.
+func listenAPI(f *serveFlags, api http.Handler, rules *iptables.Manager, log *zap.Logger) (*serverSet, error) {
+	network, err := apiNetwork(f, rules)
+	if err != nil {
+		return nil, err
 	}
-	families := f.families()
-	if f.mode != iptables.ModeSidecar || !f.rules || !f.ipv6 {
-		return s, families, nil
+	s := &serverSet{}
+	if err := s.listen(network, f.listen, api, log); err != nil {
+		return nil, fmt.Errorf("--listen %s: %w", f.listen, err)
+	}
+	if f.mode != iptables.ModeSidecar || rules == nil || !rules.Manages(iptables.IPv6) {
+		return s, nil
 	}
 	_, port, _ := net.SplitHostPort(s.addr(0))
-	if err := s.listen(net.JoinHostPort("::1", port), api, log); err != nil {
+	if err := s.listen("tcp", net.JoinHostPort("::1", port), api, log); err != nil {
 		log.Warn("IPv6 IMDS traffic will not be redirected: cannot listen on [::1]", zap.Error(err))
-		families = []iptables.Family{iptables.IPv4}
+		rules.Drop(iptables.IPv6)
 	}
-	return s, families, nil
+	return s, nil
 }
 
-func (s *serverSet) listen(addr string, h http.Handler, log *zap.Logger) error {
-	ln, err := net.Listen("tcp", addr)
+// apiNetwork is "tcp", or "tcp4" for a node agent on a wildcard address
+// without IPv6 rules.
+func apiNetwork(f *serveFlags, rules *iptables.Manager) (string, error) {
+	host, _, _ := net.SplitHostPort(f.listen)
+	wildcard := host == "" || host == "0.0.0.0" || host == "::"
+	if f.mode != iptables.ModeNode || !wildcard {
+		return "tcp", nil
+	}
+	if rules == nil {
+		return "", fmt.Errorf("--listen %s: without --rules nothing keeps the VPC off a node agent on "+
+			"every address; listen on a container-facing address instead", f.listen)
+	}
+	if !rules.Manages(iptables.IPv6) {
+		return "tcp4", nil
+	}
+	return "tcp", nil
+}
+
+func (s *serverSet) listen(network, addr string, h http.Handler, log *zap.Logger) error {
+	ln, err := net.Listen(network, addr)
 	if err != nil {
 		return err
 	}
@@ -163,7 +187,7 @@ func (s *serverSet) listenAdmin(addr string, h http.Handler, log *zap.Logger) er
 	if addr == "" {
 		return nil
 	}
-	if err := s.listen(addr, h, log); err != nil {
+	if err := s.listen("tcp", addr, h, log); err != nil {
 		return fmt.Errorf("--metrics-listen %s: %w", addr, err)
 	}
 	s.admin = true
@@ -264,7 +288,7 @@ func exemptionControl(f *serveFlags, log *zap.Logger) (func(string, string, sysc
 }
 
 // newRules returns the rule manager for --rules, or nil without it.
-func newRules(f *serveFlags, families []iptables.Family, log *zap.Logger) (*iptables.Manager, error) {
+func newRules(f *serveFlags, log *zap.Logger) (*iptables.Manager, error) {
 	if !f.rules {
 		return nil, nil
 	}
@@ -276,7 +300,7 @@ func newRules(f *serveFlags, families []iptables.Family, log *zap.Logger) (*ipta
 	if err != nil {
 		return nil, err
 	}
-	return iptables.NewManager(cfg, backend, families, log)
+	return iptables.NewManager(cfg, backend, f.families(), log)
 }
 
 func removeRules(rules *iptables.Manager, keep bool, log *zap.Logger) {
