@@ -2,6 +2,7 @@ package iptables
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 
 	"github.com/ti-mo/conntrack"
@@ -16,7 +17,14 @@ var imdsAddrs = []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustP
 // lives. With its entry gone, the connection's next packet is redirected to
 // the proxy, which resets it, and the client reconnects through the proxy.
 // It returns how many entries it deleted.
-func FlushBypassingConnections() (int, error) {
+//
+// Connections from this namespace's own addresses are kept in node mode,
+// where the node's own traffic to IMDS (kubelet, agents) is never redirected.
+func FlushBypassingConnections(mode Mode) (int, error) {
+	local, err := localAddrs()
+	if err != nil {
+		return 0, err
+	}
 	c, err := conntrack.Dial(nil)
 	if err != nil {
 		return 0, fmt.Errorf("opening conntrack netlink socket: %w", err)
@@ -28,7 +36,7 @@ func FlushBypassingConnections() (int, error) {
 	}
 	deleted := 0
 	for _, f := range flows {
-		if !bypassesProxy(f) {
+		if !bypassesProxy(f) || (mode == ModeNode && local[f.TupleOrig.IP.SourceAddress]) {
 			continue
 		}
 		if err := c.Delete(f); err != nil {
@@ -53,4 +61,19 @@ func bypassesProxy(f conntrack.Flow) bool {
 		}
 	}
 	return false
+}
+
+// localAddrs returns the addresses of this namespace's interfaces.
+func localAddrs() (map[netip.Addr]bool, error) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, fmt.Errorf("listing local addresses: %w", err)
+	}
+	local := map[netip.Addr]bool{}
+	for _, a := range addrs {
+		if prefix, err := netip.ParsePrefix(a.String()); err == nil {
+			local[prefix.Addr().Unmap()] = true
+		}
+	}
+	return local, nil
 }

@@ -39,6 +39,7 @@ func MarkControl(mark uint32) func(network, address string, c syscall.RawConn) e
 // periodically and restores what someone else deleted, and removes on
 // request.
 type Manager struct {
+	mode     Mode
 	mu       sync.Mutex // one change to the rules at a time
 	tables   []*Table
 	rulesets []Ruleset
@@ -52,7 +53,7 @@ func NewManager(cfg Config, backend Backend, families []Family, log *zap.Logger)
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid iptables configuration: %w", err)
 	}
-	m := &Manager{log: log}
+	m := &Manager{mode: cfg.Mode, log: log}
 	for _, family := range families {
 		table, err := Open(family, backend)
 		if err == nil && family == IPv6 {
@@ -106,7 +107,7 @@ func (m *Manager) Install() error {
 		m.log.Info("iptables rules installed", zap.String("family", string(table.family)),
 			zap.String("backend", string(table.backend)), zap.Int("rules", len(m.rulesets[i].Rules)+len(m.rulesets[i].Jumps)))
 	}
-	if n, err := FlushBypassingConnections(); err != nil {
+	if n, err := FlushBypassingConnections(m.mode); err != nil {
 		m.log.Warn("could not reset IMDS connections opened before the rules; they bypass the proxy until they close", zap.Error(err))
 	} else if n > 0 {
 		m.log.Info("reset IMDS connections opened before the rules", zap.Int("connections", n))

@@ -36,7 +36,8 @@ const (
 	rawLen        = 1 + expiryLen + macLen
 )
 
-var encoding = base64.RawURLEncoding
+// Strict: one token has exactly one spelling.
+var encoding = base64.RawURLEncoding.Strict()
 
 // Errors returned by Verify. They are distinct so that callers can count them,
 // but a client must only ever see "401 Unauthorized" for all of them.
