@@ -15,7 +15,7 @@ func sidecarConfig() Config {
 }
 
 func nodeConfig() Config {
-	return Config{Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"docker0", "cni+", "eni+", "veth+"}}
+	return Config{Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"docker0", "br-+", "cni+", "eni+", "veth+"}}
 }
 
 // TestRenderGolden pins the exact rules of every mode and family.

@@ -14,8 +14,8 @@ import (
 )
 
 // defaultInterfaces are the container-facing interfaces of common setups:
-// Docker's bridge, CNI bridges, the VPC CNI's ENIs and veth pairs.
-const defaultInterfaces = "docker0,cni+,eni+,veth+"
+// Docker's default and user-defined bridges, CNI bridges, the VPC CNI's ENIs and veth pairs.
+const defaultInterfaces = "docker0,br-+,cni+,eni+,veth+"
 
 // ruleFlags describe the iptables redirect; `rules` and the serving
 // subcommands share them.
