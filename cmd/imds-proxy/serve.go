@@ -22,8 +22,8 @@ import (
 )
 
 // serve wires the proxy, its listeners, its rules and its admin endpoints
-// together and runs them until ctx is cancelled, then drains in-flight
-// requests and removes the rules.
+// together and runs them until ctx is cancelled (see run for the shutdown
+// order).
 func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	log, err := newLogger(f.logFormat, f.logLevel, logOut)
 	if err != nil {
