@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bufio"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -11,9 +9,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -27,81 +23,34 @@ import (
 var binary, demoClient string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "imds-proxy-bin")
+	bins, err := testutil.BuildBinaries()
 	if err != nil {
-		panic(err)
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
 	}
-	// Readable by all: one test runs the proxy as an unprivileged user.
-	if err := os.Chmod(dir, 0o755); err != nil {
-		panic(err)
-	}
-	binary = filepath.Join(dir, "imds-proxy")
-	demoClient = filepath.Join(dir, "demo-client")
-	for out, pkg := range map[string]string{binary: ".", demoClient: "../../demo/client"} {
-		if msg, err := exec.Command("go", "build", "-o", out, pkg).CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", pkg, err, msg)
-			os.Exit(1)
-		}
-	}
+	binary, demoClient = bins.Proxy, bins.DemoClient
 	code := m.Run()
-	os.RemoveAll(dir)
+	bins.Remove()
 	os.Exit(code)
-}
-
-// running is an imds-proxy process started by a test.
-type running struct {
-	cmd          *exec.Cmd
-	api, metrics string // base URLs
-	logs         *lineLog
-	done         chan error
 }
 
 // startBinary runs imds-proxy sidecar without rules on loopback, with args
 // and env on top of a clean environment, and waits for its "serving" line.
-func startBinary(t *testing.T, env []string, args ...string) *running {
+func startBinary(t *testing.T, env []string, args ...string) *testutil.Process {
 	t.Helper()
 	base := []string{"sidecar", "--rules=false", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-level", "debug"}
 	return startIn(t, nil, env, append(base, args...)...)
 }
 
 // startIn runs imds-proxy with exactly args, inside ns when it is not nil.
-func startIn(t *testing.T, ns *testutil.Netns, env []string, args ...string) *running {
+func startIn(t *testing.T, ns *testutil.Netns, env []string, args ...string) *testutil.Process {
 	t.Helper()
 	cmd := exec.Command(binary, args...)
 	if ns != nil {
 		cmd = ns.Command(append([]string{binary}, args...)...)
 	}
 	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
-	return startCommand(t, cmd)
-}
-
-// startCommand starts cmd, an imds-proxy serving command, and waits for its
-// "serving" log line.
-func startCommand(t *testing.T, cmd *exec.Cmd) *running {
-	t.Helper()
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	r := &running{cmd: cmd, logs: newLineLog(stderr), done: make(chan error, 1)}
-	go func() { r.done <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-r.logs.closed
-	})
-	serving, err := r.logs.waitFor(`"msg":"serving"`, 10*time.Second)
-	if err != nil {
-		t.Fatalf("imds-proxy did not start: %v\n%s", err, r.logs.String())
-	}
-	var line struct{ Listen, MetricsListen string }
-	if err := json.Unmarshal([]byte(strings.Replace(serving, "metrics_listen", "metricslisten", 1)), &line); err != nil {
-		t.Fatal(err)
-	}
-	r.api, r.metrics = "http://"+line.Listen, "http://"+line.MetricsListen
-	return r
+	return testutil.StartProcess(t, cmd)
 }
 
 // get sends a request with an http.Client that never uses a proxy.
@@ -121,15 +70,15 @@ func get(t *testing.T, method, rawURL string, header http.Header) (int, string) 
 	return resp.StatusCode, string(body)
 }
 
-func waitReady(t *testing.T, r *running) {
+func waitReady(t *testing.T, r *testutil.Process) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if status, _ := get(t, "GET", r.metrics+"/readyz", nil); status == 200 {
+		if status, _ := get(t, "GET", r.Metrics+"/readyz", nil); status == 200 {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("/readyz never became ready\n%s", r.logs.String())
+			t.Fatalf("/readyz never became ready\n%s", r.Logs.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -212,21 +161,21 @@ func TestEnvironmentAndFlags(t *testing.T) {
 
 	fromEnv := startBinary(t, env)
 	waitReady(t, fromEnv)
-	if status, _ := get(t, "GET", fromEnv.api+"/latest/meta-data/instance-id", nil); status != 401 {
+	if status, _ := get(t, "GET", fromEnv.API+"/latest/meta-data/instance-id", nil); status != 401 {
 		t.Errorf("IMDS_PROXY_V1=block: tokenless GET got %d, want 401", status)
 	}
 
-	if status, body := get(t, "GET", fromEnv.metrics+"/metrics", nil); status != 200 ||
+	if status, body := get(t, "GET", fromEnv.Metrics+"/metrics", nil); status != 200 ||
 		!strings.Contains(body, `imds_proxy_requests_total{imds_version="v1",method="GET",outcome="v1_blocked"} 1`) {
 		t.Errorf("/metrics: %d, want 200 counting the blocked request:\n%s", status, body)
 	}
-	if status, _ := get(t, "GET", fromEnv.metrics+"/healthz", nil); status != 200 {
+	if status, _ := get(t, "GET", fromEnv.Metrics+"/healthz", nil); status != 200 {
 		t.Errorf("/healthz: %d, want 200", status)
 	}
 
 	flagWins := startBinary(t, env, "--v1", "allow")
 	waitReady(t, flagWins)
-	if status, body := get(t, "GET", flagWins.api+"/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+	if status, body := get(t, "GET", flagWins.API+"/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("--v1 allow over IMDS_PROXY_V1=block: tokenless GET got %d %q, want 200 from AEMM", status, body)
 	}
 }
@@ -246,11 +195,11 @@ func TestIgnoresProxyEnvironment(t *testing.T) {
 	env := []string{"HTTP_PROXY=" + trap.URL(), "http_proxy=" + trap.URL(), "HTTPS_PROXY=" + trap.URL(), "ALL_PROXY=" + trap.URL()}
 	r := startBinary(t, env, "--upstream", upstream)
 	waitReady(t, r)
-	status, tok := get(t, "PUT", r.api+"/latest/api/token", http.Header{"X-Aws-Ec2-Metadata-Token-Ttl-Seconds": {"60"}})
+	status, tok := get(t, "PUT", r.API+"/latest/api/token", http.Header{"X-Aws-Ec2-Metadata-Token-Ttl-Seconds": {"60"}})
 	if status != 200 {
 		t.Fatalf("token PUT: %d", status)
 	}
-	status, body := get(t, "GET", r.api+"/latest/meta-data/instance-id", http.Header{"X-Aws-Ec2-Metadata-Token": {tok}})
+	status, body := get(t, "GET", r.API+"/latest/meta-data/instance-id", http.Header{"X-Aws-Ec2-Metadata-Token": {tok}})
 	if status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("GET through the proxy: %d %q, want 200 from AEMM", status, body)
 	}
@@ -269,7 +218,7 @@ func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
 
 	result := make(chan string, 1)
 	go func() {
-		resp, err := http.Get(r.api + "/latest/meta-data/instance-id")
+		resp, err := http.Get(r.API + "/latest/meta-data/instance-id")
 		if err != nil {
 			result <- err.Error()
 			return
@@ -281,21 +230,21 @@ func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
 	if err := slow.WaitRequests(2, 10*time.Second); err != nil { // the proxy's token PUT, then the GET
 		t.Fatal(err)
 	}
-	if err := r.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := r.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	if got := <-result; got != "200 i-1234567890abcdef0" {
-		t.Errorf("in-flight request during shutdown got %q, want 200 and the instance id\n%s", got, r.logs.String())
+		t.Errorf("in-flight request during shutdown got %q, want 200 and the instance id\n%s", got, r.Logs.String())
 	}
 	select {
-	case err := <-r.done:
+	case err := <-r.Done:
 		if err != nil {
-			t.Errorf("exit after SIGTERM: %v, want status 0\n%s", err, r.logs.String())
+			t.Errorf("exit after SIGTERM: %v, want status 0\n%s", err, r.Logs.String())
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("imds-proxy did not exit after SIGTERM")
 	}
-	if _, err := http.Get(r.api + "/"); err == nil {
+	if _, err := http.Get(r.API + "/"); err == nil {
 		t.Error("the listener still accepts connections after shutdown")
 	}
 }
@@ -313,51 +262,4 @@ func mustParse(t *testing.T, raw string) *url.URL {
 		t.Fatal(err)
 	}
 	return u
-}
-
-// lineLog collects a process's log lines and lets a test wait for one.
-type lineLog struct {
-	lines  chan string
-	closed chan struct{}
-	mu     sync.Mutex
-	all    strings.Builder
-}
-
-func newLineLog(r io.Reader) *lineLog {
-	l := &lineLog{lines: make(chan string, 4096), closed: make(chan struct{})}
-	go func() {
-		defer close(l.closed)
-		sc := bufio.NewScanner(r)
-		for sc.Scan() {
-			l.mu.Lock()
-			l.all.WriteString(sc.Text() + "\n")
-			l.mu.Unlock()
-			select {
-			case l.lines <- sc.Text():
-			default: // nobody is waiting for lines this far on
-			}
-		}
-	}()
-	return l
-}
-
-func (l *lineLog) waitFor(substr string, timeout time.Duration) (string, error) {
-	deadline := time.After(timeout)
-	for {
-		select {
-		case line := <-l.lines:
-			if strings.Contains(line, substr) {
-				return line, nil
-			}
-		case <-deadline:
-			return "", fmt.Errorf("no log line with %q within %s", substr, timeout)
-		}
-	}
-}
-
-// String returns everything logged so far.
-func (l *lineLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.all.String()
 }

@@ -71,7 +71,7 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 		t.Errorf("a container cannot reach the node listener directly: %v", err)
 	}
 
-	terminate(t, proxy)
+	proxy.Terminate(t)
 	if after := top.save(t); after != before {
 		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
 	}

@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"os"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -88,12 +87,12 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 	}
 
 	top.task.Run(t, "iptables-nft", "-t", "nat", "-F", "IMDS_PROXY_OUTPUT")
-	if _, err := proxy.logs.waitFor("iptables rule missing; restoring it", 10*time.Second); err != nil {
+	if _, err := proxy.Logs.WaitFor("iptables rule missing; restoring it", 10*time.Second); err != nil {
 		t.Errorf("a flushed chain was not noticed: %v", err)
 	}
 	waitFor(t, 10*time.Second, func() bool { return top.save(t) == installed }, "the flushed rules to come back")
 
-	terminate(t, proxy)
+	proxy.Terminate(t)
 	if after := top.save(t); after != before {
 		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
@@ -105,17 +104,6 @@ func addForeignNATRules(t *testing.T, ns *testutil.Netns) {
 	t.Helper()
 	ns.Run(t, "iptables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "10.0.0.1/32", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
 	ns.Run(t, "ip6tables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "fd00::1/128", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
-}
-
-// terminate sends SIGTERM and expects a clean exit.
-func terminate(t *testing.T, proxy *running) {
-	t.Helper()
-	if err := proxy.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-proxy.done; err != nil {
-		t.Fatalf("exit after SIGTERM: %v\n%s", err, proxy.logs.String())
-	}
 }
 
 // dialIn opens a TCP connection from inside ns.
@@ -197,7 +185,7 @@ func TestInitContainerShape(t *testing.T) {
 		"--bounding-set=-all", binary, "sidecar", "--rules=false", "--listen", "127.0.0.1:8169",
 		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254", "--exempt-uid", uid)
 	unprivileged.Env = []string{"PATH=" + os.Getenv("PATH")}
-	startCommand(t, unprivileged)
+	testutil.StartProcess(t, unprivileged)
 	waitReadyIn(t, top.task, "127.0.0.1:9169")
 	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET through the init-container rules: %d %q, want 200 and the instance id", status, body)
@@ -221,9 +209,9 @@ func TestMisconfiguredExemptionIsDiagnosed(t *testing.T) {
 		"--bounding-set=-all", binary, "sidecar", "--rules=false", "--listen", "127.0.0.1:8169",
 		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254")
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	proxy := startCommand(t, cmd)
-	if _, err := proxy.logs.waitFor("redirected back to this proxy", 10*time.Second); err != nil {
-		t.Errorf("no loop diagnosis: %v\n%s", err, proxy.logs.String())
+	proxy := testutil.StartProcess(t, cmd)
+	if _, err := proxy.Logs.WaitFor("redirected back to this proxy", 10*time.Second); err != nil {
+		t.Errorf("no loop diagnosis: %v\n%s", err, proxy.Logs.String())
 	}
 	waitReadyIn(t, top.task, "127.0.0.1:9169")
 	start := time.Now()

@@ -8,6 +8,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -22,18 +23,19 @@ func main() {
 	endpoint := flag.String("endpoint", "", "IMDS endpoint, e.g. http://127.0.0.1:8169 (required)")
 	label := flag.String("label", "", "row label for the output table")
 	calls := flag.Int("calls", 10, "metadata calls to time")
+	asJSON := flag.Bool("json", false, "print one JSON object (for tests and benchmarks) instead of a table row")
 	flag.Parse()
 	if *endpoint == "" || *calls < 1 || *calls > 1000 {
 		fmt.Fprintln(os.Stderr, "usage: client --endpoint URL [--label L] [--calls 1..1000]")
 		os.Exit(2)
 	}
-	if err := run(*endpoint, *label, *calls); err != nil {
+	if err := run(*endpoint, *label, *calls, *asJSON); err != nil {
 		fmt.Fprintf(os.Stdout, "%-34s FAILED: %v\n", *label, err)
 		os.Exit(1)
 	}
 }
 
-func run(endpoint, label string, calls int) error {
+func run(endpoint, label string, calls int, asJSON bool) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	start := time.Now()
@@ -58,6 +60,12 @@ func run(endpoint, label string, calls int) error {
 		id, _ = io.ReadAll(out.Content)
 	}
 	perCall := time.Since(start) / time.Duration(calls)
+	if asJSON {
+		return json.NewEncoder(os.Stdout).Encode(map[string]any{
+			"credentials_seconds": credTime.Seconds(), "per_call_seconds": perCall.Seconds(),
+			"access_key_id": creds.AccessKeyID, "instance_id": string(id),
+		})
+	}
 	fmt.Printf("%-34s %12s %14s   key %s…, instance %s\n", label, round(credTime), round(perCall), creds.AccessKeyID[:4], id)
 	return nil
 }

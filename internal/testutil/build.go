@@ -1,0 +1,41 @@
+package testutil
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+)
+
+// Binaries are the project's programs, built once by a test package's TestMain.
+type Binaries struct {
+	dir string
+	// Proxy is imds-proxy; DemoClient is the AWS SDK client of the demo.
+	Proxy, DemoClient string
+}
+
+// BuildBinaries builds imds-proxy and the demo client into a fresh directory
+// that any user may read, so tests can run them unprivileged.
+func BuildBinaries() (*Binaries, error) {
+	dir, err := os.MkdirTemp("", "imds-proxy-bin")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return nil, err
+	}
+	b := &Binaries{dir: dir, Proxy: filepath.Join(dir, "imds-proxy"), DemoClient: filepath.Join(dir, "demo-client")}
+	for out, pkg := range map[string]string{
+		b.Proxy:      "github.com/imds-proxy/imds-proxy/cmd/imds-proxy",
+		b.DemoClient: "github.com/imds-proxy/imds-proxy/demo/client",
+	} {
+		if msg, err := exec.Command("go", "build", "-o", out, pkg).CombinedOutput(); err != nil {
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("building %s: %v\n%s", pkg, err, msg)
+		}
+	}
+	return b, nil
+}
+
+// Remove deletes the binaries.
+func (b *Binaries) Remove() { os.RemoveAll(b.dir) }
