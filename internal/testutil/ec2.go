@@ -1,6 +1,7 @@
 package testutil
 
 import (
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -35,6 +36,10 @@ func NewEC2(t testing.TB, hopLimit int, tokensRequired bool) *EC2 {
 	e.IMDS.Run(t, "iptables-nft", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--sport", "80",
 		"-m", "string", "--string", TokenResponseMarker, "--algo", "bm",
 		"-j", "TTL", "--ttl-set", strconv.Itoa(hopLimit))
+	e.IMDS.Run(t, "iptables-nft", "-A", "INPUT", "-p", "tcp", "--dport", "80",
+		"-m", "string", "--algo", "bm", "--string", "GET /",
+		"-m", "string", "--algo", "bm", "--icase", "!", "--string", "x-aws-ec2-metadata-token:",
+		"-m", "comment", "--comment", tokenlessComment)
 	var args []string
 	if tokensRequired {
 		args = append(args, "-I")
@@ -43,15 +48,23 @@ func NewEC2(t testing.TB, hopLimit int, tokensRequired bool) *EC2 {
 	return e
 }
 
-// TokenlessRequests counts the metadata requests that reached AEMM without a
-// token, served (IMDSv1 allowed) or refused (tokens required): AEMM logs
-// each request's headers as it checks them.
-func (e *EC2) TokenlessRequests() int {
-	n := 0
-	for _, line := range strings.Split(e.AEMM.Logs(), "\n") {
-		if strings.Contains(line, "ValidateToken Received request") && !strings.Contains(line, "X-Aws-Ec2-Metadata-Token:[") {
-			n++
+// TokenlessRequests counts the metadata GETs that reached IMDS without a
+// token header, as seen on the wire: a counting rule in the imds namespace
+// matches packets that carry a GET request line but no token header.
+func (e *EC2) TokenlessRequests(t testing.TB) int {
+	t.Helper()
+	for _, line := range strings.Split(e.IMDS.Run(t, "iptables-nft-save", "-c", "-t", "filter"), "\n") {
+		if !strings.Contains(line, tokenlessComment) {
+			continue
 		}
+		var packets, bytes int
+		if _, err := fmt.Sscanf(line, "[%d:%d]", &packets, &bytes); err != nil {
+			t.Fatalf("reading the tokenless counter from %q: %v", line, err)
+		}
+		return packets
 	}
-	return n
+	t.Fatal("the tokenless-request counter rule is missing")
+	return 0
 }
+
+const tokenlessComment = "test: tokenless IMDS requests"

@@ -1,0 +1,141 @@
+// Package e2e reproduces the IMDSv2 hop-limit problem with real AWS clients
+// in network namespaces, and shows imds-proxy fixing it in each shape.
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"testing"
+	"time"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+var bins *testutil.Binaries
+
+func TestMain(m *testing.M) {
+	var err error
+	if bins, err = testutil.BuildBinaries(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	bins.Remove()
+	os.Exit(code)
+}
+
+// sdkResult is what the demo client (the AWS SDK for Go v2) reports.
+type sdkResult struct {
+	Credentials float64 `json:"credentials_seconds"`
+	PerCall     float64 `json:"per_call_seconds"`
+	AccessKeyID string  `json:"access_key_id"`
+	InstanceID  string  `json:"instance_id"`
+}
+
+// clientEnv leaves the SDKs nothing but the instance role to find.
+func clientEnv() []string {
+	return []string{"PATH=" + os.Getenv("PATH"), "HOME=/nonexistent",
+		"AWS_CONFIG_FILE=/dev/null", "AWS_SHARED_CREDENTIALS_FILE=/dev/null", "AWS_REGION=us-east-1"}
+}
+
+// goSDK runs the Go SDK in ns against the IMDS address, as an application
+// does, and returns its timings or its failure.
+func goSDK(t *testing.T, ns *testutil.Netns) (sdkResult, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, bins.DemoClient,
+		"--endpoint", "http://169.254.169.254", "--calls", "3", "--json")
+	cmd.Env = clientEnv()
+	out, err := cmd.Output()
+	if err != nil {
+		return sdkResult{}, fmt.Errorf("%w: %s", err, out)
+	}
+	var r sdkResult
+	if err := json.Unmarshal(out, &r); err != nil {
+		return sdkResult{}, fmt.Errorf("decoding %q: %w", out, err)
+	}
+	return r, nil
+}
+
+// botocore fetches credentials with botocore (AWS CLI v1, boto3) in ns, when
+// this machine's python3 has it; ok is false when it does not.
+func botocore(t *testing.T, ns *testutil.Netns) (accessKey string, seconds float64, ok bool, err error) {
+	t.Helper()
+	if exec.Command("python3", "-c", "import botocore").Run() != nil {
+		return "", 0, false, nil
+	}
+	script := "import time, botocore.session\n" +
+		"s = time.monotonic()\n" +
+		"c = botocore.session.get_session().get_credentials()\n" +
+		"print(c.access_key if c else 'NONE', time.monotonic() - s)\n"
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, "python3", "-c", script)
+	cmd.Env = append(clientEnv(), "HOME="+os.Getenv("HOME")) // pyenv finds its Python through HOME
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return "", 0, true, fmt.Errorf("%w: %s", err, out)
+	}
+	if _, err := fmt.Sscan(string(out), &accessKey, &seconds); err != nil {
+		return "", 0, true, fmt.Errorf("parsing %q: %w", out, err)
+	}
+	return accessKey, seconds, true, nil
+}
+
+// startNodeAgent runs `imds-proxy node` in the node namespace.
+func startNodeAgent(t *testing.T, e *testutil.EC2, args ...string) *testutil.Process {
+	t.Helper()
+	argv := append([]string{"netns", "exec", e.Node.Name, bins.Proxy, "node", "--listen", ":8169",
+		"--metrics-listen", "127.0.0.1:9169", "--interfaces", "cveth+", "--upstream", "http://169.254.169.254",
+		"--iptables-backend", "nft"}, args...)
+	cmd := exec.Command("ip", argv...)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	p := testutil.StartProcess(t, cmd)
+	waitReady(t, e.Node, "127.0.0.1:9169")
+	return p
+}
+
+// startSidecar runs `imds-proxy sidecar` in the task namespace.
+func startSidecar(t *testing.T, e *testutil.EC2, args ...string) *testutil.Process {
+	t.Helper()
+	argv := append([]string{"netns", "exec", e.Task.Name, bins.Proxy, "sidecar", "--listen", "127.0.0.1:8169",
+		"--metrics-listen", "127.0.0.1:9169", "--iptables-backend", "nft"}, args...)
+	cmd := exec.Command("ip", argv...)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	p := testutil.StartProcess(t, cmd)
+	waitReady(t, e.Task, "127.0.0.1:9169")
+	return p
+}
+
+func waitReady(t *testing.T, ns *testutil.Netns, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if status, _ := ns.Get(t, addr, "/readyz", nil); status == 200 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %s/readyz never ready", ns, addr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// noTimeoutPaid is a coarse bound, far above a normal fetch (milliseconds)
+// and below the SDK's IMDSv2 timeout-and-fallback (a second or more).
+const noTimeoutPaid = time.Second
+
+func assertFast(t *testing.T, what string, r sdkResult) {
+	t.Helper()
+	if r.AccessKeyID != "12345678901" || r.InstanceID != "i-1234567890abcdef0" {
+		t.Errorf("%s: got key %q instance %q, not AEMM's", what, r.AccessKeyID, r.InstanceID)
+	}
+	if d := time.Duration(r.Credentials * float64(time.Second)); d >= noTimeoutPaid {
+		t.Errorf("%s: credentials took %s: a token timeout was paid", what, d)
+	}
+	t.Logf("%s: credentials %.2fms, metadata call %.2fms", what, r.Credentials*1000, r.PerCall*1000)
+}

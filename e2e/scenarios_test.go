@@ -1,0 +1,112 @@
+package e2e
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+// TestBaselineReproducesTheProblem: with hop limit 1 and no proxy, the SDK in
+// a task pays the token timeout and falls back to IMDSv1; with tokens
+// required it gets no credentials. Meanwhile a client on the node is fast.
+func TestBaselineReproducesTheProblem(t *testing.T) {
+	t.Run("IMDSv1 allowed", func(t *testing.T) {
+		e := testutil.NewEC2(t, 1, false)
+		onNode, err := goSDK(t, e.Node)
+		if err != nil {
+			t.Fatalf("SDK on the node: %v", err)
+		}
+		assertFast(t, "on the node", onNode)
+		if n := e.TokenlessRequests(t); n != 0 {
+			t.Fatalf("the SDK on the node made %d IMDSv1 requests", n)
+		}
+		inTask, err := goSDK(t, e.Task)
+		if err != nil {
+			t.Fatalf("SDK in the task: %v", err)
+		}
+		if d := time.Duration(inTask.Credentials * float64(time.Second)); d < noTimeoutPaid {
+			t.Errorf("SDK in the task took %s: the harness did not reproduce the token timeout", d)
+		}
+		if n := e.TokenlessRequests(t); n == 0 {
+			t.Error("IMDS saw no tokenless request: the SDK did not fall back to IMDSv1")
+		}
+		t.Logf("in the task without proxy: credentials %.0fms, metadata call %.0fms", inTask.Credentials*1000, inTask.PerCall*1000)
+	})
+	t.Run("tokens required", func(t *testing.T) {
+		e := testutil.NewEC2(t, 1, true)
+		if _, err := goSDK(t, e.Task); err == nil {
+			t.Error("the SDK in the task got credentials with hop limit 1 and tokens required")
+		}
+	})
+}
+
+// TestNodeModeFixesHopLimit1: the node agent makes both clients in the task
+// work over IMDSv2 with tokens required, at node-local speed.
+func TestNodeModeFixesHopLimit1(t *testing.T) {
+	e := testutil.NewEC2(t, 1, true)
+	agent := startNodeAgent(t, e)
+	r, err := goSDK(t, e.Task)
+	if err != nil {
+		t.Fatalf("Go SDK in the task through the node agent: %v\n%s", err, agent.Logs.String())
+	}
+	assertFast(t, "Go SDK, task via node agent", r)
+	key, seconds, ok, err := botocore(t, e.Task)
+	switch {
+	case !ok:
+		t.Log("botocore is not installed for python3 here; its part is not run")
+	case err != nil:
+		t.Errorf("botocore in the task through the node agent: %v", err)
+	case key != "12345678901" || seconds >= noTimeoutPaid.Seconds():
+		t.Errorf("botocore: key %q in %.3fs, want AEMM's key without a timeout", key, seconds)
+	default:
+		t.Logf("botocore, task via node agent: credentials %.2fms", seconds*1000)
+	}
+	if n := e.TokenlessRequests(t); n != 0 {
+		t.Errorf("IMDS saw %d tokenless requests", n)
+	}
+}
+
+// TestSidecarShapes: hop limit 2 direct; hop limit 1 with IMDSv1 allowed
+// (fallback: only the first request may wait); hop limit 1 with tokens
+// required, chained to a node agent.
+func TestSidecarShapes(t *testing.T) {
+	t.Run("hop limit 2", func(t *testing.T) {
+		e := testutil.NewEC2(t, 2, true)
+		startSidecar(t, e, "--upstream", "http://169.254.169.254")
+		r, err := goSDK(t, e.Task)
+		if err != nil {
+			t.Fatal(err)
+		}
+		assertFast(t, "sidecar, hop limit 2", r)
+		if n := e.TokenlessRequests(t); n != 0 {
+			t.Errorf("IMDS saw %d tokenless requests", n)
+		}
+	})
+	t.Run("hop limit 1, IMDSv1 allowed: fallback", func(t *testing.T) {
+		e := testutil.NewEC2(t, 1, false)
+		sidecar := startSidecar(t, e, "--upstream", "http://169.254.169.254")
+		if !strings.Contains(sidecar.Logs.String(), "hop-limit symptom") {
+			t.Errorf("no hop-limit diagnosis in the sidecar's log:\n%s", sidecar.Logs.String())
+		}
+		r, err := goSDK(t, e.Task)
+		if err != nil {
+			t.Fatal(err)
+		}
+		assertFast(t, "sidecar in fallback, hop limit 1", r)
+	})
+	t.Run("hop limit 1, tokens required, chained", func(t *testing.T) {
+		e := testutil.NewEC2(t, 1, true)
+		startNodeAgent(t, e)
+		startSidecar(t, e, "--upstream", "http://10.200.1.1:8169")
+		r, err := goSDK(t, e.Task)
+		if err != nil {
+			t.Fatal(err)
+		}
+		assertFast(t, "sidecar chained to node agent, hop limit 1", r)
+		if n := e.TokenlessRequests(t); n != 0 {
+			t.Errorf("IMDS saw %d tokenless requests", n)
+		}
+	})
+}
