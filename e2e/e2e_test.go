@@ -43,13 +43,13 @@ func clientEnv() []string {
 
 // goSDK runs the Go SDK in ns against the IMDS address, as an application
 // does, and returns its timings or its failure.
-func goSDK(t *testing.T, ns *testutil.Netns) (sdkResult, error) {
+func goSDK(t *testing.T, ns *testutil.Netns, env ...string) (sdkResult, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, bins.DemoClient,
-		"--endpoint", "http://169.254.169.254", "--calls", "3", "--json")
-	cmd.Env = clientEnv()
+	// No endpoint: the SDK's default, 169.254.169.254 (or [fd00:ec2::254] in IPv6 mode).
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, bins.DemoClient, "--calls", "3", "--json")
+	cmd.Env = append(clientEnv(), env...)
 	out, err := cmd.Output()
 	if err != nil {
 		return sdkResult{}, fmt.Errorf("%w: %s", err, out)

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -109,4 +110,46 @@ func TestSidecarShapes(t *testing.T) {
 			t.Errorf("IMDS saw %d tokenless requests", n)
 		}
 	})
+}
+
+// TestV1BlockInTask: with --v1 block a tokenless GET from the task gets 401
+// and is logged with its User-Agent, while the SDK keeps working over IMDSv2.
+func TestV1BlockInTask(t *testing.T) {
+	e := testutil.NewEC2(t, 2, false)
+	sidecar := startSidecar(t, e, "--upstream", "http://169.254.169.254", "--v1", "block")
+	status, _ := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/iam/security-credentials/",
+		http.Header{"User-Agent": {"aws-cli/1.18 Python/2.7 legacy-cron"}})
+	if status != http.StatusUnauthorized {
+		t.Errorf("tokenless GET with --v1 block: %d, want 401", status)
+	}
+	if _, err := sidecar.Logs.WaitFor("legacy-cron", 5*time.Second); err != nil {
+		t.Errorf("the refused IMDSv1 call was not logged with its User-Agent: %v", err)
+	}
+	r, err := goSDK(t, e.Task)
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertFast(t, "SDK with --v1 block", r)
+	if n := e.TokenlessRequests(t); n != 0 {
+		t.Errorf("IMDS saw %d tokenless requests", n)
+	}
+}
+
+// TestIPv6Endpoint: the SDK in IPv6 endpoint mode ([fd00:ec2::254]) is
+// redirected to the sidecar, which serves it from its IPv4 upstream session.
+func TestIPv6Endpoint(t *testing.T) {
+	e := testutil.NewEC2(t, 1, true)
+	e.Task.Run(t, "ip", "-6", "addr", "add", "fd00:200:1::2/64", "dev", "eth0", "nodad")
+	e.Node.Run(t, "ip", "-6", "addr", "add", "fd00:200:1::1/64", "dev", "cveth0", "nodad")
+	e.Task.Run(t, "ip", "-6", "route", "add", "default", "via", "fd00:200:1::1")
+	startNodeAgent(t, e)
+	sidecar := startSidecar(t, e, "--upstream", "http://10.200.1.1:8169", "--log-level", "debug")
+	r, err := goSDK(t, e.Task, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")
+	if err != nil {
+		t.Fatalf("SDK in IPv6 mode: %v\n%s", err, sidecar.Logs.String())
+	}
+	assertFast(t, "SDK in IPv6 endpoint mode via sidecar", r)
+	if !strings.Contains(sidecar.Logs.String(), `"caller":"fd00:200:1::2"`) {
+		t.Errorf("no request reached the sidecar over IPv6:\n%s", sidecar.Logs.String())
+	}
 }

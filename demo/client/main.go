@@ -20,13 +20,13 @@ import (
 )
 
 func main() {
-	endpoint := flag.String("endpoint", "", "IMDS endpoint, e.g. http://127.0.0.1:8169 (required)")
+	endpoint := flag.String("endpoint", "", "IMDS endpoint, e.g. http://127.0.0.1:8169; empty: the SDK's default, which AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6 switches to [fd00:ec2::254]")
 	label := flag.String("label", "", "row label for the output table")
 	calls := flag.Int("calls", 10, "metadata calls to time")
 	asJSON := flag.Bool("json", false, "print one JSON object (for tests and benchmarks) instead of a table row")
 	flag.Parse()
-	if *endpoint == "" || *calls < 1 || *calls > 1000 {
-		fmt.Fprintln(os.Stderr, "usage: client --endpoint URL [--label L] [--calls 1..1000]")
+	if *calls < 1 || *calls > 1000 {
+		fmt.Fprintln(os.Stderr, "usage: client [--endpoint URL] [--label L] [--calls 1..1000] [--json]")
 		os.Exit(2)
 	}
 	if err := run(*endpoint, *label, *calls, *asJSON); err != nil {
@@ -39,7 +39,11 @@ func run(endpoint, label string, calls int, asJSON bool) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	start := time.Now()
-	cfg, err := config.LoadDefaultConfig(ctx, config.WithEC2IMDSEndpoint(endpoint), config.WithRegion("us-east-1"))
+	opts := []func(*config.LoadOptions) error{config.WithRegion("us-east-1")}
+	if endpoint != "" {
+		opts = append(opts, config.WithEC2IMDSEndpoint(endpoint))
+	}
+	cfg, err := config.LoadDefaultConfig(ctx, opts...)
 	if err != nil {
 		return err
 	}
@@ -49,7 +53,11 @@ func run(endpoint, label string, calls int, asJSON bool) error {
 	}
 	credTime := time.Since(start)
 
-	client := imds.NewFromConfig(cfg, func(o *imds.Options) { o.Endpoint = endpoint })
+	client := imds.NewFromConfig(cfg, func(o *imds.Options) {
+		if endpoint != "" {
+			o.Endpoint = endpoint
+		}
+	})
 	start = time.Now()
 	var id []byte
 	for i := 0; i < calls; i++ {
