@@ -4,8 +4,12 @@ GO           ?= go
 VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 AEMM_MODULE  := github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock@v1.13.0
 BIN          := $(CURDIR)/bin
+SHELL        := /bin/bash
+.SHELLFLAGS  := -o pipefail -c
+# The demo and benchmark print a table from the e2e package; these lines are go test's own.
+GO_TEST_NOISE := '^(=== RUN|--- PASS|PASS$$|ok )'
 
-.PHONY: build test lint demo clean deps
+.PHONY: build test lint demo demo-loopback bench clean deps
 
 ## build: bin/imds-proxy
 build:
@@ -35,9 +39,19 @@ deps:
 test: deps lint $(BIN)/ec2-metadata-mock
 	AEMM_BIN=$(BIN)/ec2-metadata-mock $(GO) test -race -count=1 -timeout 10m ./...
 
-## demo: the proxy end to end in front of an IMDS mock, with the AWS SDK as client
-demo: build $(BIN)/ec2-metadata-mock $(BIN)/demo-client
+## demo: as root, the hop-limit problem and its fixes in network namespaces, with the AWS SDK
+demo: deps $(BIN)/ec2-metadata-mock
+	@if [ "$$(id -u)" != 0 ]; then echo "make demo builds network namespaces and needs root; running make demo-loopback instead"; \
+		$(MAKE) --no-print-directory demo-loopback; exit; fi; \
+	AEMM_BIN=$(BIN)/ec2-metadata-mock $(GO) test -count=1 -run '^TestDemoTable$$' -v ./e2e | grep -vE $(GO_TEST_NOISE)
+
+## demo-loopback: the proxy in front of an IMDS mock on loopback (no root needed)
+demo-loopback: build $(BIN)/ec2-metadata-mock $(BIN)/demo-client
 	./demo/loopback.sh
+
+## bench: the demo's measurements, median of 9 runs each
+bench: deps $(BIN)/ec2-metadata-mock
+	AEMM_BIN=$(BIN)/ec2-metadata-mock IMDS_PROXY_BENCH_RUNS=9 $(GO) test -count=1 -run '^TestDemoTable$$' -v ./e2e | grep -vE $(GO_TEST_NOISE)
 
 clean:
 	rm -rf $(BIN)
