@@ -99,8 +99,9 @@ func TestSidecarShapes(t *testing.T) {
 	})
 	t.Run("hop limit 1, tokens required, chained", func(t *testing.T) {
 		e := testutil.NewEC2(t, 1, true)
-		startNodeAgent(t, e)
-		startSidecar(t, e, "--upstream", "http://10.200.1.1:8169")
+		before := saveAll(t, e)
+		agent := startNodeAgent(t, e)
+		sidecar := startSidecar(t, e, "--upstream", "http://10.200.1.1:8169")
 		r, err := goSDK(t, e.Task)
 		if err != nil {
 			t.Fatal(err)
@@ -108,6 +109,11 @@ func TestSidecarShapes(t *testing.T) {
 		assertFast(t, "sidecar chained to node agent, hop limit 1", r)
 		if n := e.TokenlessRequests(t); n != 0 {
 			t.Errorf("IMDS saw %d tokenless requests", n)
+		}
+		sidecar.Terminate(t)
+		agent.Terminate(t)
+		if after := saveAll(t, e); after != before {
+			t.Errorf("iptables after SIGTERM differ from before:\nbefore:\n%s\nafter:\n%s", before, after)
 		}
 	})
 }
@@ -152,4 +158,23 @@ func TestIPv6Endpoint(t *testing.T) {
 	if !strings.Contains(sidecar.Logs.String(), `"caller":"fd00:200:1::2"`) {
 		t.Errorf("no request reached the sidecar over IPv6:\n%s", sidecar.Logs.String())
 	}
+}
+
+// saveAll is iptables-save of the node and task namespaces, both families.
+// A foreign rule goes in first in each table: real namespaces have them, and
+// without any iptables-nft would leave an empty table behind.
+func saveAll(t *testing.T, e *testutil.EC2) string {
+	t.Helper()
+	var out strings.Builder
+	for _, ns := range []*testutil.Netns{e.Node, e.Task} {
+		for _, cmd := range []string{"iptables-nft", "ip6tables-nft"} {
+			for _, table := range []string{"nat", "filter"} {
+				if !strings.Contains(ns.Run(t, cmd+"-save", "-t", table), "foreign") {
+					ns.Run(t, cmd, "-t", table, "-A", "OUTPUT", "-p", "udp", "-m", "comment", "--comment", "foreign", "-j", "RETURN")
+				}
+			}
+			out.WriteString(ns.IptablesSave(t, cmd+"-save"))
+		}
+	}
+	return out.String()
 }
