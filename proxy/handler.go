@@ -55,6 +55,9 @@ func (p *Proxy) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Req
 	if resp := p.authorize(r, x); resp != nil {
 		return r, resp
 	}
+	if resp := p.checkPath(r, x); resp != nil {
+		return r, resp
+	}
 	removeHopByHop(r.Header)
 	removeForwarding(r.Header)
 	r.Header.Del(token.Header)
@@ -70,14 +73,18 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 	tokens := r.Header.Values(token.Header)
 	switch len(tokens) {
 	case 0:
-		p.log.Warn("IMDSv1 request (no token)",
-			zap.String("method", r.Method), zap.String("path", r.URL.Path),
+		msg := "IMDSv1 request (no token)"
+		if p.cfg.V1 == V1Warn {
+			msg = "IMDSv1 request (no token): --v1 block would refuse it"
+		}
+		p.log.Warn(msg, zap.String("method", r.Method), zap.String("path", r.URL.Path),
 			zap.String("user_agent", r.UserAgent()), zap.String("caller", x.caller.String()),
 			zap.String("policy", string(p.cfg.V1)))
 		if p.cfg.V1 == V1Block {
 			x.outcome = outcomeV1Blocked
 			return unauthorized(r)
 		}
+		p.metrics.v1WouldBlock.Inc()
 		return nil
 	case 1:
 		if err := p.minter.Verify(tokens[0], x.caller); err != nil {
@@ -89,6 +96,24 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 	}
 	x.outcome = outcomeBadRequest
 	return textResponse(r, http.StatusBadRequest, "more than one token header")
+}
+
+// checkPath normalises the request path, applies the path policy, and
+// forwards the normalised path, so what was checked is what is sent.
+func (p *Proxy) checkPath(r *http.Request, x *exchange) *http.Response {
+	clean, err := NormalisePath(r.URL.EscapedPath())
+	if err != nil {
+		x.outcome = outcomeBadRequest
+		return textResponse(r, http.StatusBadRequest, "bad request")
+	}
+	if !p.cfg.Paths.Allows(clean) {
+		x.outcome = outcomePathDenied
+		p.log.Info("path denied by policy", zap.String("path", clean), zap.String("caller", x.caller.String()),
+			zap.String("user_agent", r.UserAgent()))
+		return textResponse(r, http.StatusForbidden, "forbidden by imds-proxy path policy")
+	}
+	r.URL.Path, r.URL.RawPath = clean, ""
+	return nil
 }
 
 // serveToken answers PUT /latest/api/token the way IMDS does.

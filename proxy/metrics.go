@@ -19,6 +19,7 @@ const (
 	outcomeUpstreamTimeout     = "upstream_timeout"
 	outcomeUpstreamUnavailable = "upstream_unavailable"
 	outcomeLoop                = "loop_detected"
+	outcomePathDenied          = "path_denied"
 )
 
 // metrics holds the proxy's Prometheus collectors.
@@ -28,6 +29,7 @@ type metrics struct {
 	upstreamLatency  *prometheus.HistogramVec
 	sessionState     *prometheus.GaugeVec
 	upstreamTokenErr *prometheus.CounterVec
+	v1WouldBlock     prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -53,8 +55,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "imds_proxy_upstream_token_failures_total",
 			Help: "Failed upstream token requests by cause; cause=timeout is the hop-limit symptom.",
 		}, []string{"cause"}),
+		v1WouldBlock: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imds_proxy_v1_would_block_total",
+			Help: "Tokenless requests served under --v1 allow or warn that --v1 block would have refused (dry run).",
+		}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr} {
+	for _, c := range []prometheus.Collector{m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr, m.v1WouldBlock} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -51,6 +51,9 @@ type V1Policy string
 const (
 	// V1Allow forwards tokenless GET and HEAD requests (logged and counted).
 	V1Allow V1Policy = "allow"
+	// V1Warn forwards them too, logging that --v1 block would refuse them:
+	// the "observe" stage of an IMDSv1 shutdown.
+	V1Warn V1Policy = "warn"
 	// V1Block answers them 401, as IMDS does when tokens are required.
 	V1Block V1Policy = "block"
 )
@@ -58,10 +61,10 @@ const (
 // ParseV1Policy parses the value of --v1.
 func ParseV1Policy(s string) (V1Policy, error) {
 	switch p := V1Policy(s); p {
-	case V1Allow, V1Block:
+	case V1Allow, V1Warn, V1Block:
 		return p, nil
 	}
-	return "", fmt.Errorf("unknown IMDSv1 policy %q: want allow or block", s)
+	return "", fmt.Errorf("unknown IMDSv1 policy %q: want allow, warn or block", s)
 }
 
 // Config is the proxy's whole configuration.
@@ -71,6 +74,8 @@ type Config struct {
 	Upstream *url.URL
 	// V1 is the policy for requests without a token.
 	V1 V1Policy
+	// Paths decides which metadata paths may be forwarded at all.
+	Paths PathPolicy
 	// UpstreamV1Fallback serves tokenless requests upstream while no upstream
 	// token can be had; when false, clients get 503 instead.
 	UpstreamV1Fallback bool

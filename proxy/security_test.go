@@ -29,7 +29,7 @@ func TestNotAnOpenProxy(t *testing.T) {
 		{"CONNECT to the upstream", fmt.Sprintf("CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", tap.Addr(), tap.Addr()), 403, false},
 		{"Host header elsewhere", fmt.Sprintf("GET /latest/meta-data/ HTTP/1.1\r\nHost: %s\r\n%s: %s\r\n\r\n", trap.Addr(), token.Header, tok), 200, true},
 		{"Host header with userinfo (refused by net/http)", fmt.Sprintf("GET /latest/meta-data/ HTTP/1.1\r\nHost: user@%s\r\n%s: %s\r\n\r\n", trap.Addr(), token.Header, tok), 400, false},
-		{"scheme-relative path", fmt.Sprintf("GET //%s/latest/meta-data/ HTTP/1.1\r\nHost: x\r\n%s: %s\r\n\r\n", trap.Addr(), token.Header, tok), 301, true}, // AEMM's path cleaning answers 301
+		{"scheme-relative path", fmt.Sprintf("GET //%s/latest/meta-data/ HTTP/1.1\r\nHost: x\r\n%s: %s\r\n\r\n", trap.Addr(), token.Header, tok), 404, true}, // normalised to /<trap addr>/latest/meta-data/ on the upstream
 		{"websocket upgrade", fmt.Sprintf("GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n%s: %s\r\n\r\n", token.Header, tok), 200, true},
 	}
 	for _, c := range cases {

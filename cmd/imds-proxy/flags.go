@@ -91,13 +91,34 @@ type serveFlags struct {
 	reconcile       time.Duration
 	logFormat       string
 	logLevel        string
+	allowPaths      listFlag
+	denyPaths       listFlag
+	configFile      string
+}
+
+// listFlag collects comma-separated values, from repeated flags, a
+// comma-separated environment variable, or a YAML list in --config.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+
+func (l *listFlag) Set(value string) error {
+	for _, v := range strings.Split(value, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			*l = append(*l, v)
+		}
+	}
+	return nil
 }
 
 func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.listen, "listen", defaultListen, "address the IMDS API is served on (the redirect target)")
 	fs.StringVar(&f.metricsListen, "metrics-listen", ":9169", "address of /metrics, /healthz and /readyz; empty disables it")
 	fs.StringVar(&f.upstream, "upstream", "http://169.254.169.254", "IMDS, or a node agent, that requests are forwarded to (http://host[:port])")
-	fs.StringVar(&f.v1, "v1", string(proxy.V1Allow), "IMDSv1 (tokenless) requests: allow (serve, log, count) or block (answer 401 as IMDS does when tokens are required)")
+	fs.StringVar(&f.v1, "v1", string(proxy.V1Allow), "IMDSv1 (tokenless) requests: allow (serve, log, count), warn (serve, and log that block would refuse them) or block (answer 401 as IMDS does when tokens are required); imds_proxy_v1_would_block_total counts what block would refuse")
+	fs.Var(&f.allowPaths, "allow-path", "only forward paths under these prefixes (comma-separated or repeated; others get 403)")
+	fs.Var(&f.denyPaths, "deny-path", "never forward paths under these prefixes, e.g. /latest/user-data,/latest/meta-data/iam/ (403; deny wins over allow)")
+	fs.StringVar(&f.configFile, "config", "", "YAML file of flag values (keys are flag names); flags and environment variables win over it")
 	fs.BoolVar(&f.v1Fallback, "upstream-v1-fallback", true, "while no upstream IMDSv2 token can be had, forward GETs without one (else answer 503)")
 	fs.DurationVar(&f.tokenTTL, "upstream-token-ttl", 6*time.Hour, "lifetime of the proxy's own upstream token (1s..6h); refreshed at half of it")
 	fs.DurationVar(&f.tokenTimeout, "upstream-token-timeout", time.Second, "how long to wait for an upstream token response before diagnosing the hop-limit symptom")
@@ -123,9 +144,14 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 	if err != nil {
 		return proxy.Config{}, fmt.Errorf("--v1: %w", err)
 	}
+	paths, err := proxy.NewPathPolicy(f.allowPaths, f.denyPaths)
+	if err != nil {
+		return proxy.Config{}, fmt.Errorf("--allow-path/--deny-path: %w", err)
+	}
 	cfg := proxy.Config{
 		Upstream:                upstream,
 		V1:                      policy,
+		Paths:                   paths,
 		UpstreamV1Fallback:      f.v1Fallback,
 		UpstreamTokenTTL:        f.tokenTTL,
 		UpstreamTokenTimeout:    f.tokenTimeout,

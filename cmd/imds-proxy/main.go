@@ -15,6 +15,7 @@ import (
 
 	"github.com/peterbourgon/ff/v3"
 	"github.com/peterbourgon/ff/v3/ffcli"
+	"github.com/peterbourgon/ff/v3/ffyaml"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -92,7 +93,8 @@ func notYetCommand(name, help string, stderr io.Writer) *ffcli.Command {
 	}
 }
 
-// parseOptions makes every flag settable from the environment.
+// parseOptions makes every flag settable from the environment and, for the
+// serving commands, from a YAML --config file.
 func parseOptions() []ff.Option {
-	return []ff.Option{ff.WithEnvVarPrefix(envPrefix)}
+	return []ff.Option{ff.WithEnvVarPrefix(envPrefix), ff.WithConfigFileFlag("config"), ff.WithConfigFileParser(ffyaml.Parser)}
 }

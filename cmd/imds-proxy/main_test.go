@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -93,7 +94,7 @@ func TestHelpExplainsEveryFlag(t *testing.T) {
 		"-upstream-token-ttl", "-upstream-token-timeout", "-upstream-retry-min", "-upstream-retry-max",
 		"-upstream-dial-timeout", "-upstream-response-timeout", "-shutdown-timeout", "-rules",
 		"-keep-rules-on-exit", "-exempt-mark", "-exempt-uid", "-iptables-backend", "-reconcile-interval", "-ipv6",
-		"-log-format", "-log-level", "IMDS_PROXY_"} {
+		"-log-format", "-log-level", "-allow-path", "-deny-path", "-config", "IMDS_PROXY_"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("sidecar --help does not mention %s", want)
 		}
@@ -262,4 +263,37 @@ func mustParse(t *testing.T, raw string) *url.URL {
 		t.Fatal(err)
 	}
 	return u
+}
+
+// TestConfigFile: policy from a YAML --config, with flags winning over it and
+// unknown keys refused.
+func TestConfigFile(t *testing.T) {
+	aemm := testutil.StartAEMM(t, "-I")
+	cfg := filepath.Join(t.TempDir(), "imds-proxy.yaml")
+	yaml := "upstream: " + aemm.URL + "\nv1: block\ndeny-path:\n  - /latest/user-data\n  - /latest/meta-data/iam/\n"
+	if err := os.WriteFile(cfg, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := startBinary(t, nil, "--config", cfg)
+	waitReady(t, r)
+	if status, _ := get(t, "GET", r.API+"/latest/meta-data/instance-id", nil); status != 401 {
+		t.Errorf("v1: block from the config file: tokenless GET got %d, want 401", status)
+	}
+	_, tok := get(t, "PUT", r.API+"/latest/api/token", http.Header{"X-Aws-Ec2-Metadata-Token-Ttl-Seconds": {"60"}})
+	if status, _ := get(t, "GET", r.API+"/latest/meta-data/iam/info", http.Header{"X-Aws-Ec2-Metadata-Token": {tok}}); status != 403 {
+		t.Errorf("deny-path from the config file: got %d, want 403", status)
+	}
+
+	flagWins := startBinary(t, nil, "--config", cfg, "--v1", "allow")
+	waitReady(t, flagWins)
+	if status, _ := get(t, "GET", flagWins.API+"/latest/meta-data/instance-id", nil); status != 200 {
+		t.Errorf("--v1 allow over the config file: tokenless GET got %d, want 200", status)
+	}
+
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	_ = os.WriteFile(bad, []byte("v1-policy: block\n"), 0o600)
+	out, err := exec.Command(binary, "sidecar", "--rules=false", "--config", bad).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "v1-policy") {
+		t.Errorf("unknown key in --config: %v, %q; want an error naming it", err, out)
+	}
 }
