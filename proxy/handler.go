@@ -80,6 +80,8 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 		p.log.Warn(msg, zap.String("method", r.Method), zap.String("path", r.URL.Path),
 			zap.String("user_agent", r.UserAgent()), zap.String("caller", x.caller.String()),
 			zap.String("policy", string(p.cfg.V1)))
+		p.metrics.v1BySDK.WithLabelValues(sdkFamily(r.UserAgent())).Inc()
+		p.callers.record(x.caller.String(), r.UserAgent(), r.URL.Path, x.start)
 		if p.cfg.V1 == V1Block {
 			x.outcome = outcomeV1Blocked
 			return unauthorized(r)

@@ -30,6 +30,8 @@ type metrics struct {
 	sessionState     *prometheus.GaugeVec
 	upstreamTokenErr *prometheus.CounterVec
 	v1WouldBlock     prometheus.Counter
+	v1BySDK          *prometheus.CounterVec
+	v1CallersEvicted prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -55,12 +57,20 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "imds_proxy_upstream_token_failures_total",
 			Help: "Failed upstream token requests by cause; cause=timeout is the hop-limit symptom.",
 		}, []string{"cause"}),
+		v1BySDK: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imds_proxy_v1_requests_by_sdk_total",
+			Help: "Tokenless (IMDSv1) requests by client family from the User-Agent (a fixed set, other, none).",
+		}, []string{"sdk"}),
+		v1CallersEvicted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imds_proxy_v1_callers_evicted_total",
+			Help: "IMDSv1 callers dropped from the /v1-callers table to keep it within its size.",
+		}),
 		v1WouldBlock: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imds_proxy_v1_would_block_total",
 			Help: "Tokenless requests served under --v1 allow or warn that --v1 block would have refused (dry run).",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr, m.v1WouldBlock} {
+	for _, c := range []prometheus.Collector{m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr, m.v1WouldBlock, m.v1BySDK, m.v1CallersEvicted} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -76,6 +76,8 @@ type Config struct {
 	V1 V1Policy
 	// Paths decides which metadata paths may be forwarded at all.
 	Paths PathPolicy
+	// V1CallersMax bounds the /v1-callers table (0: 1024 entries).
+	V1CallersMax int
 	// UpstreamV1Fallback serves tokenless requests upstream while no upstream
 	// token can be had; when false, clients get 503 instead.
 	UpstreamV1Fallback bool
@@ -137,6 +139,7 @@ type Proxy struct {
 	session *session
 	engine  *goproxy.ProxyHttpServer
 	fwd     *forwarder
+	callers *v1Callers
 }
 
 // New builds a Proxy. The caller owns reg (metrics are registered there) and
@@ -158,8 +161,18 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 	p.session = newSession(&p.cfg, p.id, transport, log, m)
 	p.fwd = &forwarder{id: p.id, upstream: p.cfg.Upstream, transport: transport, session: p.session, metrics: m}
 	p.engine = p.newEngine()
+	max := cfg.V1CallersMax
+	if max <= 0 {
+		max = 1024
+	}
+	p.callers = newV1Callers(max, m.v1CallersEvicted.Inc)
 	return p, nil
 }
+
+// V1Callers serves the table of distinct IMDSv1 callers as JSON: who still
+// calls without a token, how often, since when, and for which paths. It
+// belongs on the admin listener.
+func (p *Proxy) V1Callers() http.Handler { return p.callers }
 
 // Run keeps the upstream IMDSv2 session until ctx is cancelled.
 func (p *Proxy) Run(ctx context.Context) { p.session.run(ctx) }

@@ -170,6 +170,9 @@ func TestEnvironmentAndFlags(t *testing.T) {
 		!strings.Contains(body, `imds_proxy_requests_total{imds_version="v1",method="GET",outcome="v1_blocked"} 1`) {
 		t.Errorf("/metrics: %d, want 200 counting the blocked request:\n%s", status, body)
 	}
+	if status, body := get(t, "GET", fromEnv.Metrics+"/v1-callers", nil); status != 200 || !strings.Contains(body, `"caller":"127.0.0.1"`) {
+		t.Errorf("/v1-callers: %d %s, want the blocked caller", status, body)
+	}
 	if status, _ := get(t, "GET", fromEnv.Metrics+"/healthz", nil); status != 200 {
 		t.Errorf("/healthz: %d, want 200", status)
 	}

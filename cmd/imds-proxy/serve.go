@@ -45,7 +45,7 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	if err != nil {
 		return err
 	}
-	err = servers.listenAdmin(f.metricsListen, proxy.NewAdminHandler(reg, readiness(p, rules)...), log)
+	err = servers.listenAdmin(f.metricsListen, proxy.NewAdminHandler(reg, p.V1Callers(), readiness(p, rules)...), log)
 	if err == nil && rules != nil {
 		// After the listeners exist, so redirected traffic always finds one.
 		err = rules.Install()

@@ -1,0 +1,73 @@
+package proxy_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+
+	"github.com/imds-proxy/imds-proxy/proxy"
+)
+
+func (h *harness) v1Callers() []proxy.V1Caller {
+	h.t.Helper()
+	rec := httptest.NewRecorder()
+	h.p.V1Callers().ServeHTTP(rec, httptest.NewRequest("GET", "/v1-callers", nil))
+	var out []proxy.V1Caller
+	if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil {
+		h.t.Fatalf("/v1-callers: %v: %s", err, rec.Body.String())
+	}
+	return out
+}
+
+func TestV1CallersTable(t *testing.T) {
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block }, nil)
+	cli := http.Header{"User-Agent": {"aws-cli/1.18.69 Python/2.7.18 Linux/5.10 botocore/1.17.44"}}
+	for _, path := range []string{"/latest/meta-data/iam/security-credentials/", "/latest/meta-data/instance-id", "/latest/meta-data/instance-id"} {
+		h.do("GET", path, cli)
+	}
+	h.doFrom(otherLoopback(t), "GET", "/latest/meta-data/", http.Header{"User-Agent": {"aws-sdk-java/1.11.0"}})
+	h.token() // IMDSv2 traffic is not an IMDSv1 caller
+
+	callers := h.v1Callers()
+	if len(callers) != 2 {
+		t.Fatalf("want 2 callers, got %+v", callers)
+	}
+	java, cliCaller := callers[0], callers[1] // most recently seen first
+	if java.Caller != "127.0.0.2" || java.SDK != "java" || java.Count != 1 {
+		t.Errorf("java caller: %+v", java)
+	}
+	if cliCaller.Caller != "127.0.0.1" || cliCaller.SDK != "aws-cli" || cliCaller.Count != 3 || len(cliCaller.ExamplePaths) != 2 {
+		t.Errorf("aws-cli caller: %+v", cliCaller)
+	}
+	if cliCaller.FirstSeen.After(cliCaller.LastSeen) || cliCaller.FirstSeen.IsZero() {
+		t.Errorf("first/last seen: %v / %v", cliCaller.FirstSeen, cliCaller.LastSeen)
+	}
+	if n := h.metric("imds_proxy_v1_requests_by_sdk_total", map[string]string{"sdk": "aws-cli"}); n != 3 {
+		t.Errorf("v1 requests by sdk aws-cli = %v, want 3", n)
+	}
+}
+
+// TestV1CallersTableIsBounded: distinct hostile User-Agents cannot grow it.
+func TestV1CallersTableIsBounded(t *testing.T) {
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1CallersMax = 3 }, nil)
+	for i := 0; i < 5; i++ {
+		h.do("GET", "/latest/meta-data/", http.Header{"User-Agent": {fmt.Sprintf("attacker-%d/%0300d", i, 0)}})
+	}
+	callers := h.v1Callers()
+	if len(callers) != 3 {
+		t.Fatalf("table holds %d callers, want its bound 3", len(callers))
+	}
+	for _, c := range callers {
+		if len(c.UserAgent) > 256 || c.SDK != "other" {
+			t.Errorf("entry not bounded: user agent of %d bytes, sdk %q", len(c.UserAgent), c.SDK)
+		}
+	}
+	if callers[0].UserAgent[:11] != "attacker-4/" {
+		t.Errorf("most recent caller first: got %q", callers[0].UserAgent[:11])
+	}
+	if n := h.metric("imds_proxy_v1_callers_evicted_total", nil); n != 2 {
+		t.Errorf("evictions = %v, want 2", n)
+	}
+}
