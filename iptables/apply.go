@@ -290,3 +290,22 @@ func explain(err error) error {
 	}
 	return err
 }
+
+// Present reports whether any imds-proxy chain exists in this namespace's
+// tables of family (auto-detected backend). It needs NET_ADMIN or root.
+func Present(family Family) (bool, error) {
+	t, err := Open(family, BackendAuto)
+	if err != nil {
+		return false, err
+	}
+	for _, c := range []Chain{{"nat", ChainOutput}, {"nat", ChainPrerouting}} {
+		ok, err := t.ipt.ChainExists(c.Table, c.Name)
+		if err != nil {
+			return false, explain(err)
+		}
+		if ok {
+			return true, nil
+		}
+	}
+	return false, nil
+}

@@ -145,6 +145,9 @@ func (p *Proxy) serveToken(r *http.Request, x *exchange) *http.Response {
 	p.metrics.tokensMinted.Inc()
 	resp := textResponse(r, http.StatusOK, tok)
 	resp.Header.Set(token.TTLHeader, strconv.Itoa(int(ttl.Seconds())))
+	if p.cfg.Shape != "" {
+		resp.Header.Set("X-Imds-Proxy", p.cfg.Shape)
+	}
 	return resp
 }
 

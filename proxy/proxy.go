@@ -78,6 +78,9 @@ type Config struct {
 	Paths PathPolicy
 	// V1CallersMax bounds the /v1-callers table (0: 1024 entries).
 	V1CallersMax int
+	// Shape ("sidecar", "node") is announced in the X-Imds-Proxy header of
+	// token responses, so that `imds-proxy doctor` can tell who answered.
+	Shape string
 	// UpstreamV1Fallback serves tokenless requests upstream while no upstream
 	// token can be had; when false, clients get 503 instead.
 	UpstreamV1Fallback bool

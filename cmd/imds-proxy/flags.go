@@ -152,6 +152,7 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 		Upstream:                upstream,
 		V1:                      policy,
 		Paths:                   paths,
+		Shape:                   string(f.mode),
 		UpstreamV1Fallback:      f.v1Fallback,
 		UpstreamTokenTTL:        f.tokenTTL,
 		UpstreamTokenTimeout:    f.tokenTimeout,

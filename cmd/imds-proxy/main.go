@@ -27,7 +27,8 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	if err := newRootCommand(os.Stdout, os.Stderr).ParseAndRun(ctx, os.Args[1:]); err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
+		var exit exitError
+		if !errors.Is(err, flag.ErrHelp) && !errors.As(err, &exit) {
 			fmt.Fprintln(os.Stderr, "imds-proxy:", err)
 		}
 		os.Exit(exitCode(err))
@@ -35,8 +36,12 @@ func main() {
 }
 
 func exitCode(err error) int {
-	if errors.Is(err, flag.ErrHelp) {
+	var exit exitError
+	switch {
+	case errors.Is(err, flag.ErrHelp):
 		return 0
+	case errors.As(err, &exit):
+		return exit.code
 	}
 	return 1
 }
@@ -58,7 +63,7 @@ func newRootCommand(stdout, stderr io.Writer) *ffcli.Command {
 			newSidecarCommand(stderr),
 			newNodeCommand(stderr),
 			newRulesCommand(stdout, stderr),
-			notYetCommand("doctor", "diagnose IMDS reachability and the hop-limit symptom", stderr),
+			newDoctorCommand(stdout, stderr),
 			newVersionCommand(stdout),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },
@@ -73,22 +78,6 @@ func newVersionCommand(stdout io.Writer) *ffcli.Command {
 		Exec: func(context.Context, []string) error {
 			_, err := fmt.Fprintln(stdout, "imds-proxy", version)
 			return err
-		},
-	}
-}
-
-// notYetCommand names a subcommand that a later release fills, so that --help
-// shows the whole shape of the tool and using it says plainly what is missing.
-func notYetCommand(name, help string, stderr io.Writer) *ffcli.Command {
-	fs := flag.NewFlagSet("imds-proxy "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	return &ffcli.Command{
-		Name:       name,
-		ShortUsage: "imds-proxy " + name,
-		ShortHelp:  help + " (not implemented yet)",
-		FlagSet:    fs,
-		Exec: func(context.Context, []string) error {
-			return fmt.Errorf("%s is not implemented in this version yet", name)
 		},
 	}
 }

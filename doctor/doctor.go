@@ -1,0 +1,175 @@
+// Package doctor probes an IMDS endpoint from the current network namespace
+// and explains in plain words what a workload here would experience: whether
+// IMDSv2 works, whether the hop limit eats token responses, whether IMDSv1 is
+// allowed, and whether an imds-proxy and its redirect are in place.
+package doctor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"time"
+)
+
+// Exit codes, one per diagnosis.
+const (
+	ExitHealthy       = 0
+	ExitHopLimit      = 2
+	ExitUnreachable   = 3
+	ExitV2Refused     = 4
+	ExitV2Unavailable = 5
+)
+
+// ProxyHeader is the response header with which imds-proxy names its shape
+// (sidecar or node) on the responses it answers itself.
+const ProxyHeader = "X-Imds-Proxy"
+
+// Probe is one HTTP exchange's outcome.
+type Probe struct {
+	Status   int     `json:"status,omitempty"`
+	Seconds  float64 `json:"seconds"`
+	Error    string  `json:"error,omitempty"`
+	TimedOut bool    `json:"timed_out,omitempty"`
+}
+
+// Report is everything doctor found, and its verdict.
+type Report struct {
+	Endpoint       string   `json:"endpoint"`
+	Connects       bool     `json:"connects"`
+	Token          Probe    `json:"token"`
+	V2Get          *Probe   `json:"v2_get,omitempty"`
+	V1Get          Probe    `json:"v1_get"`
+	TokensRequired bool     `json:"tokens_required"`
+	Proxy          string   `json:"proxy,omitempty"`
+	Rules          string   `json:"redirect_rules"`
+	Diagnosis      string   `json:"diagnosis"`
+	Fixes          []string `json:"fixes,omitempty"`
+	ExitCode       int      `json:"exit_code"`
+}
+
+// Config bounds the probes; the sum stays under five seconds.
+type Config struct {
+	Endpoint       *url.URL
+	ConnectTimeout time.Duration
+	TokenTimeout   time.Duration
+	GetTimeout     time.Duration
+	// Rules reports whether imds-proxy redirect rules exist here:
+	// "present", "absent", or "unknown" with the reason.
+	Rules func() string
+}
+
+// Run probes the endpoint and diagnoses what it found.
+func Run(ctx context.Context, cfg Config) Report {
+	r := Report{Endpoint: cfg.Endpoint.String(), Rules: "unknown"}
+	if cfg.Rules != nil {
+		r.Rules = cfg.Rules()
+	}
+	client := &http.Client{
+		Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true,
+			DialContext: (&net.Dialer{Timeout: cfg.ConnectTimeout}).DialContext},
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	addr := cfg.Endpoint.Host
+	if cfg.Endpoint.Port() == "" {
+		addr = net.JoinHostPort(cfg.Endpoint.Hostname(), "80")
+	}
+	conn, err := (&net.Dialer{Timeout: cfg.ConnectTimeout}).DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return diagnose(r)
+	}
+	conn.Close()
+	r.Connects = true
+	var tok string
+	r.Token, tok, r.Proxy = probeToken(ctx, client, cfg)
+	if tok != "" {
+		p := probeGet(ctx, client, cfg, tok)
+		r.V2Get = &p
+	}
+	r.V1Get = probeGet(ctx, client, cfg, "")
+	r.TokensRequired = r.V1Get.Status == http.StatusUnauthorized
+	return diagnose(r)
+}
+
+func probeToken(ctx context.Context, client *http.Client, cfg Config) (Probe, string, string) {
+	ctx, cancel := context.WithTimeout(ctx, cfg.TokenTimeout)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPut, cfg.Endpoint.JoinPath("/latest/api/token").String(), nil)
+	req.Header.Set("X-Aws-Ec2-Metadata-Token-Ttl-Seconds", "60")
+	req.Header.Set("User-Agent", "imds-proxy-doctor")
+	p, body, header := do(client, req)
+	if p.Status != http.StatusOK {
+		return p, "", header.Get(ProxyHeader)
+	}
+	return p, body, header.Get(ProxyHeader)
+}
+
+func probeGet(ctx context.Context, client *http.Client, cfg Config, tok string) Probe {
+	ctx, cancel := context.WithTimeout(ctx, cfg.GetTimeout)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, cfg.Endpoint.JoinPath("/latest/meta-data/").String(), nil)
+	req.Header.Set("User-Agent", "imds-proxy-doctor")
+	if tok != "" {
+		req.Header.Set("X-Aws-Ec2-Metadata-Token", tok)
+	}
+	p, _, _ := do(client, req)
+	return p
+}
+
+func do(client *http.Client, req *http.Request) (Probe, string, http.Header) {
+	start := time.Now()
+	resp, err := client.Do(req)
+	p := Probe{Seconds: time.Since(start).Seconds()}
+	if err != nil {
+		p.Error = err.Error()
+		var netErr net.Error
+		p.TimedOut = errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout())
+		return p, "", nil
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	p.Status = resp.StatusCode
+	return p, string(body), resp.Header
+}
+
+var hopLimitFixes = []string{
+	"aws ec2 modify-instance-metadata-options --instance-id <instance-id> --http-put-response-hop-limit 2",
+	"or run imds-proxy in node mode on the host (hostNetwork DaemonSet / ECS daemon service)",
+	"or run imds-proxy as a sidecar chained to the node agent (--upstream http://<node address>:8169)",
+}
+
+// diagnose turns the probes into one verdict, its fixes and its exit code.
+func diagnose(r Report) Report {
+	switch {
+	case !r.Connects:
+		r.Diagnosis = "IMDS is unreachable from here: nothing accepts connections at " + r.Endpoint +
+			" (no route, a firewall, or the instance's metadata endpoint is disabled: HttpEndpoint=disabled)"
+		r.Fixes = []string{"aws ec2 modify-instance-metadata-options --instance-id <instance-id> --http-endpoint enabled"}
+		r.ExitCode = ExitUnreachable
+	case r.Token.TimedOut || (r.Token.Error != "" && r.V1Get.Status != 0):
+		r.Diagnosis = "hop-limit symptom: the connection opens but the IMDSv2 token response never arrives. " +
+			"IMDS sends it with IP TTL = the hop limit, and this namespace is more hops away. AWS SDKs here " +
+			"wait on this timeout and fall back to IMDSv1"
+		if r.TokensRequired {
+			r.Diagnosis += "; tokens are required, so they get no credentials at all"
+		}
+		r.Fixes = hopLimitFixes
+		r.ExitCode = ExitHopLimit
+	case r.Token.Status == http.StatusOK && r.V2Get != nil && r.V2Get.Status == http.StatusOK:
+		r.Diagnosis = "healthy: IMDSv2 works"
+		if r.Proxy != "" {
+			r.Diagnosis += ", answered by imds-proxy (" + r.Proxy + ")"
+		}
+		r.ExitCode = ExitHealthy
+	case r.Token.Status != 0:
+		r.Diagnosis = fmt.Sprintf("IMDS refuses IMDSv2 tokens here (HTTP %d to the token request)", r.Token.Status)
+		r.ExitCode = ExitV2Refused
+	default:
+		r.Diagnosis = "IMDSv2 is not working here: " + r.Token.Error
+		r.ExitCode = ExitV2Unavailable
+	}
+	return r
+}

@@ -1,0 +1,90 @@
+package e2e
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imds-proxy/imds-proxy/doctor"
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+// runDoctor runs `imds-proxy doctor --json` in ns and returns its report and
+// exit status.
+func runDoctor(t *testing.T, ns *testutil.Netns) (doctor.Report, int) {
+	t.Helper()
+	start := time.Now()
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, bins.Proxy, "doctor", "--json")
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	out, err := cmd.Output()
+	elapsed := time.Since(start)
+	code := 0
+	var exit *exec.ExitError
+	if errors.As(err, &exit) {
+		code = exit.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	var r doctor.Report
+	if err := json.Unmarshal(out, &r); err != nil {
+		t.Fatalf("doctor --json printed %q: %v", out, err)
+	}
+	// The bound the doctor promises; its own timeouts add up to 4.5 s.
+	if elapsed >= 5*time.Second {
+		t.Errorf("doctor took %s", elapsed)
+	}
+	return r, code
+}
+
+func TestDoctorDiagnoses(t *testing.T) {
+	t.Run("hop limit 1 from a task, tokens required", func(t *testing.T) {
+		e := testutil.NewEC2(t, 1, true)
+		r, code := runDoctor(t, e.Task)
+		if code != doctor.ExitHopLimit || !strings.Contains(r.Diagnosis, "hop-limit") || !r.TokensRequired {
+			t.Errorf("exit %d, report %+v; want the hop-limit diagnosis with tokens required", code, r)
+		}
+		if len(r.Fixes) == 0 || !strings.Contains(r.Fixes[0], "--http-put-response-hop-limit 2") {
+			t.Errorf("fixes %q do not name the hop-limit command", r.Fixes)
+		}
+	})
+	t.Run("healthy from the node", func(t *testing.T) {
+		e := testutil.NewEC2(t, 1, true)
+		r, code := runDoctor(t, e.Node)
+		if code != doctor.ExitHealthy || !r.TokensRequired || r.Proxy != "" || r.Rules != "absent" {
+			t.Errorf("exit %d, report %+v; want healthy, tokens required, no proxy, no rules", code, r)
+		}
+	})
+	t.Run("IMDSv1 allowed, hop limit 1 from a task", func(t *testing.T) {
+		e := testutil.NewEC2(t, 1, false)
+		r, code := runDoctor(t, e.Task)
+		if code != doctor.ExitHopLimit || r.TokensRequired || r.V1Get.Status != 200 {
+			t.Errorf("exit %d, report %+v; want the hop-limit diagnosis with IMDSv1 answering", code, r)
+		}
+	})
+	t.Run("unreachable", func(t *testing.T) {
+		r, code := runDoctor(t, testutil.NewNetns(t))
+		if code != doctor.ExitUnreachable || r.Connects {
+			t.Errorf("exit %d, report %+v; want unreachable", code, r)
+		}
+	})
+	t.Run("behind the node agent", func(t *testing.T) {
+		e := testutil.NewEC2(t, 1, true)
+		startNodeAgent(t, e)
+		r, code := runDoctor(t, e.Task)
+		if code != doctor.ExitHealthy || r.Proxy != "node" {
+			t.Errorf("exit %d, report %+v; want healthy through the node agent", code, r)
+		}
+	})
+	t.Run("behind a sidecar", func(t *testing.T) {
+		e := testutil.NewEC2(t, 2, true)
+		startSidecar(t, e, "--upstream", "http://169.254.169.254")
+		r, code := runDoctor(t, e.Task)
+		if code != doctor.ExitHealthy || r.Proxy != "sidecar" || r.Rules != "present" {
+			t.Errorf("exit %d, report %+v; want healthy through the sidecar with its rules present", code, r)
+		}
+	})
+}
