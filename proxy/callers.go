@@ -17,16 +17,17 @@ const (
 
 // V1Caller is one distinct IMDSv1 caller, as /v1-callers reports it.
 type V1Caller struct {
-	Caller       string    `json:"caller"`
-	UserAgent    string    `json:"user_agent"`
-	SDK          string    `json:"sdk"`
+	Caller    string `json:"caller"`
+	UserAgent string `json:"user_agent"`
+	SDK       string `json:"sdk"`
+	Process
 	Count        uint64    `json:"count"`
 	FirstSeen    time.Time `json:"first_seen"`
 	LastSeen     time.Time `json:"last_seen"`
 	ExamplePaths []string  `json:"example_paths"`
 }
 
-type callerKey struct{ caller, userAgent string }
+type callerKey struct{ caller, userAgent, executable string }
 
 // v1Callers is a fixed-size table of IMDSv1 callers; when full, the caller
 // seen least recently is evicted.
@@ -43,8 +44,8 @@ func newV1Callers(max int, evicted func()) *v1Callers {
 	return &v1Callers{max: max, evicted: evicted, order: list.New(), entries: map[callerKey]*list.Element{}}
 }
 
-func (c *v1Callers) record(caller, userAgent, path string, now time.Time) {
-	key := callerKey{caller, truncate(userAgent)}
+func (c *v1Callers) record(caller, userAgent, path string, proc Process, now time.Time) {
+	key := callerKey{caller, truncate(userAgent), proc.Executable}
 	path = truncate(path)
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -52,6 +53,7 @@ func (c *v1Callers) record(caller, userAgent, path string, now time.Time) {
 		e := el.Value.(*V1Caller)
 		e.Count++
 		e.LastSeen = now
+		e.Process = proc // the latest process behind this caller
 		if len(e.ExamplePaths) < maxExamplePaths && !contains(e.ExamplePaths, path) {
 			e.ExamplePaths = append(e.ExamplePaths, path)
 		}
@@ -61,11 +63,11 @@ func (c *v1Callers) record(caller, userAgent, path string, now time.Time) {
 	if c.order.Len() >= c.max {
 		oldest := c.order.Back()
 		o := oldest.Value.(*V1Caller)
-		delete(c.entries, callerKey{o.Caller, o.UserAgent})
+		delete(c.entries, callerKey{o.Caller, o.UserAgent, o.Executable})
 		c.order.Remove(oldest)
 		c.evicted()
 	}
-	e := &V1Caller{Caller: caller, UserAgent: key.userAgent, SDK: sdkFamily(userAgent), Count: 1,
+	e := &V1Caller{Caller: caller, UserAgent: key.userAgent, SDK: sdkFamily(userAgent), Process: proc, Count: 1,
 		FirstSeen: now, LastSeen: now, ExamplePaths: []string{path}}
 	c.entries[key] = c.order.PushFront(e)
 }

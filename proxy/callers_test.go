@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"testing"
 
 	"github.com/imds-proxy/imds-proxy/proxy"
@@ -69,5 +70,22 @@ func TestV1CallersTableIsBounded(t *testing.T) {
 	}
 	if n := h.metric("imds_proxy_v1_callers_evicted_total", nil); n != 2 {
 		t.Errorf("evictions = %v, want 2", n)
+	}
+}
+
+// TestV1CallerAttribution: the test process itself calls without a token
+// over loopback, sharing the proxy's network and PID namespaces as a
+// sidecar's neighbours do; the table names its UID, PID and executable.
+func TestV1CallerAttribution(t *testing.T) {
+	h, _ := startBehindAEMM(t, nil, nil)
+	h.do("GET", "/latest/meta-data/", http.Header{"User-Agent": {"legacy-script/1.0"}})
+	callers := h.v1Callers()
+	if len(callers) != 1 {
+		t.Fatalf("want 1 caller, got %+v", callers)
+	}
+	c := callers[0]
+	exe, _ := os.Executable()
+	if c.UID == nil || *c.UID != os.Getuid() || c.PID != os.Getpid() || c.Executable != exe || c.Command == "" {
+		t.Errorf("caller process %+v (uid %v); want uid %d, pid %d, executable %s", c.Process, c.UID, os.Getuid(), os.Getpid(), exe)
 	}
 }

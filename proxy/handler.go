@@ -73,15 +73,17 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 	tokens := r.Header.Values(token.Header)
 	switch len(tokens) {
 	case 0:
+		proc := p.attribute(r)
 		msg := "IMDSv1 request (no token)"
 		if p.cfg.V1 == V1Warn {
 			msg = "IMDSv1 request (no token): --v1 block would refuse it"
 		}
 		p.log.Warn(msg, zap.String("method", r.Method), zap.String("path", r.URL.Path),
 			zap.String("user_agent", r.UserAgent()), zap.String("caller", x.caller.String()),
-			zap.String("policy", string(p.cfg.V1)))
+			zap.String("policy", string(p.cfg.V1)), zap.Intp("uid", proc.UID), zap.Int("pid", proc.PID),
+			zap.String("command", proc.Command), zap.String("executable", proc.Executable))
 		p.metrics.v1BySDK.WithLabelValues(sdkFamily(r.UserAgent())).Inc()
-		p.callers.record(x.caller.String(), r.UserAgent(), r.URL.Path, x.start)
+		p.callers.record(x.caller.String(), r.UserAgent(), r.URL.Path, proc, x.start)
 		if p.cfg.V1 == V1Block {
 			x.outcome = outcomeV1Blocked
 			return unauthorized(r)
@@ -98,6 +100,16 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 	}
 	x.outcome = outcomeBadRequest
 	return textResponse(r, http.StatusBadRequest, "more than one token header")
+}
+
+// attribute finds the process behind an IMDSv1 request where the shape lets
+// the proxy see it.
+func (p *Proxy) attribute(r *http.Request) Process {
+	client, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return Process{}
+	}
+	return p.attributor.lookup(client)
 }
 
 // checkPath normalises the request path, applies the path policy, and

@@ -134,15 +134,16 @@ func (c *Config) Validate() error {
 // Proxy is the IMDS proxy. It is an http.Handler; call Run to keep its
 // upstream session alive.
 type Proxy struct {
-	id      string // this process's loopHeader value
-	cfg     Config
-	log     *zap.Logger
-	metrics *metrics
-	minter  *token.Minter
-	session *session
-	engine  *goproxy.ProxyHttpServer
-	fwd     *forwarder
-	callers *v1Callers
+	id         string // this process's loopHeader value
+	cfg        Config
+	log        *zap.Logger
+	metrics    *metrics
+	minter     *token.Minter
+	session    *session
+	engine     *goproxy.ProxyHttpServer
+	fwd        *forwarder
+	callers    *v1Callers
+	attributor attributor
 }
 
 // New builds a Proxy. The caller owns reg (metrics are registered there) and
@@ -169,6 +170,7 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 		max = 1024
 	}
 	p.callers = newV1Callers(max, m.v1CallersEvicted.Inc)
+	p.attributor = attributor{proc: "/proc"}
 	return p, nil
 }
 

@@ -1,0 +1,135 @@
+package proxy
+
+import (
+	"bufio"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// Process is what the proxy can tell about the process behind a connection:
+// the socket's UID when the caller shares the proxy's network namespace
+// (sidecar), and the process itself when its PID namespace is visible too.
+type Process struct {
+	UID        *int   `json:"uid,omitempty"`
+	PID        int    `json:"pid,omitempty"`
+	Command    string `json:"command,omitempty"`
+	Executable string `json:"executable,omitempty"`
+	Cgroup     string `json:"cgroup,omitempty"`
+}
+
+// attributor looks callers up in a proc filesystem. It runs only for IMDSv1
+// requests, so the IMDSv2 path never pays for it.
+type attributor struct{ proc string }
+
+// lookup finds the TCP socket whose local address is client (the caller's
+// end of the connection) and the process holding it.
+func (a attributor) lookup(client netip.AddrPort) Process {
+	uid, inode, ok := a.socket(client)
+	if !ok {
+		return Process{}
+	}
+	p := Process{UID: &uid}
+	if pid, ok := a.holder(inode); ok {
+		p.PID = pid
+		p.Command = a.read(pid, "comm")
+		p.Executable, _ = os.Readlink(filepath.Join(a.proc, strconv.Itoa(pid), "exe"))
+		p.Cgroup = a.read(pid, "cgroup")
+	}
+	return p
+}
+
+func (a attributor) read(pid int, name string) string {
+	b, err := os.ReadFile(filepath.Join(a.proc, strconv.Itoa(pid), name))
+	if err != nil {
+		return ""
+	}
+	return truncate(strings.TrimSpace(string(b)))
+}
+
+// socket scans /proc/net/tcp and tcp6 for the socket bound to client.
+func (a attributor) socket(client netip.AddrPort) (uid int, inode uint64, ok bool) {
+	want := procNetAddr(client)
+	for _, table := range []string{"net/tcp", "net/tcp6"} {
+		f, err := os.Open(filepath.Join(a.proc, table))
+		if err != nil {
+			continue
+		}
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fields := strings.Fields(sc.Text())
+			if len(fields) < 10 || !strings.EqualFold(fields[1], want[table]) {
+				continue
+			}
+			u, err1 := strconv.Atoi(fields[7])
+			n, err2 := strconv.ParseUint(fields[9], 10, 64)
+			if err1 == nil && err2 == nil && n != 0 {
+				f.Close()
+				return u, n, true
+			}
+		}
+		f.Close()
+	}
+	return 0, 0, false
+}
+
+// procNetAddr spells addr as /proc/net/tcp and tcp6 do: each 32-bit word of
+// the address in host (little-endian) byte order, then the port, in hex.
+func procNetAddr(addr netip.AddrPort) map[string]string {
+	port := fmt.Sprintf(":%04X", addr.Port())
+	out := map[string]string{}
+	ip := addr.Addr().Unmap()
+	if ip.Is4() {
+		b := ip.As4()
+		out["net/tcp"] = strings.ToUpper(hex.EncodeToString([]byte{b[3], b[2], b[1], b[0]})) + port
+		mapped := netip.AddrFrom16(ip.As16())
+		out["net/tcp6"] = words(mapped.As16()) + port
+		return out
+	}
+	out["net/tcp6"] = words(ip.As16()) + port
+	return out
+}
+
+func words(b [16]byte) string {
+	var s strings.Builder
+	for i := 0; i < 16; i += 4 {
+		s.WriteString(strings.ToUpper(hex.EncodeToString([]byte{b[i+3], b[i+2], b[i+1], b[i]})))
+	}
+	return s.String()
+}
+
+// holder finds the process with a descriptor on the socket inode. It reads
+// at most maxScannedFDs descriptors, so a crowded namespace bounds its cost.
+func (a attributor) holder(inode uint64) (int, bool) {
+	const maxScannedFDs = 20000
+	target := "socket:[" + strconv.FormatUint(inode, 10) + "]"
+	pids, err := os.ReadDir(a.proc)
+	if err != nil {
+		return 0, false
+	}
+	scanned := 0
+	for _, d := range pids {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		fdDir := filepath.Join(a.proc, d.Name(), "fd")
+		fds, err := os.ReadDir(fdDir)
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			if scanned++; scanned > maxScannedFDs {
+				return 0, false
+			}
+			if link, err := os.Readlink(filepath.Join(fdDir, fd.Name())); err == nil && link == target {
+				return pid, true
+			}
+		}
+	}
+	return 0, false
+}
