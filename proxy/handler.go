@@ -21,6 +21,7 @@ type exchange struct {
 	caller  netip.Addr
 	version string // "v1" (no token) or "v2"
 	outcome string
+	ttl     int // seconds a token request asked for: a client fingerprint (SDKs differ)
 }
 
 func newExchange(r *http.Request) *exchange {
@@ -154,6 +155,7 @@ func (p *Proxy) serveToken(r *http.Request, x *exchange) *http.Response {
 		return textResponse(r, http.StatusBadRequest, "bad request")
 	}
 	x.outcome = outcomeTokenIssued
+	x.ttl = int(ttl.Seconds())
 	p.metrics.tokensMinted.Inc()
 	resp := textResponse(r, http.StatusOK, tok)
 	resp.Header.Set(token.TTLHeader, strconv.Itoa(int(ttl.Seconds())))
@@ -200,7 +202,7 @@ func (p *Proxy) record(x *exchange, r *http.Request, status int) {
 		ce.Write(zap.String("method", r.Method), zap.String("path", r.URL.Path),
 			zap.Int("status", status), zap.String("outcome", x.outcome),
 			zap.String("imds_version", x.version), zap.String("caller", x.caller.String()),
-			zap.String("user_agent", r.UserAgent()), zap.Duration("duration", time.Since(x.start)))
+			zap.String("user_agent", r.UserAgent()), zap.Int("token_ttl", x.ttl), zap.Duration("duration", time.Since(x.start)))
 	}
 }
 
