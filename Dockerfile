@@ -1,6 +1,7 @@
-# Multi-stage build of a static imds-proxy binary. The runtime image gains
-# iptables (nft and legacy) and a fixed non-root user with the deployment work.
-FROM golang:1.26 AS build
+# imds-proxy image: a static binary on a small Debian base that carries
+# iptables and ip6tables with both the nft and legacy backends, so that
+# --iptables-backend auto matches whatever the host uses.
+FROM golang:1.26-bookworm AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
@@ -8,7 +9,15 @@ COPY . .
 ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/imds-proxy ./cmd/imds-proxy
 
-FROM gcr.io/distroless/static-debian12
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/imds-proxy /usr/local/bin/imds-proxy
+# A fixed non-root UID: the unprivileged proxy of the init-container setup,
+# whose rules exempt it with `rules install --exempt-uid 1337 --exempt-mark 0`.
+# Shapes where the proxy itself installs rules (native sidecar, node agent)
+# run it as root with only the NET_ADMIN capability.
+USER 1337:1337
 ENTRYPOINT ["/usr/local/bin/imds-proxy"]
 CMD ["sidecar"]

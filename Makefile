@@ -9,7 +9,7 @@ SHELL        := /bin/bash
 # The demo and benchmark print a table from the e2e package; these lines are go test's own.
 GO_TEST_NOISE := '^(=== RUN|--- PASS|PASS$$|ok )'
 
-.PHONY: build test lint demo demo-loopback bench clean deps
+.PHONY: build test lint demo demo-loopback bench image clean deps
 
 ## build: bin/imds-proxy
 build:
@@ -52,6 +52,13 @@ demo-loopback: build $(BIN)/ec2-metadata-mock $(BIN)/demo-client
 ## bench: the demo's measurements, median of 9 runs each
 bench: deps $(BIN)/ec2-metadata-mock
 	AEMM_BIN=$(BIN)/ec2-metadata-mock IMDS_PROXY_BENCH_RUNS=9 $(GO) test -count=1 -run '^TestDemoTable$$' -v ./e2e | grep -vE $(GO_TEST_NOISE)
+
+## image: the container image, with docker (engine running) or buildah
+IMAGE ?= imds-proxy:$(VERSION)
+image:
+	@if docker info >/dev/null 2>&1; then docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .; \
+	elif command -v buildah >/dev/null; then buildah bud --build-arg VERSION=$(VERSION) -t $(IMAGE) .; \
+	else echo "make image needs docker with a running engine, or buildah; neither is available here" >&2; exit 1; fi
 
 clean:
 	rm -rf $(BIN)
