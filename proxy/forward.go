@@ -1,12 +1,16 @@
 package proxy
 
 import (
+	"bytes"
+	"context"
+	"errors"
 	"io"
 	"net/http"
 	"net/url"
 	"time"
 
 	"github.com/elazarl/goproxy"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/imds-proxy/imds-proxy/token"
 )
@@ -14,39 +18,110 @@ import (
 // forwarder sends client requests to the upstream with the proxy's own
 // session token. It is the goproxy RoundTripper of every forwarded request.
 type forwarder struct {
-	id        string // loopHeader value
-	upstream  *url.URL
-	transport http.RoundTripper
-	session   *session
-	metrics   *metrics
+	id          string // loopHeader value
+	upstream    *url.URL
+	transport   http.RoundTripper
+	session     *session
+	metrics     *metrics
+	bodyTimeout time.Duration
+	flights     singleflight.Group
 }
 
-// RoundTrip forwards req according to the session state. An upstream 401 to
-// a request that carried the session token means the token went stale: the
-// session is refreshed once (shared with concurrent callers) and the request
-// retried once.
+// maxSharedBody bounds a response shared between coalesced requests; IMDS
+// answers are small (user-data, the largest, is at most 16 KiB).
+const maxSharedBody = 1 << 20
+
+// RoundTrip forwards req. Identical GETs in flight at the same time share one
+// upstream request, so a burst of clients (a deployment starting, every SDK
+// refreshing credentials) costs IMDS's link-local packet budget once.
 func (f *forwarder) RoundTrip(req *http.Request, ctx *goproxy.ProxyCtx) (*http.Response, error) {
-	state, tok, err := f.session.current(req.Context())
+	if req.Method != http.MethodGet {
+		resp, unavailable, err := f.fetch(req)
+		markUnavailable(ctx, unavailable)
+		return resp, err
+	}
+	key := req.URL.Path + "\x00" + req.Header.Get("Accept-Encoding")
+	v, err, _ := f.flights.Do(key, func() (any, error) {
+		// The first caller's cancellation must not fail the others.
+		detached, cancel := context.WithTimeout(context.WithoutCancel(req.Context()), 2*f.bodyTimeout)
+		defer cancel()
+		resp, unavailable, err := f.fetch(req.Clone(detached))
+		if err != nil {
+			return nil, err
+		}
+		return readShared(resp, unavailable)
+	})
 	if err != nil {
 		return nil, err
 	}
-	if state == stateDown {
-		return f.unavailable(req, ctx), nil
+	shared := v.(*sharedResponse)
+	markUnavailable(ctx, shared.unavailable)
+	return shared.response(req), nil
+}
+
+// fetch forwards req according to the session state. An upstream 401 to a
+// request that carried the session token means the token went stale: the
+// session is refreshed once (shared with concurrent callers) and the request
+// retried once. unavailable reports a 503 of the proxy's own making.
+func (f *forwarder) fetch(req *http.Request) (resp *http.Response, unavailable bool, err error) {
+	state, tok, err := f.session.current(req.Context())
+	if err != nil {
+		return nil, false, err
 	}
-	resp, err := f.send(req, tok)
+	if state == stateDown {
+		return f.unavailable(req), true, nil
+	}
+	resp, err = f.send(req, tok)
 	if err != nil || resp.StatusCode != http.StatusUnauthorized {
-		return resp, err
+		return resp, false, err
 	}
 	discard(resp)
 	if state == stateV1Fallback {
 		// The upstream requires tokens and the proxy has none: a 401 would
 		// only make the client fetch another proxy token and fail again.
-		return f.unavailable(req, ctx), nil
+		return f.unavailable(req), true, nil
 	}
 	if state, tok = f.session.refresh(tok); state != stateV2 {
-		return f.unavailable(req, ctx), nil
+		return f.unavailable(req), true, nil
 	}
-	return f.send(req, tok)
+	resp, err = f.send(req, tok)
+	return resp, false, err
+}
+
+// sharedResponse is an upstream answer read whole, to hand to every
+// coalesced caller.
+type sharedResponse struct {
+	status      int
+	header      http.Header
+	body        []byte
+	unavailable bool
+}
+
+func readShared(resp *http.Response, unavailable bool) (*sharedResponse, error) {
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxSharedBody+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(body) > maxSharedBody {
+		return nil, errors.New("upstream response larger than 1 MiB")
+	}
+	return &sharedResponse{status: resp.StatusCode, header: resp.Header, body: body, unavailable: unavailable}, nil
+}
+
+func (s *sharedResponse) response(req *http.Request) *http.Response {
+	return &http.Response{
+		Status: http.StatusText(s.status), StatusCode: s.status,
+		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: s.header.Clone(), Body: io.NopCloser(bytes.NewReader(s.body)),
+		ContentLength: int64(len(s.body)), Request: req,
+	}
+}
+
+func markUnavailable(ctx *goproxy.ProxyCtx, unavailable bool) {
+	if x, ok := ctx.UserData.(*exchange); ok && unavailable {
+		x.outcome = outcomeUpstreamUnavailable
+	}
 }
 
 // send makes one upstream request, with the session token if there is one.
@@ -67,10 +142,7 @@ func (f *forwarder) send(req *http.Request, sessionToken string) (*http.Response
 	return resp, err
 }
 
-func (f *forwarder) unavailable(req *http.Request, ctx *goproxy.ProxyCtx) *http.Response {
-	if x, ok := ctx.UserData.(*exchange); ok {
-		x.outcome = outcomeUpstreamUnavailable
-	}
+func (f *forwarder) unavailable(req *http.Request) *http.Response {
 	resp := textResponse(req, http.StatusServiceUnavailable,
 		"imds-proxy has no IMDSv2 session with the upstream IMDS (see the proxy's log and "+
 			"imds_proxy_upstream_session_state); the usual cause is the instance's metadata hop limit")

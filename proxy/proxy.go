@@ -163,7 +163,8 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 	transport := newUpstreamTransport(&cfg)
 	p := &Proxy{id: hex.EncodeToString(id), cfg: cfg, log: log, metrics: m, minter: minter}
 	p.session = newSession(&p.cfg, p.id, transport, log, m)
-	p.fwd = &forwarder{id: p.id, upstream: p.cfg.Upstream, transport: transport, session: p.session, metrics: m}
+	p.fwd = &forwarder{id: p.id, upstream: p.cfg.Upstream, transport: transport, session: p.session, metrics: m,
+		bodyTimeout: cfg.UpstreamResponseTimeout}
 	p.engine = p.newEngine()
 	max := cfg.V1CallersMax
 	if max <= 0 {

@@ -1,0 +1,65 @@
+package proxy_test
+
+import (
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+	"github.com/imds-proxy/imds-proxy/token"
+)
+
+// TestConcurrentIdenticalGETsShareOneUpstreamRequest: a burst of clients
+// asking for the same path while the upstream is slow costs IMDS one request;
+// every client still gets the full answer.
+func TestConcurrentIdenticalGETsShareOneUpstreamRequest(t *testing.T) {
+	aemm := testutil.StartAEMM(t, "-I")
+	slow := testutil.NewDelayingTap(t, aemm.Addr, 300*time.Millisecond)
+	h := startProxy(t, testConfig(slow.URL()), nil)
+	tok := h.token()
+	before := len(slow.Requests())
+
+	const clients = 200
+	paths := []string{"/latest/meta-data/instance-id", "/latest/meta-data/placement/region"}
+	want := map[string]string{paths[0]: "i-1234567890abcdef0", paths[1]: "us-east-1"}
+	var wg sync.WaitGroup
+	errs := make(chan string, clients)
+	for i := 0; i < clients; i++ {
+		path := paths[i%2]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req, _ := http.NewRequest("GET", h.srv.URL+path, nil)
+			req.Header.Set(token.Header, tok)
+			resp, err := h.srv.Client().Do(req)
+			if err != nil {
+				errs <- err.Error()
+				return
+			}
+			defer resp.Body.Close()
+			body := make([]byte, 64)
+			n, _ := resp.Body.Read(body)
+			if resp.StatusCode != 200 || string(body[:n]) != want[path] {
+				errs <- resp.Status + " " + string(body[:n])
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Fatalf("a client got %s", e)
+	}
+	perPath := map[string]int{}
+	for _, r := range slow.Requests()[before:] {
+		perPath[r.Path]++
+	}
+	t.Logf("%d concurrent clients on 2 paths: upstream requests %v", clients, perPath)
+	for _, p := range paths {
+		// One flight per path; a client that arrives just as a flight lands
+		// starts a second one.
+		if perPath[p] < 1 || perPath[p] > 2 {
+			t.Errorf("%s: %d upstream requests for %d concurrent clients, want 1 (at most 2)", p, perPath[p], clients/2)
+		}
+	}
+}
