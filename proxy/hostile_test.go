@@ -1,0 +1,111 @@
+package proxy_test
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/imds-proxy/imds-proxy/token"
+)
+
+// TestHostileInput sends malformed and adversarial requests, each with the
+// status it must get and whether anything may reach the upstream; afterwards
+// the real SDK must still be served (TestSDKThroughProxy covers it in full;
+// here a plain IMDSv2 request).
+func TestHostileInput(t *testing.T) {
+	h, tap := startBehindAEMM(t, nil, nil)
+	trap := newTrap(t)
+	tok := h.token()
+	other := h.tokenFrom(otherLoopback(t))
+	auth := token.Header + ": " + tok + "\r\n"
+	get := func(path string) string { return "GET " + path + " HTTP/1.1\r\nHost: x\r\n" + auth + "\r\n" }
+	ttlPut := func(ttl string) string {
+		return "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + token.TTLHeader + ": " + ttl + "\r\nContent-Length: 0\r\n\r\n"
+	}
+	cases := []struct {
+		name      string
+		request   string
+		status    int
+		forwarded bool
+	}{
+		{"garbage request line", "HELLO\r\n\r\n", 400, false},
+		{"missing HTTP version", "GET /latest/meta-data/\r\n\r\n", 400, false},
+		{"HTTP/2 preface as HTTP/1", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 405, false},
+		{"unknown HTTP version", "GET / HTTP/9.9\r\nHost: x\r\n\r\n", 505, false},
+		{"absolute URI elsewhere", fmt.Sprintf("GET %s/ HTTP/1.1\r\nHost: x\r\n\r\n", trap.URL()), 403, false},
+		{"absolute https URI", "GET https://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: x\r\n\r\n", 403, false},
+		{"CONNECT elsewhere", fmt.Sprintf("CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", trap.Addr(), trap.Addr()), 403, false},
+		{"OPTIONS * (answered by net/http itself)", "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 200, false},
+		{"TRACE", "TRACE /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + auth + "\r\n", 405, false},
+		{"Host elsewhere", fmt.Sprintf("GET /latest/meta-data/ HTTP/1.1\r\nHost: %s\r\n%s\r\n", trap.Addr(), auth), 200, true},
+		{"two Host headers", "GET /latest/meta-data/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n" + auth + "\r\n", 400, false},
+		{"X-Forwarded-Host game", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nX-Forwarded-Host: evil\r\n" + auth + "\r\n", 200, true},
+		{"token PUT with X-Forwarded-For", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n" + token.TTLHeader + ": 60\r\nContent-Length: 0\r\n\r\n", 403, false},
+		{"token PUT with x-forwarded-for lower case", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nx-forwarded-for: 1.2.3.4\r\n" + token.TTLHeader + ": 60\r\nContent-Length: 0\r\n\r\n", 403, false},
+		{"TTL negative", ttlPut("-1"), 400, false},
+		{"TTL huge", ttlPut("99999999999999999999"), 400, false},
+		{"TTL float", ttlPut("60.0"), 400, false},
+		{"TTL hex", ttlPut("0x3c"), 400, false},
+		{"TTL with spaces inside", ttlPut("6 0"), 400, false},
+		{"TTL twice", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + token.TTLHeader + ": 60\r\n" + token.TTLHeader + ": 60\r\nContent-Length: 0\r\n\r\n", 400, false},
+		{"TTL oversized header", ttlPut(strings.Repeat("9", 20000)), 400, false}, // refused by the TTL parser, not echoed whole
+		{"chunked token PUT", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + token.TTLHeader + ": 60\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 200, false},
+		{"forged token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + token.Header + ": " + strings.Repeat("A", len(tok)) + "\r\n\r\n", 401, false},
+		{"truncated token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + token.Header + ": " + tok[:len(tok)-3] + "\r\n\r\n", 401, false},
+		{"token with trailing junk", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + token.Header + ": " + tok + "x\r\n\r\n", 401, false},
+		{"other caller's token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + token.Header + ": " + other + "\r\n\r\n", 401, false},
+		{"empty token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + token.Header + ": \r\n\r\n", 401, false},
+		{"two tokens", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + auth + auth + "\r\n", 400, false},
+		{"path traversal", get("/latest/meta-data/../../etc/passwd"), 404, true},
+		{"encoded traversal", get("/latest/meta-data/%2e%2e/%2e%2e/etc/passwd"), 404, true},
+		{"double-encoded traversal", get("/latest/%252e%252e/etc"), 400, false},
+		{"NUL in path", get("/latest/meta-data/%00"), 400, false},
+		{"backslash path", get("/latest\\meta-data"), 400, false},
+		{"very long path", get("/latest/" + strings.Repeat("a", 15000)), 404, true},
+		{"HTTP/1.0 without Host", "GET /latest/meta-data/ HTTP/1.0\r\n" + auth + "\r\n", 200, true},
+		{"HTTP/1.1 without Host", "GET /latest/meta-data/ HTTP/1.1\r\n" + auth + "\r\n", 400, false},
+		{"Connection-named hop header", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nConnection: X-Secret\r\nX-Secret: s\r\n" + auth + "\r\n", 200, true},
+		{"Upgrade to websocket", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" + auth + "\r\n", 200, true},
+		{"GET with a body", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n" + auth + "\r\nhello", 200, true},
+		// net/http reads chunked and drops Content-Length (RFC 9112 6.3); the
+		// body is not forwarded, so nothing can be smuggled upstream.
+		{"conflicting Content-Length and chunked", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n" + auth + "\r\n0\r\n\r\n", 200, true},
+		{"header without colon", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nBroken header\r\n" + auth + "\r\n", 400, false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			before := len(tap.Requests())
+			r := h.raw(c.request)
+			if r.status != c.status {
+				t.Errorf("status %d, want %d (body %.80q)", r.status, c.status, r.body)
+			}
+			seen := tap.Requests()[before:]
+			if !c.forwarded && len(seen) != 0 {
+				t.Errorf("upstream saw %+v, want nothing", seen)
+			}
+			for _, s := range seen {
+				for _, name := range []string{"X-Secret", "Upgrade", "X-Forwarded-For"} {
+					if s.Header.Get(name) != "" {
+						t.Errorf("upstream saw %s", name)
+					}
+				}
+				if s.Header.Get("Content-Length") != "" || s.Header.Get("Transfer-Encoding") != "" {
+					t.Errorf("upstream saw a request body framing header")
+				}
+				if s.Header.Get(token.Header) == tok || s.Host != tap.Addr() {
+					t.Errorf("upstream saw the client token or Host %q", s.Host)
+				}
+			}
+		})
+	}
+	if len(cases) < 40 {
+		t.Errorf("%d cases, the table promises at least 40", len(cases))
+	}
+	if n := trap.Conns(); n != 0 {
+		t.Errorf("the trap saw %d connections", n)
+	}
+	if r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {h.token()}}); r.status != 200 {
+		t.Errorf("after the hostile table, a normal request got %d", r.status)
+	}
+}
