@@ -89,40 +89,27 @@ func botocore(t *testing.T, ns *testutil.Netns) (accessKey string, seconds float
 // startNodeAgent runs `imds-proxy node` in the node namespace.
 func startNodeAgent(t *testing.T, e *testutil.EC2, args ...string) *testutil.Process {
 	t.Helper()
-	argv := append([]string{"netns", "exec", e.Node.Name, bins.Proxy, "node", "--listen", ":8169",
-		"--metrics-listen", "127.0.0.1:9169", "--interfaces", "cveth+", "--upstream", "http://169.254.169.254",
-		"--iptables-backend", "nft"}, args...)
-	cmd := exec.Command("ip", argv...)
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	p := testutil.StartProcess(t, cmd)
-	waitReady(t, e.Node, "127.0.0.1:9169")
-	return p
+	return startProxyIn(t, e.Node, append([]string{"node", "--listen", ":8169", "--interfaces", "cveth+",
+		"--upstream", "http://169.254.169.254"}, args...)...)
 }
 
 // startSidecar runs `imds-proxy sidecar` in the task namespace.
 func startSidecar(t *testing.T, e *testutil.EC2, args ...string) *testutil.Process {
 	t.Helper()
-	argv := append([]string{"netns", "exec", e.Task.Name, bins.Proxy, "sidecar", "--listen", "127.0.0.1:8169",
-		"--metrics-listen", "127.0.0.1:9169", "--iptables-backend", "nft"}, args...)
+	return startProxyIn(t, e.Task, append([]string{"sidecar", "--listen", "127.0.0.1:8169"}, args...)...)
+}
+
+// startProxyIn runs an imds-proxy serving command in ns, with its admin
+// endpoints on 127.0.0.1:9169 there, and waits until it is ready.
+func startProxyIn(t *testing.T, ns *testutil.Netns, args ...string) *testutil.Process {
+	t.Helper()
+	argv := append([]string{"netns", "exec", ns.Name, bins.Proxy}, args...)
+	argv = append(argv, "--metrics-listen", "127.0.0.1:9169", "--iptables-backend", "nft")
 	cmd := exec.Command("ip", argv...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
 	p := testutil.StartProcess(t, cmd)
-	waitReady(t, e.Task, "127.0.0.1:9169")
+	ns.WaitReady(t, "127.0.0.1:9169")
 	return p
-}
-
-func waitReady(t *testing.T, ns *testutil.Netns, addr string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if status, _ := ns.Get(t, addr, "/readyz", nil); status == 200 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %s/readyz never ready", ns, addr)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // noTimeoutPaid is a coarse bound, far above a normal fetch (milliseconds)

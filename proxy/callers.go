@@ -4,6 +4,7 @@ import (
 	"container/list"
 	"encoding/json"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -54,7 +55,7 @@ func (c *v1Callers) record(caller, userAgent, path string, proc Process, now tim
 		e.Count++
 		e.LastSeen = now
 		e.Process = proc // the latest process behind this caller
-		if len(e.ExamplePaths) < maxExamplePaths && !contains(e.ExamplePaths, path) {
+		if len(e.ExamplePaths) < maxExamplePaths && !slices.Contains(e.ExamplePaths, path) {
 			e.ExamplePaths = append(e.ExamplePaths, path)
 		}
 		c.order.MoveToFront(el)
@@ -124,13 +125,4 @@ func truncate(s string) string {
 		return s[:maxFieldLen]
 	}
 	return s
-}
-
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
 }

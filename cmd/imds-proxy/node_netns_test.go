@@ -56,7 +56,7 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 
 	proxy := startIn(t, top.node, nil, "node", "--listen", ":8169", "--metrics-listen", "127.0.0.1:9169",
 		"--interfaces", "cveth+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft")
-	waitReadyIn(t, top.node, "127.0.0.1:9169")
+	top.node.WaitReady(t, "127.0.0.1:9169")
 
 	if status, body := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("container's tokenless GET through the node agent: %d %q, want 200 and the instance id", status, body)

@@ -59,7 +59,7 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 
 	proxy := startIn(t, top.task, nil, "sidecar", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
 		"--upstream", "http://169.254.169.254", "--reconcile-interval", "200ms", "--iptables-backend", "nft", "--log-level", "debug")
-	waitReadyIn(t, top.task, "127.0.0.1:9169")
+	top.task.WaitReady(t, "127.0.0.1:9169")
 	installed := top.save(t)
 	if !strings.Contains(installed, "IMDS_PROXY_OUTPUT") {
 		t.Fatalf("no rules after start:\n%s", installed)
@@ -151,14 +151,6 @@ func runSDK(t *testing.T, ns *testutil.Netns, endpoint string) {
 	}
 }
 
-func waitReadyIn(t *testing.T, ns *testutil.Netns, metricsAddr string) {
-	t.Helper()
-	waitFor(t, 15*time.Second, func() bool {
-		status, _ := ns.Get(t, metricsAddr, "/readyz", nil)
-		return status == http.StatusOK
-	}, "/readyz")
-}
-
 func waitFor(t *testing.T, timeout time.Duration, cond func() bool, what string) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
@@ -186,7 +178,7 @@ func TestInitContainerShape(t *testing.T) {
 		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254", "--exempt-uid", uid)
 	unprivileged.Env = []string{"PATH=" + os.Getenv("PATH")}
 	testutil.StartProcess(t, unprivileged)
-	waitReadyIn(t, top.task, "127.0.0.1:9169")
+	top.task.WaitReady(t, "127.0.0.1:9169")
 	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET through the init-container rules: %d %q, want 200 and the instance id", status, body)
 	}
@@ -213,7 +205,7 @@ func TestMisconfiguredExemptionIsDiagnosed(t *testing.T) {
 	if _, err := proxy.Logs.WaitFor("redirected back to this proxy", 10*time.Second); err != nil {
 		t.Errorf("no loop diagnosis: %v\n%s", err, proxy.Logs.String())
 	}
-	waitReadyIn(t, top.task, "127.0.0.1:9169")
+	top.task.WaitReady(t, "127.0.0.1:9169")
 	start := time.Now()
 	status, _ := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil)
 	if status != http.StatusLoopDetected {

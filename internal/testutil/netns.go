@@ -167,3 +167,18 @@ func Veth(t testing.TB, a *Netns, aName, aAddr string, b *Netns, bName, bAddr st
 	a.Run(t, "ip", "link", "set", aName, "up")
 	b.Run(t, "ip", "link", "set", bName, "up")
 }
+
+// WaitReady waits for GET addr/readyz from inside the namespace to answer 200.
+func (n *Netns) WaitReady(t testing.TB, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if status, _ := n.Get(t, addr, "/readyz", nil); status == http.StatusOK {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %s/readyz never ready", n, addr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
