@@ -1,0 +1,57 @@
+package inject
+
+import (
+	"fmt"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/imds-proxy/imds-proxy/proxy"
+)
+
+// skip says why a pod gets no sidecar; the zero value means inject.
+type skip struct {
+	reason string
+	quiet  bool // already injected: nothing to tell the operator
+}
+
+// decide is the one injection decision of the CLI and the webhook.
+func decide(meta metav1.ObjectMeta, spec *corev1.PodSpec) skip {
+	if hasSidecar(spec) {
+		return skip{reason: "already has the " + ContainerName + " container", quiet: true}
+	}
+	if meta.Annotations[InjectKey] == Disabled || meta.Labels[InjectKey] == Disabled {
+		return skip{reason: "opted out (" + InjectKey + ": " + Disabled + ")"}
+	}
+	if spec.HostNetwork {
+		return skip{reason: "hostNetwork pods share the node's network namespace, where a sidecar's redirect " +
+			"would capture the whole node's IMDS traffic; run the node agent (imds-proxy node) for them"}
+	}
+	return skip{}
+}
+
+func hasSidecar(spec *corev1.PodSpec) bool {
+	for _, list := range [][]corev1.Container{spec.InitContainers, spec.Containers} {
+		for _, c := range list {
+			if c.Name == ContainerName {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// forPod applies the pod's V1Key annotation to o. A value that is not a
+// policy leaves o as it is, and the warning says so.
+func (o Options) forPod(meta metav1.ObjectMeta) (Options, string) {
+	value, ok := meta.Annotations[V1Key]
+	if !ok {
+		return o, ""
+	}
+	policy, err := proxy.ParseV1Policy(value)
+	if err != nil {
+		return o, fmt.Sprintf("annotation %s: %v; the sidecar uses --v1=%s", V1Key, err, o.V1)
+	}
+	o.V1 = policy
+	return o, ""
+}

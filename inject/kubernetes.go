@@ -1,0 +1,249 @@
+package inject
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	sigsyaml "sigs.k8s.io/yaml"
+)
+
+// templatePaths says where each workload kind keeps its pod: the path to
+// the mapping that holds the pod's metadata and spec.
+var templatePaths = map[string][]string{
+	"Pod":         {},
+	"Deployment":  {"spec", "template"},
+	"StatefulSet": {"spec", "template"},
+	"DaemonSet":   {"spec", "template"},
+	"ReplicaSet":  {"spec", "template"},
+	"Job":         {"spec", "template"},
+	"CronJob":     {"spec", "jobTemplate", "spec", "template"},
+}
+
+// Kubernetes adds the sidecar to every workload in a multi-document YAML
+// stream. Documents it does not change (other kinds, pods already injected
+// or skipped) are copied byte for byte; changed ones keep their key order
+// and comments. notes say which workloads were skipped, and why.
+func Kubernetes(in []byte, o Options) (out []byte, notes []string, err error) {
+	if err := o.Validate(); err != nil {
+		return nil, nil, err
+	}
+	var b bytes.Buffer
+	for i, chunk := range splitDocuments(in) {
+		changed, note, err := injectDocument(chunk, o)
+		if err != nil {
+			return nil, nil, fmt.Errorf("document %d: %w", i+1, err)
+		}
+		if note != "" {
+			notes = append(notes, note)
+		}
+		b.Write(changed)
+	}
+	return b.Bytes(), notes, nil
+}
+
+// splitDocuments cuts a YAML stream before each "---" line, keeping every
+// byte, so that unchanged documents can be written back exactly.
+func splitDocuments(in []byte) [][]byte {
+	var chunks [][]byte
+	start := 0
+	for i := 0; i < len(in); {
+		end := bytes.IndexByte(in[i:], '\n')
+		if end < 0 {
+			end = len(in) - i - 1
+		}
+		if i > start && isSeparator(in[i:i+end+1]) {
+			chunks = append(chunks, in[start:i])
+			start = i
+		}
+		i += end + 1
+	}
+	return append(chunks, in[start:])
+}
+
+func isSeparator(line []byte) bool {
+	rest, ok := bytes.CutPrefix(bytes.TrimRight(line, "\r\n"), []byte("---"))
+	return ok && (len(rest) == 0 || rest[0] == ' ' || rest[0] == '\t')
+}
+
+// injectDocument returns chunk, or chunk with the sidecar added.
+func injectDocument(chunk []byte, o Options) ([]byte, string, error) {
+	var doc yaml.Node
+	if err := yaml.Unmarshal(chunk, &doc); err != nil {
+		return nil, "", fmt.Errorf("not valid YAML: %w", err)
+	}
+	if len(doc.Content) == 0 || doc.Content[0].Kind != yaml.MappingNode {
+		return chunk, "", nil
+	}
+	root := doc.Content[0]
+	kind := scalar(root, "kind")
+	path, ok := templatePaths[kind]
+	if !ok {
+		return chunk, "", nil
+	}
+	name := describe(kind, lookup(root, "metadata"))
+	template := lookup(root, path...)
+	podSpec := lookup(template, "spec")
+	if podSpec == nil || podSpec.Kind != yaml.MappingNode {
+		return nil, "", fmt.Errorf("%s: no pod spec at %s", name, strings.Join(append(path, "spec"), "."))
+	}
+	var meta metav1.ObjectMeta
+	var spec corev1.PodSpec
+	if err := decodeNode(lookup(template, "metadata"), &meta); err != nil {
+		return nil, "", fmt.Errorf("%s: pod metadata: %w", name, err)
+	}
+	if err := decodeNode(podSpec, &spec); err != nil {
+		return nil, "", fmt.Errorf("%s: pod spec: %w", name, err)
+	}
+	if s := decide(meta, &spec); s.reason != "" {
+		if s.quiet {
+			return chunk, "", nil
+		}
+		return chunk, name + ": skipped: " + s.reason, nil
+	}
+	podOptions, warning := o.forPod(meta)
+	if err := addSidecar(podSpec, podOptions); err != nil {
+		return nil, "", err
+	}
+	out, err := encodeDocument(chunk, &doc)
+	if warning != "" {
+		warning = name + ": " + warning
+	}
+	return out, warning, err
+}
+
+// addSidecar puts the sidecar first among the init containers, so that the
+// redirect exists before any other container of the pod runs, and adds its
+// /run volume.
+func addSidecar(spec *yaml.Node, o Options) error {
+	container, err := toNode(Container(o))
+	if err != nil {
+		return err
+	}
+	volume, err := toNode(RunVolume())
+	if err != nil {
+		return err
+	}
+	if init := lookup(spec, "initContainers"); init != nil && init.Kind == yaml.SequenceNode {
+		init.Content = append([]*yaml.Node{container}, init.Content...)
+	} else {
+		insertBefore(spec, "containers", "initContainers", sequence(container))
+	}
+	if volumes := lookup(spec, "volumes"); volumes != nil && volumes.Kind == yaml.SequenceNode {
+		volumes.Content = append(volumes.Content, volume)
+	} else {
+		spec.Content = append(spec.Content, keyNode("volumes"), sequence(volume))
+	}
+	return nil
+}
+
+// encodeDocument writes doc with two-space indentation, after the "---"
+// line chunk started with, if any.
+func encodeDocument(chunk []byte, doc *yaml.Node) ([]byte, error) {
+	var b bytes.Buffer
+	if line, _, _ := bytes.Cut(chunk, []byte("\n")); isSeparator(line) {
+		b.WriteString("---\n")
+	}
+	enc := yaml.NewEncoder(&b)
+	enc.SetIndent(2)
+	if err := enc.Encode(doc); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), enc.Close()
+}
+
+// toNode renders a Kubernetes API value as a block-style YAML node with the
+// API's field order (its Go struct order) and only the fields that are set.
+func toNode(v any) (*yaml.Node, error) {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(raw, &doc); err != nil {
+		return nil, err
+	}
+	blockStyle(doc.Content[0])
+	return doc.Content[0], nil
+}
+
+func blockStyle(n *yaml.Node) {
+	n.Style = 0
+	for _, c := range n.Content {
+		blockStyle(c)
+	}
+}
+
+// decodeNode decodes a YAML node into a Kubernetes API type by way of its
+// JSON form, as the API server would read it. A missing node decodes to
+// the zero value.
+func decodeNode(n *yaml.Node, v any) error {
+	if n == nil {
+		return nil
+	}
+	raw, err := yaml.Marshal(n)
+	if err != nil {
+		return err
+	}
+	return sigsyaml.Unmarshal(raw, v)
+}
+
+// lookup follows keys through nested mappings; nil if any is missing.
+func lookup(n *yaml.Node, keys ...string) *yaml.Node {
+	for _, key := range keys {
+		if n == nil || n.Kind != yaml.MappingNode {
+			return nil
+		}
+		var next *yaml.Node
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			if n.Content[i].Value == key {
+				next = n.Content[i+1]
+			}
+		}
+		n = next
+	}
+	return n
+}
+
+func scalar(n *yaml.Node, key string) string {
+	if v := lookup(n, key); v != nil && v.Kind == yaml.ScalarNode {
+		return v.Value
+	}
+	return ""
+}
+
+// describe names a workload for notes: "Deployment shop/web".
+func describe(kind string, meta *yaml.Node) string {
+	name := scalar(meta, "name")
+	if name == "" {
+		name = scalar(meta, "generateName") + "*"
+	}
+	if ns := scalar(meta, "namespace"); ns != "" {
+		name = ns + "/" + name
+	}
+	return kind + " " + name
+}
+
+// insertBefore adds key: value to mapping m before the key named before,
+// or at the end if there is none.
+func insertBefore(m *yaml.Node, before, key string, value *yaml.Node) {
+	at := len(m.Content)
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == before {
+			at = i
+		}
+	}
+	m.Content = append(m.Content[:at], append([]*yaml.Node{keyNode(key), value}, m.Content[at:]...)...)
+}
+
+func keyNode(key string) *yaml.Node {
+	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: key}
+}
+
+func sequence(items ...*yaml.Node) *yaml.Node {
+	return &yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq", Content: items}
+}

@@ -1,0 +1,229 @@
+package inject
+
+import (
+	"bytes"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	appsv1 "k8s.io/api/apps/v1"
+	batchv1 "k8s.io/api/batch/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	sigsyaml "sigs.k8s.io/yaml"
+
+	"github.com/imds-proxy/imds-proxy/proxy"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+// golden compares got with testdata/<name>, or rewrites it with -update.
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(string(want), string(got)); diff != "" {
+		t.Errorf("%s differs (-want +got; go test ./inject -update rewrites it):\n%s", path, diff)
+	}
+}
+
+// TestKubernetesGolden injects each workload kind and compares with the
+// golden output, whose notes are in a .notes file next to it; injecting the
+// output again changes nothing.
+func TestKubernetesGolden(t *testing.T) {
+	inputs, _ := filepath.Glob("testdata/kubernetes/*.yaml")
+	if len(inputs) < 8 {
+		t.Fatalf("found %d inputs, want one per workload kind and mixed.yaml", len(inputs))
+	}
+	for _, input := range inputs {
+		name := strings.TrimSuffix(filepath.Base(input), ".yaml")
+		t.Run(name, func(t *testing.T) {
+			in, err := os.ReadFile(input)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, notes, err := Kubernetes(in, DefaultOptions())
+			if err != nil {
+				t.Fatal(err)
+			}
+			golden(t, "kubernetes/golden/"+name+".yaml", out)
+			golden(t, "kubernetes/golden/"+name+".notes", []byte(strings.Join(notes, "\n")+"\n"))
+			again, _, err := Kubernetes(out, DefaultOptions())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(again, out) {
+				t.Errorf("injecting twice changed the output:\n%s", cmp.Diff(string(out), string(again)))
+			}
+		})
+	}
+}
+
+// TestKubernetesKeepsTheWorkload decodes every injected document strictly
+// into its API type and checks that the pod spec is the input's plus
+// exactly the sidecar (first init container) and its volume (last).
+func TestKubernetesKeepsTheWorkload(t *testing.T) {
+	for _, name := range []string{"pod", "deployment", "statefulset", "daemonset", "replicaset", "job", "cronjob"} {
+		t.Run(name, func(t *testing.T) {
+			in, err := os.ReadFile("testdata/kubernetes/" + name + ".yaml")
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, _, err := Kubernetes(in, DefaultOptions())
+			if err != nil {
+				t.Fatal(err)
+			}
+			before, after := podSpecs(t, in), podSpecs(t, out)
+			for i := range before {
+				if before[i].HostNetwork {
+					if !equality.Semantic.DeepEqual(before[i], after[i]) {
+						t.Errorf("document %d: a hostNetwork pod changed", i+1)
+					}
+					continue
+				}
+				checkInjected(t, before[i], after[i], name == "pod")
+			}
+		})
+	}
+}
+
+func checkInjected(t *testing.T, before, after corev1.PodSpec, blockAnnotated bool) {
+	t.Helper()
+	want := DefaultOptions()
+	if blockAnnotated {
+		want.V1 = proxy.V1Block // pod.yaml carries imds-proxy.io/v1: block
+	}
+	if len(after.InitContainers) == 0 || !equality.Semantic.DeepEqual(after.InitContainers[0], Container(want)) {
+		t.Fatalf("first init container is not the sidecar:\n%s", cmp.Diff(Container(want), first(after.InitContainers)))
+	}
+	if last := after.Volumes[len(after.Volumes)-1]; !equality.Semantic.DeepEqual(last, RunVolume()) {
+		t.Errorf("last volume is %+v, want the sidecar's", last)
+	}
+	after.InitContainers = after.InitContainers[1:]
+	after.Volumes = after.Volumes[:len(after.Volumes)-1]
+	if len(after.InitContainers) == 0 {
+		after.InitContainers = nil
+	}
+	if len(after.Volumes) == 0 {
+		after.Volumes = nil
+	}
+	if !equality.Semantic.DeepEqual(before, after) {
+		t.Errorf("injection changed more than the sidecar:\n%s", cmp.Diff(before, after))
+	}
+}
+
+func first(c []corev1.Container) corev1.Container {
+	if len(c) == 0 {
+		return corev1.Container{}
+	}
+	return c[0]
+}
+
+// podSpecs decodes each document of a stream strictly into its workload
+// type and returns the pod specs.
+func podSpecs(t *testing.T, stream []byte) []corev1.PodSpec {
+	t.Helper()
+	var specs []corev1.PodSpec
+	for _, doc := range splitDocuments(stream) {
+		var head struct{ Kind string }
+		if err := sigsyaml.Unmarshal(doc, &head); err != nil || templatePaths[head.Kind] == nil {
+			continue
+		}
+		spec, err := decodeStrict(head.Kind, doc)
+		if err != nil {
+			t.Fatalf("%s does not decode strictly: %v\n%s", head.Kind, err, doc)
+		}
+		specs = append(specs, spec)
+	}
+	return specs
+}
+
+func decodeStrict(kind string, doc []byte) (corev1.PodSpec, error) {
+	switch kind {
+	case "Pod":
+		var v corev1.Pod
+		err := sigsyaml.UnmarshalStrict(doc, &v)
+		return v.Spec, err
+	case "Deployment":
+		var v appsv1.Deployment
+		err := sigsyaml.UnmarshalStrict(doc, &v)
+		return v.Spec.Template.Spec, err
+	case "StatefulSet":
+		var v appsv1.StatefulSet
+		err := sigsyaml.UnmarshalStrict(doc, &v)
+		return v.Spec.Template.Spec, err
+	case "DaemonSet":
+		var v appsv1.DaemonSet
+		err := sigsyaml.UnmarshalStrict(doc, &v)
+		return v.Spec.Template.Spec, err
+	case "ReplicaSet":
+		var v appsv1.ReplicaSet
+		err := sigsyaml.UnmarshalStrict(doc, &v)
+		return v.Spec.Template.Spec, err
+	case "Job":
+		var v batchv1.Job
+		err := sigsyaml.UnmarshalStrict(doc, &v)
+		return v.Spec.Template.Spec, err
+	case "CronJob":
+		var v batchv1.CronJob
+		err := sigsyaml.UnmarshalStrict(doc, &v)
+		return v.Spec.JobTemplate.Spec.Template.Spec, err
+	}
+	return corev1.PodSpec{}, nil
+}
+
+// TestKubernetesNotesAndErrors: skips are explained, bad input is an error
+// that names the document, and bad options are refused.
+func TestKubernetesNotesAndErrors(t *testing.T) {
+	in, _ := os.ReadFile("testdata/kubernetes/mixed.yaml")
+	out, notes, err := Kubernetes(in, DefaultOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	joined := strings.Join(notes, "\n")
+	for _, want := range []string{"Pod opted-out: skipped: opted out", `Pod typo-*: annotation imds-proxy.io/v1: unknown IMDSv1 policy "blokc"`} {
+		if !strings.Contains(joined, want) {
+			t.Errorf("notes %q lack %q", notes, want)
+		}
+	}
+	if strings.Contains(joined, "already") {
+		t.Errorf("an already injected pod is noted: %q", notes)
+	}
+	if got := strings.Count(string(out), "name: imds-proxy\n"); got != 2 {
+		t.Errorf("%d imds-proxy containers in the output, want 2 (the existing one and the typo pod's)", got)
+	}
+	daemonsets, _ := os.ReadFile("testdata/kubernetes/daemonset.yaml")
+	if _, notes, _ := Kubernetes(daemonsets, DefaultOptions()); len(notes) != 1 || !strings.Contains(notes[0], "DaemonSet monitoring/node-exporter: skipped: hostNetwork") {
+		t.Errorf("hostNetwork note: %q", notes)
+	}
+
+	bad := []struct{ name, in, want string }{
+		{"not YAML", "kind: ConfigMap\n---\nspec: [\n", "document 2: not valid YAML"},
+		{"no pod spec", "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: x\nspec:\n  replicas: 1\n", "Deployment x: no pod spec at spec.template.spec"},
+		{"wrong type", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: x\nspec:\n  containers: 3\n", "Pod x: pod spec"},
+	}
+	for _, c := range bad {
+		if _, _, err := Kubernetes([]byte(c.in), DefaultOptions()); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: error %v, want it to contain %q", c.name, err, c.want)
+		}
+	}
+	for _, o := range []Options{{Port: 8169, MetricsPort: 9169, V1: proxy.V1Allow}, {Image: "x", Port: 0, MetricsPort: 9169, V1: proxy.V1Allow},
+		{Image: "x", Port: 8169, MetricsPort: 8169, V1: proxy.V1Allow}, {Image: "x", Port: 8169, MetricsPort: 9169, V1: "sometimes"},
+		{Image: "x", Port: 8169, MetricsPort: 9169, V1: proxy.V1Allow, Upstream: "https://node:8169"}} {
+		if _, _, err := Kubernetes([]byte("kind: Pod\n"), o); err == nil {
+			t.Errorf("options %+v accepted", o)
+		}
+	}
+}

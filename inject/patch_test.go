@@ -1,0 +1,94 @@
+package inject
+
+import (
+	"encoding/json"
+	"testing"
+
+	jsonpatch "github.com/evanphx/json-patch/v5"
+	"github.com/google/go-cmp/cmp"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	sigsyaml "sigs.k8s.io/yaml"
+)
+
+// TestPodPatchMatchesTheManifestInjection applies the webhook's JSON Patch
+// (with a real RFC 6902 implementation) and compares the pod with what
+// `inject k8s` makes of the same pod: the webhook and the CLI add the same
+// sidecar, whatever the pod already has.
+func TestPodPatchMatchesTheManifestInjection(t *testing.T) {
+	pods := map[string]string{
+		"bare": "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\nspec:\n  containers:\n    - name: app\n      image: x\n",
+		"init and volumes": "apiVersion: v1\nkind: Pod\nmetadata:\n  name: b\nspec:\n  initContainers:\n    - name: setup\n      image: y\n" +
+			"  containers:\n    - name: app\n      image: x\n  volumes:\n    - name: v\n      emptyDir: {}\n",
+		"block annotation": "apiVersion: v1\nkind: Pod\nmetadata:\n  name: c\n  annotations:\n    imds-proxy.io/v1: block\nspec:\n  containers:\n    - name: app\n      image: x\n",
+	}
+	for name, manifest := range pods {
+		t.Run(name, func(t *testing.T) {
+			var pod corev1.Pod
+			if err := sigsyaml.UnmarshalStrict([]byte(manifest), &pod); err != nil {
+				t.Fatal(err)
+			}
+			patch, reason, _, err := PodPatch(&pod, DefaultOptions())
+			if err != nil || patch == nil {
+				t.Fatalf("no patch: %q %v", reason, err)
+			}
+			patched := applyPatch(t, &pod, patch)
+			injected, _, err := Kubernetes([]byte(manifest), DefaultOptions())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var want corev1.Pod
+			if err := sigsyaml.UnmarshalStrict(injected, &want); err != nil {
+				t.Fatal(err)
+			}
+			if !equality.Semantic.DeepEqual(patched.Spec, want.Spec) {
+				t.Errorf("webhook and inject k8s differ:\n%s", cmp.Diff(want.Spec, patched.Spec))
+			}
+			if again, reason, _, _ := PodPatch(patched, DefaultOptions()); again != nil {
+				t.Errorf("a patched pod is patched again (%q)", reason)
+			}
+		})
+	}
+}
+
+func applyPatch(t *testing.T, pod *corev1.Pod, patch []byte) *corev1.Pod {
+	t.Helper()
+	decoded, err := jsonpatch.DecodePatch(patch)
+	if err != nil {
+		t.Fatalf("not an RFC 6902 patch: %v\n%s", err, patch)
+	}
+	original, _ := json.Marshal(pod)
+	out, err := decoded.Apply(original)
+	if err != nil {
+		t.Fatalf("patch does not apply: %v\n%s", err, patch)
+	}
+	var patched corev1.Pod
+	if err := json.Unmarshal(out, &patched); err != nil {
+		t.Fatal(err)
+	}
+	return &patched
+}
+
+// TestPodPatchSkips: opted-out and hostNetwork pods get no patch and a
+// reason; a bad policy annotation gets the default and a warning.
+func TestPodPatchSkips(t *testing.T) {
+	optOut := corev1.Pod{Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "a"}}}}
+	optOut.Annotations = map[string]string{InjectKey: Disabled}
+	optOutLabel := corev1.Pod{Spec: optOut.Spec}
+	optOutLabel.Labels = map[string]string{InjectKey: Disabled}
+	host := corev1.Pod{Spec: corev1.PodSpec{HostNetwork: true, Containers: []corev1.Container{{Name: "a"}}}}
+	for name, pod := range map[string]corev1.Pod{"annotation": optOut, "label": optOutLabel, "hostNetwork": host} {
+		if patch, reason, _, err := PodPatch(&pod, DefaultOptions()); patch != nil || reason == "" || err != nil {
+			t.Errorf("%s: patch %s, reason %q, err %v; want no patch and a reason", name, patch, reason, err)
+		}
+	}
+	typo := corev1.Pod{Spec: optOut.Spec}
+	typo.Annotations = map[string]string{V1Key: "blokc"}
+	patch, _, warning, err := PodPatch(&typo, DefaultOptions())
+	if err != nil || patch == nil || warning == "" {
+		t.Fatalf("typo annotation: patch %s, warning %q, err %v", patch, warning, err)
+	}
+	if got := applyPatch(t, &typo, patch).Spec.InitContainers[0].Args; got[len(got)-1] != "--v1=allow" {
+		t.Errorf("typo annotation: sidecar args %q, want the default policy", got)
+	}
+}

@@ -1,0 +1,159 @@
+// Package inject adds the imds-proxy sidecar to workload definitions:
+// Kubernetes manifests (a YAML stream), single pods (JSONPatch, for the
+// admission webhook) and ECS task definitions. Every path builds the sidecar
+// from the same Options, and the example manifests in deploy/ are tested
+// against it.
+package inject
+
+import (
+	"fmt"
+	"net/url"
+	"strconv"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/imds-proxy/imds-proxy/proxy"
+)
+
+const (
+	// ContainerName names the sidecar; a pod or task that has a container
+	// of this name is already injected and is left as it is.
+	ContainerName = "imds-proxy"
+	// RunVolumeName is the emptyDir mounted at /run: iptables-legacy takes
+	// its lock there, and the root filesystem stays read-only.
+	RunVolumeName = "imds-proxy-run"
+	// DefaultImage is the image the sidecar runs unless Options.Image says
+	// otherwise. Build and push your own with `make image IMAGE=...`.
+	DefaultImage = "ghcr.io/imds-proxy/imds-proxy:0.1.0"
+
+	// InjectKey is the label (namespaces, pods) that opts in to the webhook
+	// with the value "enabled", and the annotation or label that opts a pod
+	// out with "disabled", in the webhook and in `imds-proxy inject`.
+	InjectKey = "imds-proxy.io/inject"
+	// V1Key is a pod annotation that sets the sidecar's --v1 policy for that
+	// workload (allow, warn or block): per-workload enforcement.
+	V1Key = "imds-proxy.io/v1"
+
+	// Enabled and Disabled are the values of InjectKey.
+	Enabled  = "enabled"
+	Disabled = "disabled"
+)
+
+// Options choose what the injected sidecar runs.
+type Options struct {
+	Image       string
+	Port        int // API port on 127.0.0.1 and [::1], the redirect target
+	MetricsPort int // /metrics, /healthz, /readyz on the pod IP (kubelet probes)
+	V1          proxy.V1Policy
+	Upstream    string // empty: the proxy's default, IMDS itself
+}
+
+// DefaultOptions are the sidecar of the example manifests.
+func DefaultOptions() Options {
+	return Options{Image: DefaultImage, Port: 8169, MetricsPort: 9169, V1: proxy.V1Allow}
+}
+
+// Validate reports options the sidecar could not start with.
+func (o Options) Validate() error {
+	if o.Image == "" {
+		return fmt.Errorf("image: must not be empty")
+	}
+	for _, p := range []struct {
+		name string
+		port int
+	}{{"port", o.Port}, {"metrics port", o.MetricsPort}} {
+		if p.port < 1 || p.port > 65535 {
+			return fmt.Errorf("%s %d: must be 1..65535", p.name, p.port)
+		}
+	}
+	if o.Port == o.MetricsPort {
+		return fmt.Errorf("port and metrics port are both %d", o.Port)
+	}
+	if _, err := proxy.ParseV1Policy(string(o.V1)); err != nil {
+		return fmt.Errorf("v1: %w", err)
+	}
+	if o.Upstream != "" {
+		if u, err := url.Parse(o.Upstream); err != nil || u.Scheme != "http" || u.Host == "" {
+			return fmt.Errorf("upstream %q: must be http://host[:port]", o.Upstream)
+		}
+	}
+	return nil
+}
+
+// args are the sidecar's command-line arguments, with its admin endpoints
+// on metricsHost.
+func (o Options) args(metricsHost string) []string {
+	args := []string{
+		"sidecar",
+		"--listen=127.0.0.1:" + strconv.Itoa(o.Port),
+		"--metrics-listen=" + metricsHost + ":" + strconv.Itoa(o.MetricsPort),
+		"--v1=" + string(o.V1),
+	}
+	if o.Upstream != "" {
+		args = append(args, "--upstream="+o.Upstream)
+	}
+	return args
+}
+
+// Container is the Kubernetes native sidecar (an init container that keeps
+// running, Kubernetes >= 1.29). Its startup probe holds back the pod's other
+// containers until the redirect exists; it holds only the capabilities
+// iptables needs (NET_RAW for the legacy backend), runs as root for them,
+// and is stopped after the app containers, removing its rules last.
+func Container(o Options) corev1.Container {
+	always := corev1.ContainerRestartPolicyAlways
+	root, no, yes := int64(0), false, true
+	return corev1.Container{
+		Name:          ContainerName,
+		Image:         o.Image,
+		Args:          o.args(""), // probes come from the kubelet, to the pod IP
+		Ports:         []corev1.ContainerPort{{Name: "imds-metrics", ContainerPort: int32(o.MetricsPort), Protocol: corev1.ProtocolTCP}},
+		Resources:     resources(),
+		RestartPolicy: &always,
+		VolumeMounts:  []corev1.VolumeMount{{Name: RunVolumeName, MountPath: "/run"}},
+		StartupProbe:  probe("/readyz", int32(o.MetricsPort), 1, 60),
+		LivenessProbe: probe("/healthz", int32(o.MetricsPort), 10, 3),
+		SecurityContext: &corev1.SecurityContext{
+			RunAsUser:                &root,
+			RunAsNonRoot:             &no,
+			Privileged:               &no,
+			AllowPrivilegeEscalation: &no,
+			ReadOnlyRootFilesystem:   &yes,
+			Capabilities: &corev1.Capabilities{
+				Add:  []corev1.Capability{"NET_ADMIN", "NET_RAW"},
+				Drop: []corev1.Capability{"ALL"},
+			},
+		},
+	}
+}
+
+// RunVolume is the pod volume the sidecar mounts at /run.
+func RunVolume() corev1.Volume {
+	return corev1.Volume{
+		Name:         RunVolumeName,
+		VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory, SizeLimit: resourcePtr("1Mi")}},
+	}
+}
+
+func resources() corev1.ResourceRequirements {
+	return corev1.ResourceRequirements{
+		Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("10m"), corev1.ResourceMemory: resource.MustParse("24Mi")},
+		Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("64Mi")},
+	}
+}
+
+func probe(path string, port, period, failures int32) *corev1.Probe {
+	return &corev1.Probe{
+		ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromInt32(port)}},
+		PeriodSeconds:    period,
+		TimeoutSeconds:   1,
+		FailureThreshold: failures,
+	}
+}
+
+func resourcePtr(q string) *resource.Quantity {
+	v := resource.MustParse(q)
+	return &v
+}
