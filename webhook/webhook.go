@@ -1,0 +1,127 @@
+// Package webhook is a Kubernetes mutating admission webhook that adds the
+// imds-proxy sidecar to pods, with the same injection as `imds-proxy inject
+// k8s`. Which pods reach it is the MutatingWebhookConfiguration's business
+// (namespace and pod selectors); the handler injects every pod it is sent
+// unless the pod opts out, runs on the host network or has the sidecar.
+// It never refuses a pod: whatever it cannot patch is allowed unchanged.
+package webhook
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+
+	"go.uber.org/zap"
+	admissionv1 "k8s.io/api/admission/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/imds-proxy/imds-proxy/inject"
+)
+
+// MaxBodyBytes bounds an AdmissionReview body. The API server sends the
+// pod (at most about 1.5 MiB, etcd's object limit) and little else.
+const MaxBodyBytes = 3 << 20
+
+// InjectPath is where the webhook configuration sends pods.
+const InjectPath = "/inject"
+
+// NewHandler serves InjectPath and /healthz.
+func NewHandler(o inject.Options, log *zap.Logger) (http.Handler, error) {
+	if err := o.Validate(); err != nil {
+		return nil, fmt.Errorf("sidecar options: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("POST "+InjectPath, &handler{options: o, log: log})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	return mux, nil
+}
+
+type handler struct {
+	options inject.Options
+	log     *zap.Logger
+}
+
+func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	review, status, err := readReview(w, r)
+	if err != nil {
+		h.log.Warn("bad admission request", zap.Int("status", status), zap.Error(err))
+		http.Error(w, err.Error(), status)
+		return
+	}
+	review.Response = h.admit(review.Request)
+	review.Request = nil
+	w.Header().Set("Content-Type", "application/json")
+	if err := json.NewEncoder(w).Encode(review); err != nil {
+		h.log.Warn("writing the admission response", zap.Error(err))
+	}
+}
+
+// readReview reads an AdmissionReview v1 request, or says which status
+// its sender gets and why.
+func readReview(w http.ResponseWriter, r *http.Request) (*admissionv1.AdmissionReview, int, error) {
+	if media, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || media != "application/json" {
+		return nil, http.StatusUnsupportedMediaType, fmt.Errorf("content type %q: want application/json", r.Header.Get("Content-Type"))
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
+	var tooLarge *http.MaxBytesError
+	if errors.As(err, &tooLarge) {
+		return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("body larger than %d bytes", MaxBodyBytes)
+	}
+	if err != nil {
+		return nil, http.StatusBadRequest, fmt.Errorf("reading the body: %w", err)
+	}
+	var review admissionv1.AdmissionReview
+	if err := json.Unmarshal(body, &review); err != nil {
+		return nil, http.StatusBadRequest, fmt.Errorf("malformed AdmissionReview: %w", err)
+	}
+	gvk := review.GroupVersionKind()
+	if gvk != admissionv1.SchemeGroupVersion.WithKind("AdmissionReview") || review.Request == nil {
+		return nil, http.StatusBadRequest, fmt.Errorf("want an admission.k8s.io/v1 AdmissionReview with a request, got %q %q", review.APIVersion, review.Kind)
+	}
+	return &review, 0, nil
+}
+
+var podResource = metav1.GroupVersionResource{Version: "v1", Resource: "pods"}
+
+// admit decides one request. Every answer allows the pod.
+func (h *handler) admit(req *admissionv1.AdmissionRequest) *admissionv1.AdmissionResponse {
+	resp := &admissionv1.AdmissionResponse{UID: req.UID, Allowed: true}
+	if req.Resource != podResource || req.SubResource != "" || req.Operation != admissionv1.Create {
+		return resp
+	}
+	var pod corev1.Pod
+	if err := json.Unmarshal(req.Object.Raw, &pod); err != nil {
+		h.log.Warn("pod admitted without the sidecar: cannot read it", zap.String("namespace", req.Namespace), zap.Error(err))
+		resp.Warnings = []string{"imds-proxy: pod not injected: " + err.Error()}
+		return resp
+	}
+	patch, reason, warning, err := inject.PodPatch(&pod, h.options)
+	fields := []zap.Field{zap.String("namespace", req.Namespace), zap.String("pod", podName(&pod))}
+	switch {
+	case err != nil:
+		h.log.Error("pod admitted without the sidecar", append(fields, zap.Error(err))...)
+	case patch == nil:
+		h.log.Info("pod admitted without the sidecar", append(fields, zap.String("reason", reason))...)
+	default:
+		h.log.Info("sidecar injected", fields...)
+		patchType := admissionv1.PatchTypeJSONPatch
+		resp.Patch, resp.PatchType = patch, &patchType
+	}
+	if warning != "" {
+		resp.Warnings = []string{"imds-proxy: " + warning}
+	}
+	return resp
+}
+
+// podName is the pod's name, or its generateName prefix: pods that
+// controllers create have no name yet at admission.
+func podName(pod *corev1.Pod) string {
+	if pod.Name != "" {
+		return pod.Name
+	}
+	return pod.GenerateName + "*"
+}
