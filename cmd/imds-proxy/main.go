@@ -26,7 +26,7 @@ const envPrefix = "IMDS_PROXY"
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if err := newRootCommand(os.Stdout, os.Stderr).ParseAndRun(ctx, os.Args[1:]); err != nil {
+	if err := newRootCommand(os.Stdin, os.Stdout, os.Stderr).ParseAndRun(ctx, os.Args[1:]); err != nil {
 		var exit exitError
 		if !errors.Is(err, flag.ErrHelp) && !errors.As(err, &exit) {
 			fmt.Fprintln(os.Stderr, "imds-proxy:", err)
@@ -46,12 +46,12 @@ func exitCode(err error) int {
 	return 1
 }
 
-func newRootCommand(stdout, stderr io.Writer) *ffcli.Command {
+func newRootCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command {
 	fs := flag.NewFlagSet("imds-proxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	return &ffcli.Command{
 		Name:       "imds-proxy",
-		ShortUsage: "imds-proxy <sidecar|node|rules|doctor|version> [flags]",
+		ShortUsage: "imds-proxy <sidecar|node|rules|doctor|ready|inject|webhook|version> [flags]",
 		LongHelp: "A transparent proxy for the EC2 Instance Metadata Service (IMDS).\n\n" +
 			"It answers IMDSv2 token requests itself, so token responses reach containers\n" +
 			"whatever the instance's hop limit, keeps its own IMDSv2 session with IMDS,\n" +
@@ -64,6 +64,9 @@ func newRootCommand(stdout, stderr io.Writer) *ffcli.Command {
 			newNodeCommand(stderr),
 			newRulesCommand(stdout, stderr),
 			newDoctorCommand(stdout, stderr),
+			newReadyCommand(stderr),
+			newInjectCommand(stdin, stdout, stderr),
+			newWebhookCommand(stderr),
 			newVersionCommand(stdout),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },

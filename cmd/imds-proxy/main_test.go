@@ -103,7 +103,7 @@ func TestHelpExplainsEveryFlag(t *testing.T) {
 	if err != nil {
 		t.Fatalf("--help: %v\n%s", err, out)
 	}
-	for _, sub := range []string{"sidecar", "node", "rules", "doctor", "version"} {
+	for _, sub := range []string{"sidecar", "node", "rules", "doctor", "ready", "inject", "webhook", "version"} {
 		if !strings.Contains(string(out), sub) {
 			t.Errorf("--help does not list %s", sub)
 		}

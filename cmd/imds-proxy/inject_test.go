@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+// writeSelfSigned writes a key pair for 127.0.0.1.
+func writeSelfSigned(t *testing.T, certFile, keyFile string) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, _ := x509.MarshalECPrivateKey(key)
+	_ = os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	_ = os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
+}
+
+// runCLI runs the binary with stdin and returns stdout, stderr and the exit status.
+func runCLI(t *testing.T, stdin []byte, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(binary, args...)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	cmd.Stdin = bytes.NewReader(stdin)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if err != nil && !errors.As(err, &exit) {
+		t.Fatal(err)
+	}
+	return stdout.String(), stderr.String(), cmd.ProcessState.ExitCode()
+}
+
+// TestInjectCommands: the CLI reads stdin or a file, writes the injected
+// stream (the inject package's golden output) to stdout and notes to
+// stderr, and refuses what it cannot inject with status 1.
+func TestInjectCommands(t *testing.T) {
+	const testdata = "../../inject/testdata/"
+	daemonsets, _ := os.ReadFile(testdata + "kubernetes/daemonset.yaml")
+	want, _ := os.ReadFile(testdata + "kubernetes/golden/daemonset.yaml")
+	stdout, stderr, code := runCLI(t, daemonsets, "inject", "k8s")
+	if code != 0 || stdout != string(want) || !strings.Contains(stderr, "node-exporter: skipped: hostNetwork") {
+		t.Errorf("inject k8s < daemonset.yaml: status %d, stdout equal to golden: %t, stderr %q", code, stdout == string(want), stderr)
+	}
+	if stdout, _, code := runCLI(t, nil, "inject", "k8s", testdata+"kubernetes/daemonset.yaml"); code != 0 || stdout != string(want) {
+		t.Errorf("inject k8s FILE: status %d, stdout equal to golden: %t", code, stdout == string(want))
+	}
+	stdout, _, code = runCLI(t, daemonsets, "inject", "k8s", "--image", "registry.example/imds-proxy:9", "--v1", "block", "-")
+	if code != 0 || !strings.Contains(stdout, "image: registry.example/imds-proxy:9") || !strings.Contains(stdout, "--v1=block") {
+		t.Errorf("inject k8s --image --v1: status %d\n%s", code, stdout)
+	}
+	task, _ := os.ReadFile(testdata + "ecs/awsvpc.json")
+	wantTask, _ := os.ReadFile(testdata + "ecs/golden/awsvpc.json")
+	if stdout, stderr, code := runCLI(t, task, "inject", "ecs"); code != 0 || stdout != string(wantTask) {
+		t.Errorf("inject ecs: status %d, stdout equal to golden: %t, stderr %q", code, stdout == string(wantTask), stderr)
+	}
+
+	refusals := []struct {
+		stdin string
+		args  []string
+		says  string
+	}{
+		{`{"networkMode":"bridge","containerDefinitions":[{"name":"a"}]}`, []string{"inject", "ecs"}, "imds-proxy node"},
+		{"kind: ConfigMap\n---\nspec: [\n", []string{"inject", "k8s"}, "document 2: not valid YAML"},
+		{"", []string{"inject", "k8s", "--v1", "sometimes"}, "unknown IMDSv1 policy"},
+		{"", []string{"inject", "k8s", "--port", "9169"}, "both 9169"},
+		{"", []string{"inject", "k8s", "a.yaml", "b.yaml"}, "one input file at most"},
+		{"", []string{"inject", "k8s", "/nonexistent/x.yaml"}, "no such file"},
+		{"", []string{"webhook"}, "--tls-cert and --tls-key are required"},
+		{"", []string{"webhook", "--tls-cert", "/nonexistent/c", "--tls-key", "/nonexistent/k"}, "TLS file"},
+	}
+	for _, r := range refusals {
+		if _, stderr, code := runCLI(t, []byte(r.stdin), r.args...); code != 1 || !strings.Contains(stderr, r.says) {
+			t.Errorf("%v: status %d, stderr %q; want 1 saying %q", r.args, code, stderr, r.says)
+		}
+	}
+}
+
+// TestReadyCommand is the ECS health check: 0 against a ready proxy, 1
+// with a reason against nothing.
+func TestReadyCommand(t *testing.T) {
+	aemm := testutil.StartAEMM(t, "-I")
+	proxy := startBinary(t, nil, "--upstream", aemm.URL)
+	waitReady(t, proxy)
+	if _, stderr, code := runCLI(t, nil, "ready", "--url", proxy.Metrics+"/readyz"); code != 0 {
+		t.Errorf("ready against a ready proxy: status %d, %s", code, stderr)
+	}
+	if _, stderr, code := runCLI(t, nil, "ready", "--url", "http://127.0.0.1:1/readyz", "--timeout", "1s"); code != 1 || !strings.Contains(stderr, "not ready") {
+		t.Errorf("ready against nothing: status %d, %q", code, stderr)
+	}
+}
+
+// TestWebhookCommand starts `imds-proxy webhook` with a self-signed key
+// pair, checks it serves /healthz over TLS, and stops cleanly on SIGTERM.
+// (The webhook package tests admission itself.)
+func TestWebhookCommand(t *testing.T) {
+	dir := t.TempDir()
+	cert, key := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	writeSelfSigned(t, cert, key)
+	cmd := exec.Command(binary, "webhook", "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	p := testutil.StartProcess(t, cmd)
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	resp, err := client.Get(strings.Replace(p.API, "http://", "https://", 1) + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.TLS == nil {
+		t.Errorf("/healthz: %d over TLS %v", resp.StatusCode, resp.TLS != nil)
+	}
+	client.CloseIdleConnections()
+	p.Terminate(t)
+}

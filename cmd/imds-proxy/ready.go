@@ -1,0 +1,36 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+
+	"github.com/imds-proxy/imds-proxy/doctor"
+)
+
+// newReadyCommand is the container health check (ECS healthCheck, Docker
+// HEALTHCHECK): the image has no curl.
+func newReadyCommand(stderr io.Writer) *ffcli.Command {
+	fs := flag.NewFlagSet("imds-proxy ready", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	url := fs.String("url", "http://127.0.0.1:9169/readyz", "the proxy's readiness endpoint (its --metrics-listen)")
+	timeout := fs.Duration("timeout", 2*time.Second, "give up after this long")
+	return &ffcli.Command{
+		Name:       "ready",
+		ShortUsage: "imds-proxy ready [--url URL] [--timeout D]",
+		ShortHelp:  "exit 0 if the local proxy is ready (rules installed, upstream decided), else 1: a container health check",
+		FlagSet:    fs,
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("unexpected arguments %q", args)
+			}
+			ctx, cancel := context.WithTimeout(ctx, *timeout)
+			defer cancel()
+			return doctor.Ready(ctx, *url)
+		},
+	}
+}

@@ -1,0 +1,92 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+	"go.uber.org/zap"
+
+	"github.com/imds-proxy/imds-proxy/webhook"
+)
+
+func newWebhookCommand(stderr io.Writer) *ffcli.Command {
+	var f injectFlags
+	fs := flag.NewFlagSet("imds-proxy webhook", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	f.register(fs)
+	listen := fs.String("listen", ":8443", "HTTPS address of "+webhook.InjectPath+" and /healthz")
+	certFile := fs.String("tls-cert", "", "TLS certificate file (PEM), re-read when it changes")
+	keyFile := fs.String("tls-key", "", "TLS private key file (PEM), re-read when it changes")
+	logFormat := fs.String("log-format", "json", "log format: json or console")
+	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
+	return &ffcli.Command{
+		Name:       "webhook",
+		ShortUsage: "imds-proxy webhook --tls-cert FILE --tls-key FILE [flags]",
+		ShortHelp:  "serve the Kubernetes mutating admission webhook that injects the sidecar",
+		LongHelp: "Answers AdmissionReview v1 requests for pods on " + webhook.InjectPath + " with a JSONPatch that adds\n" +
+			"the same sidecar as `imds-proxy inject k8s`. The MutatingWebhookConfiguration's selectors\n" +
+			"choose the pods (deploy/kubernetes/webhook); pods that opt out, use the host network or\n" +
+			"already have the sidecar are allowed unchanged, and so is anything it cannot patch." + envHelp,
+		FlagSet: fs,
+		Options: parseOptions(),
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("unexpected arguments %q", args)
+			}
+			if *certFile == "" || *keyFile == "" {
+				return errors.New("--tls-cert and --tls-key are required: the API server calls webhooks over HTTPS only")
+			}
+			o, err := f.options()
+			if err != nil {
+				return err
+			}
+			log, err := newLogger(*logFormat, *logLevel, stderr)
+			if err != nil {
+				return err
+			}
+			certs, err := webhook.NewCertReloader(*certFile, *keyFile, log)
+			if err != nil {
+				return err
+			}
+			h, err := webhook.NewHandler(o, log)
+			if err != nil {
+				return err
+			}
+			return serveTLS(ctx, *listen, h, certs, log)
+		},
+	}
+}
+
+// serveTLS serves h on addr until ctx ends, then drains.
+func serveTLS(ctx context.Context, addr string, h http.Handler, certs *webhook.CertReloader, log *zap.Logger) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--listen %s: %w", addr, err)
+	}
+	srv := newHTTPServer(h, log)
+	srv.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate}
+	log.Info("serving", zap.String("listen", ln.Addr().String()), zap.String("path", webhook.InjectPath))
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeTLS(ln, "", "") }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	log.Info("webhook shutting down")
+	return srv.Shutdown(shutdownCtx)
+}
+
+// shutdownGrace is how long in-flight admission requests may take after
+// SIGTERM; the API server's own timeout for them is at most 30 s.
+const shutdownGrace = 10 * time.Second
