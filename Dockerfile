@@ -17,7 +17,8 @@ COPY --from=build /out/imds-proxy /usr/local/bin/imds-proxy
 # A fixed non-root UID: the unprivileged proxy of the init-container setup,
 # whose rules exempt it with `rules install --exempt-uid 1337 --exempt-mark 0`.
 # Shapes where the proxy itself installs rules (native sidecar, node agent)
-# run it as root with only the NET_ADMIN capability.
+# run it as root with only the NET_ADMIN and NET_RAW capabilities (NET_RAW:
+# iptables-legacy opens a raw socket).
 USER 1337:1337
 ENTRYPOINT ["/usr/local/bin/imds-proxy"]
 CMD ["sidecar"]

@@ -278,8 +278,9 @@ func explain(err error) error {
 	msg := err.Error()
 	switch {
 	case strings.Contains(msg, "Permission denied"), strings.Contains(msg, "Operation not permitted"):
-		return fmt.Errorf("%w: changing iptables needs the NET_ADMIN capability (add it to the "+
-			"container's securityContext.capabilities or linuxParameters.capabilities, or run as root)", err)
+		return fmt.Errorf("%w: changing iptables needs the NET_ADMIN capability, and the legacy backend "+
+			"NET_RAW too (add them to the container's securityContext.capabilities or "+
+			"linuxParameters.capabilities, or run as root)", err)
 	case strings.Contains(msg, "Couldn't load match `mark'"), strings.Contains(msg, "Couldn't load match `owner'"),
 		strings.Contains(msg, "Couldn't load match `comment'"), strings.Contains(msg, "Couldn't load target `REDIRECT'"):
 		return fmt.Errorf("%w: the kernel lacks an iptables extension; load it on the host "+

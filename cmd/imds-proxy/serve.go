@@ -131,9 +131,9 @@ type serverSet struct {
 	admin bool
 }
 
-// listenAPI binds --listen. A redirecting sidecar also listens on [::1] at
-// the same port, where ip6tables REDIRECT delivers, and gives up the IPv6
-// rules if it cannot. A node agent listening on a wildcard address binds
+// listenAPI binds --listen. A sidecar also listens on [::1] at the same
+// port, where ip6tables REDIRECT delivers, and gives up its IPv6 rules if
+// it cannot. A node agent listening on a wildcard address binds
 // only the families whose filter guard is installed, so the VPC never
 // reaches it.
 func listenAPI(f *serveFlags, api http.Handler, rules *iptables.Manager, log *zap.Logger) (*serverSet, error) {
@@ -145,15 +145,29 @@ func listenAPI(f *serveFlags, api http.Handler, rules *iptables.Manager, log *za
 	if err := s.listen(network, f.listen, api, log); err != nil {
 		return nil, fmt.Errorf("--listen %s: %w", f.listen, err)
 	}
-	if f.mode != iptables.ModeSidecar || rules == nil || !rules.Manages(iptables.IPv6) {
+	if !wantsIPv6Loopback(f, rules) {
 		return s, nil
 	}
 	_, port, _ := net.SplitHostPort(s.addr(0))
 	if err := s.listen("tcp", net.JoinHostPort("::1", port), api, log); err != nil {
 		log.Warn("IPv6 IMDS traffic will not be redirected: cannot listen on [::1]", zap.Error(err))
-		rules.Drop(iptables.IPv6)
+		if rules != nil {
+			rules.Drop(iptables.IPv6)
+		}
 	}
 	return s, nil
+}
+
+// wantsIPv6Loopback says whether a sidecar on an IPv4 address should also
+// listen on [::1]: when its own IPv6 rules redirect there, or, with
+// --rules=false, when an init container's `rules install` may have.
+func wantsIPv6Loopback(f *serveFlags, rules *iptables.Manager) bool {
+	host, _, _ := net.SplitHostPort(f.listen)
+	ip := net.ParseIP(host)
+	if f.mode != iptables.ModeSidecar || !f.ipv6 || ip == nil || ip.To4() == nil {
+		return false
+	}
+	return rules == nil || rules.Manages(iptables.IPv6)
 }
 
 // apiNetwork is "tcp", or "tcp4" for a node agent on a wildcard address

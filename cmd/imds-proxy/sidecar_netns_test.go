@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imds-proxy/imds-proxy/inject"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
@@ -182,6 +183,11 @@ func TestInitContainerShape(t *testing.T) {
 	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET through the init-container rules: %d %q, want 200 and the instance id", status, body)
 	}
+	// The init container's IPv6 rule redirects to [::1], where the
+	// unprivileged sidecar listens too.
+	if status, body := top.task.Get(t, "[fd00:ec2::254]:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+		t.Errorf("tokenless GET to [fd00:ec2::254] through the init-container rules: %d %q, want 200 and the instance id", status, body)
+	}
 	top.task.Run(t, binary, "rules", "remove", "--mode", "sidecar", "--port", "8169", "--exempt-uid", uid, "--exempt-mark", "0", "--iptables-backend", "nft")
 	if after := top.save(t); after != before {
 		t.Errorf("rules remove did not restore the namespace:\nbefore:\n%s\nafter:\n%s", before, after)
@@ -213,5 +219,37 @@ func TestMisconfiguredExemptionIsDiagnosed(t *testing.T) {
 	}
 	if elapsed := time.Since(start); elapsed > 3*time.Second {
 		t.Errorf("the looping request took %s; it must be refused at once, not time out", elapsed)
+	}
+}
+
+// TestSidecarRunsWithTheManifestCapabilities runs the sidecar as the
+// Kubernetes manifests and ECS task definitions run it: root holding only
+// the capabilities they grant, with each iptables backend (the legacy one
+// needs NET_RAW for its raw socket).
+func TestSidecarRunsWithTheManifestCapabilities(t *testing.T) {
+	var caps []string
+	for _, c := range inject.Container(inject.DefaultOptions()).SecurityContext.Capabilities.Add {
+		caps = append(caps, "+"+strings.ToLower(string(c)))
+	}
+	for _, backend := range []string{"nft", "legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			top := newSidecarTopology(t)
+			cmd := top.task.Command("setpriv", "--inh-caps=-all", "--bounding-set=-all,"+strings.Join(caps, ","), binary,
+				"sidecar", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
+				"--upstream", "http://169.254.169.254", "--iptables-backend", backend)
+			cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+			proxy := testutil.StartProcess(t, cmd)
+			top.task.WaitReady(t, "127.0.0.1:9169")
+			if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+				t.Errorf("tokenless GET through the redirect with capabilities %v: %d %q, want 200\n%s", caps, status, body, proxy.Logs.String())
+			}
+			if strings.Contains(proxy.Logs.String(), "upstream connections are not marked") {
+				t.Errorf("the proxy could not mark its sockets with %v:\n%s", caps, proxy.Logs.String())
+			}
+			proxy.Terminate(t)
+			if saved := top.task.IptablesSave(t, "iptables-"+backend+"-save"); strings.Contains(saved, "IMDS_PROXY") {
+				t.Errorf("rules left after SIGTERM with capabilities %v:\n%s", caps, saved)
+			}
+		})
 	}
 }
