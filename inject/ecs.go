@@ -24,6 +24,9 @@ func ECSTaskDefinition(in []byte, o Options) ([]byte, error) {
 	if err := checkNetworkMode(task); err != nil {
 		return nil, err
 	}
+	if err := checkLaunchType(task); err != nil {
+		return nil, err
+	}
 	var containers []object
 	if err := task.decode("containerDefinitions", &containers); err != nil {
 		return nil, err
@@ -64,6 +67,24 @@ func checkNetworkMode(task object) error {
 		"(`imds-proxy node`, deploy/ecs/node-daemon-task-definition.json)", mode)
 }
 
+// checkLaunchType refuses Fargate: it grants no NET_ADMIN, so the sidecar
+// could not install its redirect (and registering the task would fail).
+func checkLaunchType(task object) error {
+	var compatibilities []string
+	if _, ok := task.get("requiresCompatibilities"); ok {
+		if err := task.decode("requiresCompatibilities", &compatibilities); err != nil {
+			return err
+		}
+	}
+	for _, c := range compatibilities {
+		if c == "FARGATE" {
+			return fmt.Errorf("task definition requires FARGATE, which does not grant the NET_ADMIN capability " +
+				"the sidecar's redirect needs; the sidecar runs on the EC2 launch type only")
+		}
+	}
+	return nil
+}
+
 // addDependsOn makes c start only once the sidecar is HEALTHY.
 func addDependsOn(c *object) error {
 	var deps []object
@@ -85,12 +106,16 @@ func addDependsOn(c *object) error {
 func ecsContainer(o Options) ecsContainerDefinition {
 	admin := "127.0.0.1:" + strconv.Itoa(o.MetricsPort)
 	return ecsContainerDefinition{
-		Name:              ContainerName,
-		Image:             o.Image,
-		Essential:         true,
-		User:              "0",
-		Command:           o.args("127.0.0.1"), // the health check runs inside the task
-		LinuxParameters:   ecsLinuxParameters{Capabilities: ecsCapabilities{Add: []string{"NET_ADMIN", "NET_RAW"}, Drop: []string{"ALL"}}},
+		Name:                   ContainerName,
+		Image:                  o.Image,
+		Essential:              true,
+		User:                   "0",
+		Command:                o.args("127.0.0.1"), // the health check runs inside the task
+		ReadonlyRootFilesystem: true,
+		LinuxParameters: ecsLinuxParameters{
+			Capabilities: ecsCapabilities{Add: []string{"NET_ADMIN", "NET_RAW"}, Drop: []string{"ALL"}},
+			Tmpfs:        []ecsTmpfs{{ContainerPath: "/run", Size: 1}}, // iptables-legacy's lock
+		},
 		HealthCheck:       ecsHealthCheck{Command: []string{"CMD", "/usr/local/bin/imds-proxy", "ready", "--url=http://" + admin + "/readyz"}, Interval: 5, Timeout: 2, Retries: 3, StartPeriod: 10},
 		MemoryReservation: 24,
 		Memory:            64,
@@ -98,19 +123,26 @@ func ecsContainer(o Options) ecsContainerDefinition {
 }
 
 type ecsContainerDefinition struct {
-	Name              string             `json:"name"`
-	Image             string             `json:"image"`
-	Essential         bool               `json:"essential"`
-	User              string             `json:"user"`
-	Command           []string           `json:"command"`
-	LinuxParameters   ecsLinuxParameters `json:"linuxParameters"`
-	HealthCheck       ecsHealthCheck     `json:"healthCheck"`
-	MemoryReservation int                `json:"memoryReservation"`
-	Memory            int                `json:"memory"`
+	Name                   string             `json:"name"`
+	Image                  string             `json:"image"`
+	Essential              bool               `json:"essential"`
+	User                   string             `json:"user"`
+	Command                []string           `json:"command"`
+	ReadonlyRootFilesystem bool               `json:"readonlyRootFilesystem"`
+	LinuxParameters        ecsLinuxParameters `json:"linuxParameters"`
+	HealthCheck            ecsHealthCheck     `json:"healthCheck"`
+	MemoryReservation      int                `json:"memoryReservation"`
+	Memory                 int                `json:"memory"`
 }
 
 type ecsLinuxParameters struct {
 	Capabilities ecsCapabilities `json:"capabilities"`
+	Tmpfs        []ecsTmpfs      `json:"tmpfs"`
+}
+
+type ecsTmpfs struct {
+	ContainerPath string `json:"containerPath"`
+	Size          int    `json:"size"` // MiB
 }
 
 type ecsCapabilities struct {

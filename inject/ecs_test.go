@@ -86,6 +86,7 @@ func TestECSRefusals(t *testing.T) {
 		{"no containers", `{"networkMode":"awsvpc"}`, "containerDefinitions is missing"},
 		{"empty containers", `{"networkMode":"awsvpc","containerDefinitions":[]}`, "containerDefinitions is empty"},
 		{"bad container", `{"networkMode":"awsvpc","containerDefinitions":[3]}`, "containerDefinitions"},
+		{"Fargate", `{"networkMode":"awsvpc","requiresCompatibilities":["EC2","FARGATE"],"containerDefinitions":[{"name":"a"}]}`, "FARGATE"},
 		{"bad dependsOn", `{"networkMode":"awsvpc","containerDefinitions":[{"name":"a","dependsOn":"x"}]}`, "dependsOn"},
 	}
 	for _, c := range cases {

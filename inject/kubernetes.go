@@ -9,7 +9,7 @@ import (
 	"go.yaml.in/yaml/v3"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	sigsyaml "sigs.k8s.io/yaml"
+	sigsjson "sigs.k8s.io/json"
 )
 
 // templatePaths says where each workload kind keeps its pod: the path to
@@ -179,17 +179,22 @@ func blockStyle(n *yaml.Node) {
 }
 
 // decodeNode decodes a YAML node into a Kubernetes API type by way of its
-// JSON form, as the API server would read it. A missing node decodes to
-// the zero value.
+// JSON form, as the API server reads it: field names are case-sensitive,
+// so "hostnetwork: true" means nothing here either. A missing node decodes
+// to the zero value.
 func decodeNode(n *yaml.Node, v any) error {
 	if n == nil {
 		return nil
 	}
-	raw, err := yaml.Marshal(n)
+	var generic any
+	if err := n.Decode(&generic); err != nil {
+		return err
+	}
+	data, err := json.Marshal(generic)
 	if err != nil {
 		return err
 	}
-	return sigsyaml.Unmarshal(raw, v)
+	return sigsjson.UnmarshalCaseSensitivePreserveInts(data, v)
 }
 
 // lookup follows keys through nested mappings; nil if any is missing.

@@ -227,3 +227,14 @@ func TestKubernetesNotesAndErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestKubernetesReadsFieldsAsTheAPIServerDoes: a mis-cased field is no
+// field at all to the API server, so "hostnetwork: true" does not make a
+// pod a host-network pod here either.
+func TestKubernetesReadsFieldsAsTheAPIServerDoes(t *testing.T) {
+	in := "apiVersion: v1\nkind: Pod\nmetadata:\n  name: x\nspec:\n  hostnetwork: true\n  containers:\n    - name: app\n      image: y\n"
+	out, notes, err := Kubernetes([]byte(in), DefaultOptions())
+	if err != nil || len(notes) != 0 || !strings.Contains(string(out), "name: imds-proxy") {
+		t.Errorf("mis-cased hostnetwork: notes %q, err %v, injected %t; want the pod injected", notes, err, strings.Contains(string(out), "imds-proxy"))
+	}
+}

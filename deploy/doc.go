@@ -1,0 +1,2 @@
+// Package deploy holds the deployment manifests; its tests check them.
+package deploy
