@@ -24,39 +24,77 @@ type forwarder struct {
 	session     *session
 	metrics     *metrics
 	bodyTimeout time.Duration
+	coalesce    bool
+	cache       *cache
+	retry       RetryConfig
 	flights     singleflight.Group
 }
 
-// maxSharedBody bounds a response shared between coalesced requests; IMDS
-// answers are small (user-data, the largest, is at most 16 KiB).
+// maxSharedBody bounds an upstream answer, which is read whole to be
+// shared, cached or retried; IMDS answers are small (user-data, the
+// largest, is at most 16 KiB).
 const maxSharedBody = 1 << 20
 
-// RoundTrip forwards req. Identical GETs in flight at the same time share one
-// upstream request, so a burst of clients (a deployment starting, every SDK
-// refreshing credentials) costs IMDS's link-local packet budget once.
+// RoundTrip answers req from the cache when it can, else from the
+// upstream. Identical requests in flight at the same time share one
+// upstream request, so a burst of clients (a deployment starting, every
+// SDK refreshing credentials) costs IMDS's link-local packet budget once.
 func (f *forwarder) RoundTrip(req *http.Request, ctx *goproxy.ProxyCtx) (*http.Response, error) {
-	if req.Method != http.MethodGet {
-		resp, unavailable, err := f.fetch(req)
-		markUnavailable(ctx, unavailable)
-		return resp, err
+	key := req.Method + " " + req.URL.Path + "\x00" + req.Header.Get("Accept-Encoding")
+	cacheable := req.Method == http.MethodGet && f.cache.cacheable(req.URL.Path)
+	if cacheable {
+		if hit := f.cache.fresh(key); hit != nil {
+			f.metrics.cache.WithLabelValues("hit").Inc()
+			return hit.response(req), nil
+		}
 	}
-	key := req.URL.Path + "\x00" + req.Header.Get("Accept-Encoding")
+	obtain := func(r *http.Request) (*sharedResponse, error) { return f.obtain(r, key, cacheable) }
+	shared, err := f.shared(req, key, obtain)
+	if err != nil {
+		return nil, err
+	}
+	markUnavailable(ctx, shared.unavailable)
+	return shared.response(req), nil
+}
+
+// shared runs obtain once for all identical requests in flight, or for
+// req alone when coalescing is off.
+func (f *forwarder) shared(req *http.Request, key string, obtain func(*http.Request) (*sharedResponse, error)) (*sharedResponse, error) {
+	if !f.coalesce {
+		return obtain(req)
+	}
 	v, err, _ := f.flights.Do(key, func() (any, error) {
 		// The first caller's cancellation must not fail the others.
-		detached, cancel := context.WithTimeout(context.WithoutCancel(req.Context()), 2*f.bodyTimeout)
+		budget := time.Duration(f.retry.Attempts+1) * f.bodyTimeout
+		detached, cancel := context.WithTimeout(context.WithoutCancel(req.Context()), budget)
 		defer cancel()
-		resp, unavailable, err := f.fetch(req.Clone(detached))
-		if err != nil {
-			return nil, err
-		}
-		return readShared(resp, unavailable)
+		return obtain(req.Clone(detached))
 	})
 	if err != nil {
 		return nil, err
 	}
-	shared := v.(*sharedResponse)
-	markUnavailable(ctx, shared.unavailable)
-	return shared.response(req), nil
+	return v.(*sharedResponse), nil
+}
+
+// obtain fetches req (with retries), caches a good answer, and stands a
+// still-valid cached answer in for an upstream error.
+func (f *forwarder) obtain(req *http.Request, key string, cacheable bool) (*sharedResponse, error) {
+	if !cacheable {
+		f.metrics.cache.WithLabelValues("uncached").Inc()
+		return f.fetchRetrying(req)
+	}
+	f.metrics.cache.WithLabelValues("miss").Inc()
+	resp, err := f.fetchRetrying(req)
+	if err == nil && !resp.unavailable && !retryable(resp.status) {
+		f.cache.store(key, req.URL.Path, resp)
+		f.metrics.setCacheSize(f.cache.size())
+		return resp, nil
+	}
+	if stale := f.cache.stale(key); stale != nil {
+		f.metrics.cache.WithLabelValues("stale").Inc()
+		return stale, nil
+	}
+	return resp, err
 }
 
 // fetch forwards req according to the session state. An upstream 401 to a
@@ -97,6 +135,8 @@ type sharedResponse struct {
 	unavailable bool
 }
 
+var errTooLarge = errors.New("upstream response larger than 1 MiB")
+
 func readShared(resp *http.Response, unavailable bool) (*sharedResponse, error) {
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxSharedBody+1))
@@ -104,7 +144,7 @@ func readShared(resp *http.Response, unavailable bool) (*sharedResponse, error) 
 		return nil, err
 	}
 	if len(body) > maxSharedBody {
-		return nil, errors.New("upstream response larger than 1 MiB")
+		return nil, errTooLarge
 	}
 	return &sharedResponse{status: resp.StatusCode, header: resp.Header, body: body, unavailable: unavailable}, nil
 }

@@ -2,9 +2,11 @@ package proxy_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -68,11 +70,24 @@ func startProxy(t *testing.T, cfg proxy.Config, minter *token.Minter) *harness {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	go p.Run(ctx)
-	srv := httptest.NewServer(p)
+	srv := httptest.NewUnstartedServer(p)
+	srv.Config.ErrorLog = log.New(panicFailer{t}, "", 0)
+	srv.Start()
 	t.Cleanup(func() { srv.Close(); cancel() })
 	h := &harness{t: t, p: p, srv: srv, reg: reg, logs: logs}
 	h.waitReady(10 * time.Second)
 	return h
+}
+
+// panicFailer fails the test when net/http reports a panic in a handler:
+// it recovers them, and the proxy must not cause any.
+type panicFailer struct{ t *testing.T }
+
+func (f panicFailer) Write(p []byte) (int, error) {
+	if bytes.Contains(p, []byte("panic")) {
+		f.t.Errorf("net/http: %s", p)
+	}
+	return len(p), nil
 }
 
 func (h *harness) waitReady(timeout time.Duration) {

@@ -20,6 +20,8 @@ const (
 	outcomeUpstreamUnavailable = "upstream_unavailable"
 	outcomeLoop                = "loop_detected"
 	outcomePathDenied          = "path_denied"
+	outcomeHeaderTooLarge      = "header_too_large"
+	outcomeBodyTooLarge        = "body_too_large"
 )
 
 // metrics holds the proxy's Prometheus collectors.
@@ -32,6 +34,13 @@ type metrics struct {
 	v1WouldBlock     prometheus.Counter
 	v1BySDK          *prometheus.CounterVec
 	v1CallersEvicted prometheus.Counter
+	cache            *prometheus.CounterVec
+	cacheEntries     prometheus.Gauge
+	cacheBytes       prometheus.Gauge
+	upstreamRetries  *prometheus.CounterVec
+
+	connectionsRejected       prometheus.Counter
+	connectionsWithoutRequest prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -69,8 +78,34 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "imds_proxy_v1_would_block_total",
 			Help: "Tokenless requests served under --v1 allow or warn that --v1 block would have refused (dry run).",
 		}),
+		cache: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imds_proxy_cache_requests_total",
+			Help: "Cache use: hit (a client request answered from the cache), miss (an upstream fetch of a cacheable path), " +
+				"stale (an upstream error answered with an expired copy), uncached (an upstream fetch of a path never cached).",
+		}, []string{"result"}),
+		cacheEntries: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "imds_proxy_cache_entries",
+			Help: "Upstream answers in the cache.",
+		}),
+		cacheBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "imds_proxy_cache_bytes",
+			Help: "Body bytes of the upstream answers in the cache.",
+		}),
+		upstreamRetries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imds_proxy_upstream_retries_total",
+			Help: "Upstream metadata requests sent again, by cause: throttled (429), server_error (5xx), connection (refused or reset).",
+		}, []string{"cause"}),
+		connectionsRejected: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imds_proxy_connections_rejected_total",
+			Help: "Connections answered 503 and closed because the proxy already held its maximum.",
+		}),
+		connectionsWithoutRequest: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imds_proxy_connections_closed_without_request_total",
+			Help: "Connections closed before a whole request arrived: read-header timeouts (slow clients) and clients that left.",
+		}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr, m.v1WouldBlock, m.v1BySDK, m.v1CallersEvicted} {
+	for _, c := range []prometheus.Collector{m.connectionsRejected, m.connectionsWithoutRequest, m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr,
+		m.v1WouldBlock, m.v1BySDK, m.v1CallersEvicted, m.cache, m.cacheEntries, m.cacheBytes, m.upstreamRetries} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -86,6 +121,11 @@ func (m *metrics) setSessionState(s sessionState) {
 		}
 		m.sessionState.WithLabelValues(each.String()).Set(v)
 	}
+}
+
+func (m *metrics) setCacheSize(entries, bytes int) {
+	m.cacheEntries.Set(float64(entries))
+	m.cacheBytes.Set(float64(bytes))
 }
 
 // methodLabel bounds the method label to the methods IMDS knows.

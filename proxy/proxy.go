@@ -96,6 +96,17 @@ type Config struct {
 	UpstreamDialTimeout time.Duration
 	// UpstreamResponseTimeout bounds the wait for upstream response headers.
 	UpstreamResponseTimeout time.Duration
+	// Cache keeps upstream answers for a short while (zero: no cache).
+	Cache CacheConfig
+	// Retry bounds retries of throttled and failed upstream requests
+	// (zero: one attempt, no retries).
+	Retry RetryConfig
+	// Limits bound clients' connections and requests (zero: net/http's
+	// defaults only).
+	Limits ServerLimits
+	// DisableCoalescing sends every client request upstream on its own,
+	// even when an identical one is in flight (benchmarks use it).
+	DisableCoalescing bool
 	// UpstreamDialControl, if set, is applied to every upstream socket before
 	// it connects (the iptables exemption marks sockets with it).
 	UpstreamDialControl func(network, address string, c syscall.RawConn) error
@@ -115,6 +126,15 @@ func (c *Config) Validate() error {
 	}
 	if _, err := ParseV1Policy(string(c.V1)); err != nil {
 		return err
+	}
+	if err := c.Cache.validate(); err != nil {
+		return err
+	}
+	if l := c.Limits; l.MaxConnections < 0 || l.MaxHeaderBytes < 0 || l.MaxBodyBytes < 0 || l.MaxHeaderBytes > 0 && l.MaxHeaderBytes < 1024 {
+		return fmt.Errorf("limits: connections and bytes must not be negative, and headers need at least 1024 bytes")
+	}
+	if c.Retry.Attempts < 0 || c.Retry.Attempts > 10 || c.Retry.Attempts > 1 && c.Retry.BaseDelay <= 0 {
+		return fmt.Errorf("upstream attempts must be 0..10 with a positive retry delay, got %d and %s", c.Retry.Attempts, c.Retry.BaseDelay)
 	}
 	if c.UpstreamTokenTTL < token.MinTTL || c.UpstreamTokenTTL > token.MaxTTL {
 		return fmt.Errorf("upstream token TTL %s is outside %s..%s", c.UpstreamTokenTTL, token.MinTTL, token.MaxTTL)
@@ -144,6 +164,8 @@ type Proxy struct {
 	fwd        *forwarder
 	callers    *v1Callers
 	attributor attributor
+	// upstreamIdle closes idle upstream connections when Run ends.
+	upstreamIdle func()
 }
 
 // New builds a Proxy. The caller owns reg (metrics are registered there) and
@@ -161,10 +183,13 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 		return nil, fmt.Errorf("reading random proxy id: %w", err)
 	}
 	transport := newUpstreamTransport(&cfg)
-	p := &Proxy{id: hex.EncodeToString(id), cfg: cfg, log: log, metrics: m, minter: minter}
+	p := &Proxy{id: hex.EncodeToString(id), cfg: cfg, log: log, metrics: m, minter: minter, upstreamIdle: transport.CloseIdleConnections}
 	p.session = newSession(&p.cfg, p.id, transport, log, m)
+	retry := cfg.Retry
+	retry.Attempts = max(retry.Attempts, 1)
+	retry.MaxDelay = max(retry.MaxDelay, retry.BaseDelay)
 	p.fwd = &forwarder{id: p.id, upstream: p.cfg.Upstream, transport: transport, session: p.session, metrics: m,
-		bodyTimeout: cfg.UpstreamResponseTimeout}
+		bodyTimeout: cfg.UpstreamResponseTimeout, coalesce: !cfg.DisableCoalescing, cache: newCache(cfg.Cache), retry: retry}
 	p.engine = p.newEngine()
 	max := cfg.V1CallersMax
 	if max <= 0 {
@@ -181,7 +206,10 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 func (p *Proxy) V1Callers() http.Handler { return p.callers }
 
 // Run keeps the upstream IMDSv2 session until ctx is cancelled.
-func (p *Proxy) Run(ctx context.Context) { p.session.run(ctx) }
+func (p *Proxy) Run(ctx context.Context) {
+	defer p.upstreamIdle()
+	p.session.run(ctx)
+}
 
 // Ready reports an error until the upstream session state is decided
 // (IMDSv2, IMDSv1 fallback or down), so that readiness probes wait for it.
@@ -224,6 +252,9 @@ func (p *Proxy) newEngine() *goproxy.ProxyHttpServer {
 // ServeHTTP refuses anything but a relative-URI request, points that request
 // at the upstream, and hands it to goproxy.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if p.checkLimits(w, r) {
+		return
+	}
 	if r.Method == http.MethodConnect || r.URL.IsAbs() || r.URL.Host != "" {
 		p.refuseForwardProxying(w, r)
 		return

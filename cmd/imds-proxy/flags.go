@@ -94,6 +94,11 @@ type serveFlags struct {
 	allowPaths      listFlag
 	denyPaths       listFlag
 	configFile      string
+	cache           proxy.CacheConfig
+	cacheUncached   string
+	attempts        int
+	coalesce        bool
+	limits          proxy.ServerLimits
 }
 
 // listFlag collects comma-separated values, from repeated flags, a
@@ -132,7 +137,32 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.DurationVar(&f.reconcile, "reconcile-interval", 30*time.Second, "how often to re-check the rules and restore any deleted")
 	fs.StringVar(&f.logFormat, "log-format", "json", "log format: json or console")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error (debug logs every request)")
+	f.registerEconomy(fs)
+	f.registerLimits(fs)
 	f.ruleFlags.register(fs)
+}
+
+// registerEconomy adds the flags that spare IMDS's packet budget.
+func (f *serveFlags) registerEconomy(fs *flag.FlagSet) {
+	c, r := proxy.DefaultCacheConfig(), proxy.DefaultRetryConfig()
+	fs.DurationVar(&f.cache.TTL, "cache-ttl", c.TTL, "serve repeated GETs from memory for this long (0 disables the cache); errors and 401s are never cached")
+	fs.DurationVar(&f.cache.StaleTTL, "cache-stale-ttl", c.StaleTTL, "how long past --cache-ttl a cached answer may replace an upstream error (429, 5xx, unreachable)")
+	fs.IntVar(&f.cache.MaxEntries, "cache-max-entries", c.MaxEntries, "most answers the cache holds")
+	fs.IntVar(&f.cache.MaxBytes, "cache-max-bytes", c.MaxBytes, "most body bytes the cache holds")
+	fs.DurationVar(&f.cache.CredentialMargin, "cache-credential-margin", c.CredentialMargin, "never serve cached role credentials later than this before their Expiration")
+	fs.StringVar(&f.cacheUncached, "cache-uncached", strings.Join(c.Uncached, ","), "path segments whose paths are never cached (comma-separated): answers that change without notice")
+	fs.IntVar(&f.attempts, "upstream-attempts", r.Attempts, "most upstream requests per client request: 429, 5xx, refused and reset connections are retried with jittered backoff (1: no retries)")
+	fs.BoolVar(&f.coalesce, "coalesce", true, "identical GETs in flight at the same time share one upstream request")
+}
+
+// registerLimits adds the bounds on what clients can hold.
+func (f *serveFlags) registerLimits(fs *flag.FlagSet) {
+	l := proxy.DefaultServerLimits()
+	f.limits = l
+	fs.IntVar(&f.limits.MaxConnections, "max-connections", l.MaxConnections, "client connections held at once; more are answered 503 and closed")
+	fs.DurationVar(&f.limits.ReadHeaderTimeout, "read-header-timeout", l.ReadHeaderTimeout, "close a connection whose request headers take longer (slow clients)")
+	fs.DurationVar(&f.limits.IdleTimeout, "idle-timeout", l.IdleTimeout, "close keep-alive connections idle for longer")
+	fs.IntVar(&f.limits.MaxHeaderBytes, "max-header-bytes", l.MaxHeaderBytes, "larger request headers are answered 431")
 }
 
 func (f *serveFlags) proxyConfig() (proxy.Config, error) {
@@ -160,6 +190,16 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 		UpstreamRetryMax:        f.retryMax,
 		UpstreamDialTimeout:     f.dialTimeout,
 		UpstreamResponseTimeout: f.responseTimeout,
+		Cache:                   f.cache,
+		Retry:                   proxy.RetryConfig{Attempts: f.attempts, BaseDelay: proxy.DefaultRetryConfig().BaseDelay, MaxDelay: proxy.DefaultRetryConfig().MaxDelay},
+		DisableCoalescing:       !f.coalesce,
+		Limits:                  f.limits,
+	}
+	cfg.Cache.Uncached = nil
+	for _, segment := range strings.Split(f.cacheUncached, ",") {
+		if segment = strings.Trim(strings.TrimSpace(segment), "/"); segment != "" {
+			cfg.Cache.Uncached = append(cfg.Cache.Uncached, segment)
+		}
 	}
 	return cfg, cfg.Validate()
 }

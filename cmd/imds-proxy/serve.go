@@ -136,20 +136,21 @@ type serverSet struct {
 // it cannot. A node agent listening on a wildcard address binds
 // only the families whose filter guard is installed, so the VPC never
 // reaches it.
-func listenAPI(f *serveFlags, api http.Handler, rules *iptables.Manager, log *zap.Logger) (*serverSet, error) {
+func listenAPI(f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, log *zap.Logger) (*serverSet, error) {
 	network, err := apiNetwork(f, rules)
 	if err != nil {
 		return nil, err
 	}
 	s := &serverSet{}
-	if err := s.listen(network, f.listen, api, log); err != nil {
+	srv, limit := p.Server()
+	if err := s.listen(network, f.listen, srv, limit); err != nil {
 		return nil, fmt.Errorf("--listen %s: %w", f.listen, err)
 	}
 	if !wantsIPv6Loopback(f, rules) {
 		return s, nil
 	}
 	_, port, _ := net.SplitHostPort(s.addr(0))
-	if err := s.listen("tcp", net.JoinHostPort("::1", port), api, log); err != nil {
+	if err := s.listen("tcp", net.JoinHostPort("::1", port), srv, limit); err != nil {
 		log.Warn("IPv6 IMDS traffic will not be redirected: cannot listen on [::1]", zap.Error(err))
 		if rules != nil {
 			rules.Drop(iptables.IPv6)
@@ -188,12 +189,16 @@ func apiNetwork(f *serveFlags, rules *iptables.Manager) (string, error) {
 	return "tcp", nil
 }
 
-func (s *serverSet) listen(network, addr string, h http.Handler, log *zap.Logger) error {
+// listen binds addr and serves it with srv, through wrap if not nil.
+func (s *serverSet) listen(network, addr string, srv *http.Server, wrap func(net.Listener) net.Listener) error {
 	ln, err := net.Listen(network, addr)
 	if err != nil {
 		return err
 	}
-	s.all = append(s.all, listener{srv: newHTTPServer(h, log), ln: ln})
+	if wrap != nil {
+		ln = wrap(ln)
+	}
+	s.all = append(s.all, listener{srv: srv, ln: ln})
 	return nil
 }
 
@@ -201,7 +206,7 @@ func (s *serverSet) listenAdmin(addr string, h http.Handler, log *zap.Logger) er
 	if addr == "" {
 		return nil
 	}
-	if err := s.listen("tcp", addr, h, log); err != nil {
+	if err := s.listen("tcp", addr, newHTTPServer(h, log), nil); err != nil {
 		return fmt.Errorf("--metrics-listen %s: %w", addr, err)
 	}
 	s.admin = true
@@ -243,6 +248,7 @@ func (s *serverSet) shutdown(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// newHTTPServer is the server of the admin and webhook listeners.
 func newHTTPServer(h http.Handler, log *zap.Logger) *http.Server {
 	return &http.Server{
 		Handler:           h,

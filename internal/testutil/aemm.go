@@ -180,3 +180,18 @@ func CountLines(s, substr string) int {
 	}
 	return n
 }
+
+// AEMMCredentialsExpiring returns AEMM arguments that make its role
+// credentials expire at expiry (its built-in ones expired in 2020, which
+// SDKs tolerate but a cache must not keep).
+func AEMMCredentialsExpiring(t testing.TB, expiry time.Time) []string {
+	t.Helper()
+	config := fmt.Sprintf(`{"metadata":{"values":{"iam-security-credentials":{"Code":"Success",`+
+		`"LastUpdated":%q,"Type":"AWS-HMAC","AccessKeyId":"ASIATESTFRESH","SecretAccessKey":"test-secret",`+
+		`"Token":"test-session-token","Expiration":%q}}}}`, time.Now().UTC().Format(time.RFC3339), expiry.UTC().Format(time.RFC3339))
+	path := filepath.Join(t.TempDir(), "aemm-credentials.json")
+	if err := os.WriteFile(path, []byte(config), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return []string{"-c", path}
+}

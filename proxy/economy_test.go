@@ -1,0 +1,191 @@
+package proxy_test
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/credentials/ec2rolecreds"
+	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+	"github.com/imds-proxy/imds-proxy/proxy"
+	"github.com/imds-proxy/imds-proxy/token"
+)
+
+// scriptedIMDS is an upstream whose metadata answers a test scripts, to
+// produce what the real IMDS does only under load or failure (429, 5xx).
+// It issues session tokens like IMDS and counts the GETs of each path.
+type scriptedIMDS struct {
+	srv    *httptest.Server
+	mu     sync.Mutex
+	gets   map[string]int
+	status func(path string, n int) int // status of the nth GET of path (from 1)
+}
+
+func newScriptedIMDS(t *testing.T, status func(path string, n int) int) *scriptedIMDS {
+	s := &scriptedIMDS{gets: map[string]int{}, status: status}
+	s.srv = httptest.NewServer(http.HandlerFunc(s.serve))
+	t.Cleanup(s.srv.Close)
+	return s
+}
+
+func (s *scriptedIMDS) serve(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodPut && r.URL.Path == "/latest/api/token" {
+		w.Header().Set(token.TTLHeader, r.Header.Get(token.TTLHeader))
+		_, _ = w.Write([]byte("upstream-session-token"))
+		return
+	}
+	if r.Header.Get(token.Header) != "upstream-session-token" {
+		http.Error(w, "", http.StatusUnauthorized)
+		return
+	}
+	s.mu.Lock()
+	s.gets[r.URL.Path]++
+	n := s.gets[r.URL.Path]
+	s.mu.Unlock()
+	status := s.status(r.URL.Path, n)
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte("answer " + r.URL.Path + " #" + string(rune('0'+n%10))))
+}
+
+func (s *scriptedIMDS) count(path string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.gets[path]
+}
+
+func economyConfig(upstream string) proxy.Config {
+	cfg := testConfig(upstream)
+	cfg.Cache = proxy.DefaultCacheConfig()
+	cfg.Retry = proxy.RetryConfig{Attempts: 3, BaseDelay: 5 * time.Millisecond, MaxDelay: 20 * time.Millisecond}
+	return cfg
+}
+
+// TestCacheSparesTheUpstream: repeats of a path within the TTL cost one
+// upstream request; fast-changing paths are fetched every time.
+func TestCacheSparesTheUpstream(t *testing.T) {
+	up := newScriptedIMDS(t, func(string, int) int { return 200 })
+	h := startProxy(t, economyConfig(up.srv.URL), nil)
+	auth := http.Header{token.Header: {h.token()}}
+	for i := 0; i < 10; i++ {
+		if r := h.do("GET", "/latest/meta-data/instance-id", auth); r.status != 200 || r.body != "answer /latest/meta-data/instance-id #1" {
+			t.Fatalf("GET %d: %d %q", i, r.status, r.body)
+		}
+		h.do("GET", "/latest/meta-data/spot/instance-action", auth)
+	}
+	if got := up.count("/latest/meta-data/instance-id"); got != 1 {
+		t.Errorf("10 GETs of instance-id cost %d upstream requests, want 1", got)
+	}
+	if got := up.count("/latest/meta-data/spot/instance-action"); got != 10 {
+		t.Errorf("10 GETs of spot/instance-action cost %d upstream requests, want 10 (never cached)", got)
+	}
+	if hits := h.metric("imds_proxy_cache_requests_total", map[string]string{"result": "hit"}); hits != 9 {
+		t.Errorf("cache hits %v, want 9", hits)
+	}
+}
+
+// TestThrottledAndFailedAnswersAreRetried: 429s and 5xx are retried with
+// backoff up to the attempt limit, and counted; past it the client gets
+// the upstream's answer.
+func TestThrottledAndFailedAnswersAreRetried(t *testing.T) {
+	up := newScriptedIMDS(t, func(path string, n int) int {
+		switch {
+		case strings.HasSuffix(path, "/throttled-twice") && n <= 2:
+			return http.StatusTooManyRequests
+		case strings.HasSuffix(path, "/always-failing"):
+			return http.StatusServiceUnavailable
+		}
+		return 200
+	})
+	h := startProxy(t, economyConfig(up.srv.URL), nil)
+	auth := http.Header{token.Header: {h.token()}}
+	if r := h.do("GET", "/latest/meta-data/throttled-twice", auth); r.status != 200 {
+		t.Errorf("throttled twice: client got %d, want 200 from the third attempt", r.status)
+	}
+	if r := h.do("GET", "/latest/meta-data/always-failing", auth); r.status != http.StatusServiceUnavailable {
+		t.Errorf("always failing: client got %d, want the upstream's 503", r.status)
+	}
+	if a, b := up.count("/latest/meta-data/throttled-twice"), up.count("/latest/meta-data/always-failing"); a != 3 || b != 3 {
+		t.Errorf("upstream attempts: throttled %d, failing %d; want 3 and 3", a, b)
+	}
+	if got := h.metric("imds_proxy_upstream_retries_total", map[string]string{"cause": "throttled"}); got != 2 {
+		t.Errorf("throttled retries counted %v, want 2", got)
+	}
+	if got := h.metric("imds_proxy_upstream_retries_total", map[string]string{"cause": "server_error"}); got != 2 {
+		t.Errorf("server_error retries counted %v, want 2", got)
+	}
+}
+
+// TestStaleCopyStandsInForUpstreamErrors: once the TTL has passed, an
+// upstream error is answered with the cached copy while it is within
+// StaleTTL; a path never fetched gets the error.
+func TestStaleCopyStandsInForUpstreamErrors(t *testing.T) {
+	var failing atomic.Bool
+	up := newScriptedIMDS(t, func(string, int) int {
+		if failing.Load() {
+			return http.StatusInternalServerError
+		}
+		return 200
+	})
+	cfg := economyConfig(up.srv.URL)
+	cfg.Cache.TTL = 20 * time.Millisecond
+	h := startProxy(t, cfg, nil)
+	auth := http.Header{token.Header: {h.token()}}
+	first := h.do("GET", "/latest/meta-data/local-ipv4", auth)
+	time.Sleep(30 * time.Millisecond)
+	failing.Store(true)
+	if r := h.do("GET", "/latest/meta-data/local-ipv4", auth); r.status != 200 || r.body != first.body {
+		t.Errorf("with the upstream failing: %d %q, want the cached %q", r.status, r.body, first.body)
+	}
+	if r := h.do("GET", "/latest/meta-data/hostname", auth); r.status != http.StatusInternalServerError {
+		t.Errorf("uncached path with the upstream failing: %d, want 500", r.status)
+	}
+	if got := h.metric("imds_proxy_cache_requests_total", map[string]string{"result": "stale"}); got != 1 {
+		t.Errorf("stale answers counted %v, want 1", got)
+	}
+}
+
+// TestCredentialBurstCostsIMDSAFewRequests: many SDK clients, each with its
+// own IMDS client (nothing shared), fetch role credentials through one proxy
+// at once; IMDS (amazon-ec2-metadata-mock behind a tap) sees a handful of
+// requests instead of three per client.
+func TestCredentialBurstCostsIMDSAFewRequests(t *testing.T) {
+	isolateSDK(t)
+	aemm := testutil.StartAEMM(t, append([]string{"-I"}, testutil.AEMMCredentialsExpiring(t, time.Now().Add(6*time.Hour))...)...)
+	tap := testutil.NewTap(t, aemm.Addr)
+	cfg := testConfig(tap.URL())
+	cfg.Cache = proxy.DefaultCacheConfig()
+	h := startProxy(t, cfg, nil)
+	before := len(tap.Requests())
+
+	const clients = 300
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	var failures atomic.Int32
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			provider := ec2rolecreds.New(func(o *ec2rolecreds.Options) { o.Client = imds.New(imds.Options{Endpoint: h.srv.URL}) })
+			if creds, err := provider.Retrieve(ctx); err != nil || creds.AccessKeyID != "ASIATESTFRESH" {
+				failures.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	upstream := tap.Requests()[before:]
+	t.Logf("%d concurrent SDK credential fetches: %d upstream requests", clients, len(upstream))
+	if failures.Load() > 0 {
+		t.Errorf("%d of %d credential fetches failed", failures.Load(), clients)
+	}
+	if len(upstream) > 5 {
+		t.Errorf("%d credential fetches cost IMDS %d requests, want at most 5", clients, len(upstream))
+	}
+}

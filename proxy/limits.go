@@ -1,0 +1,194 @@
+package proxy
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// ServerLimits bound what clients can hold of a proxy listener, so that
+// slow or hostile clients (slowloris, huge headers, endless bodies) cannot
+// starve the workloads' SDKs.
+type ServerLimits struct {
+	// ReadHeaderTimeout closes a connection whose request headers take
+	// longer (slowloris), ReadTimeout one whose request takes longer;
+	// IdleTimeout closes idle keep-alive connections; WriteTimeout bounds
+	// one whole exchange.
+	ReadHeaderTimeout, ReadTimeout, IdleTimeout, WriteTimeout time.Duration
+	// MaxHeaderBytes: larger request lines plus headers get 431.
+	MaxHeaderBytes int
+	// MaxBodyBytes: larger request bodies get 413 (IMDS requests have none).
+	MaxBodyBytes int64
+	// MaxConnections: connections beyond it get 503 and are closed.
+	MaxConnections int
+}
+
+// DefaultServerLimits are the serving commands' limits.
+func DefaultServerLimits() ServerLimits {
+	return ServerLimits{ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second, WriteTimeout: 30 * time.Second,
+		MaxHeaderBytes: 16 << 10, MaxBodyBytes: 4 << 10, MaxConnections: 4096}
+}
+
+// Server returns the server for the proxy's listeners, within
+// Config.Limits, and wraps each listener given to it in the connection
+// limit. Refused connections and connections closed before a request
+// (slowloris, read-header timeouts) are counted.
+func (p *Proxy) Server() (srv *http.Server, limit func(net.Listener) net.Listener) {
+	limits := p.cfg.Limits
+	srv = &http.Server{
+		Handler:           p,
+		ReadHeaderTimeout: limits.ReadHeaderTimeout,
+		ReadTimeout:       limits.ReadTimeout,
+		IdleTimeout:       limits.IdleTimeout,
+		WriteTimeout:      limits.WriteTimeout,
+		// net/http's own bound, with room: the handler answers 431 itself,
+		// counted, for anything between MaxHeaderBytes and this.
+		MaxHeaderBytes: 2 * limits.MaxHeaderBytes,
+		ErrorLog:       zap.NewStdLog(p.log.Named("http")),
+	}
+	watch := newConnWatch(p.metrics)
+	srv.ConnContext, srv.ConnState = watch.context, watch.observe
+	active := new(atomic.Int64) // shared: the limit is the proxy's, not each listener's
+	limit = func(ln net.Listener) net.Listener {
+		return &limitListener{Listener: ln, max: int64(limits.MaxConnections), active: active, rejected: p.metrics.connectionsRejected.Inc}
+	}
+	return srv, limit
+}
+
+// checkLimits answers requests beyond the header and body limits and
+// reports whether it did.
+func (p *Proxy) checkLimits(w http.ResponseWriter, r *http.Request) bool {
+	markServed(r)
+	if p.cfg.Limits.MaxHeaderBytes > 0 && headerBytes(r) > p.cfg.Limits.MaxHeaderBytes {
+		p.refuse(w, r, http.StatusRequestHeaderFieldsTooLarge, outcomeHeaderTooLarge)
+		return true
+	}
+	if r.ContentLength == 0 {
+		return false
+	}
+	// IMDS requests carry no body; read any there is (up to the limit) now,
+	// inside the handler, so that net/http never finds it half read after.
+	limit := p.cfg.Limits.MaxBodyBytes
+	if limit <= 0 {
+		limit = DefaultServerLimits().MaxBodyBytes
+	}
+	n, _ := io.CopyN(io.Discard, r.Body, limit+1)
+	if n <= limit && r.ContentLength <= limit {
+		return false
+	}
+	w.Header().Set("Connection", "close") // the rest of the body is not read
+	p.refuse(w, r, http.StatusRequestEntityTooLarge, outcomeBodyTooLarge)
+	return true
+}
+
+func (p *Proxy) refuse(w http.ResponseWriter, r *http.Request, status int, outcome string) {
+	x := newExchange(r)
+	x.outcome = outcome
+	http.Error(w, http.StatusText(status), status)
+	p.record(x, r, status)
+}
+
+// headerBytes is the size of the request line and headers as sent.
+func headerBytes(r *http.Request) int {
+	n := len(r.Method) + len(r.RequestURI) + len(r.Proto) + 4
+	for name, values := range r.Header {
+		for _, v := range values {
+			n += len(name) + len(v) + 4
+		}
+	}
+	return n
+}
+
+// limitListener answers connections beyond max with 503 and closes them,
+// rather than leaving them queued where clients only see a timeout.
+type limitListener struct {
+	net.Listener
+	max      int64
+	active   *atomic.Int64
+	rejected func()
+}
+
+// tooBusy is written to a connection over the limit without reading it.
+const tooBusy = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if l.max <= 0 || l.active.Add(1) <= l.max {
+			return &countedConn{Conn: c, release: func() { l.active.Add(-1) }}, nil
+		}
+		l.active.Add(-1)
+		l.rejected()
+		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = io.WriteString(c, tooBusy)
+		_ = c.Close()
+	}
+}
+
+type countedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *countedConn) Close() error {
+	c.once.Do(c.release)
+	return c.Conn.Close()
+}
+
+// connWatch counts connections that close before a request reached the
+// proxy: read-header timeouts (slowloris), requests net/http refused as
+// malformed, clients that connected and left.
+type connWatch struct {
+	mu    sync.Mutex
+	conns map[net.Conn]*connRecord
+	m     *metrics
+}
+
+// connRecord is what a request's context carries to mark its connection.
+type connRecord struct{ served atomic.Bool }
+
+type connRecordKey struct{}
+
+func newConnWatch(m *metrics) *connWatch {
+	return &connWatch{conns: map[net.Conn]*connRecord{}, m: m}
+}
+
+// context is the server's ConnContext: it hands the connection's record to
+// its requests.
+func (w *connWatch) context(ctx context.Context, c net.Conn) context.Context {
+	rec := &connRecord{}
+	w.mu.Lock()
+	w.conns[c] = rec
+	w.mu.Unlock()
+	return context.WithValue(ctx, connRecordKey{}, rec)
+}
+
+func (w *connWatch) observe(c net.Conn, state http.ConnState) {
+	if state != http.StateClosed && state != http.StateHijacked {
+		return
+	}
+	w.mu.Lock()
+	rec, ok := w.conns[c]
+	delete(w.conns, c)
+	w.mu.Unlock()
+	if ok && !rec.served.Load() {
+		w.m.connectionsWithoutRequest.Inc()
+	}
+}
+
+// markServed records that a request reached the proxy on its connection.
+func markServed(r *http.Request) {
+	if rec, ok := r.Context().Value(connRecordKey{}).(*connRecord); ok {
+		rec.served.Store(true)
+	}
+}
