@@ -99,6 +99,7 @@ type serveFlags struct {
 	attempts        int
 	coalesce        bool
 	limits          proxy.ServerLimits
+	pprofListen     string
 }
 
 // listFlag collects comma-separated values, from repeated flags, a
@@ -123,6 +124,7 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.v1, "v1", string(proxy.V1Allow), "IMDSv1 (tokenless) requests: allow (serve, log, count), warn (serve, and log that block would refuse them) or block (answer 401 as IMDS does when tokens are required); imds_proxy_v1_would_block_total counts what block would refuse")
 	fs.Var(&f.allowPaths, "allow-path", "only forward paths under these prefixes (comma-separated or repeated; others get 403)")
 	fs.Var(&f.denyPaths, "deny-path", "never forward paths under these prefixes, e.g. /latest/user-data,/latest/meta-data/iam/ (403; deny wins over allow)")
+	fs.StringVar(&f.pprofListen, "pprof-listen", "", "address of Go's /debug/pprof/ profiles, for finding where CPU time goes (keep it on loopback; empty disables it)")
 	fs.StringVar(&f.configFile, "config", "", "YAML file of flag values (keys are flag names); flags and environment variables win over it")
 	fs.BoolVar(&f.v1Fallback, "upstream-v1-fallback", true, "while no upstream IMDSv2 token can be had, forward GETs without one (else answer 503)")
 	fs.DurationVar(&f.tokenTTL, "upstream-token-ttl", 6*time.Hour, "lifetime of the proxy's own upstream token (1s..6h); refreshed at half of it")

@@ -94,7 +94,9 @@ func TestHelpExplainsEveryFlag(t *testing.T) {
 		"-upstream-token-ttl", "-upstream-token-timeout", "-upstream-retry-min", "-upstream-retry-max",
 		"-upstream-dial-timeout", "-upstream-response-timeout", "-shutdown-timeout", "-rules",
 		"-keep-rules-on-exit", "-exempt-mark", "-exempt-uid", "-iptables-backend", "-reconcile-interval", "-ipv6",
-		"-log-format", "-log-level", "-allow-path", "-deny-path", "-config", "IMDS_PROXY_"} {
+		"-log-format", "-log-level", "-allow-path", "-deny-path", "-config", "-cache-ttl", "-cache-stale-ttl",
+		"-cache-max-entries", "-cache-max-bytes", "-cache-credential-margin", "-cache-uncached", "-upstream-attempts",
+		"-coalesce", "-max-connections", "-read-header-timeout", "-idle-timeout", "-max-header-bytes", "-pprof-listen", "IMDS_PROXY_"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("sidecar --help does not mention %s", want)
 		}
@@ -250,6 +252,15 @@ func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
 	}
 	if _, err := http.Get(r.API + "/"); err == nil {
 		t.Error("the listener still accepts connections after shutdown")
+	}
+}
+
+// TestPprofListener: --pprof-listen serves Go's profiles on its own listener.
+func TestPprofListener(t *testing.T) {
+	addr := testutil.FreeLoopbackAddr(t)
+	startBinary(t, nil, "--upstream", "http://127.0.0.1:1", "--pprof-listen", addr)
+	if status, body := get(t, "GET", "http://"+addr+"/debug/pprof/", nil); status != 200 || !strings.Contains(body, "goroutine") {
+		t.Errorf("/debug/pprof/: %d %.80q", status, body)
 	}
 }
 

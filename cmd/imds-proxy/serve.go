@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"syscall"
 	"time"
@@ -46,6 +47,11 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 		return err
 	}
 	err = servers.listenAdmin(f.metricsListen, proxy.NewAdminHandler(reg, p.V1Callers(), readiness(p, rules)...), log)
+	if err == nil && f.pprofListen != "" {
+		if err = servers.listen("tcp", f.pprofListen, newHTTPServer(pprofHandler(), log), nil); err != nil {
+			err = fmt.Errorf("--pprof-listen %s: %w", f.pprofListen, err)
+		}
+	}
 	if err == nil && rules != nil {
 		// After the listeners exist, so redirected traffic always finds one.
 		err = rules.Install()
@@ -128,7 +134,7 @@ type listener struct {
 // serverSet is the API listeners, then the admin listener if any.
 type serverSet struct {
 	all   []listener
-	admin bool
+	admin int // 1 + the index of the admin listener; 0: none
 }
 
 // listenAPI binds --listen. A sidecar also listens on [::1] at the same
@@ -209,17 +215,17 @@ func (s *serverSet) listenAdmin(addr string, h http.Handler, log *zap.Logger) er
 	if err := s.listen("tcp", addr, newHTTPServer(h, log), nil); err != nil {
 		return fmt.Errorf("--metrics-listen %s: %w", addr, err)
 	}
-	s.admin = true
+	s.admin = len(s.all)
 	return nil
 }
 
 func (s *serverSet) addr(i int) string { return s.all[i].ln.Addr().String() }
 
 func (s *serverSet) adminAddr() string {
-	if !s.admin {
+	if s.admin == 0 {
 		return ""
 	}
-	return s.addr(len(s.all) - 1)
+	return s.addr(s.admin - 1)
 }
 
 func (s *serverSet) close() {
@@ -246,6 +252,16 @@ func (s *serverSet) shutdown(ctx context.Context) error {
 		errs = append(errs, l.srv.Shutdown(ctx))
 	}
 	return errors.Join(errs...)
+}
+
+// pprofHandler serves Go's profiles (--pprof-listen).
+func pprofHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
 }
 
 // newHTTPServer is the server of the admin and webhook listeners.
