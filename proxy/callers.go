@@ -39,10 +39,27 @@ type v1Callers struct {
 	mu      sync.Mutex
 	order   *list.List // of *V1Caller, most recently seen first
 	entries map[callerKey]*list.Element
+	// latest is the entry a caller and User-Agent were last attributed to,
+	// for the requests that go unattributed (over the attribution rate).
+	latest map[[2]string]callerKey
 }
 
 func newV1Callers(max int, evicted func()) *v1Callers {
-	return &v1Callers{max: max, evicted: evicted, order: list.New(), entries: map[callerKey]*list.Element{}}
+	return &v1Callers{max: max, evicted: evicted, order: list.New(), entries: map[callerKey]*list.Element{},
+		latest: map[[2]string]callerKey{}}
+}
+
+// recordUnattributed counts a request whose process was not looked up
+// against the entry its caller and User-Agent last had, if any.
+func (c *v1Callers) recordUnattributed(caller, userAgent, path string, now time.Time) {
+	c.mu.Lock()
+	key, ok := c.latest[[2]string{caller, truncate(userAgent)}]
+	var proc Process
+	if el, found := c.entries[key]; ok && found {
+		proc = el.Value.(*V1Caller).Process
+	}
+	c.mu.Unlock()
+	c.record(caller, userAgent, path, proc, now)
 }
 
 func (c *v1Callers) record(caller, userAgent, path string, proc Process, now time.Time) {
@@ -50,6 +67,7 @@ func (c *v1Callers) record(caller, userAgent, path string, proc Process, now tim
 	path = truncate(path)
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.latest[[2]string{key.caller, key.userAgent}] = key
 	if el, ok := c.entries[key]; ok {
 		e := el.Value.(*V1Caller)
 		e.Count++
@@ -65,6 +83,9 @@ func (c *v1Callers) record(caller, userAgent, path string, proc Process, now tim
 		oldest := c.order.Back()
 		o := oldest.Value.(*V1Caller)
 		delete(c.entries, callerKey{o.Caller, o.UserAgent, o.Executable})
+		if c.latest[[2]string{o.Caller, o.UserAgent}] == (callerKey{o.Caller, o.UserAgent, o.Executable}) {
+			delete(c.latest, [2]string{o.Caller, o.UserAgent})
+		}
 		c.order.Remove(oldest)
 		c.evicted()
 	}

@@ -89,3 +89,23 @@ func TestV1CallerAttribution(t *testing.T) {
 		t.Errorf("caller process %+v (uid %v); want uid %d, pid %d, executable %s", c.Process, c.UID, os.Getuid(), os.Getpid(), exe)
 	}
 }
+
+// TestV1AttributionIsRateBounded: a flood of tokenless requests is served,
+// logged and counted, but only the first few pay for a /proc scan.
+func TestV1AttributionIsRateBounded(t *testing.T) {
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1AttributionsPerSecond = 2; c.V1 = proxy.V1Block }, nil)
+	const flood = 12
+	for i := 0; i < flood; i++ {
+		h.do("GET", "/latest/meta-data/", http.Header{"User-Agent": {"flood/1.0"}})
+	}
+	skipped := h.metric("imds_proxy_v1_attributions_skipped_total", nil)
+	if skipped < flood-4 || skipped > flood-2 {
+		t.Errorf("%v of %d attributions skipped at 2 a second (burst 2); want about %d", skipped, flood, flood-2)
+	}
+	if c := h.v1Callers(); len(c) != 1 || c[0].Count != flood || c[0].PID != os.Getpid() {
+		t.Errorf("callers %+v: want one caller seen %d times, attributed to this process", c, flood)
+	}
+	if blocked := h.metric("imds_proxy_requests_total", map[string]string{"outcome": "v1_blocked"}); blocked != flood {
+		t.Errorf("%v blocked, want all %d", blocked, flood)
+	}
+}

@@ -169,6 +169,7 @@ func (f *forwarder) send(req *http.Request, sessionToken string) (*http.Response
 	out := req.Clone(req.Context())
 	out.URL.Scheme, out.URL.Host, out.Host = f.upstream.Scheme, f.upstream.Host, f.upstream.Host
 	out.Body = http.NoBody
+	out.Close = false // a client closing its connection is no reason to close the pooled one to IMDS
 	out.Header.Set(loopHeader, f.id)
 	if sessionToken != "" {
 		out.Header.Set(token.Header, sessionToken)

@@ -74,7 +74,7 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 	tokens := r.Header.Values(token.Header)
 	switch len(tokens) {
 	case 0:
-		proc := p.attribute(r)
+		proc, attributed := p.attribute(r)
 		msg := "IMDSv1 request (no token)"
 		if p.cfg.V1 == V1Warn {
 			msg = "IMDSv1 request (no token): --v1 block would refuse it"
@@ -84,7 +84,11 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 			zap.String("policy", string(p.cfg.V1)), zap.Intp("uid", proc.UID), zap.Int("pid", proc.PID),
 			zap.String("command", proc.Command), zap.String("executable", proc.Executable))
 		p.metrics.v1BySDK.WithLabelValues(sdkFamily(r.UserAgent())).Inc()
-		p.callers.record(x.caller.String(), r.UserAgent(), r.URL.Path, proc, x.start)
+		if attributed {
+			p.callers.record(x.caller.String(), r.UserAgent(), r.URL.Path, proc, x.start)
+		} else {
+			p.callers.recordUnattributed(x.caller.String(), r.UserAgent(), r.URL.Path, x.start)
+		}
 		if p.cfg.V1 == V1Block {
 			x.outcome = outcomeV1Blocked
 			return unauthorized(r)
@@ -104,13 +108,18 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 }
 
 // attribute finds the process behind an IMDSv1 request where the shape lets
-// the proxy see it.
-func (p *Proxy) attribute(r *http.Request) Process {
+// the proxy see it. attributed is false when the lookup was skipped, over
+// its rate bound.
+func (p *Proxy) attribute(r *http.Request) (proc Process, attributed bool) {
 	client, err := netip.ParseAddrPort(r.RemoteAddr)
 	if err != nil {
-		return Process{}
+		return Process{}, true
 	}
-	return p.attributor.lookup(client)
+	if !p.attributions.Allow() {
+		p.metrics.attributionsSkipped.Inc()
+		return Process{}, false
+	}
+	return p.attributor.lookup(client), true
 }
 
 // checkPath normalises the request path, applies the path policy, and

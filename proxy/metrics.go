@@ -39,6 +39,7 @@ type metrics struct {
 	cacheBytes       prometheus.Gauge
 	upstreamRetries  *prometheus.CounterVec
 
+	attributionsSkipped       prometheus.Counter
 	connectionsRejected       prometheus.Counter
 	connectionsWithoutRequest prometheus.Counter
 }
@@ -95,6 +96,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "imds_proxy_upstream_retries_total",
 			Help: "Upstream metadata requests sent again, by cause: throttled (429), server_error (5xx), connection (refused or reset).",
 		}, []string{"cause"}),
+		attributionsSkipped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imds_proxy_v1_attributions_skipped_total",
+			Help: "Tokenless requests logged without their process because attribution (a /proc scan) was over its rate bound.",
+		}),
 		connectionsRejected: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imds_proxy_connections_rejected_total",
 			Help: "Connections answered 503 and closed because the proxy already held its maximum.",
@@ -104,7 +109,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Connections closed before a whole request arrived: read-header timeouts (slow clients) and clients that left.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.connectionsRejected, m.connectionsWithoutRequest, m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr,
+	for _, c := range []prometheus.Collector{m.attributionsSkipped, m.connectionsRejected, m.connectionsWithoutRequest, m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr,
 		m.v1WouldBlock, m.v1BySDK, m.v1CallersEvicted, m.cache, m.cacheEntries, m.cacheBytes, m.upstreamRetries} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

@@ -72,16 +72,17 @@ var errBadPath = errors.New("path is not a clean absolute path")
 
 // NormalisePath decodes percent-encoding once and resolves "//", "/./" and
 // "/../", keeping a trailing slash (IMDS distinguishes directories by it).
-// Paths that still hold encoded or control characters, or backslashes, after
-// decoding are refused: IMDS paths never need them, and they are how a
-// crafted path would slip past a prefix rule.
+// Paths that still hold encoded or control characters, backslashes, or a
+// decoded '?' or '#' after decoding are refused: IMDS paths never need them,
+// and they are how a crafted path would slip past a prefix rule
+// ("/latest/user-data%3Fx" is not under "/latest/user-data" to a prefix rule).
 func NormalisePath(raw string) (string, error) {
 	decoded, err := url.PathUnescape(raw)
 	if err != nil || !strings.HasPrefix(decoded, "/") {
 		return "", errBadPath
 	}
 	for _, c := range decoded {
-		if c < 0x20 || c == 0x7f || c == '\\' || c == '%' {
+		if c < 0x20 || c == 0x7f || c == '\\' || c == '%' || c == '?' || c == '#' {
 			return "", errBadPath
 		}
 	}

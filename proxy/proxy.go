@@ -18,6 +18,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
@@ -28,6 +29,7 @@ import (
 	"github.com/elazarl/goproxy"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"golang.org/x/time/rate"
 
 	"github.com/imds-proxy/imds-proxy/token"
 )
@@ -78,6 +80,12 @@ type Config struct {
 	Paths PathPolicy
 	// V1CallersMax bounds the /v1-callers table (0: 1024 entries).
 	V1CallersMax int
+	// V1AttributionsPerSecond bounds how often a tokenless request is
+	// attributed to a process (a /proc scan, about a millisecond or more),
+	// so that a flood of IMDSv1 requests cannot spend the proxy's CPU on it
+	// (0: 20 a second, in bursts of as many). Requests past the bound are
+	// logged and counted without the process.
+	V1AttributionsPerSecond float64
 	// Shape ("sidecar", "node") is announced in the X-Imds-Proxy header of
 	// token responses, so that `imds-proxy doctor` can tell who answered.
 	Shape string
@@ -164,6 +172,8 @@ type Proxy struct {
 	fwd        *forwarder
 	callers    *v1Callers
 	attributor attributor
+	// attributions bounds the attributor's rate.
+	attributions *rate.Limiter
 	// upstreamIdle closes idle upstream connections when Run ends.
 	upstreamIdle func()
 }
@@ -197,6 +207,11 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 	}
 	p.callers = newV1Callers(max, m.v1CallersEvicted.Inc)
 	p.attributor = attributor{proc: "/proc"}
+	perSecond := cfg.V1AttributionsPerSecond
+	if perSecond <= 0 {
+		perSecond = 20
+	}
+	p.attributions = rate.NewLimiter(rate.Limit(perSecond), int(math.Ceil(perSecond)))
 	return p, nil
 }
 

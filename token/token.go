@@ -82,6 +82,9 @@ func (m *Minter) Mint(caller netip.Addr, ttl time.Duration) (string, time.Time, 
 	if ttl < MinTTL || ttl > MaxTTL {
 		return "", time.Time{}, fmt.Errorf("token TTL %s is outside %s..%s", ttl, MinTTL, MaxTTL)
 	}
+	if !caller.IsValid() {
+		return "", time.Time{}, errors.New("a token needs a caller address")
+	}
 	expiry := m.now().Add(ttl).UnixMilli()
 	raw := make([]byte, 1+expiryLen, rawLen)
 	raw[0] = formatVersion
@@ -101,7 +104,7 @@ func (m *Minter) Verify(tok string, caller netip.Addr) error {
 		return ErrMalformed
 	}
 	signed, mac := raw[:1+expiryLen], raw[1+expiryLen:]
-	if !hmac.Equal(mac, m.sign(signed, caller)) {
+	if !caller.IsValid() || !hmac.Equal(mac, m.sign(signed, caller)) {
 		return ErrForged
 	}
 	expiry := int64(binary.BigEndian.Uint64(raw[1:]))
@@ -119,5 +122,7 @@ func (m *Minter) sign(signed []byte, caller netip.Addr) []byte {
 	mac.Write(signed)
 	addr := caller.Unmap().As16()
 	mac.Write(addr[:])
+	// The zone tells links apart: fe80::1 on eth0 and on veth9 are two hosts.
+	mac.Write([]byte(caller.Zone()))
 	return mac.Sum(nil)
 }

@@ -204,3 +204,29 @@ func TestOneSpellingPerToken(t *testing.T) {
 		}
 	}
 }
+
+// TestCallerIdentity: a token belongs to one address on one link (zone),
+// and the zero address is no caller at all.
+func TestCallerIdentity(t *testing.T) {
+	m, err := NewRandomMinter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	eth0 := netip.MustParseAddr("fe80::1%eth0")
+	tok, _, err := m.Mint(eth0, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Verify(tok, eth0); err != nil {
+		t.Errorf("own caller: %v", err)
+	}
+	if err := m.Verify(tok, netip.MustParseAddr("fe80::1%veth9")); !errors.Is(err, ErrForged) {
+		t.Errorf("same address on another link: %v, want ErrForged", err)
+	}
+	if _, _, err := m.Mint(netip.Addr{}, time.Minute); err == nil {
+		t.Error("minted a token for the zero address")
+	}
+	if err := m.Verify(tok, netip.Addr{}); !errors.Is(err, ErrForged) {
+		t.Errorf("zero address: %v, want ErrForged", err)
+	}
+}

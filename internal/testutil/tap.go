@@ -108,7 +108,10 @@ func (tap *Tap) relay(client net.Conn) {
 			return
 		}
 		defer server.Close()
-		go func() { _, _ = io.Copy(client, server) }()
+		go func() {
+			_, _ = io.Copy(client, server)
+			client.Close() // the server went away: so does this connection, as on a real path
+		}()
 	}
 	rec := &recordingReader{r: client}
 	br := bufio.NewReader(rec)
