@@ -120,7 +120,8 @@ func (m *Minter) Verify(tok string, caller netip.Addr) error {
 func (m *Minter) sign(signed []byte, caller netip.Addr) []byte {
 	mac := hmac.New(sha256.New, m.key[:])
 	mac.Write(signed)
-	addr := caller.Unmap().As16()
+	caller = caller.Unmap() // an IPv4 address has no zone, even spelt IPv4-mapped with one
+	addr := caller.As16()
 	mac.Write(addr[:])
 	// The zone tells links apart: fe80::1 on eth0 and on veth9 are two hosts.
 	mac.Write([]byte(caller.Zone()))
