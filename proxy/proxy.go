@@ -230,17 +230,24 @@ func (p *Proxy) Run(ctx context.Context) {
 // (IMDSv2, IMDSv1 fallback or down), so that readiness probes wait for it.
 func (p *Proxy) Ready() error { return p.session.ready() }
 
+// upstreamConns bounds the proxy's connections to the upstream; requests
+// beyond it wait for one (the coalescing and the cache keep them few).
+const upstreamConns = 64
+
 // newUpstreamTransport returns the proxy's own HTTP transport: it ignores
 // HTTP_PROXY and friends, bounds every wait, keeps a small pool, and passes
 // bodies through untouched (no transparent gzip).
 func newUpstreamTransport(cfg *Config) *http.Transport {
 	dialer := &net.Dialer{Timeout: cfg.UpstreamDialTimeout, Control: cfg.UpstreamDialControl}
 	return &http.Transport{
-		Proxy:                  nil,
-		DialContext:            dialer.DialContext,
-		MaxIdleConns:           8,
-		MaxIdleConnsPerHost:    8,
-		MaxConnsPerHost:        64,
+		Proxy:       nil,
+		DialContext: dialer.DialContext,
+		// As many idle connections as the proxy may open: a pool smaller than
+		// the cap closes and re-dials connections whenever more than it are
+		// busy, and every dial costs IMDS's packet budget three packets more.
+		MaxIdleConns:           upstreamConns,
+		MaxIdleConnsPerHost:    upstreamConns,
+		MaxConnsPerHost:        upstreamConns,
 		IdleConnTimeout:        60 * time.Second,
 		ResponseHeaderTimeout:  cfg.UpstreamResponseTimeout,
 		DisableCompression:     true,
