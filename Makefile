@@ -28,11 +28,12 @@ lint:
 	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(GO) vet ./...
 
-## deps: the system packages the namespace tests need (as root; elsewhere they skip)
+## deps: the system packages the tests need (as root; elsewhere the namespace tests skip): iptables and
+## iproute2 for the namespace tests, openssl for deploy/kubernetes/webhook/gen-certs.sh
 deps:
-	@if [ "$$(id -u)" = 0 ] && ! { command -v iptables-legacy && command -v iptables-nft && command -v ip; } >/dev/null; then \
-		echo "installing iptables and iproute2"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 >/dev/null; \
+	@if [ "$$(id -u)" = 0 ] && ! { command -v iptables-legacy && command -v iptables-nft && command -v ip && command -v openssl; } >/dev/null; then \
+		echo "installing iptables, iproute2 and openssl"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 openssl >/dev/null; \
 	fi
 
 ## test: every test, with the race detector
