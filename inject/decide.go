@@ -15,19 +15,43 @@ type skip struct {
 	quiet  bool // already injected: nothing to tell the operator
 }
 
-// decide is the one injection decision of the CLI and the webhook.
-func decide(meta metav1.ObjectMeta, spec *corev1.PodSpec) skip {
+// decide is the one injection decision of the CLI and the webhook. A pod the
+// sidecar would clash with (a volume of its name, a container port of its
+// ports) is skipped: patched, the API server would refuse it.
+func decide(meta metav1.ObjectMeta, spec *corev1.PodSpec, o Options) skip {
 	if hasSidecar(spec) {
 		return skip{reason: "already has the " + ContainerName + " container", quiet: true}
 	}
 	if meta.Annotations[InjectKey] == Disabled || meta.Labels[InjectKey] == Disabled {
 		return skip{reason: "opted out (" + InjectKey + ": " + Disabled + ")"}
 	}
+	if clash := clashes(spec, o); clash != "" {
+		return skip{reason: clash}
+	}
 	if spec.HostNetwork {
 		return skip{reason: "hostNetwork pods share the node's network namespace, where a sidecar's redirect " +
 			"would capture the whole node's IMDS traffic; run the node agent (imds-proxy node) for them"}
 	}
 	return skip{}
+}
+
+// clashes names what in spec the sidecar would collide with, or "".
+func clashes(spec *corev1.PodSpec, o Options) string {
+	for _, v := range spec.Volumes {
+		if v.Name == RunVolumeName {
+			return "it already has a volume named " + RunVolumeName
+		}
+	}
+	for _, list := range [][]corev1.Container{spec.InitContainers, spec.Containers} {
+		for _, c := range list {
+			for _, p := range c.Ports {
+				if int(p.ContainerPort) == o.Port || int(p.ContainerPort) == o.MetricsPort {
+					return fmt.Sprintf("container %s uses port %d, which the sidecar needs (choose others with --port and --metrics-port)", c.Name, p.ContainerPort)
+				}
+			}
+		}
+	}
+	return ""
 }
 
 func hasSidecar(spec *corev1.PodSpec) bool {

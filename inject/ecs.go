@@ -41,7 +41,8 @@ func ECSTaskDefinition(in []byte, o Options) ([]byte, error) {
 	}
 	for i := range containers {
 		if err := addDependsOn(&containers[i]); err != nil {
-			return nil, err
+			name, _ := containers[i].str("name")
+			return nil, fmt.Errorf("container %q: %w", name, err)
 		}
 	}
 	sidecar, err := toObject(ecsContainer(o))

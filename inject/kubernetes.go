@@ -34,14 +34,12 @@ func Kubernetes(in []byte, o Options) (out []byte, notes []string, err error) {
 	}
 	var b bytes.Buffer
 	for i, chunk := range splitDocuments(in) {
-		changed, note, err := injectDocument(chunk, o)
+		out, docNotes, err := injectDocument(chunk, o)
 		if err != nil {
 			return nil, nil, fmt.Errorf("document %d: %w", i+1, err)
 		}
-		if note != "" {
-			notes = append(notes, note)
-		}
-		b.Write(changed)
+		notes = append(notes, docNotes...)
+		b.Write(out)
 	}
 	return b.Bytes(), notes, nil
 }
@@ -70,55 +68,80 @@ func isSeparator(line []byte) bool {
 	return ok && (len(rest) == 0 || rest[0] == ' ' || rest[0] == '\t')
 }
 
-// injectDocument returns chunk, or chunk with the sidecar added.
-func injectDocument(chunk []byte, o Options) ([]byte, string, error) {
+// injectDocument returns chunk, or chunk with the sidecar added to the
+// workload it holds, or to the workloads of a List.
+func injectDocument(chunk []byte, o Options) ([]byte, []string, error) {
 	var doc yaml.Node
 	if err := yaml.Unmarshal(chunk, &doc); err != nil {
-		return nil, "", fmt.Errorf("not valid YAML: %w", err)
+		return nil, nil, fmt.Errorf("not valid YAML: %w", err)
 	}
 	if len(doc.Content) == 0 || doc.Content[0].Kind != yaml.MappingNode {
-		return chunk, "", nil
+		return chunk, nil, nil
 	}
-	root := doc.Content[0]
-	kind := scalar(root, "kind")
+	objects := []*yaml.Node{doc.Content[0]}
+	if items := lookup(doc.Content[0], "items"); scalar(doc.Content[0], "kind") == "List" && items != nil {
+		objects = items.Content // kubectl get -o yaml
+	}
+	changed, notes := false, []string(nil)
+	for _, obj := range objects {
+		injected, note, err := injectObject(obj, o)
+		if err != nil {
+			return nil, nil, err
+		}
+		changed = changed || injected
+		if note != "" {
+			notes = append(notes, note)
+		}
+	}
+	if !changed {
+		return chunk, notes, nil
+	}
+	out, err := encodeDocument(chunk, &doc)
+	return out, notes, err
+}
+
+// injectObject adds the sidecar to obj if it is a workload that should have
+// it, and says whether it did; the note explains a skip or a warning.
+func injectObject(obj *yaml.Node, o Options) (bool, string, error) {
+	kind := scalar(obj, "kind")
 	path, ok := templatePaths[kind]
 	if !ok {
-		return chunk, "", nil
+		return false, "", nil
 	}
-	name := describe(kind, lookup(root, "metadata"))
-	template := lookup(root, path...)
+	name := describe(kind, lookup(obj, "metadata"))
+	template := lookup(obj, path...)
 	podSpec := lookup(template, "spec")
 	if podSpec == nil || podSpec.Kind != yaml.MappingNode {
-		return nil, "", fmt.Errorf("%s: no pod spec at %s", name, strings.Join(append(path, "spec"), "."))
+		return false, "", fmt.Errorf("%s: no pod spec at %s", name, strings.Join(append(path, "spec"), "."))
 	}
 	var meta metav1.ObjectMeta
 	var spec corev1.PodSpec
 	if err := decodeNode(lookup(template, "metadata"), &meta); err != nil {
-		return nil, "", fmt.Errorf("%s: pod metadata: %w", name, err)
+		return false, "", fmt.Errorf("%s: pod metadata: %w", name, err)
 	}
 	if err := decodeNode(podSpec, &spec); err != nil {
-		return nil, "", fmt.Errorf("%s: pod spec: %w", name, err)
+		return false, "", fmt.Errorf("%s: pod spec: %w", name, err)
 	}
-	if s := decide(meta, &spec); s.reason != "" {
+	if s := decide(meta, &spec, o); s.reason != "" {
 		if s.quiet {
-			return chunk, "", nil
+			return false, "", nil
 		}
-		return chunk, name + ": skipped: " + s.reason, nil
+		return false, name + ": skipped: " + s.reason, nil
 	}
 	podOptions, warning := o.forPod(meta)
 	if err := addSidecar(podSpec, podOptions); err != nil {
-		return nil, "", err
+		return false, "", err
 	}
-	out, err := encodeDocument(chunk, &doc)
 	if warning != "" {
 		warning = name + ": " + warning
 	}
-	return out, warning, err
+	return true, warning, nil
 }
 
 // addSidecar puts the sidecar first among the init containers, so that the
 // redirect exists before any other container of the pod runs, and adds its
-// /run volume.
+// /run volume. A field that is present but null ("initContainers:", as
+// templates often render it) is replaced, never duplicated.
 func addSidecar(spec *yaml.Node, o Options) error {
 	container, err := toNode(Container(o))
 	if err != nil {
@@ -128,14 +151,22 @@ func addSidecar(spec *yaml.Node, o Options) error {
 	if err != nil {
 		return err
 	}
-	if init := lookup(spec, "initContainers"); init != nil && init.Kind == yaml.SequenceNode {
+	switch init := lookup(spec, "initContainers"); {
+	case init != nil && init.Kind == yaml.SequenceNode:
+		init.Style = 0 // "[]" becomes a block list
 		init.Content = append([]*yaml.Node{container}, init.Content...)
-	} else {
+	case init != nil:
+		*init = *sequence(container)
+	default:
 		insertBefore(spec, "containers", "initContainers", sequence(container))
 	}
-	if volumes := lookup(spec, "volumes"); volumes != nil && volumes.Kind == yaml.SequenceNode {
+	switch volumes := lookup(spec, "volumes"); {
+	case volumes != nil && volumes.Kind == yaml.SequenceNode:
+		volumes.Style = 0
 		volumes.Content = append(volumes.Content, volume)
-	} else {
+	case volumes != nil:
+		*volumes = *sequence(volume)
+	default:
 		spec.Content = append(spec.Content, keyNode("volumes"), sequence(volume))
 	}
 	return nil

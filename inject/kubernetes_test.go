@@ -238,3 +238,43 @@ func TestKubernetesReadsFieldsAsTheAPIServerDoes(t *testing.T) {
 		t.Errorf("mis-cased hostnetwork: notes %q, err %v, injected %t; want the pod injected", notes, err, strings.Contains(string(out), "imds-proxy"))
 	}
 }
+
+// TestKubernetesEmptyFieldsAndLists: an empty or null initContainers or
+// volumes is replaced, never duplicated (the API server would refuse the
+// duplicate key, or keep the wrong one), and the workloads of a List are
+// injected; a pod whose ports clash with the sidecar's is skipped.
+func TestKubernetesEmptyFieldsAndLists(t *testing.T) {
+	in, _ := os.ReadFile("testdata/kubernetes/empty-fields.yaml")
+	out, _, err := Kubernetes(in, DefaultOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, spec := range podSpecs(t, out) {
+		if len(spec.InitContainers) != 1 || !equality.Semantic.DeepEqual(spec.InitContainers[0], Container(DefaultOptions())) ||
+			len(spec.Volumes) != 1 || !equality.Semantic.DeepEqual(spec.Volumes[0], RunVolume()) {
+			t.Errorf("document %d: init containers %d, volumes %+v; want just the sidecar and its volume", i+1, len(spec.InitContainers), spec.Volumes)
+		}
+	}
+	in, _ = os.ReadFile("testdata/kubernetes/list.yaml")
+	out, notes, err := Kubernetes(in, DefaultOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list struct {
+		Items []struct {
+			Kind string
+			Spec struct {
+				Template struct{ Spec corev1.PodSpec }
+			}
+		}
+	}
+	if err := sigsyaml.Unmarshal(out, &list); err != nil || len(list.Items) != 3 {
+		t.Fatalf("the List does not decode into 3 items: %v", err)
+	}
+	if got := list.Items[0].Spec.Template.Spec.InitContainers; len(got) != 1 || got[0].Name != ContainerName {
+		t.Errorf("the List's Deployment: init containers %+v, want the sidecar", got)
+	}
+	if len(notes) != 1 || !strings.Contains(notes[0], "Pod clashing: skipped: container app uses port 9169") {
+		t.Errorf("notes %q, want the port clash explained", notes)
+	}
+}

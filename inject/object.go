@@ -18,8 +18,12 @@ type member struct {
 // UnmarshalJSON reads one JSON object, keeping its keys' order.
 func (o *object) UnmarshalJSON(data []byte) error {
 	dec := json.NewDecoder(bytes.NewReader(data))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return fmt.Errorf("expected a JSON object")
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if tok != json.Delim('{') {
+		return fmt.Errorf("expected a JSON object, found %v", tok)
 	}
 	*o = nil
 	for dec.More() {
@@ -33,7 +37,7 @@ func (o *object) UnmarshalJSON(data []byte) error {
 		}
 		*o = append(*o, member{key: tok.(string), value: value})
 	}
-	_, err := dec.Token()
+	_, err = dec.Token()
 	return err
 }
 

@@ -13,15 +13,15 @@ type PatchOperation struct {
 	Value any    `json:"value,omitempty"`
 }
 
-// PodPatch is the JSON Patch that adds the sidecar to pod, the same sidecar
-// Kubernetes adds to a manifest. A pod that gets no sidecar (already
+// PodPatch is the JSON Patch that adds the sidecar to pod: the same sidecar
+// that the Kubernetes function adds to a manifest. A pod that gets no sidecar (already
 // injected, opted out, hostNetwork) gets a nil patch and the reason, and a
 // pod whose annotations could not be honoured gets a warning.
 func PodPatch(pod *corev1.Pod, o Options) (patch []byte, reason, warning string, err error) {
 	if err := o.Validate(); err != nil {
 		return nil, "", "", err
 	}
-	if s := decide(pod.ObjectMeta, &pod.Spec); s.reason != "" {
+	if s := decide(pod.ObjectMeta, &pod.Spec, o); s.reason != "" {
 		return nil, s.reason, "", nil
 	}
 	o, warning = o.forPod(pod.ObjectMeta)

@@ -55,28 +55,29 @@ func DefaultOptions() Options {
 	return Options{Image: DefaultImage, Port: 8169, MetricsPort: 9169, V1: proxy.V1Allow}
 }
 
-// Validate reports options the sidecar could not start with.
+// Validate reports options the sidecar could not start with, by the names of
+// the flags that set them (inject, webhook).
 func (o Options) Validate() error {
 	if o.Image == "" {
-		return fmt.Errorf("image: must not be empty")
+		return fmt.Errorf("--image must not be empty")
 	}
 	for _, p := range []struct {
-		name string
+		flag string
 		port int
-	}{{"port", o.Port}, {"metrics port", o.MetricsPort}} {
+	}{{"--port", o.Port}, {"--metrics-port", o.MetricsPort}} {
 		if p.port < 1 || p.port > 65535 {
-			return fmt.Errorf("%s %d: must be 1..65535", p.name, p.port)
+			return fmt.Errorf("%s %d: must be 1..65535", p.flag, p.port)
 		}
 	}
 	if o.Port == o.MetricsPort {
-		return fmt.Errorf("port and metrics port are both %d", o.Port)
+		return fmt.Errorf("--port and --metrics-port are both %d", o.Port)
 	}
 	if _, err := proxy.ParseV1Policy(string(o.V1)); err != nil {
-		return fmt.Errorf("v1: %w", err)
+		return fmt.Errorf("--v1: %w", err)
 	}
 	if o.Upstream != "" {
 		if u, err := url.Parse(o.Upstream); err != nil || u.Scheme != "http" || u.Host == "" {
-			return fmt.Errorf("upstream %q: must be http://host[:port]", o.Upstream)
+			return fmt.Errorf("--upstream %q: must be http://host[:port]", o.Upstream)
 		}
 	}
 	return nil
