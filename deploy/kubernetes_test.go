@@ -378,25 +378,49 @@ func TestNodeDaemonSet(t *testing.T) {
 	}
 }
 
-// webhookBuild is the webhook base with the cert-manager component.
+// webhookBuild is the webhook base with the cert-manager component, as the
+// webhook-with-cert-manager overlay builds it.
 type webhookBuild struct {
 	deployment appsv1.Deployment
 	service    corev1.Service
 	mwc        admissionregistrationv1.MutatingWebhookConfiguration
-	cert       certificate
-	issuer     issuer
+	cert       certificate // the serving certificate
+	caCert     certificate // the CA that signs it
+	caIssuer   issuer      // issues with that CA
+	selfSigned issuer      // issues the CA
 }
 
 func buildWebhook(t *testing.T) webhookBuild {
 	t.Helper()
-	build := kustomizeBuild(t, certManagerOverlay(t))
+	build := kustomizeBuild(t, filepath.Join(kubernetesDir, "webhook-with-cert-manager"))
 	var w webhookBuild
 	builtObject(t, build, "Deployment imds-proxy/imds-proxy-webhook", &w.deployment)
 	builtObject(t, build, "Service imds-proxy/imds-proxy-webhook", &w.service)
 	builtObject(t, build, "MutatingWebhookConfiguration imds-proxy", &w.mwc)
 	builtObject(t, build, "Certificate imds-proxy/imds-proxy-webhook", &w.cert)
-	builtObject(t, build, "Issuer imds-proxy/imds-proxy-selfsigned", &w.issuer)
+	builtObject(t, build, "Certificate imds-proxy/imds-proxy-webhook-ca", &w.caCert)
+	builtObject(t, build, "Issuer imds-proxy/imds-proxy-ca", &w.caIssuer)
+	builtObject(t, build, "Issuer imds-proxy/imds-proxy-selfsigned", &w.selfSigned)
 	return w
+}
+
+// issuedBy: the certificate's issuerRef names the Issuer i, in its
+// namespace.
+func issuedBy(c certificate, i issuer) bool {
+	ref := c.Spec.IssuerRef
+	return ref.Name == i.Name && ref.Kind == "Issuer" && (ref.Group == "" || ref.Group == "cert-manager.io") && c.Namespace == i.Namespace
+}
+
+// certDurations are a certificate's duration and renewBefore, failing the
+// test unless 0 < renewBefore < duration.
+func certDurations(t *testing.T, c certificate) (duration, renewBefore time.Duration) {
+	t.Helper()
+	duration, err1 := time.ParseDuration(c.Spec.Duration)
+	renewBefore, err2 := time.ParseDuration(c.Spec.RenewBefore)
+	if err1 != nil || err2 != nil || renewBefore <= 0 || renewBefore >= duration {
+		t.Errorf("certificate %s: duration %q, renewBefore %q: want 0 < renewBefore < duration", c.Name, c.Spec.Duration, c.Spec.RenewBefore)
+	}
+	return duration, renewBefore
 }
 
 // TestWebhookDeployment: the webhook server runs unprivileged, injects the
@@ -468,8 +492,11 @@ func TestWebhookDeployment(t *testing.T) {
 }
 
 // TestWebhookConfiguration: both webhooks send pod CREATEs to the Service
-// at webhook.InjectPath with the agreed settings, and the CA comes from the
-// cert-manager Certificate, issued for the Service's names.
+// at webhook.InjectPath with the agreed settings, and the caBundle comes
+// from the cert-manager serving Certificate, issued for the Service's
+// names by a CA Issuer whose CA Certificate a self-signed Issuer issues:
+// the caBundle (the serving Secret's ca.crt) is that CA, which stays the
+// same when the serving certificate renews.
 func TestWebhookConfiguration(t *testing.T) {
 	w := buildWebhook(t)
 	if len(w.mwc.Webhooks) != 2 {
@@ -512,9 +539,10 @@ func TestWebhookConfiguration(t *testing.T) {
 		}
 	}
 
-	// cert-manager: the annotated Certificate exists, for the Service's
-	// names, from a self-signed Issuer, into the Secret the webhook reads.
-	c := w.cert
+	// cert-manager: the annotated Certificate is the serving one, for the
+	// Service's names, into the Secret the webhook reads (checked in
+	// TestWebhookDeployment).
+	c, ca := w.cert, w.caCert
 	if got, want := w.mwc.Annotations["cert-manager.io/inject-ca-from"], c.Namespace+"/"+c.Name; got != want {
 		t.Errorf("cert-manager.io/inject-ca-from %q, want %q", got, want)
 	}
@@ -522,19 +550,49 @@ func TestWebhookConfiguration(t *testing.T) {
 	if want := []string{host, host + ".cluster.local"}; !slices.Equal(c.Spec.DNSNames, want) {
 		t.Errorf("dnsNames %v, want %v", c.Spec.DNSNames, want)
 	}
-	if c.Spec.IssuerRef.Name != w.issuer.Name || c.Spec.IssuerRef.Kind != "Issuer" || c.Namespace != w.issuer.Namespace || w.issuer.Spec.SelfSigned == nil {
-		t.Errorf("issuerRef %+v: want the self-signed Issuer %s/%s", c.Spec.IssuerRef, w.issuer.Namespace, w.issuer.Name)
-	}
 	if !slices.Contains(c.Spec.Usages, "server auth") {
 		t.Errorf("usages %v lack server auth", c.Spec.Usages)
 	}
-	duration, err1 := time.ParseDuration(c.Spec.Duration)
-	renew, err2 := time.ParseDuration(c.Spec.RenewBefore)
-	if err1 != nil || err2 != nil || renew <= 0 || renew >= duration {
-		t.Errorf("duration %q, renewBefore %q: want 0 < renewBefore < duration", c.Spec.Duration, c.Spec.RenewBefore)
+	// The chain: self-signed Issuer -> CA Certificate -> CA Issuer ->
+	// serving Certificate. A self-signed serving certificate would be its
+	// own CA: the caBundle would change at every renewal, before the pods
+	// serve the new certificate.
+	if !issuedBy(c, w.caIssuer) || w.caIssuer.Spec.CA == nil || w.caIssuer.Spec.SelfSigned != nil {
+		t.Errorf("serving certificate issuerRef %+v: want the CA Issuer %s/%s (spec.ca %+v)", c.Spec.IssuerRef, w.caIssuer.Namespace, w.caIssuer.Name, w.caIssuer.Spec.CA)
 	}
-	if pk := c.Spec.PrivateKey; pk == nil || !slices.Contains([]string{"RSA", "ECDSA", "Ed25519"}, pk.Algorithm) || !slices.Contains([]string{"Never", "Always"}, pk.RotationPolicy) {
-		t.Errorf("privateKey %+v: want a cert-manager algorithm and rotation policy", pk)
+	if w.caIssuer.Spec.CA == nil || w.caIssuer.Spec.CA.SecretName != ca.Spec.SecretName || w.caIssuer.Namespace != ca.Namespace {
+		t.Errorf("CA Issuer %s spec.ca %+v: want the secret %q of the CA Certificate %s", w.caIssuer.Name, w.caIssuer.Spec.CA, ca.Spec.SecretName, ca.Name)
+	}
+	if !issuedBy(ca, w.selfSigned) || w.selfSigned.Spec.SelfSigned == nil || w.selfSigned.Spec.CA != nil {
+		t.Errorf("CA certificate issuerRef %+v: want the self-signed Issuer %s/%s", ca.Spec.IssuerRef, w.selfSigned.Namespace, w.selfSigned.Name)
+	}
+	if !ca.Spec.IsCA || c.Spec.IsCA {
+		t.Errorf("isCA: CA certificate %v, serving certificate %v; want true, false", ca.Spec.IsCA, c.Spec.IsCA)
+	}
+	if ca.Spec.CommonName == "" || len(ca.Spec.DNSNames) != 0 {
+		t.Errorf("CA certificate commonName %q, dnsNames %v: want a name and no DNS names", ca.Spec.CommonName, ca.Spec.DNSNames)
+	}
+	if ca.Spec.SecretName == "" || ca.Spec.SecretName == c.Spec.SecretName {
+		t.Errorf("CA secret %q, serving secret %q: want two secrets", ca.Spec.SecretName, c.Spec.SecretName)
+	}
+
+	duration, _ := certDurations(t, c)
+	caDuration, caRenewBefore := certDurations(t, ca)
+	// A serving certificate issued just before the CA renews still ends
+	// before the CA does, and the CA lasts many serving renewals.
+	if caRenewBefore < duration || caDuration < 5*duration {
+		t.Errorf("CA duration %v, renewBefore %v; serving duration %v: want the CA to renew at least one serving duration before it expires, and to last many", caDuration, caRenewBefore, duration)
+	}
+	for _, cert := range []certificate{c, ca} {
+		if pk := cert.Spec.PrivateKey; pk == nil || !slices.Contains([]string{"RSA", "ECDSA", "Ed25519"}, pk.Algorithm) || !slices.Contains([]string{"Never", "Always"}, pk.RotationPolicy) {
+			t.Errorf("certificate %s: privateKey %+v: want a cert-manager algorithm and rotation policy", cert.Name, pk)
+		}
+	}
+	// The CA keeps its key when it renews: the new CA certificate, same
+	// subject and key, also verifies serving certificates the old one
+	// signed, so the caBundle can switch to it at once.
+	if pk := ca.Spec.PrivateKey; pk == nil || pk.RotationPolicy != "Never" {
+		t.Errorf("CA certificate privateKey %+v: want rotationPolicy Never", pk)
 	}
 }
 

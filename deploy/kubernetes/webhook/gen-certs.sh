@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gen-certs.sh OUT_DIR: the admission webhook's TLS files, for clusters
-# without cert-manager (with cert-manager use ./cert-manager instead).
+# without cert-manager (with cert-manager use ../webhook-with-cert-manager).
 #
 # Writes, with openssl:
 #   OUT_DIR/ca.crt   a CA made for this webhook alone (EC P-256, 365 days);
