@@ -56,6 +56,8 @@ type cache struct {
 	byKey map[string]*list.Element
 	bytes int
 	now   func() time.Time
+	// sized is told the size after every change (the metrics' gauges).
+	sized func(entries, bytes int)
 }
 
 type cacheEntry struct {
@@ -66,11 +68,11 @@ type cacheEntry struct {
 }
 
 // newCache returns the cache, or nil (no caching) when cfg.TTL is 0.
-func newCache(cfg CacheConfig) *cache {
+func newCache(cfg CacheConfig, sized func(entries, bytes int)) *cache {
 	if cfg.TTL <= 0 {
 		return nil
 	}
-	return &cache{cfg: cfg, lru: list.New(), byKey: map[string]*list.Element{}, now: time.Now}
+	return &cache{cfg: cfg, lru: list.New(), byKey: map[string]*list.Element{}, now: time.Now, sized: sized}
 }
 
 // cacheable says whether path may be cached at all.
@@ -129,7 +131,7 @@ func (c *cache) store(key, path string, r *sharedResponse) {
 	}
 	now := c.now()
 	e := &cacheEntry{key: key, response: r, freshUntil: now.Add(c.cfg.TTL), staleUntil: now.Add(c.cfg.TTL + c.cfg.StaleTTL)}
-	if expiry, valid, credential := credentialExpiry(r.body); credential {
+	if expiry, valid, credential := credentialExpiry(r.body); credential || isCredentialPath(path) {
 		limit := expiry.Add(-c.cfg.CredentialMargin)
 		if !valid || !now.Before(limit) {
 			return
@@ -146,12 +148,14 @@ func (c *cache) store(key, path string, r *sharedResponse) {
 	for c.lru.Len() > c.cfg.MaxEntries || c.bytes > c.cfg.MaxBytes {
 		c.removeLocked(c.lru.Back())
 	}
+	c.sized(c.lru.Len(), c.bytes)
 }
 
 func (c *cache) removeLocked(el *list.Element) {
 	e := c.lru.Remove(el).(*cacheEntry)
 	delete(c.byKey, e.key)
 	c.bytes -= len(e.response.body)
+	c.sized(c.lru.Len(), c.bytes)
 }
 
 // size is the number of entries and their body bytes.
@@ -162,6 +166,14 @@ func (c *cache) size() (entries, bytes int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.lru.Len(), c.bytes
+}
+
+// isCredentialPath says whether path names role credentials
+// (iam/security-credentials/<role>, identity-credentials/.../<name>): those
+// are cached only with a readable Expiration, whatever their body looks like.
+func isCredentialPath(path string) bool {
+	_, name, found := strings.Cut(path, "/security-credentials/")
+	return found && strings.Trim(name, "/") != ""
 }
 
 // credentialExpiry reads the Expiration of an IMDS credentials document

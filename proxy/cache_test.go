@@ -15,7 +15,7 @@ func (c *clock) now() time.Time { return c.t }
 
 func testCache(cfg CacheConfig) (*cache, *clock) {
 	clk := &clock{t: time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)}
-	c := newCache(cfg)
+	c := newCache(cfg, func(int, int) {})
 	c.now = clk.now
 	return c, clk
 }
@@ -84,6 +84,10 @@ func TestCacheKeepsOnlyWhatItShould(t *testing.T) {
 	start := clk.t
 	if c.fresh("creds") == nil {
 		t.Fatal("credentials with 6 minutes left were not cached")
+	}
+	c.store("roles", "/latest/meta-data/iam/security-credentials/", answer(200, "r"))
+	if c.fresh("roles") == nil {
+		t.Error("the list of roles (not credentials) was not cached")
 	}
 	clk.t = start.Add(59 * time.Second)
 	if c.stale("creds") == nil {

@@ -196,3 +196,21 @@ func TestCredentialBurstCostsIMDSAFewRequests(t *testing.T) {
 		t.Errorf("%d credential fetches cost IMDS %d requests, want at most 5", clients, len(upstream))
 	}
 }
+
+// TestChainedProxiesDoNotMultiplyRetries: a sidecar in front of a node
+// agent in front of a throttling IMDS sends IMDS the node agent's attempts
+// only, not the product of both proxies' attempts.
+func TestChainedProxiesDoNotMultiplyRetries(t *testing.T) {
+	up := newScriptedIMDS(t, func(string, int) int { return http.StatusTooManyRequests })
+	nodeCfg := economyConfig(up.srv.URL)
+	nodeCfg.Shape = "node"
+	node := startProxy(t, nodeCfg, nil)
+	sidecar := startProxy(t, economyConfig(node.srv.URL), nil)
+	r := sidecar.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {sidecar.token()}})
+	if r.status != http.StatusTooManyRequests || r.header.Get("X-Imds-Proxy") == "" {
+		t.Errorf("client got %d (X-Imds-Proxy %q), want IMDS's 429 from a proxy", r.status, r.header.Get("X-Imds-Proxy"))
+	}
+	if got := up.count("/latest/meta-data/instance-id"); got != 3 {
+		t.Errorf("IMDS saw %d GETs for one client request through two proxies, want 3 (the node agent's attempts)", got)
+	}
+}

@@ -194,11 +194,11 @@ func TestUpstreamFaults(t *testing.T) {
 		status []int
 		within time.Duration
 	}{
-		{refuse, "refuses", []int{502, 503}, s.worst},
+		{refuse, "refuses", []int{502}, s.worst},
 		{hang, "hangs", []int{504}, s.worst},
 		{resetBody, "resets mid-body", []int{502}, s.worst},
 		{garbage, "answers garbage", []int{502}, s.worst},
-		{unauthorize, "401s a valid session token", []int{401, 503}, s.worst},
+		{unauthorize, "401s a valid session token", []int{502}, s.worst},
 	}
 	for i, c := range cases {
 		front.set(c.fault)

@@ -87,7 +87,6 @@ func (f *forwarder) obtain(req *http.Request, key string, cacheable bool) (*shar
 	resp, err := f.fetchRetrying(req)
 	if err == nil && !resp.unavailable && !retryable(resp.status) {
 		f.cache.store(key, req.URL.Path, resp)
-		f.metrics.setCacheSize(f.cache.size())
 		return resp, nil
 	}
 	if stale := f.cache.stale(key); stale != nil {
@@ -100,7 +99,9 @@ func (f *forwarder) obtain(req *http.Request, key string, cacheable bool) (*shar
 // fetch forwards req according to the session state. An upstream 401 to a
 // request that carried the session token means the token went stale: the
 // session is refreshed once (shared with concurrent callers) and the request
-// retried once. unavailable reports a 503 of the proxy's own making.
+// retried once. unavailable reports an answer of the proxy's own making (503
+// without a session, 502 when even a fresh token is refused), which is
+// neither retried nor cached.
 func (f *forwarder) fetch(req *http.Request) (resp *http.Response, unavailable bool, err error) {
 	state, tok, err := f.session.current(req.Context())
 	if err != nil {
@@ -122,8 +123,13 @@ func (f *forwarder) fetch(req *http.Request) (resp *http.Response, unavailable b
 	if state, tok = f.session.refresh(tok); state != stateV2 {
 		return f.unavailable(req), true, nil
 	}
-	resp, err = f.send(req, tok)
-	return resp, false, err
+	if resp, err = f.send(req, tok); err != nil || resp.StatusCode != http.StatusUnauthorized {
+		return resp, false, err
+	}
+	// A fresh token refused too: passing the 401 on would tell the client
+	// its own (valid) token is bad, and the SDK would only fetch another.
+	discard(resp)
+	return textResponse(req, http.StatusBadGateway, "imds-proxy: the upstream refused the proxy's session token"), true, nil
 }
 
 // sharedResponse is an upstream answer read whole, to hand to every

@@ -136,7 +136,9 @@ func (p *Proxy) checkPath(r *http.Request, x *exchange) *http.Response {
 			zap.String("user_agent", r.UserAgent()))
 		return textResponse(r, http.StatusForbidden, "forbidden by imds-proxy path policy")
 	}
-	r.URL.Path, r.URL.RawPath = clean, ""
+	// IMDS takes no query string: dropping it means what was checked (and
+	// what the cache keys on) is exactly what the upstream is sent.
+	r.URL.Path, r.URL.RawPath, r.URL.RawQuery, r.URL.ForceQuery = clean, "", "", false
 	return nil
 }
 
@@ -168,9 +170,6 @@ func (p *Proxy) serveToken(r *http.Request, x *exchange) *http.Response {
 	p.metrics.tokensMinted.Inc()
 	resp := textResponse(r, http.StatusOK, tok)
 	resp.Header.Set(token.TTLHeader, strconv.Itoa(int(ttl.Seconds())))
-	if p.cfg.Shape != "" {
-		resp.Header.Set("X-Imds-Proxy", p.cfg.Shape)
-	}
 	return resp
 }
 
@@ -187,8 +186,19 @@ func (p *Proxy) handleResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http
 		x.outcome = outcomeForwarded
 		removeHopByHop(resp.Header)
 	}
+	// Every answer names the proxy (doctor looks for it on token answers), so
+	// that a proxy chained in front of this one knows its answers come from
+	// an imds-proxy, which has already retried what it could.
+	resp.Header.Set(proxyHeader, p.shapeName())
 	p.record(x, ctx.Req, resp.StatusCode)
 	return resp
+}
+
+func (p *Proxy) shapeName() string {
+	if p.cfg.Shape == "" {
+		return "imds-proxy"
+	}
+	return p.cfg.Shape
 }
 
 func (p *Proxy) upstreamFailure(ctx *goproxy.ProxyCtx, x *exchange) *http.Response {

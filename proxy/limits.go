@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,14 +26,16 @@ type ServerLimits struct {
 	MaxHeaderBytes int
 	// MaxBodyBytes: larger request bodies get 413 (IMDS requests have none).
 	MaxBodyBytes int64
-	// MaxConnections: connections beyond it get 503 and are closed.
-	MaxConnections int
+	// MaxConnections: connections beyond it get 503 and are closed (0: no
+	// limit). MaxConnectionsPerClient bounds those of one client address, so
+	// that one container cannot hold a node agent's every connection.
+	MaxConnections, MaxConnectionsPerClient int
 }
 
 // DefaultServerLimits are the serving commands' limits.
 func DefaultServerLimits() ServerLimits {
 	return ServerLimits{ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second, WriteTimeout: 30 * time.Second,
-		MaxHeaderBytes: 16 << 10, MaxBodyBytes: 4 << 10, MaxConnections: 4096}
+		MaxHeaderBytes: 16 << 10, MaxBodyBytes: 4 << 10, MaxConnections: 4096, MaxConnectionsPerClient: 512}
 }
 
 // Server returns the server for the proxy's listeners, within
@@ -54,16 +57,18 @@ func (p *Proxy) Server() (srv *http.Server, limit func(net.Listener) net.Listene
 	}
 	watch := newConnWatch(p.metrics)
 	srv.ConnContext, srv.ConnState = watch.context, watch.observe
-	active := new(atomic.Int64) // shared: the limit is the proxy's, not each listener's
+	// Shared: the limit is the proxy's, not each listener's.
+	counts := newConnCounts(limits.MaxConnections, limits.MaxConnectionsPerClient, p.metrics.connectionsOpen.Set)
 	limit = func(ln net.Listener) net.Listener {
-		return &limitListener{Listener: ln, max: int64(limits.MaxConnections), active: active, rejected: p.metrics.connectionsRejected.Inc}
+		return &limitListener{Listener: ln, counts: counts, rejected: p.metrics.connectionsRejected.Inc}
 	}
 	return srv, limit
 }
 
-// checkLimits answers requests beyond the header and body limits and
-// reports whether it did.
-func (p *Proxy) checkLimits(w http.ResponseWriter, r *http.Request) bool {
+// enforceRequestLimits answers requests beyond the header and body limits
+// and reports whether it did. On the way it marks the connection as having
+// carried a request, and reads any body there is.
+func (p *Proxy) enforceRequestLimits(w http.ResponseWriter, r *http.Request) bool {
 	markServed(r)
 	if p.cfg.Limits.MaxHeaderBytes > 0 && headerBytes(r) > p.cfg.Limits.MaxHeaderBytes {
 		p.refuse(w, r, http.StatusRequestHeaderFieldsTooLarge, outcomeHeaderTooLarge)
@@ -105,12 +110,11 @@ func headerBytes(r *http.Request) int {
 	return n
 }
 
-// limitListener answers connections beyond max with 503 and closes them,
-// rather than leaving them queued where clients only see a timeout.
+// limitListener answers connections beyond the limits with 503 and closes
+// them, rather than leaving them queued where clients only see a timeout.
 type limitListener struct {
 	net.Listener
-	max      int64
-	active   *atomic.Int64
+	counts   *connCounts
 	rejected func()
 }
 
@@ -123,15 +127,58 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		if l.max <= 0 || l.active.Add(1) <= l.max {
-			return &countedConn{Conn: c, release: func() { l.active.Add(-1) }}, nil
+		client := clientAddr(c)
+		if l.counts.acquire(client) {
+			return &countedConn{Conn: c, release: func() { l.counts.release(client) }}, nil
 		}
-		l.active.Add(-1)
 		l.rejected()
 		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = io.WriteString(c, tooBusy)
 		_ = c.Close()
 	}
+}
+
+func clientAddr(c net.Conn) netip.Addr {
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
+// connCounts counts open connections in all and per client address.
+type connCounts struct {
+	max, maxPerClient int
+	open              func(float64) // told the total after every change
+	mu                sync.Mutex
+	total             int
+	perClient         map[netip.Addr]int
+}
+
+func newConnCounts(max, maxPerClient int, open func(float64)) *connCounts {
+	return &connCounts{max: max, maxPerClient: maxPerClient, open: open, perClient: map[netip.Addr]int{}}
+}
+
+// acquire counts a new connection from client, unless a limit is reached.
+func (c *connCounts) acquire(client netip.Addr) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.max > 0 && c.total >= c.max || c.maxPerClient > 0 && c.perClient[client] >= c.maxPerClient {
+		return false
+	}
+	c.total++
+	c.perClient[client]++
+	c.open(float64(c.total))
+	return true
+}
+
+func (c *connCounts) release(client netip.Addr) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.total--
+	if c.perClient[client]--; c.perClient[client] <= 0 {
+		delete(c.perClient, client)
+	}
+	c.open(float64(c.total))
 }
 
 type countedConn struct {

@@ -40,6 +40,7 @@ type metrics struct {
 	upstreamRetries  *prometheus.CounterVec
 
 	attributionsSkipped       prometheus.Counter
+	connectionsOpen           prometheus.Gauge
 	connectionsRejected       prometheus.Counter
 	connectionsWithoutRequest prometheus.Counter
 }
@@ -100,6 +101,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "imds_proxy_v1_attributions_skipped_total",
 			Help: "Tokenless requests logged without their process because attribution (a /proc scan) was over its rate bound.",
 		}),
+		connectionsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "imds_proxy_connections_open",
+			Help: "Client connections the proxy holds now (see --max-connections).",
+		}),
 		connectionsRejected: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imds_proxy_connections_rejected_total",
 			Help: "Connections answered 503 and closed because the proxy already held its maximum.",
@@ -109,7 +114,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Connections closed before a whole request arrived: read-header timeouts (slow clients) and clients that left.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.attributionsSkipped, m.connectionsRejected, m.connectionsWithoutRequest, m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr,
+	for _, c := range []prometheus.Collector{m.attributionsSkipped, m.connectionsOpen, m.connectionsRejected, m.connectionsWithoutRequest, m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr,
 		m.v1WouldBlock, m.v1BySDK, m.v1CallersEvicted, m.cache, m.cacheEntries, m.cacheBytes, m.upstreamRetries} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

@@ -39,9 +39,11 @@ const (
 	// a request that comes back with our own id was redirected to us by a
 	// misconfigured exemption, and is refused instead of recursing.
 	loopHeader = "X-Imds-Proxy-Id"
-	tokenPath  = "/latest/api/token"
-	userAgent  = "imds-proxy"
-	serverName = "EC2ws" // what IMDS puts in its Server header
+	// proxyHeader on an answer says an imds-proxy of that shape made it.
+	proxyHeader = "X-Imds-Proxy"
+	tokenPath   = "/latest/api/token"
+	userAgent   = "imds-proxy"
+	serverName  = "EC2ws" // what IMDS puts in its Server header
 
 	maxUpstreamTokenBytes = 4096
 )
@@ -109,8 +111,9 @@ type Config struct {
 	// Retry bounds retries of throttled and failed upstream requests
 	// (zero: one attempt, no retries).
 	Retry RetryConfig
-	// Limits bound clients' connections and requests (zero: net/http's
-	// defaults only).
+	// Limits bound clients' connections and requests (zero values: no limit
+	// of the proxy's own beyond net/http's, except that request bodies, which
+	// IMDS requests never have, are refused past 4 KiB).
 	Limits ServerLimits
 	// DisableCoalescing sends every client request upstream on its own,
 	// even when an identical one is in flight (benchmarks use it).
@@ -138,7 +141,7 @@ func (c *Config) Validate() error {
 	if err := c.Cache.validate(); err != nil {
 		return err
 	}
-	if l := c.Limits; l.MaxConnections < 0 || l.MaxHeaderBytes < 0 || l.MaxBodyBytes < 0 || l.MaxHeaderBytes > 0 && l.MaxHeaderBytes < 1024 {
+	if l := c.Limits; l.MaxConnections < 0 || l.MaxConnectionsPerClient < 0 || l.MaxHeaderBytes < 0 || l.MaxBodyBytes < 0 || l.MaxHeaderBytes > 0 && l.MaxHeaderBytes < 1024 {
 		return fmt.Errorf("limits: connections and bytes must not be negative, and headers need at least 1024 bytes")
 	}
 	if c.Retry.Attempts < 0 || c.Retry.Attempts > 10 || c.Retry.Attempts > 1 && c.Retry.BaseDelay <= 0 {
@@ -199,7 +202,7 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 	retry.Attempts = max(retry.Attempts, 1)
 	retry.MaxDelay = max(retry.MaxDelay, retry.BaseDelay)
 	p.fwd = &forwarder{id: p.id, upstream: p.cfg.Upstream, transport: transport, session: p.session, metrics: m,
-		bodyTimeout: cfg.UpstreamResponseTimeout, coalesce: !cfg.DisableCoalescing, cache: newCache(cfg.Cache), retry: retry}
+		bodyTimeout: cfg.UpstreamResponseTimeout, coalesce: !cfg.DisableCoalescing, cache: newCache(cfg.Cache, m.setCacheSize), retry: retry}
 	p.engine = p.newEngine()
 	max := cfg.V1CallersMax
 	if max <= 0 {
@@ -274,7 +277,7 @@ func (p *Proxy) newEngine() *goproxy.ProxyHttpServer {
 // ServeHTTP refuses anything but a relative-URI request, points that request
 // at the upstream, and hands it to goproxy.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if p.checkLimits(w, r) {
+	if p.enforceRequestLimits(w, r) {
 		return
 	}
 	if r.Method == http.MethodConnect || r.URL.IsAbs() || r.URL.Host != "" {

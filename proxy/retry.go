@@ -53,19 +53,25 @@ func (f *forwarder) fetchWhole(req *http.Request) (*sharedResponse, error) {
 
 // retryCause is the metric label of a retryable outcome, or "".
 func retryCause(resp *sharedResponse, err error) string {
-	var netErr net.Error
-	switch {
-	case err == nil && resp.unavailable:
-		return "" // the proxy's own 503: the session is down, retrying won't help
-	case err == nil && resp.status == http.StatusTooManyRequests:
-		return "throttled"
-	case err == nil && retryable(resp.status):
-		return "server_error"
-	case err == nil, errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded),
-		errors.As(err, &netErr) && netErr.Timeout(), errors.Is(err, errTooLarge):
-		return ""
+	if err != nil {
+		var netErr net.Error
+		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) ||
+			errors.As(err, &netErr) && netErr.Timeout() || errors.Is(err, errTooLarge) {
+			return "" // a hang costs one timeout, not one per attempt
+		}
+		return "connection"
 	}
-	return "connection"
+	switch {
+	case resp.unavailable:
+		return "" // the proxy's own 503: the session is down, retrying won't help
+	case resp.header.Get(proxyHeader) != "":
+		return "" // a chained imds-proxy has retried already: retrying again multiplies
+	case resp.status == http.StatusTooManyRequests:
+		return "throttled"
+	case retryable(resp.status):
+		return "server_error"
+	}
+	return ""
 }
 
 // backoff is a full-jitter exponential delay before retry number attempt.

@@ -161,7 +161,8 @@ func (f *serveFlags) registerEconomy(fs *flag.FlagSet) {
 func (f *serveFlags) registerLimits(fs *flag.FlagSet) {
 	l := proxy.DefaultServerLimits()
 	f.limits = l
-	fs.IntVar(&f.limits.MaxConnections, "max-connections", l.MaxConnections, "client connections held at once; more are answered 503 and closed")
+	fs.IntVar(&f.limits.MaxConnections, "max-connections", l.MaxConnections, "client connections held at once; more are answered 503 and closed (0: no limit)")
+	fs.IntVar(&f.limits.MaxConnectionsPerClient, "max-connections-per-client", l.MaxConnectionsPerClient, "client connections held at once from one address (one container), so that none can take them all (0: no limit)")
 	fs.DurationVar(&f.limits.ReadHeaderTimeout, "read-header-timeout", l.ReadHeaderTimeout, "close a connection whose request headers take longer (slow clients)")
 	fs.DurationVar(&f.limits.IdleTimeout, "idle-timeout", l.IdleTimeout, "close keep-alive connections idle for longer")
 	fs.IntVar(&f.limits.MaxHeaderBytes, "max-header-bytes", l.MaxHeaderBytes, "larger request headers are answered 431")

@@ -96,7 +96,7 @@ func TestHelpExplainsEveryFlag(t *testing.T) {
 		"-keep-rules-on-exit", "-exempt-mark", "-exempt-uid", "-iptables-backend", "-reconcile-interval", "-ipv6",
 		"-log-format", "-log-level", "-allow-path", "-deny-path", "-config", "-cache-ttl", "-cache-stale-ttl",
 		"-cache-max-entries", "-cache-max-bytes", "-cache-credential-margin", "-cache-uncached", "-upstream-attempts",
-		"-coalesce", "-max-connections", "-read-header-timeout", "-idle-timeout", "-max-header-bytes", "-pprof-listen", "IMDS_PROXY_"} {
+		"-coalesce", "-max-connections", "-max-connections-per-client", "-read-header-timeout", "-idle-timeout", "-max-header-bytes", "-pprof-listen", "IMDS_PROXY_"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("sidecar --help does not mention %s", want)
 		}

@@ -12,8 +12,8 @@ import (
 	"github.com/imds-proxy/imds-proxy/doctor"
 )
 
-// newReadyCommand is the container health check (ECS healthCheck, Docker
-// HEALTHCHECK): the image has no curl.
+// newReadyCommand is the container health check (ECS healthCheck, docker
+// run --health-cmd): the image has no curl.
 func newReadyCommand(stderr io.Writer) *ffcli.Command {
 	fs := flag.NewFlagSet("imds-proxy ready", flag.ContinueOnError)
 	fs.SetOutput(stderr)
