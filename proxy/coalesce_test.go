@@ -55,6 +55,10 @@ func TestConcurrentIdenticalGETsShareOneUpstreamRequest(t *testing.T) {
 		perPath[r.Path]++
 	}
 	t.Logf("%d concurrent clients on 2 paths: upstream requests %v", clients, perPath)
+	fetches := len(slow.Requests()) - before
+	if coalesced := h.metric("imds_proxy_cache_requests_total", map[string]string{"result": "coalesced"}); int(coalesced) != clients-fetches {
+		t.Errorf("coalesced requests counted %v, want %d (clients less upstream fetches)", coalesced, clients-fetches)
+	}
 	for _, p := range paths {
 		// One flight per path; a client that arrives just as a flight lands
 		// starts a second one.

@@ -63,13 +63,18 @@ func (f *forwarder) shared(req *http.Request, key string, obtain func(*http.Requ
 	if !f.coalesce {
 		return obtain(req)
 	}
+	led := false // only the leader's function runs; the others wait for its answer
 	v, err, _ := f.flights.Do(key, func() (any, error) {
+		led = true
 		// The first caller's cancellation must not fail the others.
 		budget := time.Duration(f.retry.Attempts+1) * f.bodyTimeout
 		detached, cancel := context.WithTimeout(context.WithoutCancel(req.Context()), budget)
 		defer cancel()
 		return obtain(req.Clone(detached))
 	})
+	if !led {
+		f.metrics.cache.WithLabelValues("coalesced").Inc()
+	}
 	if err != nil {
 		return nil, err
 	}

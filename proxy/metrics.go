@@ -83,7 +83,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		cache: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imds_proxy_cache_requests_total",
 			Help: "Cache use: hit (a client request answered from the cache), miss (an upstream fetch of a cacheable path), " +
-				"stale (an upstream error answered with an expired copy), uncached (an upstream fetch of a path never cached).",
+				"stale (an upstream error answered with an expired copy), uncached (an upstream fetch of a path never cached), " +
+				"coalesced (a client request that shared another's upstream fetch).",
 		}, []string{"result"}),
 		cacheEntries: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "imds_proxy_cache_entries",
