@@ -76,7 +76,6 @@ func TestBenchTable(t *testing.T) {
 	}
 	t.Cleanup(bins.Remove)
 	built := time.Since(began)
-	flags := detectSidecarFlags(t, bins.Proxy)
 	up := startStandIn(t)
 
 	nginxBin, nginxErr := nginxPath()
@@ -84,24 +83,22 @@ func TestBenchTable(t *testing.T) {
 		t.Fatalf("%v: make bench installs it (apt-get install nginx)", nginxErr)
 	}
 
-	b := &bench{t: t, plan: p, flags: flags, up: up, proxyBin: bins.Proxy, nginxErr: nginxErr}
+	b := &bench{t: t, plan: p, up: up, proxyBin: bins.Proxy, nginxErr: nginxErr}
 	b.header(nginxBin)
 	b.direct = &target{name: "direct (Go stand-in)", addr: up.Addr}
 	if nginxErr == nil {
 		n := startNginx(t, nginxBin, up.Addr)
 		b.nginx = &target{name: "nginx", addr: n.addr, pids: n.pids}
 	}
-	var pprofArgs []string
-	if flags.pprofListen && p.full {
+	passThroughArgs := passThroughFlags
+	if p.full {
 		b.pprofAddr = testutil.FreeLoopbackAddr(t)
-		pprofArgs = []string{"--pprof-listen", b.pprofAddr}
+		passThroughArgs = append([]string{"--pprof-listen", b.pprofAddr}, passThroughFlags...)
 	}
-	pt := startProxy(t, bins.Proxy, up.URL, append(flags.passThroughFlags(), pprofArgs...)...)
+	pt := startProxy(t, bins.Proxy, up.URL, passThroughArgs...)
 	b.passThrough = &target{name: "imds-proxy pass-through", addr: pt.addr, pids: pt.pids}
-	if len(flags.passThroughFlags()) > 0 {
-		d := startProxy(t, bins.Proxy, up.URL)
-		b.defaults = &target{name: "imds-proxy defaults", addr: d.addr, pids: d.pids}
-	}
+	d := startProxy(t, bins.Proxy, up.URL)
+	b.defaults = &target{name: "imds-proxy defaults", addr: d.addr, pids: d.pids}
 
 	b.metadataGETs()
 	b.tokenPUTs()
@@ -114,13 +111,10 @@ func TestBenchTable(t *testing.T) {
 type bench struct {
 	t        *testing.T
 	plan     plan
-	flags    sidecarFlags
 	up       *standIn
 	proxyBin string
 	nginxErr error
-	// The targets; nginx is nil when not installed, defaults when this
-	// build cannot turn caching and coalescing off (it would be the same
-	// process as pass-through).
+	// The targets; nginx is nil when not installed.
 	direct, nginx, passThrough, defaults *target
 	pprofAddr                            string
 }
@@ -141,24 +135,8 @@ func (b *bench) header(nginxBin string) {
 	if b.nginxErr == nil {
 		nginxVersion = "nginx: " + nginxVersion
 	}
-	fmt.Printf("%s\nimds-proxy pass-through flags: %s\n", nginxVersion, b.passThroughDescription())
-	if b.flags.defaults != "" {
-		fmt.Printf("imds-proxy defaults (from sidecar --help): %s\n", b.flags.defaults)
-	}
-	if !b.flags.pprofListen {
-		fmt.Println("CPU profile: skipped (sidecar --help lists no --pprof-listen)")
-	}
-	fmt.Println()
-}
-
-func (b *bench) passThroughDescription() string {
-	if args := b.flags.passThroughFlags(); len(args) > 0 && b.flags.cacheTTL && b.flags.coalesce {
-		return strings.Join(args, " ")
-	} else if len(args) > 0 {
-		return strings.Join(args, " ") + " (this build lacks the other of --cache-ttl/--coalesce)"
-	}
-	return "none available (this build has no --cache-ttl or --coalesce: it coalesces identical in-flight GETs " +
-		"and caches nothing, so pass-through = defaults and the defaults row is not run separately)"
+	fmt.Printf("%s\nimds-proxy pass-through: %s; imds-proxy defaults: caching and coalescing on\n\n",
+		nginxVersion, strings.Join(passThroughFlags, " "))
 }
 
 func (b *bench) targets() []*target {
@@ -310,30 +288,20 @@ func (b *bench) metadataGETs() {
 	var maxPeak int64
 	for _, conc := range p.concurrencies {
 		pt := results[b.passThrough][conc]
-		maxPeak = max(maxPeak, pt.peakKiB)
-		if b.defaults != nil {
-			maxPeak = max(maxPeak, results[b.defaults][conc].peakKiB)
-		}
+		maxPeak = max(maxPeak, pt.peakKiB, results[b.defaults][conc].peakKiB)
 		if b.nginx == nil {
 			continue
 		}
 		ng := results[b.nginx][conc]
 		thr = append(thr, fmt.Sprintf("c=%d %s", conc, ratio(pt.res.rate(), ng.res.rate())))
 		p50s = append(p50s, fmt.Sprintf("c=%d %s vs %s", conc, dur(pt.res.p50), dur(ng.res.p50)))
-		if b.defaults != nil {
-			cached = append(cached, fmt.Sprintf("c=%d %s", conc, ratio(results[b.defaults][conc].res.rate(), ng.res.rate())))
-		}
+		cached = append(cached, fmt.Sprintf("c=%d %s", conc, ratio(results[b.defaults][conc].res.rate(), ng.res.rate())))
 	}
 	noNginx := "n/a (" + errString(b.nginxErr) + ")"
 	fmt.Println("issue 7 targets (printed, not asserted):")
 	fmt.Printf("  pass-through throughput >= nginx      measured: %s\n", orElse(strings.Join(thr, ", "), noNginx))
 	fmt.Printf("  pass-through p50 no worse than nginx  measured: %s\n", orElse(strings.Join(p50s, ", "), noNginx))
-	switch {
-	case b.defaults == nil:
-		fmt.Println("  with caching >= 5x nginx throughput   measured: n/a (this build has no cache; see the header)")
-	default:
-		fmt.Printf("  with caching >= 5x nginx throughput   measured: %s\n", orElse(strings.Join(cached, ", "), noNginx))
-	}
+	fmt.Printf("  with caching >= 5x nginx throughput   measured: %s\n", orElse(strings.Join(cached, ", "), noNginx))
 	fmt.Printf("  peak RSS < 30 MiB under load          measured: %s MiB at most (imds-proxy rows)\n", mib(maxPeak))
 	if profileNote != "" {
 		fmt.Println(profileNote)

@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,47 +26,9 @@ type target struct {
 	pids func() []int
 }
 
-// sidecarFlags is what this build's `imds-proxy sidecar --help` offers among
-// the flags the benchmark cares about (other engineers are adding them).
-type sidecarFlags struct {
-	cacheTTL, coalesce, pprofListen bool
-	// defaults describes the defaults of the flags present, from --help.
-	defaults string
-}
-
-func detectSidecarFlags(t testing.TB, bin string) sidecarFlags {
-	t.Helper()
-	out, _ := exec.Command(bin, "sidecar", "--help").CombinedOutput() // --help may exit non-zero
-	if !bytes.Contains(out, []byte("-upstream")) {
-		t.Fatalf("imds-proxy sidecar --help printed no flag list:\n%s", out)
-	}
-	has := func(name string) bool {
-		return regexp.MustCompile(`(?m)^\s+--?` + regexp.QuoteMeta(name) + `\b`).Match(out)
-	}
-	f := sidecarFlags{cacheTTL: has("cache-ttl"), coalesce: has("coalesce"), pprofListen: has("pprof-listen")}
-	var defaults []string
-	for _, name := range []string{"cache-ttl", "coalesce"} {
-		// "  -cache-ttl 5s   ..." or "  -coalesce=true   ..."
-		if m := regexp.MustCompile(`(?m)^\s+--?` + name + `([ =]\S+)`).FindSubmatch(out); m != nil {
-			defaults = append(defaults, "--"+name+string(m[1]))
-		}
-	}
-	f.defaults = strings.Join(defaults, " ")
-	return f
-}
-
-// passThroughFlags turns off what this build can turn off of caching and
-// coalescing.
-func (f sidecarFlags) passThroughFlags() []string {
-	var args []string
-	if f.cacheTTL {
-		args = append(args, "--cache-ttl=0")
-	}
-	if f.coalesce {
-		args = append(args, "--coalesce=false")
-	}
-	return args
-}
+// passThroughFlags turn off caching and coalescing: imds-proxy as a plain
+// forwarding proxy, to compare with nginx doing the same.
+var passThroughFlags = []string{"--cache-ttl=0", "--coalesce=false"}
 
 // proxyProc is a running imds-proxy sidecar.
 type proxyProc struct {
