@@ -28,14 +28,15 @@ type ServerLimits struct {
 	MaxBodyBytes int64
 	// MaxConnections: connections beyond it get 503 and are closed (0: no
 	// limit). MaxConnectionsPerClient bounds those of one client address, so
-	// that one container cannot hold a node agent's every connection.
+	// that one container cannot hold a node agent's every connection (0: no
+	// limit, right for a sidecar, whose every client is 127.0.0.1).
 	MaxConnections, MaxConnectionsPerClient int
 }
 
 // DefaultServerLimits are the serving commands' limits.
 func DefaultServerLimits() ServerLimits {
 	return ServerLimits{ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second, WriteTimeout: 30 * time.Second,
-		MaxHeaderBytes: 16 << 10, MaxBodyBytes: 4 << 10, MaxConnections: 4096, MaxConnectionsPerClient: 512}
+		MaxHeaderBytes: 16 << 10, MaxBodyBytes: 4 << 10, MaxConnections: 4096}
 }
 
 // Server returns the server for the proxy's listeners, within
@@ -59,17 +60,24 @@ func (p *Proxy) Server() (srv *http.Server, limit func(net.Listener) net.Listene
 	srv.ConnContext, srv.ConnState = watch.context, watch.observe
 	// Shared: the limit is the proxy's, not each listener's.
 	counts := newConnCounts(limits.MaxConnections, limits.MaxConnectionsPerClient, p.metrics.connectionsOpen.Set)
+	refusing := new(atomic.Int64)
 	limit = func(ln net.Listener) net.Listener {
-		return &limitListener{Listener: ln, counts: counts, rejected: p.metrics.connectionsRejected.Inc}
+		return &limitListener{Listener: ln, counts: counts, refusing: refusing, rejected: p.metrics.connectionsRejected.Inc}
 	}
 	return srv, limit
 }
 
-// enforceRequestLimits answers requests beyond the header and body limits
-// and reports whether it did. On the way it marks the connection as having
-// carried a request, and reads any body there is.
+// enforceRequestLimits answers requests on connections past the connection
+// limits (503) and requests beyond the header and body limits, and reports
+// whether it did. On the way it marks the connection as having carried a
+// request, and reads any body there is.
 func (p *Proxy) enforceRequestLimits(w http.ResponseWriter, r *http.Request) bool {
-	markServed(r)
+	if markServed(r) {
+		w.Header().Set("Connection", "close")
+		w.Header().Set("Retry-After", "1")
+		p.refuse(w, r, http.StatusServiceUnavailable, outcomeTooManyConnections)
+		return true
+	}
 	if p.cfg.Limits.MaxHeaderBytes > 0 && headerBytes(r) > p.cfg.Limits.MaxHeaderBytes {
 		p.refuse(w, r, http.StatusRequestHeaderFieldsTooLarge, outcomeHeaderTooLarge)
 		return true
@@ -110,16 +118,20 @@ func headerBytes(r *http.Request) int {
 	return n
 }
 
-// limitListener answers connections beyond the limits with 503 and closes
-// them, rather than leaving them queued where clients only see a timeout.
+// limitListener marks connections beyond the limits: their one request is
+// answered 503 (Connection: close) rather than left queued, where clients
+// only see a timeout. At most maxRefusing such connections are open at a
+// time; past that they are closed unanswered.
 type limitListener struct {
 	net.Listener
 	counts   *connCounts
+	refusing *atomic.Int64
 	rejected func()
 }
 
-// tooBusy is written to a connection over the limit without reading it.
-const tooBusy = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+// maxRefusing bounds the connections held only to be answered 503; each
+// lives until its request arrives or the read-header timeout.
+const maxRefusing = 256
 
 func (l *limitListener) Accept() (net.Conn, error) {
 	for {
@@ -132,8 +144,10 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			return &countedConn{Conn: c, release: func() { l.counts.release(client) }}, nil
 		}
 		l.rejected()
-		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
-		_, _ = io.WriteString(c, tooBusy)
+		if l.refusing.Add(1) <= maxRefusing {
+			return &countedConn{Conn: c, overLimit: true, release: func() { l.refusing.Add(-1) }}, nil
+		}
+		l.refusing.Add(-1)
 		_ = c.Close()
 	}
 }
@@ -183,8 +197,9 @@ func (c *connCounts) release(client netip.Addr) {
 
 type countedConn struct {
 	net.Conn
-	once    sync.Once
-	release func()
+	overLimit bool // accepted past a limit: its request gets 503
+	once      sync.Once
+	release   func()
 }
 
 func (c *countedConn) Close() error {
@@ -201,8 +216,11 @@ type connWatch struct {
 	m     *metrics
 }
 
-// connRecord is what a request's context carries to mark its connection.
-type connRecord struct{ served atomic.Bool }
+// connRecord is what a request's context carries about its connection.
+type connRecord struct {
+	served    atomic.Bool
+	overLimit bool
+}
 
 type connRecordKey struct{}
 
@@ -214,6 +232,9 @@ func newConnWatch(m *metrics) *connWatch {
 // its requests.
 func (w *connWatch) context(ctx context.Context, c net.Conn) context.Context {
 	rec := &connRecord{}
+	if cc, ok := c.(*countedConn); ok {
+		rec.overLimit = cc.overLimit
+	}
 	w.mu.Lock()
 	w.conns[c] = rec
 	w.mu.Unlock()
@@ -233,9 +254,12 @@ func (w *connWatch) observe(c net.Conn, state http.ConnState) {
 	}
 }
 
-// markServed records that a request reached the proxy on its connection.
-func markServed(r *http.Request) {
+// markServed records that a request reached the proxy on its connection,
+// and says whether that connection is over the connection limits.
+func markServed(r *http.Request) (overLimit bool) {
 	if rec, ok := r.Context().Value(connRecordKey{}).(*connRecord); ok {
 		rec.served.Store(true)
+		return rec.overLimit
 	}
+	return false
 }

@@ -22,6 +22,7 @@ const (
 	outcomePathDenied          = "path_denied"
 	outcomeHeaderTooLarge      = "header_too_large"
 	outcomeBodyTooLarge        = "body_too_large"
+	outcomeTooManyConnections  = "too_many_connections"
 )
 
 // metrics holds the proxy's Prometheus collectors.
@@ -108,7 +109,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		connectionsRejected: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imds_proxy_connections_rejected_total",
-			Help: "Connections answered 503 and closed because the proxy already held its maximum.",
+			Help: "Connections past --max-connections or --max-connections-per-client: their request is answered 503 and they are closed.",
 		}),
 		connectionsWithoutRequest: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imds_proxy_connections_closed_without_request_total",
