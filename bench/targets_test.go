@@ -209,7 +209,8 @@ func startNginx(t testing.TB, bin, upstream string) *nginxProc {
 		t.Fatal(err)
 	}
 	logs := &capBuffer{max: 64 << 10}
-	cmd := exec.Command(bin, "-p", dir+"/", "-c", confPath, "-e", filepath.Join(dir, "error.log"), "-g", "daemon off;")
+	argv := append(nginxContainer(), bin, "-p", dir+"/", "-c", confPath, "-e", filepath.Join(dir, "error.log"), "-g", "daemon off;")
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = logs, logs
 	exited := startGroup(t, cmd, func(cmd *exec.Cmd, exited <-chan struct{}) {
 		_ = cmd.Process.Signal(syscall.SIGTERM) // fast shutdown: the master stops its workers
@@ -218,10 +219,15 @@ func startNginx(t testing.TB, bin, upstream string) *nginxProc {
 		case <-time.After(3 * time.Second):
 		}
 	})
-	n.master = cmd.Process.Pid
 	if err := testutil.WaitListening(n.addr, 5*time.Second); err != nil {
 		errLog, _ := os.ReadFile(filepath.Join(dir, "error.log"))
 		t.Fatalf("nginx did not start: %v\n%s%s", err, logs, errLog)
+	}
+	n.master = cmd.Process.Pid
+	if len(argv) > 0 && argv[0] != bin { // nginx's master is unshare's one child
+		if kids := childrenOf(n.master); len(kids) == 1 {
+			n.master = kids[0]
+		}
 	}
 	select {
 	case <-exited:
@@ -236,6 +242,18 @@ func startNginx(t testing.TB, bin, upstream string) *nginxProc {
 }
 
 // pids is the master and its children (the workers).
+// nginxContainer is the command prefix that runs nginx in a PID namespace
+// of its own (as root, with util-linux's unshare), so that its workers die
+// with its master however the test ends: killed, a test runs no cleanups,
+// and orphaned workers would keep their port. Nil where that is not possible.
+func nginxContainer() []string {
+	unshare, err := exec.LookPath("unshare")
+	if os.Geteuid() != 0 || err != nil {
+		return nil
+	}
+	return []string{unshare, "--pid", "--fork", "--kill-child"}
+}
+
 func (n *nginxProc) pids() []int { return append([]int{n.master}, childrenOf(n.master)...) }
 
 // childrenOf scans /proc for the processes whose parent is pid.
