@@ -158,16 +158,6 @@ func (c *cache) removeLocked(el *list.Element) {
 	c.sized(c.lru.Len(), c.bytes)
 }
 
-// size is the number of entries and their body bytes.
-func (c *cache) size() (entries, bytes int) {
-	if c == nil {
-		return 0, 0
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.lru.Len(), c.bytes
-}
-
 // isCredentialPath says whether path names role credentials
 // (iam/security-credentials/<role>, identity-credentials/.../<name>): those
 // are cached only with a readable Expiration, whatever their body looks like.

@@ -11,13 +11,17 @@ import (
 // clock is a settable time source for the cache.
 type clock struct{ t time.Time }
 
+// sizes is what the cache last reported of its size.
+type sizes struct{ entries, bytes int }
+
 func (c *clock) now() time.Time { return c.t }
 
-func testCache(cfg CacheConfig) (*cache, *clock) {
+func testCache(cfg CacheConfig) (*cache, *clock, *sizes) {
 	clk := &clock{t: time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)}
-	c := newCache(cfg, func(int, int) {})
+	sz := &sizes{}
+	c := newCache(cfg, func(e, b int) { sz.entries, sz.bytes = e, b })
 	c.now = clk.now
-	return c, clk
+	return c, clk, sz
 }
 
 func answer(status int, body string) *sharedResponse {
@@ -27,7 +31,7 @@ func answer(status int, body string) *sharedResponse {
 // TestCacheFreshThenStaleThenGone: an answer is fresh for TTL, may stand in
 // for errors for StaleTTL more, and is gone after.
 func TestCacheFreshThenStaleThenGone(t *testing.T) {
-	c, clk := testCache(DefaultCacheConfig())
+	c, clk, sz := testCache(DefaultCacheConfig())
 	c.store("k", "/latest/meta-data/instance-id", answer(200, "i-1"))
 	steps := []struct {
 		after        time.Duration
@@ -43,7 +47,7 @@ func TestCacheFreshThenStaleThenGone(t *testing.T) {
 			t.Errorf("after %s: stale %t, want %t", s.after, got, s.stale)
 		}
 	}
-	if entries, _ := c.size(); entries != 0 {
+	if entries := sz.entries; entries != 0 {
 		t.Errorf("%d entries left after expiry", entries)
 	}
 }
@@ -51,7 +55,7 @@ func TestCacheFreshThenStaleThenGone(t *testing.T) {
 // TestCacheKeepsOnlyWhatItShould: errors, 401s, uncached paths, proxy-made
 // 503s and credentials near or past expiry are never stored.
 func TestCacheKeepsOnlyWhatItShould(t *testing.T) {
-	c, clk := testCache(DefaultCacheConfig())
+	c, clk, _ := testCache(DefaultCacheConfig())
 	creds := func(expiry time.Time) string {
 		return fmt.Sprintf(`{"Code":"Success","AccessKeyId":"ASIA","SecretAccessKey":"s","Token":"t","Expiration":%q}`, expiry.Format(time.RFC3339))
 	}
@@ -102,7 +106,7 @@ func TestCacheKeepsOnlyWhatItShould(t *testing.T) {
 // TestCacheBounds: entries and bytes stay within their limits, evicting
 // the least recently used.
 func TestCacheBounds(t *testing.T) {
-	c, _ := testCache(CacheConfig{TTL: time.Minute, MaxEntries: 3, MaxBytes: 400})
+	c, _, sz := testCache(CacheConfig{TTL: time.Minute, MaxEntries: 3, MaxBytes: 400})
 	for i := 0; i < 3; i++ {
 		c.store(fmt.Sprint(i), "/p", answer(200, "x"))
 	}
@@ -114,7 +118,7 @@ func TestCacheBounds(t *testing.T) {
 	c.store("big", "/p", answer(200, strings.Repeat("b", 100)))
 	c.store("big2", "/p", answer(200, strings.Repeat("b", 100)))
 	c.store("too big", "/p", answer(200, strings.Repeat("b", 101))) // over MaxBytes/4: never stored
-	entries, bytes := c.size()
+	entries, bytes := sz.entries, sz.bytes
 	if entries > 3 || bytes > 400 || c.fresh("too big") != nil {
 		t.Errorf("cache holds %d entries, %d bytes; want at most 3 and 400, without the oversized answer", entries, bytes)
 	}

@@ -75,7 +75,7 @@ func startProxy(t *testing.T, cfg proxy.Config, minter *token.Minter) *harness {
 	srv.Start()
 	t.Cleanup(func() { srv.Close(); cancel() })
 	h := &harness{t: t, p: p, srv: srv, reg: reg, logs: logs}
-	h.waitReady(10 * time.Second)
+	waitProxyReady(t, p)
 	return h
 }
 
@@ -90,13 +90,15 @@ func (f panicFailer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (h *harness) waitReady(timeout time.Duration) {
-	deadline := time.Now().Add(timeout)
-	for h.p.Ready() != nil {
+// waitProxyReady waits until p has decided its upstream session.
+func waitProxyReady(tb testing.TB, p *proxy.Proxy) {
+	tb.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for p.Ready() != nil {
 		if time.Now().After(deadline) {
-			h.t.Fatal("proxy never decided its upstream session")
+			tb.Fatal("proxy never decided its upstream session")
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(time.Millisecond)
 	}
 }
 
@@ -140,18 +142,24 @@ func (h *harness) doFrom(local net.Addr, method, path string, header http.Header
 // raw writes a hand-made request line and headers and reads one response.
 func (h *harness) raw(request string) response {
 	h.t.Helper()
-	c, err := net.Dial("tcp", h.srv.Listener.Addr().String())
+	return rawResponse(h.t, nil, h.srv.Listener.Addr().String(), request)
+}
+
+// rawResponse writes request on a new connection from local (nil: any) to addr and reads one response.
+func rawResponse(t *testing.T, local net.Addr, addr, request string) response {
+	t.Helper()
+	c, err := (&net.Dialer{LocalAddr: local}).Dial("tcp", addr)
 	if err != nil {
-		h.t.Fatal(err)
+		t.Fatal(err)
 	}
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.WriteString(c, request); err != nil {
-		h.t.Fatal(err)
+		t.Fatal(err)
 	}
 	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 	if err != nil {
-		h.t.Fatalf("reading response to %q: %v", request, err)
+		t.Fatalf("reading response to %.60q: %v", request, err)
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
@@ -171,10 +179,16 @@ func (h *harness) token() string {
 // metric returns the value of the counter or gauge name with the given labels.
 func (h *harness) metric(name string, labels map[string]string) float64 {
 	h.t.Helper()
-	families, err := h.reg.Gather()
+	return gatherValue(h.t, h.reg, name, labels)
+}
+
+func gatherValue(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
 	if err != nil {
-		h.t.Fatal(err)
+		t.Fatal(err)
 	}
+	total := 0.0
 	for _, f := range families {
 		if f.GetName() != name {
 			continue
@@ -186,13 +200,10 @@ func (h *harness) metric(name string, labels map[string]string) float64 {
 					continue next
 				}
 			}
-			if m.GetCounter() != nil {
-				return m.GetCounter().GetValue()
-			}
-			return m.GetGauge().GetValue()
+			total += m.GetCounter().GetValue() + m.GetGauge().GetValue()
 		}
 	}
-	return 0
+	return total
 }
 
 // logsContaining returns the logged entries whose message contains s.

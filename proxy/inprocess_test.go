@@ -128,13 +128,7 @@ func newInProcess(tb testing.TB, paths proxy.PathPolicy, refuseTokens, recording
 	srv := &http.Server{Handler: p, ErrorLog: log.New(io.Discard, "", 0), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	tb.Cleanup(func() { _ = srv.Close(); cancel() })
-	deadline := time.Now().Add(10 * time.Second)
-	for p.Ready() != nil {
-		if time.Now().After(deadline) {
-			tb.Fatal("proxy never decided its upstream session")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	waitProxyReady(tb, p)
 	upstream.take() // the session's own token request
 	ip := &inProcess{p: p, minter: minter, upstream: upstream, ln: ln, sessionToken: fakeSessionToken}
 	if refuseTokens {

@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"bufio"
 	"io"
 	"net"
 	"net/http"
@@ -41,21 +40,8 @@ func rawExchange(t *testing.T, addr, request string) (int, string) {
 // rawExchangeFrom is rawExchange from a given local address (nil: any).
 func rawExchangeFrom(t *testing.T, local net.Addr, addr, request string) (int, string) {
 	t.Helper()
-	c, err := (&net.Dialer{LocalAddr: local}).Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(c, request); err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatalf("reading the answer to %.60q: %v", request, err)
-	}
-	body, _ := readBody(resp)
-	return resp.StatusCode, body
+	r := rawResponse(t, local, addr, request)
+	return r.status, r.body
 }
 
 // TestRequestSizeLimits: oversized headers get 431 and oversized bodies 413,
@@ -227,24 +213,9 @@ func dribble(c net.Conn) time.Duration {
 // metricOf reads a counter or gauge of s's registry, optionally by one label.
 func metricOf(t *testing.T, s *served, name, label, value string) float64 {
 	t.Helper()
-	families, err := s.reg.Gather()
-	if err != nil {
-		t.Fatal(err)
+	var labels map[string]string
+	if label != "" {
+		labels = map[string]string{label: value}
 	}
-	total := 0.0
-	for _, f := range families {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			match := label == ""
-			for _, lp := range m.GetLabel() {
-				match = match || lp.GetName() == label && lp.GetValue() == value
-			}
-			if match {
-				total += m.GetCounter().GetValue() + m.GetGauge().GetValue()
-			}
-		}
-	}
-	return total
+	return gatherValue(t, s.reg, name, labels)
 }

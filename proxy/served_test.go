@@ -63,10 +63,7 @@ func serveProxy(t *testing.T, cfg proxy.Config) *served {
 		cancel()
 		<-sessionDone
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for p.Ready() != nil && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitProxyReady(t, p)
 	return s
 }
 
