@@ -1,7 +1,6 @@
 package inject
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"strconv"
@@ -165,14 +164,6 @@ type ecsDependency struct {
 }
 
 func marshalIndent(v any) ([]byte, error) {
-	compact, err := json.Marshal(v)
-	if err != nil {
-		return nil, err
-	}
-	var out bytes.Buffer
-	if err := json.Indent(&out, compact, "", "  "); err != nil {
-		return nil, err
-	}
-	out.WriteByte('\n')
-	return out.Bytes(), nil
+	out, err := json.MarshalIndent(v, "", "  ")
+	return append(out, '\n'), err
 }

@@ -70,7 +70,7 @@ func (f *forwarder) shared(req *http.Request, key string, obtain func(*http.Requ
 		budget := time.Duration(f.retry.Attempts+1) * f.bodyTimeout
 		detached, cancel := context.WithTimeout(context.WithoutCancel(req.Context()), budget)
 		defer cancel()
-		return obtain(req.Clone(detached))
+		return obtain(req.WithContext(detached)) // send clones it before changing anything
 	})
 	if !led {
 		f.metrics.cache.WithLabelValues("coalesced").Inc()

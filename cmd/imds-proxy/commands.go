@@ -32,10 +32,7 @@ func newNodeCommand(stderr io.Writer) *ffcli.Command {
 }
 
 func newServeCommand(mode iptables.Mode, defaultListen, short, long string, stderr io.Writer) *ffcli.Command {
-	f := serveFlags{ruleFlags: ruleFlags{mode: mode}}
-	fs := flag.NewFlagSet("imds-proxy "+string(mode), flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	f.register(fs, defaultListen)
+	f, fs := newServeFlags(mode, defaultListen, stderr)
 	return &ffcli.Command{
 		Name:       string(mode),
 		ShortUsage: "imds-proxy " + string(mode) + " [flags]",
@@ -47,9 +44,18 @@ func newServeCommand(mode iptables.Mode, defaultListen, short, long string, stde
 			if len(args) > 0 {
 				return fmt.Errorf("unexpected arguments %q", args)
 			}
-			return serve(ctx, &f, stderr)
+			return serve(ctx, f, stderr)
 		},
 	}
+}
+
+// newServeFlags are the flags of the serving command of mode.
+func newServeFlags(mode iptables.Mode, defaultListen string, out io.Writer) (*serveFlags, *flag.FlagSet) {
+	f := &serveFlags{ruleFlags: ruleFlags{mode: mode}}
+	fs := flag.NewFlagSet("imds-proxy "+string(mode), flag.ContinueOnError)
+	fs.SetOutput(out)
+	f.register(fs, defaultListen)
+	return f, fs
 }
 
 // newRulesCommand is the one-shot rule tool for init containers and operators.

@@ -99,7 +99,7 @@ type serveFlags struct {
 	denyPaths       listFlag
 	configFile      string
 	cache           proxy.CacheConfig
-	cacheUncached   string
+	cacheUncached   defaultedList
 	attempts        int
 	coalesce        bool
 	limits          proxy.ServerLimits
@@ -119,6 +119,22 @@ func (l *listFlag) Set(value string) error {
 		}
 	}
 	return nil
+}
+
+// defaultedList is a listFlag with a default that the first value set
+// replaces (rather than adds to).
+type defaultedList struct {
+	values []string
+	set    bool
+}
+
+func (d *defaultedList) String() string { return strings.Join(d.values, ",") }
+
+func (d *defaultedList) Set(value string) error {
+	if !d.set {
+		d.values, d.set = nil, true
+	}
+	return (*listFlag)(&d.values).Set(value)
 }
 
 func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
@@ -156,7 +172,8 @@ func (f *serveFlags) registerEconomy(fs *flag.FlagSet) {
 	fs.IntVar(&f.cache.MaxEntries, "cache-max-entries", c.MaxEntries, "most answers the cache holds")
 	fs.IntVar(&f.cache.MaxBytes, "cache-max-bytes", c.MaxBytes, "most body bytes the cache holds")
 	fs.DurationVar(&f.cache.CredentialMargin, "cache-credential-margin", c.CredentialMargin, "never serve cached role credentials later than this before their Expiration")
-	fs.StringVar(&f.cacheUncached, "cache-uncached", strings.Join(c.Uncached, ","), "path segments whose paths are never cached (comma-separated): answers that change without notice")
+	f.cacheUncached = defaultedList{values: c.Uncached}
+	fs.Var(&f.cacheUncached, "cache-uncached", "path segments whose paths are never cached (comma-separated or repeated; a YAML list in --config): answers that change without notice")
 	fs.IntVar(&f.attempts, "upstream-attempts", r.Attempts, "most upstream requests per client request: 429, 5xx, refused and reset connections are retried with jittered backoff (1: no retries)")
 	fs.BoolVar(&f.coalesce, "coalesce", true, "identical GETs in flight at the same time share one upstream request")
 }
@@ -188,6 +205,8 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 	if err != nil {
 		return proxy.Config{}, fmt.Errorf("--allow-path/--deny-path: %w", err)
 	}
+	retry := proxy.DefaultRetryConfig()
+	retry.Attempts = f.attempts
 	cfg := proxy.Config{
 		Upstream:                upstream,
 		V1:                      policy,
@@ -201,13 +220,13 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 		UpstreamDialTimeout:     f.dialTimeout,
 		UpstreamResponseTimeout: f.responseTimeout,
 		Cache:                   f.cache,
-		Retry:                   proxy.RetryConfig{Attempts: f.attempts, BaseDelay: proxy.DefaultRetryConfig().BaseDelay, MaxDelay: proxy.DefaultRetryConfig().MaxDelay},
+		Retry:                   retry,
 		DisableCoalescing:       !f.coalesce,
 		Limits:                  f.limits,
 	}
 	cfg.Cache.Uncached = nil
-	for _, segment := range strings.Split(f.cacheUncached, ",") {
-		if segment = strings.Trim(strings.TrimSpace(segment), "/"); segment != "" {
+	for _, segment := range f.cacheUncached.values {
+		if segment = strings.Trim(segment, "/"); segment != "" {
 			cfg.Cache.Uncached = append(cfg.Cache.Uncached, segment)
 		}
 	}

@@ -23,7 +23,9 @@ func newReadyCommand(stderr io.Writer) *ffcli.Command {
 		Name:       "ready",
 		ShortUsage: "imds-proxy ready [--url URL] [--timeout D]",
 		ShortHelp:  "exit 0 if the local proxy is ready (rules installed, upstream decided), else 1: a container health check",
+		LongHelp:   "Asks the proxy's /readyz; exit 0 if it answers 200, else 1 with the reason." + envHelp,
 		FlagSet:    fs,
+		Options:    parseOptions(),
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
 				return fmt.Errorf("unexpected arguments %q", args)
