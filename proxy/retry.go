@@ -3,9 +3,10 @@ package proxy
 import (
 	"context"
 	"errors"
+	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
+	"syscall"
 	"time"
 )
 
@@ -53,17 +54,13 @@ func (f *forwarder) fetchWhole(req *http.Request) (*sharedResponse, error) {
 
 // retryCause is the metric label of a retryable outcome, or "".
 func retryCause(resp *sharedResponse, err error) string {
-	if err != nil {
-		var netErr net.Error
-		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) ||
-			errors.As(err, &netErr) && netErr.Timeout() || errors.Is(err, errTooLarge) {
-			return "" // a hang costs one timeout, not one per attempt
-		}
-		return "connection"
-	}
 	switch {
+	case err != nil && connectionLost(err):
+		return "connection"
+	case err != nil:
+		return "" // a hang costs one timeout, not one per attempt; garbage stays garbage
 	case resp.unavailable:
-		return "" // the proxy's own 503: the session is down, retrying won't help
+		return "" // the proxy's own answer: the session is down, retrying won't help
 	case resp.header.Get(proxyHeader) != "":
 		return "" // a chained imds-proxy has retried already: retrying again multiplies
 	case resp.status == http.StatusTooManyRequests:
@@ -72,6 +69,14 @@ func retryCause(resp *sharedResponse, err error) string {
 		return "server_error"
 	}
 	return ""
+}
+
+// connectionLost says whether err is a connection refused, reset or closed
+// before the whole answer arrived: what a restarting or overloaded upstream
+// does, and what the next attempt may not meet.
+func connectionLost(err error) bool {
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 // backoff is a full-jitter exponential delay before retry number attempt.
