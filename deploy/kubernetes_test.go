@@ -444,6 +444,15 @@ func TestWebhookDeployment(t *testing.T) {
 		t.Errorf("args %q: want webhook ...", c.Args)
 	}
 	checkImage(t, "webhook --image", mustFlag(t, "webhook", c.Args, "image"))
+	metricsPort := port(t, mustFlag(t, "webhook", c.Args, "metrics-listen"))
+	if !slices.ContainsFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.ContainerPort == metricsPort }) {
+		t.Errorf("ports %+v lack the metrics port %d", c.Ports, metricsPort)
+	}
+	for k, v := range map[string]string{"prometheus.io/scrape": "true", "prometheus.io/port": strconv.Itoa(int(metricsPort)), "prometheus.io/path": "/metrics"} {
+		if got := d.Spec.Template.Annotations[k]; got != v {
+			t.Errorf("pod annotation %s: %q, want %q", k, got, v)
+		}
+	}
 	if uid, ok := runAsUser(spec, c); !ok || uid != 1337 {
 		t.Errorf("runs as %d (set: %v), want 1337", uid, ok)
 	}

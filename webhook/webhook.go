@@ -14,6 +14,7 @@ import (
 	"mime"
 	"net/http"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	admissionv1 "k8s.io/api/admission/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -29,30 +30,51 @@ const MaxBodyBytes = 3 << 20
 // InjectPath is where the webhook configuration sends pods.
 const InjectPath = "/inject"
 
-// NewHandler serves InjectPath and /healthz.
-func NewHandler(o inject.Options, log *zap.Logger) (http.Handler, error) {
+// Admission results, the values of the result label.
+const (
+	resultInjected   = "injected"
+	resultSkipped    = "skipped"    // opted out, hostNetwork, already injected, clashing
+	resultIgnored    = "ignored"    // not a pod CREATE
+	resultUnreadable = "unreadable" // a pod that does not decode: admitted unchanged
+	resultBadRequest = "bad_request"
+)
+
+// NewHandler serves InjectPath and /healthz, counting admissions in reg.
+func NewHandler(o inject.Options, log *zap.Logger, reg prometheus.Registerer) (http.Handler, error) {
 	if err := o.Validate(); err != nil {
 		return nil, fmt.Errorf("sidecar options: %w", err)
 	}
+	admissions := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imds_proxy_webhook_admissions_total",
+		Help: "Admission requests by result: injected, skipped (opted out, hostNetwork, already injected, clashing), " +
+			"ignored (not a pod CREATE), unreadable (admitted unchanged), bad_request (answered 4xx).",
+	}, []string{"result"})
+	if err := reg.Register(admissions); err != nil {
+		return nil, fmt.Errorf("registering metrics: %w", err)
+	}
 	mux := http.NewServeMux()
-	mux.Handle("POST "+InjectPath, &handler{options: o, log: log})
+	mux.Handle("POST "+InjectPath, &handler{options: o, log: log, admissions: admissions})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
 	return mux, nil
 }
 
 type handler struct {
-	options inject.Options
-	log     *zap.Logger
+	options    inject.Options
+	log        *zap.Logger
+	admissions *prometheus.CounterVec
 }
 
 func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	review, status, err := readReview(w, r)
 	if err != nil {
 		h.log.Warn("bad admission request", zap.Int("status", status), zap.Error(err))
+		h.admissions.WithLabelValues(resultBadRequest).Inc()
 		http.Error(w, err.Error(), status)
 		return
 	}
-	review.Response = h.admit(review.Request)
+	var result string
+	review.Response, result = h.admit(review.Request)
+	h.admissions.WithLabelValues(result).Inc()
 	review.Request = nil
 	w.Header().Set("Content-Type", "application/json")
 	if err := json.NewEncoder(w).Encode(review); err != nil {
@@ -87,34 +109,36 @@ func readReview(w http.ResponseWriter, r *http.Request) (*admissionv1.AdmissionR
 
 var podResource = metav1.GroupVersionResource{Version: "v1", Resource: "pods"}
 
-// admit decides one request. Every answer allows the pod.
-func (h *handler) admit(req *admissionv1.AdmissionRequest) *admissionv1.AdmissionResponse {
+// admit decides one request, and says how for the metric. Every answer
+// allows the pod.
+func (h *handler) admit(req *admissionv1.AdmissionRequest) (*admissionv1.AdmissionResponse, string) {
 	resp := &admissionv1.AdmissionResponse{UID: req.UID, Allowed: true}
 	if req.Resource != podResource || req.SubResource != "" || req.Operation != admissionv1.Create {
-		return resp
+		return resp, resultIgnored
 	}
 	var pod corev1.Pod
 	if err := json.Unmarshal(req.Object.Raw, &pod); err != nil {
 		h.log.Warn("pod admitted without the sidecar: cannot read it", zap.String("namespace", req.Namespace), zap.Error(err))
 		resp.Warnings = []string{"imds-proxy: pod not injected: " + err.Error()}
-		return resp
+		return resp, resultUnreadable
 	}
 	patch, reason, warning, err := inject.PodPatch(&pod, h.options)
+	if warning != "" {
+		resp.Warnings = []string{"imds-proxy: " + warning}
+	}
 	fields := []zap.Field{zap.String("namespace", req.Namespace), zap.String("pod", podName(&pod))}
 	switch {
 	case err != nil:
 		h.log.Error("pod admitted without the sidecar", append(fields, zap.Error(err))...)
+		return resp, resultUnreadable
 	case patch == nil:
 		h.log.Info("pod admitted without the sidecar", append(fields, zap.String("reason", reason))...)
-	default:
-		h.log.Info("sidecar injected", fields...)
-		patchType := admissionv1.PatchTypeJSONPatch
-		resp.Patch, resp.PatchType = patch, &patchType
+		return resp, resultSkipped
 	}
-	if warning != "" {
-		resp.Warnings = []string{"imds-proxy: " + warning}
-	}
-	return resp
+	h.log.Info("sidecar injected", fields...)
+	patchType := admissionv1.PatchTypeJSONPatch
+	resp.Patch, resp.PatchType = patch, &patchType
+	return resp, resultInjected
 }
 
 // podName is the pod's name, or its generateName prefix: pods that

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"io"
+	"maps"
 	"math/big"
 	"net"
 	"net/http"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	jsonpatch "github.com/evanphx/json-patch/v5"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	admissionv1 "k8s.io/api/admission/v1"
@@ -87,7 +89,7 @@ func writeAtomically(t *testing.T, name string, data []byte) {
 }
 
 // startWebhook serves the handler over real HTTPS with certificate reloading.
-func startWebhook(t *testing.T) (url string, client *http.Client, ca *testCA, dir string) {
+func startWebhook(t *testing.T, reg *prometheus.Registry) (url string, client *http.Client, ca *testCA, dir string) {
 	t.Helper()
 	ca, dir = newTestCA(t), t.TempDir()
 	certFile, keyFile := ca.writePair(t, dir, 100)
@@ -96,7 +98,7 @@ func startWebhook(t *testing.T) (url string, client *http.Client, ca *testCA, di
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := NewHandler(inject.DefaultOptions(), log)
+	h, err := NewHandler(inject.DefaultOptions(), log, reg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,7 +174,7 @@ func pod(hostNetwork bool, annotations map[string]string) *corev1.Pod {
 // TestWebhookInjects: a pod comes back with a JSON Patch that, applied,
 // gives it the sidecar; the patched pod is not patched again.
 func TestWebhookInjects(t *testing.T) {
-	url, client, _, _ := startWebhook(t)
+	url, client, _, _ := startWebhook(t, prometheus.NewRegistry())
 	p := pod(false, nil)
 	resp := admit(t, client, url, review(t, p, nil))
 	if resp.PatchType == nil || *resp.PatchType != admissionv1.PatchTypeJSONPatch || len(resp.Patch) == 0 {
@@ -203,7 +205,8 @@ func TestWebhookInjects(t *testing.T) {
 // cannot patch is allowed unchanged, with a warning where the user should
 // hear of it.
 func TestWebhookAllowsWithoutPatch(t *testing.T) {
-	url, client, _, _ := startWebhook(t)
+	reg := prometheus.NewRegistry()
+	url, client, _, _ := startWebhook(t, reg)
 	cases := []struct {
 		name    string
 		body    []byte
@@ -231,12 +234,17 @@ func TestWebhookAllowsWithoutPatch(t *testing.T) {
 	if typo.Patch == nil || len(typo.Warnings) != 1 || !strings.Contains(typo.Warnings[0], "blokc") {
 		t.Errorf("bad policy annotation: patch %s, warnings %q; want a patch and a warning", typo.Patch, typo.Warnings)
 	}
+	want := map[string]float64{"skipped": 2, "ignored": 3, "unreadable": 1, "injected": 1}
+	if got := admissions(t, reg); !maps.Equal(got, want) {
+		t.Errorf("imds_proxy_webhook_admissions_total %v, want %v", got, want)
+	}
 }
 
 // TestWebhookRejectsBadRequests: malformed, mistyped and oversized bodies
 // get clear 4xx answers (no panic), and the webhook keeps serving.
 func TestWebhookRejectsBadRequests(t *testing.T) {
-	url, client, _, _ := startWebhook(t)
+	reg := prometheus.NewRegistry()
+	url, client, _, _ := startWebhook(t, reg)
 	good := review(t, pod(false, nil), nil)
 	huge := append([]byte(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x","object":{"pad":"`),
 		bytes.Repeat([]byte("a"), MaxBodyBytes)...)
@@ -275,13 +283,16 @@ func TestWebhookRejectsBadRequests(t *testing.T) {
 	if admit(t, client, url, good).Patch == nil {
 		t.Error("after the bad requests a good one was not patched")
 	}
+	if got := admissions(t, reg); got["bad_request"] != float64(len(cases)) || got["injected"] != 1 {
+		t.Errorf("imds_proxy_webhook_admissions_total %v, want %d bad requests and 1 injected", got, len(cases))
+	}
 }
 
 // TestWebhookReloadsItsCertificate: replacing the key pair on disk (as a
 // Secret update or a cert-manager renewal does) changes the certificate
 // new connections see, without a restart; a broken pair keeps the old one.
 func TestWebhookReloadsItsCertificate(t *testing.T) {
-	url, client, ca, dir := startWebhook(t)
+	url, client, ca, dir := startWebhook(t, prometheus.NewRegistry())
 	serial := func() int64 {
 		resp, err := client.Get(url + "/healthz")
 		if err != nil {
@@ -319,4 +330,23 @@ func TestCertReloaderRefusesBadFiles(t *testing.T) {
 	if _, err := NewCertReloader(bad, bad, zap.NewNop()); err == nil || !strings.Contains(err.Error(), "TLS key pair") {
 		t.Errorf("junk files: %v", err)
 	}
+}
+
+// admissions reads imds_proxy_webhook_admissions_total by result.
+func admissions(t *testing.T, reg *prometheus.Registry) map[string]float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]float64{}
+	for _, f := range families {
+		if f.GetName() != "imds_proxy_webhook_admissions_total" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			out[m.GetLabel()[0].GetValue()] = m.GetCounter().GetValue()
+		}
+	}
+	return out
 }

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -119,7 +120,7 @@ func TestWebhookCommand(t *testing.T) {
 	dir := t.TempDir()
 	cert, key := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
 	writeSelfSigned(t, cert, key)
-	cmd := exec.Command(binary, "webhook", "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key)
+	cmd := exec.Command(binary, "webhook", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
 	p := testutil.StartProcess(t, cmd)
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
@@ -130,6 +131,22 @@ func TestWebhookCommand(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 || resp.TLS == nil {
 		t.Errorf("/healthz: %d over TLS %v", resp.StatusCode, resp.TLS != nil)
+	}
+	review := `{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"1",` +
+		`"resource":{"version":"v1","resource":"pods"},"operation":"CREATE",` +
+		`"object":{"apiVersion":"v1","kind":"Pod","spec":{"containers":[{"name":"app","image":"x"}]}}}}`
+	resp, err = client.Post(strings.Replace(p.API, "http://", "https://", 1)+"/inject", "application/json", strings.NewReader(review))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), `"patchType":"JSONPatch"`) {
+		t.Errorf("/inject: %s", body)
+	}
+	if status, metrics := get(t, "GET", p.Metrics+"/metrics", nil); status != 200 ||
+		!strings.Contains(metrics, `imds_proxy_webhook_admissions_total{result="injected"} 1`) {
+		t.Errorf("/metrics: %d, without the admission counted", status)
 	}
 	client.CloseIdleConnections()
 	p.Terminate(t)

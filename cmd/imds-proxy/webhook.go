@@ -12,6 +12,9 @@ import (
 	"time"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 
 	"github.com/imds-proxy/imds-proxy/webhook"
@@ -25,6 +28,7 @@ func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 	listen := fs.String("listen", ":8443", "HTTPS address of "+webhook.InjectPath+" and /healthz")
 	certFile := fs.String("tls-cert", "", "TLS certificate file (PEM), re-read when it changes")
 	keyFile := fs.String("tls-key", "", "TLS private key file (PEM), re-read when it changes")
+	metricsListen := fs.String("metrics-listen", ":9169", "plain-HTTP address of /metrics (imds_proxy_webhook_admissions_total by result); empty disables it")
 	logFormat := fs.String("log-format", "json", "log format: json or console")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	return &ffcli.Command{
@@ -56,35 +60,49 @@ func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 			if err != nil {
 				return err
 			}
-			h, err := webhook.NewHandler(o, log)
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+			h, err := webhook.NewHandler(o, log, reg)
 			if err != nil {
 				return err
 			}
-			return serveTLS(ctx, *listen, h, certs, log)
+			servers := &serverSet{}
+			if err := servers.listenAdmin(*metricsListen, promhttp.HandlerFor(reg, promhttp.HandlerOpts{}), log); err != nil {
+				return err
+			}
+			return serveTLS(ctx, *listen, h, certs, servers, log)
 		},
 	}
 }
 
-// serveTLS serves h on addr until ctx ends, then drains.
-func serveTLS(ctx context.Context, addr string, h http.Handler, certs *webhook.CertReloader, log *zap.Logger) error {
+// serveTLS serves h on addr, and the servers beside it, until ctx ends;
+// then it drains them all.
+func serveTLS(ctx context.Context, addr string, h http.Handler, certs *webhook.CertReloader, servers *serverSet, log *zap.Logger) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
+		servers.close()
 		return fmt.Errorf("--listen %s: %w", addr, err)
 	}
 	srv := newHTTPServer(h, log)
 	srv.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate}
-	log.Info("serving", zap.String("listen", ln.Addr().String()), zap.String("path", webhook.InjectPath))
+	log.Info("serving", zap.String("listen", ln.Addr().String()), zap.String("path", webhook.InjectPath),
+		zap.String("metrics_listen", servers.adminAddr()))
 	done := make(chan error, 1)
 	go func() { done <- srv.ServeTLS(ln, "", "") }()
+	var failed error
 	select {
-	case err := <-done:
-		return err
+	case failed = <-done:
+	case failed = <-servers.start():
 	case <-ctx.Done():
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
 	log.Info("webhook shutting down")
-	return srv.Shutdown(shutdownCtx)
+	err = errors.Join(srv.Shutdown(shutdownCtx), servers.shutdown(shutdownCtx))
+	if failed != nil && !errors.Is(failed, http.ErrServerClosed) {
+		return failed
+	}
+	return err
 }
 
 // shutdownGrace is how long in-flight admission requests may take after
