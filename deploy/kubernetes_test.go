@@ -1,6 +1,7 @@
 package deploy
 
 import (
+	"encoding/json"
 	"net"
 	"path"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	sigsjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 
 	"github.com/imds-proxy/imds-proxy/inject"
@@ -171,11 +173,11 @@ func TestSidecarIsTheInjectedOne(t *testing.T) {
 	if len(spec.InitContainers) == 0 {
 		t.Fatal("no init containers")
 	}
-	want := inject.Container(inject.DefaultOptions())
+	want := apiSidecar(t)
 	if got := spec.InitContainers[0]; !equality.Semantic.DeepEqual(got, want) {
 		t.Errorf("first init container:\n%s\nwant inject.Container(inject.DefaultOptions()):\n%s", toYAML(got), toYAML(want))
 	}
-	if got, want := volume(t, spec, inject.RunVolumeName), inject.RunVolume(); !equality.Semantic.DeepEqual(got, want) {
+	if got, want := volume(t, spec, inject.RunVolumeName), apiRunVolume(t); !equality.Semantic.DeepEqual(got, want) {
 		t.Errorf("volume:\n%s\nwant inject.RunVolume():\n%s", toYAML(got), toYAML(want))
 	}
 	// What the comments promise, checked on the real container too.
@@ -203,7 +205,7 @@ func TestSidecarInit(t *testing.T) {
 		t.Fatalf("%d init containers, want 2 (rules, then the sidecar)", len(spec.InitContainers))
 	}
 	rules, sidecar := spec.InitContainers[0], spec.InitContainers[1]
-	injected := inject.Container(inject.DefaultOptions())
+	injected := apiSidecar(t)
 
 	// The rules container: a one-shot init container.
 	if rules.Name != "imds-proxy-rules" || rules.RestartPolicy != nil {
@@ -264,7 +266,7 @@ func TestSidecarInit(t *testing.T) {
 			t.Errorf("sidecar %s:\n%s\nwant the injected sidecar's:\n%s", name, toYAML(pair[0]), toYAML(pair[1]))
 		}
 	}
-	if !equality.Semantic.DeepEqual(volume(t, spec, inject.RunVolumeName), inject.RunVolume()) {
+	if !equality.Semantic.DeepEqual(volume(t, spec, inject.RunVolumeName), apiRunVolume(t)) {
 		t.Errorf("volume %s is not inject.RunVolume()", inject.RunVolumeName)
 	}
 	checkAppContainers(t, spec, &exemptUID)
@@ -666,3 +668,31 @@ func matches(t *testing.T, s *metav1.LabelSelector, set labels.Set) bool {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// apiSidecar is inject.Container(inject.DefaultOptions()) as the API server
+// reads it: decoded strictly into core/v1.
+func apiSidecar(t *testing.T) corev1.Container {
+	t.Helper()
+	var c corev1.Container
+	decodeAPI(t, inject.Container(inject.DefaultOptions()), &c)
+	return c
+}
+
+// apiRunVolume is inject.RunVolume() decoded strictly into core/v1.
+func apiRunVolume(t *testing.T) corev1.Volume {
+	t.Helper()
+	var v corev1.Volume
+	decodeAPI(t, inject.RunVolume(), &v)
+	return v
+}
+
+func decodeAPI(t *testing.T, v, into any) {
+	t.Helper()
+	data, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strict, err := sigsjson.UnmarshalStrict(data, into); err != nil || len(strict) > 0 {
+		t.Fatalf("%s does not decode strictly into %T: %v %v", data, into, err, strict)
+	}
+}

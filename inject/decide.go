@@ -3,9 +3,6 @@ package inject
 import (
 	"fmt"
 
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
@@ -18,7 +15,7 @@ type skip struct {
 // decide is the one injection decision of the CLI and the webhook. A pod the
 // sidecar would clash with (a volume of its name, a container port of its
 // ports) is skipped: patched, the API server would refuse it.
-func decide(meta metav1.ObjectMeta, spec *corev1.PodSpec, o Options) skip {
+func decide(meta podMeta, spec *podSpec, o Options) skip {
 	if hasSidecar(spec) {
 		return skip{reason: "already has the " + ContainerName + " container", quiet: true}
 	}
@@ -36,13 +33,13 @@ func decide(meta metav1.ObjectMeta, spec *corev1.PodSpec, o Options) skip {
 }
 
 // clashes names what in spec the sidecar would collide with, or "".
-func clashes(spec *corev1.PodSpec, o Options) string {
+func clashes(spec *podSpec, o Options) string {
 	for _, v := range spec.Volumes {
 		if v.Name == RunVolumeName {
 			return "it already has a volume named " + RunVolumeName
 		}
 	}
-	for _, list := range [][]corev1.Container{spec.InitContainers, spec.Containers} {
+	for _, list := range [][]namedContainer{spec.InitContainers, spec.Containers} {
 		for _, c := range list {
 			for _, p := range c.Ports {
 				if int(p.ContainerPort) == o.Port || int(p.ContainerPort) == o.MetricsPort {
@@ -54,8 +51,8 @@ func clashes(spec *corev1.PodSpec, o Options) string {
 	return ""
 }
 
-func hasSidecar(spec *corev1.PodSpec) bool {
-	for _, list := range [][]corev1.Container{spec.InitContainers, spec.Containers} {
+func hasSidecar(spec *podSpec) bool {
+	for _, list := range [][]namedContainer{spec.InitContainers, spec.Containers} {
 		for _, c := range list {
 			if c.Name == ContainerName {
 				return true
@@ -67,7 +64,7 @@ func hasSidecar(spec *corev1.PodSpec) bool {
 
 // forPod applies the pod's V1Key annotation to o. A value that is not a
 // policy leaves o as it is, and the warning says so.
-func (o Options) forPod(meta metav1.ObjectMeta) (Options, string) {
+func (o Options) forPod(meta podMeta) (Options, string) {
 	value, ok := meta.Annotations[V1Key]
 	if !ok {
 		return o, ""

@@ -7,8 +7,6 @@ import (
 	"strings"
 
 	"go.yaml.in/yaml/v3"
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	sigsjson "sigs.k8s.io/json"
 )
 
@@ -110,16 +108,16 @@ func injectObject(obj *yaml.Node, o Options) (bool, string, error) {
 	}
 	name := describe(kind, lookup(obj, "metadata"))
 	template := lookup(obj, path...)
-	podSpec := lookup(template, "spec")
-	if podSpec == nil || podSpec.Kind != yaml.MappingNode {
+	specNode := lookup(template, "spec")
+	if specNode == nil || specNode.Kind != yaml.MappingNode {
 		return false, "", fmt.Errorf("%s: no pod spec at %s", name, strings.Join(append(path, "spec"), "."))
 	}
-	var meta metav1.ObjectMeta
-	var spec corev1.PodSpec
+	var meta podMeta
+	var spec podSpec
 	if err := decodeNode(lookup(template, "metadata"), &meta); err != nil {
 		return false, "", fmt.Errorf("%s: pod metadata: %w", name, err)
 	}
-	if err := decodeNode(podSpec, &spec); err != nil {
+	if err := decodeNode(specNode, &spec); err != nil {
 		return false, "", fmt.Errorf("%s: pod spec: %w", name, err)
 	}
 	if s := decide(meta, &spec, o); s.reason != "" {
@@ -129,7 +127,7 @@ func injectObject(obj *yaml.Node, o Options) (bool, string, error) {
 		return false, name + ": skipped: " + s.reason, nil
 	}
 	podOptions, warning := o.forPod(meta)
-	if err := addSidecar(podSpec, podOptions); err != nil {
+	if err := addSidecar(specNode, podOptions); err != nil {
 		return false, "", err
 	}
 	if warning != "" {
@@ -188,7 +186,8 @@ func encodeDocument(chunk []byte, doc *yaml.Node) ([]byte, error) {
 }
 
 // toNode renders a Kubernetes API value as a block-style YAML node with the
-// API's field order (its Go struct order) and only the fields that are set.
+// API's field order (the Go struct order of the types in k8s.go) and only
+// the fields that are set.
 func toNode(v any) (*yaml.Node, error) {
 	raw, err := json.Marshal(v)
 	if err != nil {

@@ -105,10 +105,11 @@ func checkInjected(t *testing.T, before, after corev1.PodSpec, blockAnnotated bo
 	if blockAnnotated {
 		want.V1 = proxy.V1Block // pod.yaml carries imds-proxy.io/v1: block
 	}
-	if len(after.InitContainers) == 0 || !equality.Semantic.DeepEqual(after.InitContainers[0], Container(want)) {
-		t.Fatalf("first init container is not the sidecar:\n%s", cmp.Diff(Container(want), first(after.InitContainers)))
+	sidecar := asAPI[corev1.Container](t, Container(want))
+	if len(after.InitContainers) == 0 || !equality.Semantic.DeepEqual(after.InitContainers[0], sidecar) {
+		t.Fatalf("first init container is not the sidecar:\n%s", cmp.Diff(sidecar, first(after.InitContainers)))
 	}
-	if last := after.Volumes[len(after.Volumes)-1]; !equality.Semantic.DeepEqual(last, RunVolume()) {
+	if last := after.Volumes[len(after.Volumes)-1]; !equality.Semantic.DeepEqual(last, asAPI[corev1.Volume](t, RunVolume())) {
 		t.Errorf("last volume is %+v, want the sidecar's", last)
 	}
 	after.InitContainers = after.InitContainers[1:]
@@ -250,8 +251,8 @@ func TestKubernetesEmptyFieldsAndLists(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i, spec := range podSpecs(t, out) {
-		if len(spec.InitContainers) != 1 || !equality.Semantic.DeepEqual(spec.InitContainers[0], Container(DefaultOptions())) ||
-			len(spec.Volumes) != 1 || !equality.Semantic.DeepEqual(spec.Volumes[0], RunVolume()) {
+		if len(spec.InitContainers) != 1 || !equality.Semantic.DeepEqual(spec.InitContainers[0], asAPI[corev1.Container](t, Container(DefaultOptions()))) ||
+			len(spec.Volumes) != 1 || !equality.Semantic.DeepEqual(spec.Volumes[0], asAPI[corev1.Volume](t, RunVolume())) {
 			t.Errorf("document %d: init containers %d, volumes %+v; want just the sidecar and its volume", i+1, len(spec.InitContainers), spec.Volumes)
 		}
 	}

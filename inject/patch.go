@@ -2,8 +2,9 @@ package inject
 
 import (
 	"encoding/json"
+	"fmt"
 
-	corev1 "k8s.io/api/core/v1"
+	sigsjson "sigs.k8s.io/json"
 )
 
 // PatchOperation is one RFC 6902 JSON Patch operation.
@@ -13,18 +14,24 @@ type PatchOperation struct {
 	Value any    `json:"value,omitempty"`
 }
 
-// PodPatch is the JSON Patch that adds the sidecar to pod: the same sidecar
-// that the Kubernetes function adds to a manifest. A pod that gets no sidecar (already
-// injected, opted out, hostNetwork) gets a nil patch and the reason, and a
-// pod whose annotations could not be honoured gets a warning.
-func PodPatch(pod *corev1.Pod, o Options) (patch []byte, reason, warning string, err error) {
+// PodPatch is the JSON Patch that adds the sidecar to a pod (its JSON, as
+// an AdmissionReview carries it): the same sidecar that the Kubernetes
+// function adds to a manifest. A pod that gets no sidecar (already
+// injected, opted out, hostNetwork, clashing) gets a nil patch and the
+// reason, and a pod whose annotations could not be honoured gets a warning.
+// A pod that does not decode is an error.
+func PodPatch(podJSON []byte, o Options) (patch []byte, reason, warning string, err error) {
 	if err := o.Validate(); err != nil {
 		return nil, "", "", err
 	}
-	if s := decide(pod.ObjectMeta, &pod.Spec, o); s.reason != "" {
+	var pod pod
+	if err := sigsjson.UnmarshalCaseSensitivePreserveInts(podJSON, &pod); err != nil {
+		return nil, "", "", fmt.Errorf("reading the pod: %w", err)
+	}
+	if s := decide(pod.Metadata, &pod.Spec, o); s.reason != "" {
 		return nil, s.reason, "", nil
 	}
-	o, warning = o.forPod(pod.ObjectMeta)
+	o, warning = o.forPod(pod.Metadata)
 	ops := []PatchOperation{
 		prepend("/spec/initContainers", len(pod.Spec.InitContainers), Container(o)),
 		appendTo("/spec/volumes", len(pod.Spec.Volumes), RunVolume()),

@@ -28,7 +28,7 @@ func TestPodPatchMatchesTheManifestInjection(t *testing.T) {
 			if err := sigsyaml.UnmarshalStrict([]byte(manifest), &pod); err != nil {
 				t.Fatal(err)
 			}
-			patch, reason, _, err := PodPatch(&pod, DefaultOptions())
+			patch, reason, _, err := PodPatch(podJSON(t, &pod), DefaultOptions())
 			if err != nil || patch == nil {
 				t.Fatalf("no patch: %q %v", reason, err)
 			}
@@ -44,7 +44,7 @@ func TestPodPatchMatchesTheManifestInjection(t *testing.T) {
 			if !equality.Semantic.DeepEqual(patched.Spec, want.Spec) {
 				t.Errorf("webhook and inject k8s differ:\n%s", cmp.Diff(want.Spec, patched.Spec))
 			}
-			if again, reason, _, _ := PodPatch(patched, DefaultOptions()); again != nil {
+			if again, reason, _, _ := PodPatch(podJSON(t, patched), DefaultOptions()); again != nil {
 				t.Errorf("a patched pod is patched again (%q)", reason)
 			}
 		})
@@ -78,17 +78,26 @@ func TestPodPatchSkips(t *testing.T) {
 	optOutLabel.Labels = map[string]string{InjectKey: Disabled}
 	host := corev1.Pod{Spec: corev1.PodSpec{HostNetwork: true, Containers: []corev1.Container{{Name: "a"}}}}
 	for name, pod := range map[string]corev1.Pod{"annotation": optOut, "label": optOutLabel, "hostNetwork": host} {
-		if patch, reason, _, err := PodPatch(&pod, DefaultOptions()); patch != nil || reason == "" || err != nil {
+		if patch, reason, _, err := PodPatch(podJSON(t, &pod), DefaultOptions()); patch != nil || reason == "" || err != nil {
 			t.Errorf("%s: patch %s, reason %q, err %v; want no patch and a reason", name, patch, reason, err)
 		}
 	}
 	typo := corev1.Pod{Spec: optOut.Spec}
 	typo.Annotations = map[string]string{V1Key: "blokc"}
-	patch, _, warning, err := PodPatch(&typo, DefaultOptions())
+	patch, _, warning, err := PodPatch(podJSON(t, &typo), DefaultOptions())
 	if err != nil || patch == nil || warning == "" {
 		t.Fatalf("typo annotation: patch %s, warning %q, err %v", patch, warning, err)
 	}
 	if got := applyPatch(t, &typo, patch).Spec.InitContainers[0].Args; got[len(got)-1] != "--v1=allow" {
 		t.Errorf("typo annotation: sidecar args %q, want the default policy", got)
 	}
+}
+
+func podJSON(t *testing.T, pod *corev1.Pod) []byte {
+	t.Helper()
+	data, err := json.Marshal(pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
 }

@@ -10,10 +10,6 @@ import (
 	"net/url"
 	"strconv"
 
-	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/api/resource"
-	"k8s.io/apimachinery/pkg/util/intstr"
-
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
@@ -103,58 +99,34 @@ func (o Options) args(metricsHost string) []string {
 // containers until the redirect exists; it holds only the capabilities
 // iptables needs (NET_RAW for the legacy backend), runs as root for them,
 // and is stopped after the app containers, removing its rules last.
-func Container(o Options) corev1.Container {
-	always := corev1.ContainerRestartPolicyAlways
+func Container(o Options) ContainerSpec {
 	root, no, yes := int64(0), false, true
-	return corev1.Container{
+	return ContainerSpec{
 		Name:          ContainerName,
 		Image:         o.Image,
 		Args:          o.args(""), // probes come from the kubelet, to the pod IP
-		Ports:         []corev1.ContainerPort{{Name: "imds-metrics", ContainerPort: int32(o.MetricsPort), Protocol: corev1.ProtocolTCP}},
-		Resources:     resources(),
-		RestartPolicy: &always,
-		VolumeMounts:  []corev1.VolumeMount{{Name: RunVolumeName, MountPath: "/run"}},
-		StartupProbe:  probe("/readyz", int32(o.MetricsPort), 1, 60),
+		Ports:         []ContainerPort{{Name: "imds-metrics", ContainerPort: int32(o.MetricsPort), Protocol: "TCP"}},
+		Resources:     &Resources{Limits: map[string]string{"memory": "64Mi"}, Requests: map[string]string{"cpu": "10m", "memory": "24Mi"}},
+		RestartPolicy: "Always",
+		VolumeMounts:  []VolumeMount{{Name: RunVolumeName, MountPath: "/run"}},
 		LivenessProbe: probe("/healthz", int32(o.MetricsPort), 10, 3),
-		SecurityContext: &corev1.SecurityContext{
+		StartupProbe:  probe("/readyz", int32(o.MetricsPort), 1, 60),
+		SecurityContext: &SecurityContext{
+			Capabilities:             &Capabilities{Add: []string{"NET_ADMIN", "NET_RAW"}, Drop: []string{"ALL"}},
+			Privileged:               &no,
 			RunAsUser:                &root,
 			RunAsNonRoot:             &no,
-			Privileged:               &no,
-			AllowPrivilegeEscalation: &no,
 			ReadOnlyRootFilesystem:   &yes,
-			Capabilities: &corev1.Capabilities{
-				Add:  []corev1.Capability{"NET_ADMIN", "NET_RAW"},
-				Drop: []corev1.Capability{"ALL"},
-			},
+			AllowPrivilegeEscalation: &no,
 		},
 	}
 }
 
 // RunVolume is the pod volume the sidecar mounts at /run.
-func RunVolume() corev1.Volume {
-	return corev1.Volume{
-		Name:         RunVolumeName,
-		VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory, SizeLimit: resourcePtr("1Mi")}},
-	}
+func RunVolume() VolumeSpec {
+	return VolumeSpec{Name: RunVolumeName, EmptyDir: &EmptyDir{Medium: "Memory", SizeLimit: "1Mi"}}
 }
 
-func resources() corev1.ResourceRequirements {
-	return corev1.ResourceRequirements{
-		Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("10m"), corev1.ResourceMemory: resource.MustParse("24Mi")},
-		Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("64Mi")},
-	}
-}
-
-func probe(path string, port, period, failures int32) *corev1.Probe {
-	return &corev1.Probe{
-		ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromInt32(port)}},
-		PeriodSeconds:    period,
-		TimeoutSeconds:   1,
-		FailureThreshold: failures,
-	}
-}
-
-func resourcePtr(q string) *resource.Quantity {
-	v := resource.MustParse(q)
-	return &v
+func probe(path string, port, period, failures int32) *Probe {
+	return &Probe{HTTPGet: &HTTPGetAction{Path: path, Port: port}, PeriodSeconds: period, TimeoutSeconds: 1, FailureThreshold: failures}
 }

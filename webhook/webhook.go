@@ -16,9 +16,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
-	admissionv1 "k8s.io/api/admission/v1"
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/imds-proxy/imds-proxy/inject"
 )
@@ -84,7 +81,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // readReview reads an AdmissionReview v1 request, or says which status
 // its sender gets and why.
-func readReview(w http.ResponseWriter, r *http.Request) (*admissionv1.AdmissionReview, int, error) {
+func readReview(w http.ResponseWriter, r *http.Request) (*admissionReview, int, error) {
 	if media, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || media != "application/json" {
 		return nil, http.StatusUnsupportedMediaType, fmt.Errorf("content type %q: want application/json", r.Header.Get("Content-Type"))
 	}
@@ -96,56 +93,46 @@ func readReview(w http.ResponseWriter, r *http.Request) (*admissionv1.AdmissionR
 	if err != nil {
 		return nil, http.StatusBadRequest, fmt.Errorf("reading the body: %w", err)
 	}
-	var review admissionv1.AdmissionReview
+	var review admissionReview
 	if err := json.Unmarshal(body, &review); err != nil {
 		return nil, http.StatusBadRequest, fmt.Errorf("malformed AdmissionReview: %w", err)
 	}
-	gvk := review.GroupVersionKind()
-	if gvk != admissionv1.SchemeGroupVersion.WithKind("AdmissionReview") || review.Request == nil {
+	if review.APIVersion != reviewAPIVersion || review.Kind != reviewKind || review.Request == nil {
 		return nil, http.StatusBadRequest, fmt.Errorf("want an admission.k8s.io/v1 AdmissionReview with a request, got %q %q", review.APIVersion, review.Kind)
 	}
 	return &review, 0, nil
 }
 
-var podResource = metav1.GroupVersionResource{Version: "v1", Resource: "pods"}
-
 // admit decides one request, and says how for the metric. Every answer
 // allows the pod.
-func (h *handler) admit(req *admissionv1.AdmissionRequest) (*admissionv1.AdmissionResponse, string) {
-	resp := &admissionv1.AdmissionResponse{UID: req.UID, Allowed: true}
-	if req.Resource != podResource || req.SubResource != "" || req.Operation != admissionv1.Create {
+func (h *handler) admit(req *admissionRequest) (*admissionResponse, string) {
+	resp := &admissionResponse{UID: req.UID, Allowed: true}
+	if req.Resource != podResource || req.SubResource != "" || req.Operation != operationCreate {
 		return resp, resultIgnored
 	}
-	var pod corev1.Pod
-	if err := json.Unmarshal(req.Object.Raw, &pod); err != nil {
-		h.log.Warn("pod admitted without the sidecar: cannot read it", zap.String("namespace", req.Namespace), zap.Error(err))
-		resp.Warnings = []string{"imds-proxy: pod not injected: " + err.Error()}
-		return resp, resultUnreadable
+	var pod struct {
+		Metadata struct{ Name, GenerateName string }
 	}
-	patch, reason, warning, err := inject.PodPatch(&pod, h.options)
+	_ = json.Unmarshal(req.Object, &pod) // for the log line only
+	name := pod.Metadata.Name
+	if name == "" {
+		name = pod.Metadata.GenerateName + "*" // controllers' pods have no name yet at admission
+	}
+	fields := []zap.Field{zap.String("namespace", req.Namespace), zap.String("pod", name)}
+	patch, reason, warning, err := inject.PodPatch(req.Object, h.options)
 	if warning != "" {
 		resp.Warnings = []string{"imds-proxy: " + warning}
 	}
-	fields := []zap.Field{zap.String("namespace", req.Namespace), zap.String("pod", podName(&pod))}
 	switch {
 	case err != nil:
-		h.log.Error("pod admitted without the sidecar", append(fields, zap.Error(err))...)
+		h.log.Warn("pod admitted without the sidecar: cannot read it", append(fields, zap.Error(err))...)
+		resp.Warnings = []string{"imds-proxy: pod not injected: " + err.Error()}
 		return resp, resultUnreadable
 	case patch == nil:
 		h.log.Info("pod admitted without the sidecar", append(fields, zap.String("reason", reason))...)
 		return resp, resultSkipped
 	}
 	h.log.Info("sidecar injected", fields...)
-	patchType := admissionv1.PatchTypeJSONPatch
-	resp.Patch, resp.PatchType = patch, &patchType
+	resp.Patch, resp.PatchType = patch, patchTypeJSON
 	return resp, resultInjected
-}
-
-// podName is the pod's name, or its generateName prefix: pods that
-// controllers create have no name yet at admission.
-func podName(pod *corev1.Pod) string {
-	if pod.Name != "" {
-		return pod.Name
-	}
-	return pod.GenerateName + "*"
 }

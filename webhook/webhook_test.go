@@ -193,7 +193,11 @@ func TestWebhookInjects(t *testing.T) {
 	if err := json.Unmarshal(patchedJSON, &patched); err != nil {
 		t.Fatal(err)
 	}
-	if len(patched.Spec.InitContainers) != 1 || !equality.Semantic.DeepEqual(patched.Spec.InitContainers[0], inject.Container(inject.DefaultOptions())) {
+	var sidecar corev1.Container
+	if raw, _ := json.Marshal(inject.Container(inject.DefaultOptions())); json.Unmarshal(raw, &sidecar) != nil {
+		t.Fatal("the sidecar does not decode into core/v1")
+	}
+	if len(patched.Spec.InitContainers) != 1 || !equality.Semantic.DeepEqual(patched.Spec.InitContainers[0], sidecar) {
 		t.Errorf("patched pod's init containers: %+v", patched.Spec.InitContainers)
 	}
 	if again := admit(t, client, url, review(t, &patched, nil)); again.Patch != nil {
