@@ -19,6 +19,7 @@ import (
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	sigsjson "sigs.k8s.io/json"
@@ -49,6 +50,57 @@ var typedKinds = map[string]func() any{
 	"admissionregistration.k8s.io/v1 MutatingWebhookConfiguration": func() any {
 		return &admissionregistrationv1.MutatingWebhookConfiguration{}
 	},
+	"rbac.authorization.k8s.io/v1 ClusterRole":        func() any { return &rbacv1.ClusterRole{} },
+	"rbac.authorization.k8s.io/v1 ClusterRoleBinding": func() any { return &rbacv1.ClusterRoleBinding{} },
+}
+
+// ciliumKinds are the cilium.io/v2 kinds the manifests may hold. Cilium's
+// Go types are not a dependency; ciliumLocalRedirectPolicy mirrors the
+// fields of its API, so a misspelled or unknown field fails the strict
+// decode.
+var ciliumKinds = map[string]func() any{
+	"CiliumLocalRedirectPolicy": func() any { return &ciliumLocalRedirectPolicy{} },
+}
+
+// ciliumLocalRedirectPolicy is cilium.io/v2 CiliumLocalRedirectPolicy with
+// the field names and JSON tags of Cilium's CiliumLocalRedirectPolicySpec,
+// RedirectFrontend, Frontend, ServiceInfo, RedirectBackend and PortInfo
+// (cilium/cilium pkg/k8s/apis/cilium.io/v2/clrp_types.go), as its CRD
+// schema publishes them (pkg/k8s/apis/cilium.io/client/crds/v2/
+// ciliumlocalredirectpolicies.yaml at commit
+// 183c5888026980a9d1168f585ed4de328cc1448c). Left out on purpose:
+// status (written by Cilium) and redirectBackend.overrideIP, which only
+// the newest Cilium knows (an older one would silently prune it).
+type ciliumLocalRedirectPolicy struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		RedirectFrontend struct {
+			AddressMatcher *struct {
+				IP      string           `json:"ip"`
+				ToPorts []ciliumPortInfo `json:"toPorts"`
+			} `json:"addressMatcher,omitempty"`
+			ServiceMatcher *struct {
+				Name      string           `json:"serviceName"`
+				Namespace string           `json:"namespace"`
+				ToPorts   []ciliumPortInfo `json:"toPorts,omitempty"`
+			} `json:"serviceMatcher,omitempty"`
+		} `json:"redirectFrontend"`
+		RedirectBackend struct {
+			LocalEndpointSelector metav1.LabelSelector `json:"localEndpointSelector"`
+			ToPorts               []ciliumPortInfo     `json:"toPorts"`
+		} `json:"redirectBackend"`
+		SkipRedirectFromBackend *bool  `json:"skipRedirectFromBackend,omitempty"`
+		Description             string `json:"description,omitempty"`
+	} `json:"spec"`
+}
+
+// ciliumPortInfo is Cilium's PortInfo: the port is a string, the protocol
+// TCP or UDP.
+type ciliumPortInfo struct {
+	Port     string `json:"port"`
+	Protocol string `json:"protocol"`
+	Name     string `json:"name,omitempty"`
 }
 
 // certManagerKinds are the cert-manager.io/v1 kinds the manifests may
@@ -199,6 +251,8 @@ func decodeStrictly(raw []byte, meta metav1.TypeMeta) (any, error) {
 	switch {
 	case meta.APIVersion == "cert-manager.io/v1":
 		newValue = certManagerKinds[meta.Kind]
+	case meta.APIVersion == "cilium.io/v2":
+		newValue = ciliumKinds[meta.Kind]
 	default:
 		newValue = typedKinds[meta.APIVersion+" "+meta.Kind]
 	}
@@ -284,6 +338,11 @@ func TestManifestsDecodeStrictly(t *testing.T) {
 			t.Errorf("no manifest of cert-manager.io/v1 %s", kind)
 		}
 	}
+	for kind := range ciliumKinds {
+		if kinds["cilium.io/v2 "+kind] == 0 {
+			t.Errorf("no manifest of cilium.io/v2 %s", kind)
+		}
+	}
 
 	for _, file := range manifestFiles(t) {
 		data, err := os.ReadFile(file)
@@ -318,9 +377,10 @@ func TestManifestsDecodeStrictly(t *testing.T) {
 
 // TestStrictDecodingCatchesMisspelledFields proves that the decoding above
 // is strict: a misspelled field, which the lenient decoder silently drops,
-// fails it, at the top level, deep in a pod template, in a webhook and in
-// a cert-manager resource, and so does a field whose only mistake is its
-// case, which sigs.k8s.io/yaml.UnmarshalStrict alone lets through.
+// fails it, at the top level, deep in a pod template, in a webhook, in RBAC,
+// in a cert-manager resource and in a Cilium policy, and so does a field
+// whose only mistake is its case, which sigs.k8s.io/yaml.UnmarshalStrict
+// alone lets through.
 func TestStrictDecodingCatchesMisspelledFields(t *testing.T) {
 	for _, c := range []struct {
 		file, field, typo string
@@ -331,6 +391,9 @@ func TestStrictDecodingCatchesMisspelledFields(t *testing.T) {
 		{"kubernetes/webhook/cert-manager/certificate.yaml", "dnsNames:", "dnsName:"},
 		{"kubernetes/webhook/cert-manager/certificate.yaml", "isCA:", "isCa:"},
 		{"kubernetes/webhook/cert-manager/issuer.yaml", "secretName:", "secretname:"},
+		{"kubernetes/cilium/localredirectpolicy.yaml", "localEndpointSelector:", "localEndpointSelecter:"},
+		{"kubernetes/cilium/localredirectpolicy.yaml", "addressMatcher:", "addressmatcher:"},
+		{"kubernetes/node-with-metrics/rbac.yaml", "nonResourceURLs:", "nonResourceUrls:"},
 	} {
 		data, err := os.ReadFile(c.file)
 		if err != nil {
@@ -359,6 +422,9 @@ func TestStrictDecodingCatchesMisspelledFields(t *testing.T) {
 		lenient := typedKinds[meta.APIVersion+" "+meta.Kind]
 		if lenient == nil {
 			lenient = certManagerKinds[meta.Kind]
+		}
+		if lenient == nil {
+			lenient = ciliumKinds[meta.Kind]
 		}
 		if err := yaml.Unmarshal(chunks[0], lenient()); err != nil {
 			t.Errorf("%s with %s: the lenient decoder fails too (%v), so this proves nothing", c.file, c.typo, err)
@@ -426,6 +492,13 @@ var (
 	nodeIDs      = append(slices.Clone(namespaceIDs),
 		"ServiceAccount imds-proxy/imds-proxy-node",
 		"DaemonSet imds-proxy/imds-proxy-node")
+	nodeWithMetricsIDs = append(slices.Clone(nodeIDs),
+		"ClusterRole imds-proxy-node-kube-rbac-proxy",
+		"ClusterRoleBinding imds-proxy-node-kube-rbac-proxy",
+		"ClusterRole imds-proxy-metrics-reader",
+		"Service imds-proxy/imds-proxy-node-metrics")
+	ciliumIDs = append(slices.Clone(nodeIDs),
+		"CiliumLocalRedirectPolicy imds-proxy/imds-proxy-node")
 	webhookIDs = append(slices.Clone(namespaceIDs),
 		"ServiceAccount imds-proxy/imds-proxy-webhook",
 		"Deployment imds-proxy/imds-proxy-webhook",
@@ -450,6 +523,8 @@ func TestKustomizeBuilds(t *testing.T) {
 		"sidecar-init":                           {"Deployment default/example-app"},
 		"namespace":                              namespaceIDs,
 		"node":                                   nodeIDs,
+		"node-with-metrics":                      nodeWithMetricsIDs,
+		"cilium":                                 ciliumIDs,
 		"webhook":                                webhookIDs,
 		filepath.Join("webhook", "cert-manager"): certManagerIDs,
 		"webhook-with-cert-manager":              append(slices.Clone(webhookIDs), certManagerIDs...),

@@ -275,7 +275,10 @@ func TestSidecarInit(t *testing.T) {
 // TestNodeDaemonSet: the node agent runs on every node in the host network
 // namespace with only the capabilities iptables needs, redirects from the
 // interfaces of the common CNIs, rolls without surge, shuts down within its
-// grace period, is probed on /readyz and /healthz, and can be scraped.
+// grace period, and is probed on /readyz and /healthz on its admin
+// listener, which is on loopback only: not published as a port, not
+// announced for scraping (../node-with-metrics does that, through
+// kube-rbac-proxy).
 func TestNodeDaemonSet(t *testing.T) {
 	build := kustomizeBuild(t, filepath.Join(kubernetesDir, "node"))
 	var ds appsv1.DaemonSet
@@ -328,14 +331,20 @@ func TestNodeDaemonSet(t *testing.T) {
 		}
 	}
 	apiPort := port(t, mustFlag(t, "node agent", c.Args, "listen"))
-	metricsPort := port(t, mustFlag(t, "node agent", c.Args, "metrics-listen"))
+	metricsListen := mustFlag(t, "node agent", c.Args, "metrics-listen")
+	metricsPort := port(t, metricsListen)
 	if apiPort != 8169 || metricsPort != 9169 {
 		t.Errorf("ports %d and %d, want 8169 and 9169", apiPort, metricsPort)
 	}
-	for _, p := range c.Ports {
-		if p.HostPort != p.ContainerPort {
-			t.Errorf("port %s: hostPort %d != containerPort %d (hostNetwork)", p.Name, p.HostPort, p.ContainerPort)
-		}
+	// The admin listener serves /v1-callers (every IMDSv1 caller's address
+	// and User-Agent): loopback only, never the node's addresses, which
+	// pods and the VPC reach.
+	if host, _, _ := net.SplitHostPort(metricsListen); host != "127.0.0.1" {
+		t.Errorf("--metrics-listen=%s: want 127.0.0.1:%d, out of reach of pods and the VPC", metricsListen, metricsPort)
+	}
+	if len(c.Ports) != 1 || c.Ports[0].Name != "imds" || c.Ports[0].ContainerPort != apiPort || c.Ports[0].HostPort != apiPort ||
+		(c.Ports[0].Protocol != "" && c.Ports[0].Protocol != corev1.ProtocolTCP) {
+		t.Errorf("ports %s: want only imds = %d/TCP (hostPort = containerPort with hostNetwork), nothing for the loopback admin listener", toYAML(c.Ports), apiPort)
 	}
 	if uid, ok := runAsUser(spec, c); !ok || uid != 0 {
 		t.Errorf("runs as %d (set: %v), want root (the image's user is 1337)", uid, ok)
@@ -354,8 +363,12 @@ func TestNodeDaemonSet(t *testing.T) {
 		"readinessProbe": {c.ReadinessProbe, "/readyz"},
 		"livenessProbe":  {c.LivenessProbe, "/healthz"},
 	} {
-		if c.probe == nil || c.probe.HTTPGet == nil || c.probe.HTTPGet.Path != c.path || c.probe.HTTPGet.Port != intstr.FromInt32(metricsPort) {
-			t.Errorf("%s %s: want httpGet %s on %d", name, toYAML(c.probe), c.path, metricsPort)
+		// The kubelet probes from the host network namespace, which this
+		// pod shares: httpGet.host 127.0.0.1 reaches the loopback
+		// listener (without host it would probe the node IP).
+		if c.probe == nil || c.probe.HTTPGet == nil || c.probe.HTTPGet.Path != c.path || c.probe.HTTPGet.Port != intstr.FromInt32(metricsPort) ||
+			c.probe.HTTPGet.Host != "127.0.0.1" || (c.probe.HTTPGet.Scheme != "" && c.probe.HTTPGet.Scheme != corev1.URISchemeHTTP) {
+			t.Errorf("%s %s: want httpGet http://127.0.0.1:%d%s", name, toYAML(c.probe), metricsPort, c.path)
 		}
 	}
 	wantResources := corev1.ResourceRequirements{
@@ -365,14 +378,9 @@ func TestNodeDaemonSet(t *testing.T) {
 	if !equality.Semantic.DeepEqual(c.Resources, wantResources) {
 		t.Errorf("resources %s, want %s", toYAML(c.Resources), toYAML(wantResources))
 	}
-	wantAnnotations := map[string]string{
-		"prometheus.io/scrape": "true",
-		"prometheus.io/port":   strconv.Itoa(int(metricsPort)),
-		"prometheus.io/path":   "/metrics",
-	}
-	for k, v := range wantAnnotations {
-		if got := ds.Spec.Template.Annotations[k]; got != v {
-			t.Errorf("pod annotation %s: %q, want %q", k, got, v)
+	for k := range ds.Spec.Template.Annotations {
+		if strings.HasPrefix(k, "prometheus.io/") {
+			t.Errorf("pod annotation %s: nothing on the pod IP (the node IP) is scrapeable; see ../node-with-metrics", k)
 		}
 	}
 	if !labels.SelectorFromSet(ds.Spec.Selector.MatchLabels).Matches(labels.Set(ds.Spec.Template.Labels)) {
