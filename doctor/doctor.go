@@ -12,7 +12,11 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strings"
+	"syscall"
 	"time"
+
+	"github.com/imds-proxy/imds-proxy/iptables"
 )
 
 // Exit codes, one per diagnosis.
@@ -22,6 +26,7 @@ const (
 	ExitUnreachable   = 3
 	ExitV2Refused     = 4
 	ExitV2Unavailable = 5
+	ExitNodeAgent     = 6
 )
 
 // ProxyHeader is the response header with which imds-proxy names its shape
@@ -38,17 +43,21 @@ type Probe struct {
 
 // Report is everything doctor found, and its verdict.
 type Report struct {
-	Endpoint       string   `json:"endpoint"`
-	Connects       bool     `json:"connects"`
-	Token          Probe    `json:"token"`
-	V2Get          *Probe   `json:"v2_get,omitempty"`
-	V1Get          Probe    `json:"v1_get"`
-	TokensRequired bool     `json:"tokens_required"`
-	Proxy          string   `json:"proxy,omitempty"`
-	Rules          string   `json:"redirect_rules"`
-	Diagnosis      string   `json:"diagnosis"`
-	Fixes          []string `json:"fixes,omitempty"`
-	ExitCode       int      `json:"exit_code"`
+	Endpoint       string `json:"endpoint"`
+	Connects       bool   `json:"connects"`
+	ConnectError   string `json:"connect_error,omitempty"`
+	Token          Probe  `json:"token"`
+	V2Get          *Probe `json:"v2_get,omitempty"`
+	V1Get          Probe  `json:"v1_get"`
+	TokensRequired bool   `json:"tokens_required"`
+	Proxy          string `json:"proxy,omitempty"`
+	Rules          string `json:"redirect_rules"`
+	// Node is the node agent's delivery, when its rules are in this
+	// namespace (doctor run on the node).
+	Node      *iptables.NodeInspection `json:"node_agent,omitempty"`
+	Diagnosis string                   `json:"diagnosis"`
+	Fixes     []string                 `json:"fixes,omitempty"`
+	ExitCode  int                      `json:"exit_code"`
 }
 
 // Config bounds the probes; the sum stays under five seconds.
@@ -60,6 +69,9 @@ type Config struct {
 	// Rules reports whether imds-proxy redirect rules exist here:
 	// "present", "absent", or "unknown" with the reason.
 	Rules func() string
+	// Node inspects a node agent's rules in this namespace: nil without
+	// them, or an error when they cannot be read.
+	Node func() (*iptables.NodeInspection, error)
 }
 
 // Run probes the endpoint and diagnoses what it found.
@@ -67,6 +79,9 @@ func Run(ctx context.Context, cfg Config) Report {
 	r := Report{Endpoint: cfg.Endpoint.String(), Rules: "unknown"}
 	if cfg.Rules != nil {
 		r.Rules = cfg.Rules()
+	}
+	if cfg.Node != nil {
+		r.Node, _ = cfg.Node() // unreadable rules are reported by Rules
 	}
 	client := &http.Client{
 		Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true,
@@ -79,6 +94,7 @@ func Run(ctx context.Context, cfg Config) Report {
 	}
 	conn, err := (&net.Dialer{Timeout: cfg.ConnectTimeout}).DialContext(ctx, "tcp", addr)
 	if err != nil {
+		r.ConnectError = connectError(err)
 		return diagnose(r)
 	}
 	conn.Close()
@@ -92,6 +108,21 @@ func Run(ctx context.Context, cfg Config) Report {
 	r.V1Get = probeGet(ctx, client, cfg, "")
 	r.TokensRequired = r.V1Get.Status == http.StatusUnauthorized
 	return diagnose(r)
+}
+
+// connectError names how a connection failed: "timed out", "refused",
+// "no route" or the error itself.
+func connectError(err error) string {
+	var netErr net.Error
+	switch {
+	case errors.As(err, &netErr) && netErr.Timeout(), errors.Is(err, context.DeadlineExceeded):
+		return "timed out"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return "no route"
+	}
+	return err.Error()
 }
 
 func probeToken(ctx context.Context, client *http.Client, cfg Config) (Probe, string, string) {
@@ -144,11 +175,31 @@ var hopLimitFixes = []string{
 // diagnose turns the probes into one verdict, its fixes and its exit code.
 func diagnose(r Report) Report {
 	switch {
+	case !r.Connects && r.ConnectError == "timed out":
+		r.Diagnosis = "IMDS is unreachable from here: connections to " + r.Endpoint + " time out, so packets " +
+			"are dropped on the way. Not the hop limit, which lets connections open. In a container the usual cause " +
+			"is a redirect that drops them: a node agent's REDIRECT onto a host interface without an IPv4 address " +
+			"(the VPC CNI, Calico and Cilium host veths), or a NetworkPolicy or firewall"
+		r.Fixes = []string{"run imds-proxy doctor on the node: it checks the node agent's rules and interfaces",
+			"check NetworkPolicies and host firewalls for 169.254.169.254:80",
+			"aws ec2 modify-instance-metadata-options --instance-id <instance-id> --http-endpoint enabled"}
+		r.ExitCode = ExitUnreachable
+	case !r.Connects && r.ConnectError == "refused":
+		r.Diagnosis = "IMDS is unreachable from here: connections to " + r.Endpoint + " are refused. " +
+			"A redirect sends them to a proxy port where nothing listens (an imds-proxy that stopped with " +
+			"--keep-rules-on-exit), or the endpoint is wrong"
+		r.Fixes = []string{"start the imds-proxy these rules belong to, or remove them: imds-proxy rules remove"}
+		r.ExitCode = ExitUnreachable
 	case !r.Connects:
 		r.Diagnosis = "IMDS is unreachable from here: nothing accepts connections at " + r.Endpoint +
-			" (no route, a firewall, or the instance's metadata endpoint is disabled: HttpEndpoint=disabled)"
+			" (" + r.ConnectError + ": no route, a firewall, or the instance's metadata endpoint is disabled: HttpEndpoint=disabled)"
 		r.Fixes = []string{"aws ec2 modify-instance-metadata-options --instance-id <instance-id> --http-endpoint enabled"}
 		r.ExitCode = ExitUnreachable
+	case r.Node != nil && len(r.Node.Problems) > 0:
+		r.Diagnosis = "the node agent's redirect does not deliver containers' IMDS traffic: " + strings.Join(r.Node.Problems, "; ")
+		r.Fixes = []string{"run the node agent of this version (it sends to a node address, not REDIRECT), with " +
+			"--interfaces matching this node's container interfaces and --node-address an address of this node"}
+		r.ExitCode = ExitNodeAgent
 	case r.Token.TimedOut || (r.Token.Error != "" && r.V1Get.Status != 0):
 		r.Diagnosis = "hop-limit symptom: the connection opens but the IMDSv2 token response never arrives. " +
 			"IMDS sends it with IP TTL = the hop limit, and this namespace is more hops away. AWS SDKs here " +

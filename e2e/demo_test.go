@@ -16,27 +16,39 @@ type demoRow struct {
 	name           string
 	hopLimit       int
 	tokensRequired bool
+	// wiring connects the task to the node; zero: testutil.RoutedVeth.
+	wiring testutil.Wiring
 	// start sets the shape up and returns the namespace the client runs in.
 	start func(t *testing.T, e *testutil.EC2) *testutil.Netns
 	// slow: the row shows the problem, not the fix.
 	slow bool
 }
 
+func onNode(_ *testing.T, e *testutil.EC2) *testutil.Netns { return e.Node }
+
+func inTask(_ *testing.T, e *testutil.EC2) *testutil.Netns { return e.Task }
+
+func viaNodeAgent(t *testing.T, e *testutil.EC2) *testutil.Netns {
+	startNodeAgent(t, e)
+	return e.Task
+}
+
 var demoRows = []demoRow{
-	{"on the node, no proxy", 1, true, func(_ *testing.T, e *testutil.EC2) *testutil.Netns { return e.Node }, false},
-	{"task, no proxy, IMDSv1 allowed", 1, false, func(_ *testing.T, e *testutil.EC2) *testutil.Netns { return e.Task }, true},
-	{"task, no proxy, tokens required", 1, true, func(_ *testing.T, e *testutil.EC2) *testutil.Netns { return e.Task }, true},
-	{"task via node agent", 1, true, func(t *testing.T, e *testutil.EC2) *testutil.Netns {
-		startNodeAgent(t, e)
-		return e.Task
-	}, false},
-	{"task via sidecar (hop limit 2)", 2, true, func(t *testing.T, e *testutil.EC2) *testutil.Netns {
+	{"on the node, no proxy", 1, true, testutil.RoutedVeth, onNode, false},
+	{"task, no proxy, IMDSv1 allowed", 1, false, testutil.RoutedVeth, inTask, true},
+	{"task, no proxy, tokens required", 1, true, testutil.RoutedVeth, inTask, true},
+	{"task via node agent", 1, true, testutil.RoutedVeth, viaNodeAgent, false},
+	{"Docker bridge via node agent", 1, true, testutil.DockerBridge, viaNodeAgent, false},
+	{"VPC CNI pod via node agent", 1, true, testutil.VPCCNI, viaNodeAgent, false},
+	{"Calico pod via node agent", 1, true, testutil.Calico, viaNodeAgent, false},
+	{"Cilium pod via node agent", 1, true, testutil.Cilium, viaNodeAgent, false},
+	{"task via sidecar (hop limit 2)", 2, true, testutil.RoutedVeth, func(t *testing.T, e *testutil.EC2) *testutil.Netns {
 		startSidecar(t, e, "--upstream", "http://169.254.169.254")
 		return e.Task
 	}, false},
-	{"task via sidecar -> node agent", 1, true, func(t *testing.T, e *testutil.EC2) *testutil.Netns {
+	{"task via sidecar -> node agent", 1, true, testutil.RoutedVeth, func(t *testing.T, e *testutil.EC2) *testutil.Netns {
 		startNodeAgent(t, e)
-		startSidecar(t, e, "--upstream", "http://10.200.1.1:8169")
+		startSidecar(t, e, "--upstream", "http://"+testutil.NodeAddr+":8169")
 		return e.Task
 	}, false},
 }
@@ -55,7 +67,7 @@ func TestDemoTable(t *testing.T) {
 	fmt.Printf("%-36s %14s %16s %12s %9s\n", "setup", "credentials", "metadata call", "vs node", "v1 @IMDS")
 	var onNode time.Duration
 	for _, row := range demoRows {
-		e := testutil.NewEC2(t, row.hopLimit, row.tokensRequired)
+		e := testutil.NewEC2On(t, row.wiring, row.hopLimit, row.tokensRequired)
 		ns := row.start(t, e)
 		cred, call, err := medianSDK(t, ns, runs)
 		if err != nil {

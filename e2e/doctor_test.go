@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -85,6 +86,31 @@ func TestDoctorDiagnoses(t *testing.T) {
 		r, code := runDoctor(t, e.Task)
 		if code != doctor.ExitHealthy || r.Proxy != "sidecar" || r.Rules != "present" {
 			t.Errorf("exit %d, report %+v; want healthy through the sidecar with its rules present", code, r)
+		}
+	})
+	t.Run("VPC CNI pod behind an address-less REDIRECT", func(t *testing.T) {
+		// The rule an imds-proxy before DNAT delivery installed, in its chain.
+		e := testutil.NewEC2On(t, testutil.VPCCNI, 1, true)
+		e.Node.Run(t, "iptables-nft", "-t", "nat", "-N", "IMDS_PROXY_PREROUTING")
+		e.Node.Run(t, "iptables-nft", "-t", "nat", "-A", "IMDS_PROXY_PREROUTING", "-i", "eni+", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "8169")
+		e.Node.Run(t, "iptables-nft", "-t", "nat", "-A", "PREROUTING", "-d", "169.254.169.254/32", "-p", "tcp", "--dport", "80", "-j", "IMDS_PROXY_PREROUTING")
+		r, code := runDoctor(t, e.Task)
+		if code != doctor.ExitUnreachable || r.ConnectError != "timed out" || strings.Contains(r.Diagnosis, "hop-limit") ||
+			!strings.Contains(r.Diagnosis, "REDIRECT onto a host interface without an IPv4 address") {
+			t.Errorf("in the pod: exit %d, report %+v; want unreachable, timed out, naming the redirect", code, r)
+		}
+		r, code = runDoctor(t, e.Node)
+		if code != doctor.ExitNodeAgent || !strings.Contains(r.Diagnosis, "REDIRECT drops IMDS traffic arriving on eni3f2a9c1d8e7") {
+			t.Errorf("on the node: exit %d, report %+v; want the node agent's REDIRECT on eni3f2a9c1d8e7 named", code, r)
+		}
+	})
+	t.Run("node agent whose interfaces match nothing", func(t *testing.T) {
+		e := testutil.NewEC2On(t, testutil.VPCCNI, 1, true)
+		startProxyIn(t, e.Node, "node", "--interfaces", "cali+", "--upstream", "http://169.254.169.254")
+		r, code := runDoctor(t, e.Node)
+		if code != doctor.ExitNodeAgent || r.Node == nil || !slices.Contains(r.Node.Unmatched, "eni3f2a9c1d8e7") ||
+			!strings.Contains(r.Diagnosis, "no --interfaces pattern (cali+) matches") {
+			t.Errorf("on the node: exit %d, report %+v; want the unmatched eni interface named", code, r)
 		}
 	})
 }

@@ -89,7 +89,7 @@ func botocore(t *testing.T, ns *testutil.Netns) (accessKey string, seconds float
 // startNodeAgent runs `imds-proxy node` in the node namespace.
 func startNodeAgent(t *testing.T, e *testutil.EC2, args ...string) *testutil.Process {
 	t.Helper()
-	return startProxyIn(t, e.Node, append([]string{"node", "--listen", ":8169", "--interfaces", "cveth+",
+	return startProxyIn(t, e.Node, append([]string{"node", "--listen", ":8169", "--interfaces", e.Wiring.Interfaces,
 		"--upstream", "http://169.254.169.254"}, args...)...)
 }
 
@@ -100,11 +100,15 @@ func startSidecar(t *testing.T, e *testutil.EC2, args ...string) *testutil.Proce
 }
 
 // startProxyIn runs an imds-proxy serving command in ns, with its admin
-// endpoints on 127.0.0.1:9169 there, and waits until it is ready.
+// endpoints on 127.0.0.1:9169 there (a node agent's default), and waits
+// until it is ready.
 func startProxyIn(t *testing.T, ns *testutil.Netns, args ...string) *testutil.Process {
 	t.Helper()
 	argv := append([]string{"netns", "exec", ns.Name, bins.Proxy}, args...)
-	argv = append(argv, "--metrics-listen", "127.0.0.1:9169", "--iptables-backend", "nft")
+	if args[0] == "sidecar" {
+		argv = append(argv, "--metrics-listen", "127.0.0.1:9169")
+	}
+	argv = append(argv, "--iptables-backend", "nft")
 	cmd := exec.Command("ip", argv...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
 	p := testutil.StartProcess(t, cmd)

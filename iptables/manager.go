@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -39,12 +41,18 @@ func MarkControl(mark uint32) func(network, address string, c syscall.RawConn) e
 // periodically and restores what someone else deleted, and removes on
 // request.
 type Manager struct {
-	mode     Mode
+	cfg      Config
 	mu       sync.Mutex // one change to the rules at a time
 	tables   []*Table
 	rulesets []Ruleset
 	log      *zap.Logger
 	ready    atomic.Bool
+	// unmatched (node) are the --interfaces patterns that matched no
+	// interface when last checked, so that each change is logged once.
+	unmatched []string
+	// undelivered (node) is why redirected traffic would not reach the
+	// listener at the last check, "" when it would.
+	undelivered string
 }
 
 // NewManager opens the iptables binaries for the given families. IPv6 is
@@ -53,7 +61,7 @@ func NewManager(cfg Config, backend Backend, families []Family, log *zap.Logger)
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid iptables configuration: %w", err)
 	}
-	m := &Manager{mode: cfg.Mode, log: log}
+	m := &Manager{cfg: cfg, log: log}
 	for _, family := range families {
 		table, err := Open(family, backend)
 		if err == nil && family == IPv6 {
@@ -107,13 +115,34 @@ func (m *Manager) Install() error {
 		m.log.Info("iptables rules installed", zap.String("family", string(table.family)),
 			zap.String("backend", string(table.backend)), zap.Int("rules", len(m.rulesets[i].Rules)+len(m.rulesets[i].Jumps)))
 	}
-	if n, err := FlushBypassingConnections(m.mode); err != nil {
+	if n, err := FlushBypassingConnections(m.cfg.Mode); err != nil {
 		m.log.Warn("could not reset IMDS connections opened before the rules; they bypass the proxy until they close", zap.Error(err))
 	} else if n > 0 {
 		m.log.Info("reset IMDS connections opened before the rules", zap.Int("connections", n))
 	}
 	m.ready.Store(true)
+	m.checkInterfaces()
 	return nil
+}
+
+// checkDelivery logs, each time the answer changes, whether traffic the
+// node rules send would reach the listener (what /readyz also reports).
+func (m *Manager) checkDelivery() {
+	if m.cfg.Mode != ModeNode {
+		return
+	}
+	reason := ""
+	if err := m.Ready(); err != nil {
+		reason = err.Error()
+	}
+	switch {
+	case reason == m.undelivered:
+	case reason != "":
+		m.log.Error("redirected IMDS traffic would not reach the proxy; not ready", zap.String("reason", reason))
+	default:
+		m.log.Info("redirected IMDS traffic reaches the proxy again", zap.String("node_address", m.cfg.NodeAddress.String()))
+	}
+	m.undelivered = reason
 }
 
 // Remove deletes every family's ruleset.
@@ -132,17 +161,62 @@ func (m *Manager) remove() error {
 	return errors.Join(errs...)
 }
 
-// Ready reports an error until the rules are installed.
+// Ready reports an error until the rules are installed and, in node mode,
+// while the traffic they send would not reach the listener.
 func (m *Manager) Ready() error {
 	if !m.ready.Load() {
 		return errors.New("iptables redirect rules not installed")
 	}
+	if m.cfg.Mode == ModeNode {
+		return CheckDelivery(netip.AddrPortFrom(m.cfg.NodeAddress, uint16(m.cfg.ProxyPort)))
+	}
 	return nil
 }
 
+// checkInterfaces logs, each time the answer changes, which --interfaces
+// patterns match no interface of this node: a pattern that matches nothing
+// (a CNI's other naming) leaves its containers without the proxy.
+func (m *Manager) checkInterfaces() {
+	if m.cfg.Mode != ModeNode {
+		return
+	}
+	matches, err := MatchInterfaces(m.cfg.Interfaces)
+	if err != nil {
+		m.log.Warn("cannot check which interfaces --interfaces matches", zap.Error(err))
+		return
+	}
+	var unmatched []string
+	matched := 0
+	for _, pattern := range m.cfg.Interfaces {
+		if len(matches[pattern]) == 0 {
+			unmatched = append(unmatched, pattern)
+		}
+		matched += len(matches[pattern])
+	}
+	if slices.Equal(unmatched, m.unmatched) && m.unmatched != nil {
+		return
+	}
+	m.unmatched = append([]string{}, unmatched...)
+	switch {
+	case matched == 0:
+		m.log.Warn("no interface matches --interfaces yet: no container on this node reaches the proxy until one does "+
+			"(check the pattern for this node's CNI: imds-proxy doctor on the node lists the interfaces)",
+			zap.Strings("interfaces", m.cfg.Interfaces))
+	case len(unmatched) > 0:
+		m.log.Info("some --interfaces patterns match no interface on this node", zap.Strings("unmatched", unmatched),
+			zap.Int("matched_interfaces", matched))
+	default:
+		m.log.Info("every --interfaces pattern matches an interface", zap.Int("matched_interfaces", matched))
+	}
+}
+
 // Reconcile re-checks the rules every interval until ctx ends, and restores
-// any that are missing.
+// any that are missing; in node mode it also logs when redirected traffic
+// stops or starts reaching the listener, first at once.
 func (m *Manager) Reconcile(ctx context.Context, interval time.Duration) {
+	m.mu.Lock()
+	m.checkDelivery()
+	m.mu.Unlock()
 	ticker := time.NewTicker(interval)
 	defer ticker.Stop()
 	for {
@@ -158,6 +232,8 @@ func (m *Manager) Reconcile(ctx context.Context, interval time.Duration) {
 func (m *Manager) reconcileOnce() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.checkInterfaces()
+	m.checkDelivery()
 	for i, table := range m.tables {
 		missing, err := table.Missing(m.rulesets[i])
 		if err != nil {

@@ -8,6 +8,7 @@ package iptables
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -64,6 +65,11 @@ type Config struct {
 	// Interfaces (node) are the container-facing interfaces, iptables
 	// wildcards allowed (cni+, eni+, veth+).
 	Interfaces []string
+	// NodeAddress (node) is the IPv4 address IMDS traffic from containers
+	// is sent to (DNAT): an address of the node's own, so the traffic is
+	// delivered locally whatever interface it arrived on
+	// (ResolveNodeAddress finds one).
+	NodeAddress netip.Addr
 }
 
 // Validate says what is wrong with the configuration.
@@ -87,6 +93,9 @@ func (c Config) Validate() error {
 			if !validInterface(name) {
 				return fmt.Errorf("interface %q is not a valid interface name or wildcard", name)
 			}
+		}
+		if !c.NodeAddress.Is4() || c.NodeAddress.IsLoopback() || c.NodeAddress.IsUnspecified() {
+			return fmt.Errorf("node mode needs an IPv4 address of the node, not loopback, to send IMDS traffic to (--node-address); got %q", c.NodeAddress)
 		}
 	default:
 		return fmt.Errorf("unknown mode %q: want sidecar or node", c.Mode)
@@ -158,9 +167,17 @@ func buildNode(cfg Config, family Family, imds string) Ruleset {
 			"-d", imds, "-p", "tcp", "-m", "tcp", "--dport", "80", "-j", ChainPrerouting),
 		rule("filter", "INPUT", "guard the node listener",
 			"-p", "tcp", "-m", "tcp", "--dport", port, "-j", ChainInput))
+	// DNAT to an address of the node, not REDIRECT: REDIRECT sends to the
+	// incoming interface's first address and drops the packet when there
+	// is none, as on the host veths of the VPC CNI, Calico and Cilium.
+	// IPv6 keeps REDIRECT: every IPv6 interface has a link-local address.
+	target := []string{"-j", "DNAT", "--to-destination", netip.AddrPortFrom(cfg.NodeAddress, uint16(cfg.ProxyPort)).String()}
+	if family == IPv6 {
+		target = []string{"-j", "REDIRECT", "--to-ports", port}
+	}
 	for _, iface := range cfg.Interfaces {
-		rs.Rules = append(rs.Rules, rule("nat", ChainPrerouting, "redirect IMDS from containers on "+iface,
-			"-i", iface, "-p", "tcp", "-j", "REDIRECT", "--to-ports", port))
+		rs.Rules = append(rs.Rules, rule("nat", ChainPrerouting, "send IMDS from containers on "+iface+" to the node listener",
+			append([]string{"-i", iface, "-p", "tcp"}, target...)...))
 	}
 	rs.Rules = append(rs.Rules, rule("filter", ChainInput, "the node itself may reach the listener",
 		"-i", "lo", "-j", "RETURN"))

@@ -2,6 +2,7 @@ package iptables
 
 import (
 	"flag"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,7 +16,8 @@ func sidecarConfig() Config {
 }
 
 func nodeConfig() Config {
-	return Config{Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"docker0", "br-+", "cni+", "eni+", "veth+"}}
+	return Config{Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"docker0", "br-+", "cni+", "eni+", "cali+", "lxc+", "veth+"},
+		NodeAddress: netip.MustParseAddr("10.0.1.10")}
 }
 
 // TestRenderGolden pins the exact rules of every mode and family.
@@ -78,6 +80,8 @@ func TestValidate(t *testing.T) {
 		"bad interface":      {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eth0 -j ACCEPT"}},
 		"long interface":     {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"averyveryverylongname"}},
 		"unknown mode":       {Mode: "host", ProxyPort: 8169},
+		"node no address":    {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eni+"}},
+		"node loopback":      {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eni+"}, NodeAddress: netip.MustParseAddr("127.0.0.1")},
 	}
 	for name, cfg := range bad {
 		if err := cfg.Validate(); err == nil {

@@ -81,7 +81,7 @@ func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
 					return fmt.Errorf("unexpected arguments %q", args)
 				}
 				f.mode = iptables.Mode(mode)
-				cfg, err := f.config(port)
+				cfg, err := f.config(port, "", "")
 				if err != nil {
 					return err
 				}

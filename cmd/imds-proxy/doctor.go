@@ -37,6 +37,7 @@ func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 			"  3  IMDS unreachable (no route, firewall, or HttpEndpoint=disabled)\n" +
 			"  4  IMDS refuses IMDSv2 token requests\n" +
 			"  5  IMDSv2 fails otherwise\n" +
+			"  6  run on a node: the node agent's rules would not deliver containers' traffic\n" +
 			"  1  bad usage" + envHelp,
 		FlagSet: fs,
 		Options: parseOptions(),
@@ -51,7 +52,7 @@ func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 			ctx, cancel := context.WithTimeout(ctx, 4500*time.Millisecond)
 			defer cancel()
 			report := doctor.Run(ctx, doctor.Config{Endpoint: u, ConnectTimeout: time.Second,
-				TokenTimeout: 1500 * time.Millisecond, GetTimeout: time.Second, Rules: rulesHere})
+				TokenTimeout: 1500 * time.Millisecond, GetTimeout: time.Second, Rules: rulesHere, Node: iptables.InspectNode})
 			if err := printReport(stdout, report, *asJSON); err != nil {
 				return err
 			}
@@ -91,7 +92,15 @@ func printReport(w io.Writer, r doctor.Report, asJSON bool) error {
 		fmt.Fprintf(&b, "tokens required:    %t\n", r.TokensRequired)
 		fmt.Fprintf(&b, "imds-proxy:         %s\n", orNone(r.Proxy))
 	}
-	fmt.Fprintf(&b, "redirect rules:     %s\n\n%s\n", r.Rules, r.Diagnosis)
+	fmt.Fprintf(&b, "redirect rules:     %s\n", r.Rules)
+	if r.Node != nil {
+		for _, rule := range r.Node.Rules {
+			fmt.Fprintf(&b, "  node rule:        -i %s -j %s %s -> matches %s\n", rule.Interface, rule.Target, rule.Destination,
+				orNothing(r.Node.Matches[rule.Interface]))
+		}
+		fmt.Fprintf(&b, "  not matched:      %s\n", orNothing(r.Node.Unmatched))
+	}
+	fmt.Fprintf(&b, "\n%s\n", r.Diagnosis)
 	for _, fix := range r.Fixes {
 		fmt.Fprintf(&b, "  fix: %s\n", fix)
 	}
@@ -114,4 +123,11 @@ func orNone(s string) string {
 		return "not detected"
 	}
 	return s
+}
+
+func orNothing(names []string) string {
+	if len(names) == 0 {
+		return "nothing"
+	}
+	return strings.Join(names, ",")
 }

@@ -4,6 +4,7 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -14,8 +15,9 @@ import (
 )
 
 // defaultInterfaces are the container-facing interfaces of common setups:
-// Docker's default and user-defined bridges, CNI bridges, the VPC CNI's ENIs and veth pairs.
-const defaultInterfaces = "docker0,br-+,cni+,eni+,veth+"
+// Docker's default and user-defined bridges, CNI bridges, the host veths of
+// the VPC CNI, Calico and Cilium, and other veth pairs.
+const defaultInterfaces = "docker0,br-+,cni+,eni+,cali+,lxc+,veth+"
 
 // nodeConnectionsPerClient is a node agent's default share of its
 // connections for one container: a quarter.
@@ -24,12 +26,13 @@ const nodeConnectionsPerClient = 1024
 // ruleFlags describe the iptables redirect; `rules` and the serving
 // subcommands share them.
 type ruleFlags struct {
-	mode       iptables.Mode
-	exemptMark uint
-	exemptUID  int
-	interfaces string
-	backend    string
-	ipv6       bool
+	mode        iptables.Mode
+	exemptMark  uint
+	exemptUID   int
+	interfaces  string
+	nodeAddress string
+	backend     string
+	ipv6        bool
 }
 
 // register adds the flags of f.mode, or of both modes when f.mode is not
@@ -37,6 +40,7 @@ type ruleFlags struct {
 func (f *ruleFlags) register(fs *flag.FlagSet) {
 	if f.mode != iptables.ModeSidecar {
 		fs.StringVar(&f.interfaces, "interfaces", defaultInterfaces, "node mode: container-facing interfaces whose IMDS traffic is redirected (comma-separated, iptables wildcards with +); the listener is reachable only from these and lo")
+		fs.StringVar(&f.nodeAddress, "node-address", iptables.NodeAddressAuto, "node mode: IPv4 address of this node that IMDS traffic from containers is sent to (DNAT); auto: the --listen address if it names one, else the node's source address towards --upstream (on EC2 the primary ENI address)")
 	}
 	if f.mode != iptables.ModeNode {
 		fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "sidecar mode: socket mark on the proxy's upstream connections, exempting them from the redirect (4457 = 0x1169; needs NET_ADMIN; 0 disables)")
@@ -46,8 +50,9 @@ func (f *ruleFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.ipv6, "ipv6", true, "also redirect IMDS over IPv6 (fd00:ec2::254) where ip6tables works")
 }
 
-// config is the ruleset configuration for a proxy on port.
-func (f *ruleFlags) config(port int) (iptables.Config, error) {
+// config is the ruleset configuration for a proxy on port, listening on
+// listenHost ("" for every address) and forwarding to upstreamHost.
+func (f *ruleFlags) config(port int, listenHost, upstreamHost string) (iptables.Config, error) {
 	cfg := iptables.Config{Mode: f.mode, ProxyPort: port, ExemptMark: uint32(f.exemptMark), ExemptUID: f.exemptUID}
 	if f.mode == iptables.ModeNode {
 		cfg.ExemptUID = -1
@@ -56,6 +61,14 @@ func (f *ruleFlags) config(port int) (iptables.Config, error) {
 				cfg.Interfaces = append(cfg.Interfaces, name)
 			}
 		}
+		addr, err := iptables.ResolveNodeAddress(f.nodeAddress, listenHost, upstreamHost)
+		if err != nil {
+			return cfg, err
+		}
+		if ip, err := netip.ParseAddr(listenHost); err == nil && !ip.IsUnspecified() && ip != addr {
+			return cfg, fmt.Errorf("--node-address %s: the redirect would send IMDS traffic there, but --listen %s does not listen on it", addr, listenHost)
+		}
+		cfg.NodeAddress = addr
 	}
 	return cfg, cfg.Validate()
 }
@@ -139,7 +152,7 @@ func (d *defaultedList) Set(value string) error {
 
 func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.listen, "listen", defaultListen, "address the IMDS API is served on (the redirect target)")
-	fs.StringVar(&f.metricsListen, "metrics-listen", ":9169", "address of /metrics, /healthz and /readyz; empty disables it")
+	fs.StringVar(&f.metricsListen, "metrics-listen", defaultMetricsListen(f.mode), "address of /metrics, /healthz, /readyz and /v1-callers; empty disables it (a node agent's default keeps them off the VPC and the pods)")
 	fs.StringVar(&f.upstream, "upstream", "http://169.254.169.254", "IMDS, or a node agent, that requests are forwarded to (http://host[:port])")
 	fs.StringVar(&f.v1, "v1", string(proxy.V1Allow), "IMDSv1 (tokenless) requests: allow (serve, log, count), warn (serve, and log that block would refuse them) or block (answer 401 as IMDS does when tokens are required); imds_proxy_v1_would_block_total counts what block would refuse")
 	fs.Var(&f.allowPaths, "allow-path", "only forward paths under these prefixes (comma-separated or repeated; others get 403)")
@@ -233,9 +246,20 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 	return cfg, cfg.Validate()
 }
 
+// defaultMetricsListen is loopback for a node agent, whose admin listener
+// would otherwise be open to the VPC and to every pod (/v1-callers lists
+// every pod's addresses); a sidecar's is on the pod IP for the kubelet's
+// probes.
+func defaultMetricsListen(mode iptables.Mode) string {
+	if mode == iptables.ModeNode {
+		return "127.0.0.1:9169"
+	}
+	return ":9169"
+}
+
 // rulesConfig is the ruleset for a proxy listening on --listen.
 func (f *serveFlags) rulesConfig() (iptables.Config, error) {
-	_, portText, err := net.SplitHostPort(f.listen)
+	listenHost, portText, err := net.SplitHostPort(f.listen)
 	if err != nil {
 		return iptables.Config{}, fmt.Errorf("--listen %q: %w", f.listen, err)
 	}
@@ -243,7 +267,11 @@ func (f *serveFlags) rulesConfig() (iptables.Config, error) {
 	if err != nil || port == 0 {
 		return iptables.Config{}, fmt.Errorf("--listen %q: the redirect needs a fixed port", f.listen)
 	}
-	return f.config(port)
+	upstream, err := url.Parse(f.upstream)
+	if err != nil {
+		return iptables.Config{}, fmt.Errorf("--upstream: %w", err)
+	}
+	return f.config(port, listenHost, upstream.Hostname())
 }
 
 // validate reports bad flag values before anything needs privileges.

@@ -101,6 +101,15 @@ func TestHelpExplainsEveryFlag(t *testing.T) {
 			t.Errorf("sidecar --help does not mention %s", want)
 		}
 	}
+	out, err = exec.Command(binary, "node", "--help").CombinedOutput()
+	if err != nil {
+		t.Fatalf("node --help: %v\n%s", err, out)
+	}
+	for _, want := range []string{"-interfaces", "-node-address", "cali+,lxc+", "127.0.0.1:9169"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("node --help does not mention %s", want)
+		}
+	}
 	out, err = exec.Command(binary, "--help").CombinedOutput()
 	if err != nil {
 		t.Fatalf("--help: %v\n%s", err, out)
@@ -134,6 +143,10 @@ func TestBadInputGetsAClearError(t *testing.T) {
 		"exempt UID not ours":                 {[]string{"--exempt-mark", "0", "--exempt-uid", "4321"}, nil, "redirected back to itself"},
 		"exempt UID 0":                        {[]string{"--rules=true", "--exempt-uid", "0"}, nil, "UID 0"},
 		"node on every address without rules": {[]string{"--listen", ":0"}, nil, "without --rules"},
+		"node address on loopback":            {[]string{"--rules=true", "--node-address", "127.0.0.1"}, nil, "route_localnet"},
+		"node address not IPv4":               {[]string{"--rules=true", "--node-address", "fd00::1"}, nil, "want an IPv4 address"},
+		"node address auto over loopback":     {[]string{"--rules=true"}, nil, "over loopback"},
+		"node address not listened on":        {[]string{"--rules=true", "--listen", "10.1.1.1:8169", "--node-address", "10.2.2.2"}, nil, "does not listen on it"},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {

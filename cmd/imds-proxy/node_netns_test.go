@@ -54,7 +54,8 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 	}
 	before := top.save(t)
 
-	proxy := startIn(t, top.node, nil, "node", "--listen", ":8169", "--metrics-listen", "127.0.0.1:9169",
+	// The admin listener's default: a node agent must keep it off the VPC and the pods.
+	proxy := startIn(t, top.node, nil, "node", "--listen", ":8169",
 		"--interfaces", "cveth+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft")
 	top.node.WaitReady(t, "127.0.0.1:9169")
 
@@ -69,6 +70,13 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 	}
 	if err := dialFrom(t, top.task, "10.200.1.1:8169"); err != nil {
 		t.Errorf("a container cannot reach the node listener directly: %v", err)
+	}
+	for _, from := range []*testutil.Netns{top.task, top.outside} {
+		for _, addr := range []string{"10.200.1.1:9169", "10.200.2.1:9169", "169.254.0.1:9169", "[fd00:200:2::1]:9169"} {
+			if err := dialFrom(t, from, addr); err == nil {
+				t.Errorf("the node agent's admin listener (/v1-callers, /metrics) is reachable from %s at %s", from, addr)
+			}
+		}
 	}
 
 	proxy.Terminate(t)
@@ -94,6 +102,9 @@ func dialFrom(t *testing.T, ns *testutil.Netns, addr string) (err error) {
 func TestRulesShowMatchesGolden(t *testing.T) {
 	for _, mode := range []string{"sidecar", "node"} {
 		cmd := exec.Command(binary, "rules", "show", "--mode", mode)
+		if mode == "node" {
+			cmd.Args = append(cmd.Args, "--node-address", "10.0.1.10")
+		}
 		cmd.Env = []string{"PATH=/nonexistent"}
 		out, err := cmd.CombinedOutput()
 		if err != nil {
@@ -111,4 +122,33 @@ func TestRulesShowMatchesGolden(t *testing.T) {
 			t.Errorf("rules show --mode %s:\n%s\nwant:\n%s", mode, out, want.String())
 		}
 	}
+}
+
+// TestNodeReadyOnlyWhileDelivering: the node agent's /readyz passes only
+// while traffic its rules send would reach it, and it logs interface
+// patterns that match nothing.
+func TestNodeReadyOnlyWhileDelivering(t *testing.T) {
+	top := newNodeTopology(t)
+	proxy := startIn(t, top.node, nil, "node", "--listen", ":8169", "--node-address", "10.200.2.1",
+		"--interfaces", "cveth+,eni+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft",
+		"--reconcile-interval", "200ms")
+	top.node.WaitReady(t, "127.0.0.1:9169")
+	if !strings.Contains(proxy.Logs.String(), `"unmatched":["eni+"]`) {
+		t.Errorf("the pattern that matches no interface was not logged:\n%s", proxy.Logs.String())
+	}
+	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+		t.Errorf("through the node agent, sent to 10.200.2.1: %d %q, want the instance id", status, body)
+	}
+
+	top.node.Run(t, "ip", "addr", "del", "10.200.2.1/24", "dev", "uplink0")
+	if _, err := proxy.Logs.WaitFor("would not reach the proxy", 5*time.Second); err != nil {
+		t.Errorf("losing the node address was not logged: %v\n%s", err, proxy.Logs.String())
+	}
+	status, body := top.node.Get(t, "127.0.0.1:9169", "/readyz", nil)
+	if status != 503 || !strings.Contains(body, "10.200.2.1 is not an address of this host") {
+		t.Errorf("/readyz after the node address went away: %d %q, want 503 naming the address", status, body)
+	}
+	top.node.Run(t, "ip", "addr", "add", "10.200.2.1/24", "dev", "uplink0")
+	top.node.WaitReady(t, "127.0.0.1:9169")
+	proxy.Terminate(t)
 }

@@ -11,6 +11,10 @@ import (
 //
 //	task (10.200.1.2) --cveth0-- node (10.200.1.1, forwards) --imdslink-- imds (169.254.169.254)
 //
+// NewEC2On connects the task by another Wiring (a CNI's or Docker's).
+// The node reaches IMDS from 169.254.0.1, its address on imdslink, the way
+// an instance reaches it over its primary ENI.
+//
 // amazon-ec2-metadata-mock runs in imds on 169.254.169.254:80. Like real IMDS,
 // its token responses leave with IP TTL = the hop limit while every other
 // response keeps the normal TTL: a mangle rule in imds sets the TTL of the
@@ -18,7 +22,12 @@ import (
 type EC2 struct {
 	Node, Task, IMDS *Netns
 	AEMM             *AEMM
+	Wiring           Wiring
 }
+
+// NodeAddr is the node's address towards IMDS, its primary address: what
+// a chained sidecar names as its upstream.
+const NodeAddr = "169.254.0.1"
 
 // TokenResponseMarker is the response header only token responses carry.
 const TokenResponseMarker = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
@@ -27,10 +36,15 @@ const TokenResponseMarker = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
 // AEMM with -I, as an instance with HttpTokens=required.
 func NewEC2(t testing.TB, hopLimit int, tokensRequired bool) *EC2 {
 	t.Helper()
-	e := &EC2{Node: NewNetns(t), Task: NewNetns(t), IMDS: NewNetns(t)}
-	Veth(t, e.Node, "cveth0", "10.200.1.1/24", e.Task, "eth0", "10.200.1.2/24")
-	Veth(t, e.Node, "imdslink", "169.254.0.1/16", e.IMDS, "eth0", "169.254.169.254/16")
-	e.Task.Run(t, "ip", "route", "add", "default", "via", "10.200.1.1")
+	return NewEC2On(t, RoutedVeth, hopLimit, tokensRequired)
+}
+
+// NewEC2On builds the topology with the task connected by wiring.
+func NewEC2On(t testing.TB, wiring Wiring, hopLimit int, tokensRequired bool) *EC2 {
+	t.Helper()
+	e := &EC2{Node: NewNetns(t), Task: NewNetns(t), IMDS: NewNetns(t), Wiring: wiring}
+	Veth(t, e.Node, "imdslink", NodeAddr+"/16", e.IMDS, "eth0", "169.254.169.254/16")
+	wiring.wire(t, e.Node, e.Task)
 	e.IMDS.Run(t, "ip", "route", "add", "default", "via", "169.254.0.1")
 	e.Node.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 	e.IMDS.Run(t, "iptables-nft", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--sport", "80",

@@ -34,6 +34,16 @@ func RequireRoot(t testing.TB) {
 	t.Skip("needs root for network namespaces (runs in CI)")
 }
 
+// SkipOutsideCI skips a test for a reason that only a machine other than
+// CI may have (a missing tool CI installs); under CI=true it fails instead.
+func SkipOutsideCI(t testing.TB, reason string) {
+	t.Helper()
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("%s, and CI must run this test", reason)
+	}
+	t.Skip(reason)
+}
+
 // Netns is a network namespace made by a test and deleted when it ends.
 type Netns struct{ Name string }
 
