@@ -29,11 +29,20 @@ lint:
 	$(GO) vet ./...
 
 ## deps: the system packages the tests need (as root; elsewhere the namespace tests skip): iptables and
-## iproute2 for the namespace tests, openssl for deploy/kubernetes/webhook/gen-certs.sh
+## iproute2 for the namespace tests, openssl for deploy/kubernetes/webhook/gen-certs.sh, docker.io
+## (dockerd, containerd, runc; init script and systemd units left out, so nothing starts them) and
+## busybox-static for the Docker tests (internal/testutil/docker.go)
 deps:
 	@if [ "$$(id -u)" = 0 ] && ! { command -v iptables-legacy && command -v iptables-nft && command -v ip && command -v openssl; } >/dev/null; then \
 		echo "installing iptables, iproute2 and openssl"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 openssl >/dev/null; \
+	fi
+	@if [ "$$(id -u)" = 0 ] && ! { command -v dockerd && command -v containerd && command -v runc && \
+		dpkg-query -W -f='$${db:Status-Status}\n' busybox-static | grep -qx installed; } >/dev/null 2>&1; then \
+		echo "installing docker.io and busybox-static for the Docker tests (no daemon is started)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			-o Dpkg::Options::=--path-exclude=/etc/init.d/docker -o 'Dpkg::Options::=--path-exclude=/lib/systemd/system/docker.*' \
+			-o Dpkg::Options::=--path-exclude=/lib/systemd/system/containerd.service docker.io busybox-static >/dev/null; \
 	fi
 
 ## test: every test, with the race detector

@@ -68,22 +68,30 @@ func botocore(t *testing.T, ns *testutil.Netns) (accessKey string, seconds float
 	if exec.Command("python3", "-c", "import botocore").Run() != nil {
 		return "", 0, false, nil
 	}
-	script := "import time, botocore.session\n" +
-		"s = time.monotonic()\n" +
-		"c = botocore.session.get_session().get_credentials()\n" +
-		"print(c.access_key if c else 'NONE', time.monotonic() - s)\n"
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, "python3", "-c", script)
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns.Name, "python3", "-c", botocoreScript)
 	cmd.Env = append(clientEnv(), "HOME="+os.Getenv("HOME")) // pyenv finds its Python through HOME
 	out, err := cmd.CombinedOutput()
+	accessKey, seconds, err = parseBotocore(out, err)
+	return accessKey, seconds, true, err
+}
+
+// botocoreScript fetches credentials the way boto3 and the AWS CLI v1 do,
+// and prints the access key and the seconds it took.
+const botocoreScript = "import time, botocore.session\n" +
+	"s = time.monotonic()\n" +
+	"c = botocore.session.get_session().get_credentials()\n" +
+	"print(c.access_key if c else 'NONE', time.monotonic() - s)\n"
+
+func parseBotocore(out []byte, err error) (accessKey string, seconds float64, _ error) {
 	if err != nil {
-		return "", 0, true, fmt.Errorf("%w: %s", err, out)
+		return "", 0, fmt.Errorf("%w: %s", err, out)
 	}
 	if _, err := fmt.Sscan(string(out), &accessKey, &seconds); err != nil {
-		return "", 0, true, fmt.Errorf("parsing %q: %w", out, err)
+		return "", 0, fmt.Errorf("parsing %q: %w", out, err)
 	}
-	return accessKey, seconds, true, nil
+	return accessKey, seconds, nil
 }
 
 // startNodeAgent runs `imds-proxy node` in the node namespace.

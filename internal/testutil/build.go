@@ -29,7 +29,9 @@ func BuildBinaries() (*Binaries, error) {
 		b.Proxy:      "github.com/imds-proxy/imds-proxy/cmd/imds-proxy",
 		b.DemoClient: "github.com/imds-proxy/imds-proxy/demo/client",
 	} {
-		if msg, err := exec.Command("go", "build", "-o", out, pkg).CombinedOutput(); err != nil {
+		build := exec.Command("go", "build", "-o", out, pkg)
+		build.Env = append(os.Environ(), "CGO_ENABLED=0") // static: they also run in containers' images
+		if msg, err := build.CombinedOutput(); err != nil {
 			os.RemoveAll(dir)
 			return nil, fmt.Errorf("building %s: %v\n%s", pkg, err, msg)
 		}

@@ -44,7 +44,9 @@ func NewEC2On(t testing.TB, wiring Wiring, hopLimit int, tokensRequired bool) *E
 	t.Helper()
 	e := &EC2{Node: NewNetns(t), Task: NewNetns(t), IMDS: NewNetns(t), Wiring: wiring}
 	Veth(t, e.Node, "imdslink", NodeAddr+"/16", e.IMDS, "eth0", "169.254.169.254/16")
-	wiring.wire(t, e.Node, e.Task)
+	if wiring.wire != nil {
+		wiring.wire(t, e.Node, e.Task)
+	}
 	e.IMDS.Run(t, "ip", "route", "add", "default", "via", "169.254.0.1")
 	e.Node.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 	e.IMDS.Run(t, "iptables-nft", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--sport", "80",

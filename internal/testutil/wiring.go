@@ -22,6 +22,10 @@ type Wiring struct {
 
 // The wirings the node agent must work on.
 var (
+	// DockerEngine leaves the task namespace unconnected: a real Docker
+	// engine started in the node namespace (StartDocker) wires its
+	// containers on docker0 and br-* itself.
+	DockerEngine = Wiring{Name: "real Docker engine", Interfaces: "docker0,br-+"}
 	// RoutedVeth is the harness's original, idealised wiring: a veth whose
 	// host side carries an IPv4 address that is the container's gateway.
 	RoutedVeth = Wiring{Name: "routed veth with an address", Interfaces: "cveth+", ContainerAddr: "10.200.1.2",
