@@ -58,6 +58,10 @@ func newServeFlags(mode iptables.Mode, defaultListen string, out io.Writer) (*se
 	return f, fs
 }
 
+// addressRemoveIgnores is a documentation address (RFC 5737) standing in
+// for the node address when rules are only removed.
+const addressRemoveIgnores = "192.0.2.1"
+
 // newRulesCommand is the one-shot rule tool for init containers and operators.
 func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
 	action := func(name, help string) *ffcli.Command {
@@ -81,6 +85,11 @@ func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
 					return fmt.Errorf("unexpected arguments %q", args)
 				}
 				f.mode = iptables.Mode(mode)
+				if name == "remove" && f.nodeAddress == iptables.NodeAddressAuto {
+					// Removal deletes the proxy's chains by name: it needs no
+					// node address, and must work where none can be found.
+					f.nodeAddress = addressRemoveIgnores
+				}
 				cfg, err := f.config(port, "", "")
 				if err != nil {
 					return err

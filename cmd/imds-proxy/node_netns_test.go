@@ -152,3 +152,28 @@ func TestNodeReadyOnlyWhileDelivering(t *testing.T) {
 	top.node.WaitReady(t, "127.0.0.1:9169")
 	proxy.Terminate(t)
 }
+
+// TestNodeRulesRemoveNeedsNoAddress: `rules remove --mode node` works where
+// no node address can be found (no route to IMDS), and leaves iptables as
+// found; install there needs --node-address.
+func TestNodeRulesRemoveNeedsNoAddress(t *testing.T) {
+	ns := testutil.NewNetns(t)
+	ns.Run(t, "ip", "link", "add", "node0", "type", "veth", "peer", "name", "node1")
+	ns.Run(t, "ip", "addr", "add", "10.9.0.1/24", "dev", "node0")
+	ns.Run(t, "iptables-nft", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "RETURN")
+	ns.Run(t, "iptables-nft", "-t", "filter", "-A", "OUTPUT", "-p", "udp", "-j", "RETURN")
+	before := ns.IptablesSave(t, "iptables-nft-save")
+	rules := []string{"rules", "--mode", "node", "--interfaces", "eni+", "--ipv6=false", "--iptables-backend", "nft"}
+	if out, err := ns.Command(append([]string{binary, rules[0], "install"}, rules[1:]...)...).CombinedOutput(); err == nil ||
+		!strings.Contains(string(out), "--node-address") {
+		t.Errorf("install without a route to IMDS or --node-address: %v %s; want an error naming --node-address", err, out)
+	}
+	ns.Run(t, append([]string{binary, rules[0], "install"}, append(rules[1:], "--node-address", "10.9.0.1")...)...)
+	if !strings.Contains(ns.Run(t, "iptables-nft-save", "-t", "nat"), "--to-destination 10.9.0.1:8169") {
+		t.Fatal("install did not DNAT to the node address")
+	}
+	ns.Run(t, append([]string{binary, rules[0], "remove"}, rules[1:]...)...)
+	if after := ns.IptablesSave(t, "iptables-nft-save"); after != before {
+		t.Errorf("after rules remove:\n%s\nwant as before:\n%s", after, before)
+	}
+}
