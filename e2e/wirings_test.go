@@ -154,3 +154,24 @@ func dial(t *testing.T, ns *testutil.Netns, addr string) (err error) {
 	})
 	return err
 }
+
+// TestNodeAgentIPv6OnVPCCNI: an IPv6 pod of the VPC CNI (gateway fe80::1, a
+// static neighbour entry to the address-less host veth, a /128 route) uses
+// the IPv6 endpoint [fd00:ec2::254]. The node agent's IPv6 rule keeps
+// REDIRECT, which sends to the host veth's link-local address: usable once
+// its duplicate address detection is over (until then the kernel drops
+// packets to it, and the SDK pays its timeout), which AddVPCCNIIPv6 waits
+// for.
+func TestNodeAgentIPv6OnVPCCNI(t *testing.T) {
+	e := testutil.NewEC2On(t, testutil.VPCCNI, 1, true)
+	testutil.AddVPCCNIIPv6(t, e, "fd00:5::17")
+	agent := startNodeAgent(t, e, "--log-level", "debug")
+	r, err := goSDK(t, e.Task, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")
+	if err != nil {
+		t.Fatalf("Go SDK in IPv6 endpoint mode in a VPC CNI pod: %v\n%s", err, agent.Logs.String())
+	}
+	assertFast(t, "Go SDK, IPv6 VPC CNI pod via node agent", r)
+	if !strings.Contains(agent.Logs.String(), `"caller":"fd00:5::17"`) {
+		t.Errorf("no request reached the node agent over IPv6:\n%s", agent.Logs.String())
+	}
+}

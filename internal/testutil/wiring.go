@@ -3,6 +3,7 @@ package testutil
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 // Wiring is how a container runtime or CNI plugin connects a container's
@@ -120,4 +121,26 @@ func (e *EC2) NodeAddrs(t testing.TB) []string {
 		}
 	}
 	return addrs
+}
+
+// AddVPCCNIIPv6 gives a VPCCNI task the VPC CNI's IPv6 wiring as well: addr
+// as a /128, the gateway fe80::1 on-link with a static neighbour entry to
+// the host veth's MAC, and a /128 route to the pod on the node. It returns
+// once the host veth's link-local address has passed duplicate address
+// detection.
+func AddVPCCNIIPv6(t testing.TB, e *EC2, addr string) {
+	t.Helper()
+	const hostIf = "eni3f2a9c1d8e7"
+	e.Task.Run(t, "ip", "-6", "addr", "add", addr+"/128", "dev", "eth0", "nodad")
+	e.Task.Run(t, "ip", "-6", "route", "add", "fe80::1", "dev", "eth0")
+	e.Task.Run(t, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
+	e.Task.Run(t, "ip", "-6", "neigh", "add", "fe80::1", "dev", "eth0", "lladdr", mac(t, e.Node, hostIf), "nud", "permanent")
+	e.Node.Run(t, "ip", "-6", "route", "add", addr+"/128", "dev", hostIf)
+	deadline := time.Now().Add(10 * time.Second)
+	for strings.Contains(e.Node.Run(t, "ip", "-6", "addr", "show", "dev", hostIf, "scope", "link"), "tentative") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the link-local address of %s is still tentative", hostIf)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
