@@ -1,9 +1,13 @@
 package proxy_test
 
 import (
+	"bufio"
+	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"strings"
 	"sync"
 	"testing"
@@ -107,8 +111,10 @@ func TestConnectionLimit(t *testing.T) {
 			t.Errorf("round %d: after the held connections closed: %d, want 200", round, status)
 		}
 	}
-	if got := metricOf(t, s, "imds_proxy_connections_rejected_total", "", ""); got != 4 {
-		t.Errorf("rejected connections counted %v, want 4", got)
+	for limit, want := range map[string]float64{"per_client": 2, "total": 2} {
+		if got := metricOf(t, s, "imds_proxy_connections_rejected_total", "limit", limit); got != want {
+			t.Errorf("rejected connections counted %v for limit=%s, want %v", got, limit, want)
+		}
 	}
 }
 
@@ -132,10 +138,23 @@ func holdConnections(t *testing.T, s *served, n int, from string) []net.Conn {
 // waitOpen waits until the proxy holds exactly n client connections.
 func waitOpen(t *testing.T, s *served, n float64) {
 	t.Helper()
+	waitGauge(t, s, "imds_proxy_connections_open", n)
+}
+
+// waitIdle waits until exactly n client connections are idle between
+// requests: net/http marks one so a little after its client has read the
+// response, and only then may it be reclaimed.
+func waitIdle(t *testing.T, s *served, n float64) {
+	t.Helper()
+	waitGauge(t, s, "imds_proxy_connections_idle", n)
+}
+
+func waitGauge(t *testing.T, s *served, name string, n float64) {
+	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
-	for metricOf(t, s, "imds_proxy_connections_open", "", "") != n {
+	for metricOf(t, s, name, "", "") != n {
 		if time.Now().After(deadline) {
-			t.Fatalf("the proxy holds %v connections, never %v", metricOf(t, s, "imds_proxy_connections_open", "", ""), n)
+			t.Fatalf("%s is %v, never %v", name, metricOf(t, s, name, "", ""), n)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -185,8 +204,11 @@ func TestSlowClientsCannotStarveTheProxy(t *testing.T) {
 			t.Errorf("a slow client held its connection for %s; the read-header timeout is %s", d, limits.ReadHeaderTimeout)
 		}
 	}
-	if got := metricOf(t, s, "imds_proxy_connections_rejected_total", "", ""); got != 5 {
-		t.Errorf("rejected connections counted %v, want 5 (past the per-client limit)", got)
+	if got := metricOf(t, s, "imds_proxy_connections_rejected_total", "limit", "per_client"); got != 5 {
+		t.Errorf("rejected connections counted %v for limit=per_client, want 5", got)
+	}
+	if got := metricOf(t, s, "imds_proxy_connections_reclaimed_total", "", ""); got != 0 {
+		t.Errorf("reclaimed %v connections that never carried a request, want none", got)
 	}
 	if got := metricOf(t, s, "imds_proxy_connections_closed_without_request_total", "", ""); got < float64(limits.MaxConnectionsPerClient) {
 		t.Errorf("connections closed without a request counted %v, want at least %d", got, limits.MaxConnectionsPerClient)
@@ -218,4 +240,324 @@ func metricOf(t *testing.T, s *served, name, label, value string) float64 {
 		labels = map[string]string{label: value}
 	}
 	return gatherValue(t, s.reg, name, labels)
+}
+
+// TestGreedyClientsCannotStarveTheNode is issue 11's finding: client
+// addresses holding idle keep-alive connections (one request served on
+// each) up to the node agent's limits must not keep a new address from
+// being served. With the limits of old (1,024 per address), four addresses
+// filled all 4,096 and every other got 503.
+func TestGreedyClientsCannotStarveTheNode(t *testing.T) {
+	issue := proxy.DefaultNodeServerLimits()
+	issue.MaxConnectionsPerClient = 1024
+	cases := []struct {
+		name               string
+		limits             proxy.ServerLimits
+		greedy, each, open int
+		reclaimedWhileOpen float64 // reclaimed while the greedy clients open theirs
+	}{
+		// The four fill the 4,096; the newcomer reclaims one of theirs.
+		{"the issue's 4x1024 at 4096/1024", issue, 4, 1024, 4096, 0},
+		// Each reclaims its own past 256; 3,072 slots stay free.
+		{"4x1024 at the node defaults", proxy.DefaultNodeServerLimits(), 4, 1024, 1024, 4 * (1024 - 256)},
+		// Sixteen at their cap fill the 4,096; the newcomer reclaims one.
+		{"16x256 at the node defaults", proxy.DefaultNodeServerLimits(), 16, 256, 4096, 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+			cfg, up := limitedConfig(t, c.limits)
+			defer up.srv.Close()
+			s := serveProxy(t, cfg)
+			defer s.stop()
+			var held []net.Conn
+			defer func() {
+				for _, c := range held {
+					c.Close()
+				}
+			}()
+			start := time.Now()
+			for i := 0; i < c.greedy; i++ {
+				held = append(held, keepAliveConnections(t, s, c.each, fmt.Sprintf("127.0.0.%d", 2+i))...)
+			}
+			waitOpen(t, s, float64(c.open))
+			waitIdle(t, s, float64(c.open))
+			t.Logf("%d x %d keep-alive connections in %s", c.greedy, c.each, time.Since(start))
+			if got := metricOf(t, s, "imds_proxy_connections_reclaimed_total", "", ""); got != c.reclaimedWhileOpen {
+				t.Errorf("reclaimed %v while the greedy clients opened theirs, want %v", got, c.reclaimedWhileOpen)
+			}
+			newcomer := fmt.Sprintf("127.0.0.%d", 2+c.greedy)
+			start = time.Now()
+			if status, _ := rawExchangeFrom(t, loopbackAddr(newcomer), s.addr, tokenPUT); status != 200 || time.Since(start) > time.Second {
+				t.Errorf("a new client while %d hold %d idle connections each: %d after %s, want 200 at once", c.greedy, c.each, status, time.Since(start))
+			}
+			want := c.reclaimedWhileOpen
+			if c.open == c.limits.MaxConnections {
+				want++ // the newcomer's connection took one of theirs
+			}
+			if got := metricOf(t, s, "imds_proxy_connections_reclaimed_total", "", ""); got != want {
+				t.Errorf("reclaimed %v, want %v", got, want)
+			}
+			if got := metricOf(t, s, "imds_proxy_connections_rejected_total", "", ""); got != 0 {
+				t.Errorf("rejected %v, want none", got)
+			}
+		})
+	}
+}
+
+const tokenPUT = "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + token.TTLHeader + ": 60\r\n\r\n"
+
+// keepAliveConnections opens n connections from the loopback address from,
+// one after another, sends one request on each, reads its answer and keeps
+// the connection open and idle, as an HTTP client's connection pool does.
+func keepAliveConnections(t *testing.T, s *served, n int, from string) []net.Conn {
+	t.Helper()
+	var held []net.Conn
+	for i := 0; i < n; i++ {
+		c, err := (&net.Dialer{LocalAddr: loopbackAddr(from)}).Dial("tcp", s.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+		if r := exchangeOn(t, c, tokenPUT); r.status != 200 {
+			t.Fatalf("%s, connection %d: %d, want 200", from, i+1, r.status)
+		}
+	}
+	return held
+}
+
+// reclaimLimits are small limits for the reclaim tests.
+func reclaimLimits() proxy.ServerLimits {
+	l := testLimits()
+	l.MaxConnections, l.MaxConnectionsPerClient = 8, 4
+	return l
+}
+
+// TestIdleConnectionsAreReclaimed: a new connection past a limit takes the
+// place of an idle keep-alive connection: past its own cap, the client's
+// longest idle, never another's; past the total, the longest idle of the
+// client holding the most. The reclaimed connection is closed cleanly (EOF,
+// not a reset); the others keep serving.
+func TestIdleConnectionsAreReclaimed(t *testing.T) {
+	const a, b, c, d = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
+	t.Run("past its own cap, a client's own longest idle", func(t *testing.T) {
+		defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+		s, _, done := reclaimProxy(t, nil)
+		defer done()
+		neighbour := keepAliveConnections(t, s, 4, b) // as many, idle longer
+		defer closeAll(neighbour)
+		held := keepAliveConnections(t, s, 4, a)
+		defer closeAll(held)
+		waitIdle(t, s, 8)
+		held = append(held, keepAliveConnections(t, s, 1, a)...) // 200, or it fails
+		expectClosed(t, held[0], "the longest idle of the client past its cap")
+		for i, c := range append(held[1:], neighbour...) {
+			if r := exchangeOn(t, c, tokenPUT); r.status != 200 {
+				t.Errorf("connection %d kept: %d, want 200", i+1, r.status)
+			}
+		}
+		waitOpen(t, s, 8)
+		expectCounts(t, s, 1, 0, 0)
+	})
+	t.Run("past the total, the busiest client's longest idle", func(t *testing.T) {
+		defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+		s, _, done := reclaimProxy(t, nil)
+		defer done()
+		older := keepAliveConnections(t, s, 3, b) // idle longer, but fewer
+		defer closeAll(older)
+		busiest := keepAliveConnections(t, s, 4, a)
+		defer closeAll(busiest)
+		defer closeAll(keepAliveConnections(t, s, 1, c))
+		waitIdle(t, s, 8)
+		if status, _ := rawExchangeFrom(t, loopbackAddr(d), s.addr, tokenPUT); status != 200 {
+			t.Errorf("a new client with every slot held idle: %d, want 200", status)
+		}
+		expectClosed(t, busiest[0], "the longest idle of the client holding the most")
+		if r := exchangeOn(t, older[0], tokenPUT); r.status != 200 {
+			t.Errorf("the longest idle of all, of a client holding fewer: %d, want 200 (kept)", r.status)
+		}
+		expectCounts(t, s, 1, 0, 0)
+	})
+}
+
+// TestInFlightConnectionsAreNeverReclaimed: a connection whose request is
+// in the handler is never closed for a new one; the idle one is, even when
+// younger; with none idle, the new connection gets 503, counted by the limit
+// that refused it, and the requests in flight are answered.
+func TestInFlightConnectionsAreNeverReclaimed(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	release := make(chan struct{})
+	s, up, done := reclaimProxy(t, release)
+	defer done()
+	const a, b, c = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+	var inFlight []net.Conn
+	defer func() { closeAll(inFlight) }()
+	slow := 0
+	hold := func(from string) net.Conn {
+		t.Helper()
+		conn := holdConnections(t, s, 1, from)[0]
+		inFlight = append(inFlight, conn)
+		sendSlow(t, up, conn, &slow)
+		return conn
+	}
+	hold(a)
+	idle := keepAliveConnections(t, s, 1, a)
+	defer closeAll(idle)
+	hold(a)
+	hold(a)
+	waitIdle(t, s, 1)
+	younger := keepAliveConnections(t, s, 1, a) // 200: a's cap is reached, idle[0] makes room
+	defer closeAll(younger)
+	expectClosed(t, idle[0], "the client's one idle connection")
+	inFlight = append(inFlight, younger[0])
+	sendSlow(t, up, younger[0], &slow)
+	waitIdle(t, s, 0)
+	if status, _ := rawExchangeFrom(t, loopbackAddr(a), s.addr, tokenPUT); status != http.StatusServiceUnavailable {
+		t.Errorf("past the client's cap with its every connection in flight: %d, want 503", status)
+	}
+	for i := 0; i < 4; i++ {
+		hold(b)
+	}
+	if status, _ := rawExchangeFrom(t, loopbackAddr(c), s.addr, tokenPUT); status != http.StatusServiceUnavailable {
+		t.Errorf("past the total with every connection in flight: %d, want 503", status)
+	}
+	close(release)
+	for i, conn := range inFlight {
+		if r := readResponse(t, conn); r.status != 200 {
+			t.Errorf("request %d in flight: %d, want 200", i+1, r.status)
+		}
+	}
+	expectCounts(t, s, 1, 1, 1)
+}
+
+// TestReclaimedClientRetries: a Go HTTP client whose pooled keep-alive
+// connection is reclaimed sees a clean close: its next request gets 200 on a
+// new connection, with no error.
+func TestReclaimedClientRetries(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	s, _, done := reclaimProxy(t, nil)
+	defer done()
+	const a = "127.0.0.2"
+	transport := &http.Transport{Proxy: nil, DialContext: (&net.Dialer{LocalAddr: loopbackAddr(a)}).DialContext}
+	defer transport.CloseIdleConnections()
+	client := &http.Client{Transport: transport, Timeout: 10 * time.Second}
+	get := func() (status int, reused bool) {
+		t.Helper()
+		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused }}
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), http.MethodGet, "http://"+s.addr+"/latest/meta-data/instance-id", nil)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("GET after its connection was reclaimed: %v", err)
+		}
+		_, _ = readBody(resp)
+		return resp.StatusCode, reused
+	}
+	if status, _ := get(); status != 200 {
+		t.Fatalf("first GET: %d", status)
+	}
+	held := keepAliveConnections(t, s, 3, a)
+	defer func() { closeAll(held) }()
+	waitIdle(t, s, 4)
+	held = append(held, keepAliveConnections(t, s, 1, a)...) // reclaims the client's pooled connection
+	if status, reused := get(); status != 200 || reused {
+		t.Errorf("GET after its pooled connection was reclaimed: %d (last connection reused: %v), want 200 on a new one", status, reused)
+	}
+	// Its new connection took the place of the oldest raw one in turn.
+	expectClosed(t, held[0], "the client's longest idle")
+	expectCounts(t, s, 2, 0, 0)
+}
+
+// reclaimProxy serves a proxy with reclaimLimits. Paths under
+// /latest/meta-data/slow wait at the upstream until release is closed.
+func reclaimProxy(t *testing.T, release chan struct{}) (*served, *scriptedIMDS, func()) {
+	t.Helper()
+	up := newScriptedIMDS(t, func(path string, _ int) int {
+		if release != nil && strings.HasPrefix(path, "/latest/meta-data/slow") {
+			<-release
+		}
+		return 200
+	})
+	cfg := testConfig(up.srv.URL)
+	cfg.Limits = reclaimLimits()
+	s := serveProxy(t, cfg)
+	return s, up, func() {
+		if release != nil {
+			select {
+			case <-release:
+			default:
+				close(release)
+			}
+		}
+		s.stop()
+		up.srv.Close()
+	}
+}
+
+// sendSlow sends a GET of the next slow path on conn and waits until the
+// upstream holds it: the request is in the proxy's handler.
+func sendSlow(t *testing.T, up *scriptedIMDS, conn net.Conn, slow *int) {
+	t.Helper()
+	*slow++
+	path := fmt.Sprintf("/latest/meta-data/slow-%d", *slow)
+	if _, err := io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for up.count(path) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("GET %s never reached the upstream", path)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// exchangeOn writes request on the open connection c and reads the response.
+func exchangeOn(t *testing.T, c net.Conn, request string) response {
+	t.Helper()
+	if _, err := io.WriteString(c, request); err != nil {
+		t.Fatal(err)
+	}
+	return readResponse(t, c)
+}
+
+// readResponse reads one whole response from c, which stays open.
+func readResponse(t *testing.T, c net.Conn) response {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	defer c.SetReadDeadline(time.Time{})
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("reading a response from %s: %v", c.LocalAddr(), err)
+	}
+	body, _ := readBody(resp)
+	return response{status: resp.StatusCode, header: resp.Header, body: body}
+}
+
+// expectClosed fails unless the proxy has closed c cleanly (EOF, not a
+// reset) without writing anything more on it.
+func expectClosed(t *testing.T, c net.Conn, what string) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Errorf("%s: read %d bytes, %v; want EOF (closed by the proxy)", what, n, err)
+	}
+}
+
+// expectCounts checks the reclaimed and rejected connection counters.
+func expectCounts(t *testing.T, s *served, reclaimed, perClient, total float64) {
+	t.Helper()
+	if got := metricOf(t, s, "imds_proxy_connections_reclaimed_total", "", ""); got != reclaimed {
+		t.Errorf("reclaimed %v, want %v", got, reclaimed)
+	}
+	for limit, want := range map[string]float64{"per_client": perClient, "total": total} {
+		if got := metricOf(t, s, "imds_proxy_connections_rejected_total", "limit", limit); got != want {
+			t.Errorf("rejected %v for limit=%s, want %v", got, limit, want)
+		}
+	}
+}
+
+func closeAll(conns []net.Conn) {
+	for _, c := range conns {
+		c.Close()
+	}
 }

@@ -42,7 +42,9 @@ type metrics struct {
 
 	attributionsSkipped       prometheus.Counter
 	connectionsOpen           prometheus.Gauge
-	connectionsRejected       prometheus.Counter
+	connectionsIdle           prometheus.Gauge
+	connectionsRejected       *prometheus.CounterVec
+	connectionsReclaimed      prometheus.Counter
 	connectionsWithoutRequest prometheus.Counter
 }
 
@@ -107,20 +109,32 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "imds_proxy_connections_open",
 			Help: "Client connections the proxy holds now (see --max-connections).",
 		}),
-		connectionsRejected: prometheus.NewCounter(prometheus.CounterOpts{
+		connectionsIdle: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "imds_proxy_connections_idle",
+			Help: "Client keep-alive connections idle between requests now: those a new connection past a limit may reclaim.",
+		}),
+		connectionsRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imds_proxy_connections_rejected_total",
-			Help: "Connections past --max-connections or --max-connections-per-client: their request is answered 503 and they are closed.",
+			Help: "Connections past a limit with no idle keep-alive connection to reclaim: their request is answered 503 and they are closed. " +
+				"limit=total: --max-connections; limit=per_client: --max-connections-per-client (one address, a greedy client).",
+		}, []string{"limit"}),
+		connectionsReclaimed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imds_proxy_connections_reclaimed_total",
+			Help: "Idle keep-alive connections closed to make room for a new one past --max-connections or --max-connections-per-client.",
 		}),
 		connectionsWithoutRequest: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imds_proxy_connections_closed_without_request_total",
 			Help: "Connections closed before a whole request arrived: read-header timeouts (slow clients) and clients that left.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.attributionsSkipped, m.connectionsOpen, m.connectionsRejected, m.connectionsWithoutRequest, m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr,
+	for _, c := range []prometheus.Collector{m.attributionsSkipped, m.connectionsOpen, m.connectionsIdle, m.connectionsRejected, m.connectionsReclaimed, m.connectionsWithoutRequest, m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr,
 		m.v1WouldBlock, m.v1BySDK, m.v1CallersEvicted, m.cache, m.cacheEntries, m.cacheBytes, m.upstreamRetries} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
+	}
+	for _, limit := range []string{limitTotal, limitPerClient} {
+		m.connectionsRejected.WithLabelValues(limit) // exported at 0 from the start
 	}
 	return m, nil
 }

@@ -19,10 +19,6 @@ import (
 // the VPC CNI, Calico and Cilium, and other veth pairs.
 const defaultInterfaces = "docker0,br-+,cni+,eni+,cali+,lxc+,veth+"
 
-// nodeConnectionsPerClient is a node agent's default share of its
-// connections for one container: a quarter.
-const nodeConnectionsPerClient = 1024
-
 // ruleFlags describe the iptables redirect; `rules` and the serving
 // subcommands share them.
 type ruleFlags struct {
@@ -195,11 +191,11 @@ func (f *serveFlags) registerEconomy(fs *flag.FlagSet) {
 func (f *serveFlags) registerLimits(fs *flag.FlagSet) {
 	l := proxy.DefaultServerLimits()
 	if f.mode == iptables.ModeNode {
-		l.MaxConnectionsPerClient = nodeConnectionsPerClient
+		l = proxy.DefaultNodeServerLimits()
 	}
 	f.limits = l
 	fs.IntVar(&f.limits.MaxConnections, "max-connections", l.MaxConnections, "client connections held at once; more are answered 503 and closed (0: no limit)")
-	fs.IntVar(&f.limits.MaxConnectionsPerClient, "max-connections-per-client", l.MaxConnectionsPerClient, "node mode: client connections held at once from one address (one container), so that none can take them all (0: no limit; a sidecar's clients all come from 127.0.0.1)")
+	fs.IntVar(&f.limits.MaxConnectionsPerClient, "max-connections-per-client", l.MaxConnectionsPerClient, "node mode: client connections held at once from one address (one container), so that none can take them all; past it, or past --max-connections, the longest-idle keep-alive connection is closed first (0: no limit; a sidecar's clients all come from 127.0.0.1)")
 	fs.DurationVar(&f.limits.ReadHeaderTimeout, "read-header-timeout", l.ReadHeaderTimeout, "close a connection whose request headers take longer (slow clients)")
 	fs.DurationVar(&f.limits.IdleTimeout, "idle-timeout", l.IdleTimeout, "close keep-alive connections idle for longer")
 	fs.IntVar(&f.limits.MaxHeaderBytes, "max-header-bytes", l.MaxHeaderBytes, "larger request headers are answered 431")
