@@ -69,7 +69,7 @@ func checkNodeAgent(t *testing.T, e *testutil.EC2, during ...func()) {
 		t.Errorf("IMDS saw %d tokenless requests", n)
 	}
 	for _, addr := range e.NodeAddrs(t) {
-		if err := dial(t, e.Task, net.JoinHostPort(addr, "9169")); err == nil {
+		if err := e.Task.TryDial(t, net.JoinHostPort(addr, "9169")); err == nil {
 			t.Errorf("the node agent's admin port is reachable from the container at %s:9169", addr)
 		}
 	}
@@ -141,18 +141,6 @@ func saveNode(t *testing.T, e *testutil.EC2) string {
 		out.WriteString(e.Node.IptablesSave(t, cmd+"-save"))
 	}
 	return out.String()
-}
-
-// dial tries a TCP connection from inside ns with a short timeout.
-func dial(t *testing.T, ns *testutil.Netns, addr string) (err error) {
-	t.Helper()
-	ns.Do(t, func() {
-		var c net.Conn
-		if c, err = net.DialTimeout("tcp", addr, time.Second); err == nil {
-			c.Close()
-		}
-	})
-	return err
 }
 
 // TestNodeAgentIPv6OnVPCCNI: an IPv6 pod of the VPC CNI (gateway fe80::1, a

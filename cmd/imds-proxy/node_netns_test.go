@@ -1,7 +1,6 @@
 package main
 
 import (
-	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -64,16 +63,16 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 	}
 	runSDK(t, top.task, "http://169.254.169.254")
 	for _, addr := range []string{"10.200.2.1:8169", "10.200.1.1:8169", "[fd00:200:2::1]:8169"} {
-		if err := dialFrom(t, top.outside, addr); err == nil {
+		if err := top.outside.TryDial(t, addr); err == nil {
 			t.Errorf("the node listener %s is reachable from the VPC side", addr)
 		}
 	}
-	if err := dialFrom(t, top.task, "10.200.1.1:8169"); err != nil {
+	if err := top.task.TryDial(t, "10.200.1.1:8169"); err != nil {
 		t.Errorf("a container cannot reach the node listener directly: %v", err)
 	}
 	for _, from := range []*testutil.Netns{top.task, top.outside} {
 		for _, addr := range []string{"10.200.1.1:9169", "10.200.2.1:9169", "169.254.0.1:9169", "[fd00:200:2::1]:9169"} {
-			if err := dialFrom(t, from, addr); err == nil {
+			if err := from.TryDial(t, addr); err == nil {
 				t.Errorf("the node agent's admin listener (/v1-callers, /metrics) is reachable from %s at %s", from, addr)
 			}
 		}
@@ -83,18 +82,6 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 	if after := top.save(t); after != before {
 		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
-}
-
-// dialFrom tries a TCP connection from inside ns with a short timeout.
-func dialFrom(t *testing.T, ns *testutil.Netns, addr string) (err error) {
-	t.Helper()
-	ns.Do(t, func() {
-		var c net.Conn
-		if c, err = net.DialTimeout("tcp", addr, time.Second); err == nil {
-			c.Close()
-		}
-	})
-	return err
 }
 
 // TestRulesShowMatchesGolden: `rules show` prints the golden rules without

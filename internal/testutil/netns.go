@@ -167,6 +167,19 @@ func (n *Netns) Get(t testing.TB, addr, path string, header http.Header) (int, s
 	return status, string(body)
 }
 
+// TryDial opens a TCP connection to addr from inside the namespace, with a
+// one-second timeout, closes it, and returns the error if it could not.
+func (n *Netns) TryDial(t testing.TB, addr string) (err error) {
+	t.Helper()
+	n.Do(t, func() {
+		var c net.Conn
+		if c, err = net.DialTimeout("tcp", addr, time.Second); err == nil {
+			c.Close()
+		}
+	})
+	return err
+}
+
 // Veth connects namespaces a and b with a veth pair named aName (in a) and
 // bName (in b), both up, with the given addresses (CIDR).
 func Veth(t testing.TB, a *Netns, aName, aAddr string, b *Netns, bName, bAddr string) {
