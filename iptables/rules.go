@@ -54,13 +54,19 @@ type Config struct {
 	Mode Mode
 	// ProxyPort is the port the proxy listens on, the redirect target.
 	ProxyPort int
+	// ExemptCgroup (sidecar) exempts the sockets of processes in this
+	// cgroup v2 path (OwnCgroup): the one exemption an app container cannot
+	// forge with the runtime's default capabilities. "" disables it.
+	ExemptCgroup string
 	// ExemptMark (sidecar) is the socket mark the proxy sets on its upstream
-	// connections; they are not redirected. Setting it needs NET_ADMIN, so an
-	// app container without it cannot forge the exemption. 0 disables it.
+	// connections; they are not redirected. Since Linux 5.17 any process
+	// with NET_RAW, a default capability of Docker and containerd, can set
+	// it: a fallback where ExemptCgroup cannot be used. 0 disables it.
 	ExemptMark uint32
 	// ExemptUID (sidecar) exempts connections of this UID instead, for when an
 	// init container installs the rules and the proxy runs without NET_ADMIN.
-	// Negative disables it.
+	// A root process with CAP_SETUID (a default capability) can take the
+	// UID. Negative disables it.
 	ExemptUID int
 	// Interfaces (node) are the container-facing interfaces, iptables
 	// wildcards allowed (cni+, eni+, veth+).
@@ -79,8 +85,11 @@ func (c Config) Validate() error {
 	}
 	switch c.Mode {
 	case ModeSidecar:
-		if c.ExemptMark == 0 && c.ExemptUID < 0 {
-			return fmt.Errorf("sidecar mode needs an exemption for the proxy's own traffic: a socket mark or a UID")
+		if c.ExemptCgroup == "" && c.ExemptMark == 0 && c.ExemptUID < 0 {
+			return fmt.Errorf("sidecar mode needs an exemption for the proxy's own traffic: its cgroup, a socket mark or a UID")
+		}
+		if c.ExemptCgroup != "" && (!strings.HasPrefix(c.ExemptCgroup, "/") || strings.ContainsAny(c.ExemptCgroup, "\n\"")) {
+			return fmt.Errorf("cgroup path %q is not an absolute cgroup v2 path", c.ExemptCgroup)
 		}
 		if c.ExemptUID == 0 {
 			return fmt.Errorf("exempting UID 0 would let every root process in the namespace bypass the proxy: run the proxy as a dedicated UID")
@@ -145,6 +154,10 @@ func buildSidecar(cfg Config, family Family, imds string) Ruleset {
 	rs := Ruleset{Family: family, Chains: []Chain{{"nat", ChainOutput}}}
 	rs.Jumps = append(rs.Jumps, rule("nat", "OUTPUT", "send IMDS traffic to the sidecar chain",
 		"-d", imds, "-p", "tcp", "-m", "tcp", "--dport", "80", "-j", ChainOutput))
+	if cfg.ExemptCgroup != "" {
+		rs.Rules = append(rs.Rules, rule("nat", ChainOutput, "the proxy's own cgroup goes straight to IMDS",
+			"-m", "cgroup", "--path", cfg.ExemptCgroup, "-j", "RETURN"))
+	}
 	if cfg.ExemptMark != 0 {
 		mark := fmt.Sprintf("0x%x/0xffffffff", cfg.ExemptMark) // exact: no other component's mark matches
 		rs.Rules = append(rs.Rules, rule("nat", ChainOutput, "the proxy's own upstream connections go straight to IMDS",

@@ -24,7 +24,9 @@ func nodeConfig() Config {
 func TestRenderGolden(t *testing.T) {
 	uid := sidecarConfig()
 	uid.ExemptMark, uid.ExemptUID = 0, 1337
-	configs := map[string]Config{"sidecar": sidecarConfig(), "sidecar-uid": uid, "node": nodeConfig()}
+	cgroup := sidecarConfig()
+	cgroup.ExemptCgroup, cgroup.ExemptMark = "/", 0
+	configs := map[string]Config{"sidecar": sidecarConfig(), "sidecar-uid": uid, "sidecar-cgroup": cgroup, "node": nodeConfig()}
 	for name, cfg := range configs {
 		for _, family := range []Family{IPv4, IPv6} {
 			got := Build(cfg, family).Render()
@@ -80,6 +82,7 @@ func TestValidate(t *testing.T) {
 		"bad interface":      {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eth0 -j ACCEPT"}},
 		"long interface":     {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"averyveryverylongname"}},
 		"unknown mode":       {Mode: "host", ProxyPort: 8169},
+		"relative cgroup":    {Mode: ModeSidecar, ProxyPort: 8169, ExemptUID: -1, ExemptCgroup: "kubepods/x"},
 		"node no address":    {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eni+"}},
 		"node loopback":      {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eni+"}, NodeAddress: netip.MustParseAddr("127.0.0.1")},
 	}

@@ -113,7 +113,17 @@ type serveFlags struct {
 	coalesce        bool
 	limits          proxy.ServerLimits
 	pprofListen     string
+	exemptCgroup    string
+	// ownCgroup is the cgroup the sidecar's rules exempt, decided at start
+	// (sidecarCgroup); "" when they exempt a mark or UID.
+	ownCgroup string
 }
+
+// The values of --exempt-cgroup.
+const (
+	exemptCgroupAuto = "auto"
+	exemptCgroupOff  = "off"
+)
 
 // listFlag collects comma-separated values, from repeated flags, a
 // comma-separated environment variable, or a YAML list in --config.
@@ -168,6 +178,9 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.DurationVar(&f.reconcile, "reconcile-interval", 30*time.Second, "how often to re-check the rules and restore any deleted")
 	fs.StringVar(&f.logFormat, "log-format", "json", "log format: json or console")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error (debug logs every request)")
+	if f.mode == iptables.ModeSidecar {
+		fs.StringVar(&f.exemptCgroup, "exempt-cgroup", exemptCgroupAuto, "sidecar mode: auto exempts the proxy's own cgroup from the redirect instead of --exempt-mark/--exempt-uid, which app containers can forge (needs cgroup v2, and Linux 6.1+ in a cgroup namespace; falls back to the mark, with a warning, elsewhere); off always uses the mark or UID")
+	}
 	f.registerEconomy(fs)
 	f.registerLimits(fs)
 	f.ruleFlags.register(fs)
@@ -253,7 +266,9 @@ func defaultMetricsListen(mode iptables.Mode) string {
 	return ":9169"
 }
 
-// rulesConfig is the ruleset for a proxy listening on --listen.
+// rulesConfig is the ruleset for a proxy listening on --listen. A sidecar
+// that exempts its own cgroup exempts nothing else: a mark or UID rule
+// beside it would let app containers forge their way past.
 func (f *serveFlags) rulesConfig() (iptables.Config, error) {
 	listenHost, portText, err := net.SplitHostPort(f.listen)
 	if err != nil {
@@ -267,13 +282,21 @@ func (f *serveFlags) rulesConfig() (iptables.Config, error) {
 	if err != nil {
 		return iptables.Config{}, fmt.Errorf("--upstream: %w", err)
 	}
-	return f.config(port, listenHost, upstream.Hostname())
+	cfg, err := f.config(port, listenHost, upstream.Hostname())
+	if err != nil || f.ownCgroup == "" {
+		return cfg, err
+	}
+	cfg.ExemptCgroup, cfg.ExemptMark, cfg.ExemptUID = f.ownCgroup, 0, -1
+	return cfg, cfg.Validate()
 }
 
 // validate reports bad flag values before anything needs privileges.
 func (f *serveFlags) validate() error {
 	if _, err := f.proxyConfig(); err != nil {
 		return err
+	}
+	if f.mode == iptables.ModeSidecar && f.exemptCgroup != exemptCgroupAuto && f.exemptCgroup != exemptCgroupOff {
+		return fmt.Errorf("--exempt-cgroup %q: want auto or off", f.exemptCgroup)
 	}
 	if !f.rules {
 		return nil

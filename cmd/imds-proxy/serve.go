@@ -34,6 +34,7 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	if err := f.validate(); err != nil {
 		return err
 	}
+	f.ownCgroup = sidecarCgroup(f, log)
 	p, reg, err := newProxy(f, log)
 	if err != nil {
 		return err
@@ -109,7 +110,7 @@ func newProxy(f *serveFlags, log *zap.Logger) (*proxy.Proxy, *prometheus.Registr
 		return nil, nil, err
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), exemptionGauge(f))
 	minter, err := token.NewRandomMinter()
 	if err != nil {
 		return nil, nil, err
@@ -298,11 +299,54 @@ func newLogger(format, level string, out io.Writer) (*zap.Logger, error) {
 	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(out)), lvl)), nil
 }
 
+// sidecarCgroup is the cgroup a redirecting sidecar exempts, its own
+// (--exempt-cgroup auto), or "" where that cannot work: then the rules fall
+// back to the socket mark or UID, which app containers can forge, and the
+// log says so.
+func sidecarCgroup(f *serveFlags, log *zap.Logger) string {
+	if f.mode != iptables.ModeSidecar || !f.rules {
+		return ""
+	}
+	forgeable := "the redirect exempts the proxy by socket mark or UID, which an app container can forge with " +
+		"NET_RAW (Linux 5.17+) or CAP_SETUID, default capabilities of Docker and containerd"
+	if f.exemptCgroup == exemptCgroupOff {
+		log.Warn(forgeable, zap.String("reason", "--exempt-cgroup off"))
+		return ""
+	}
+	path, err := iptables.OwnCgroup()
+	if err != nil {
+		log.Warn(forgeable, zap.String("reason", "the cgroup exemption is unavailable"), zap.Error(err))
+		return ""
+	}
+	log.Info("the redirect exempts the proxy's own cgroup, which app containers cannot join", zap.String("cgroup", path))
+	return path
+}
+
+// exemptionGauge is imds_proxy_redirect_exemption{kind}: 1 for the kind in
+// use (cgroup, mark, uid, or none without a sidecar redirect).
+func exemptionGauge(f *serveFlags) prometheus.Collector {
+	kind := "none"
+	switch {
+	case f.mode != iptables.ModeSidecar || !f.rules:
+	case f.ownCgroup != "":
+		kind = "cgroup"
+	case f.exemptMark != 0:
+		kind = "mark"
+	case f.exemptUID >= 0:
+		kind = "uid"
+	}
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "imds_proxy_redirect_exemption",
+		Help: "How the sidecar's redirect lets the proxy's own connections through: cgroup (unforgeable by app containers), mark or uid (forgeable), none."}, []string{"kind"})
+	g.WithLabelValues(kind).Set(1)
+	return g
+}
+
 // exemptionControl marks the proxy's upstream sockets when it may, so the
 // sidecar redirect lets them through. Without NET_ADMIN the rules need
-// --exempt-uid instead, and the proxy must run as that UID.
+// --exempt-uid instead, and the proxy must run as that UID. A sidecar that
+// exempts its own cgroup marks nothing.
 func exemptionControl(f *serveFlags, log *zap.Logger) (func(string, string, syscall.RawConn) error, error) {
-	if f.mode != iptables.ModeSidecar {
+	if f.mode != iptables.ModeSidecar || f.ownCgroup != "" {
 		return nil, nil // node mode redirects forwarded traffic only, never the node's own
 	}
 	mark := uint32(f.exemptMark)

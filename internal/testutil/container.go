@@ -1,0 +1,112 @@
+package testutil
+
+import (
+	"bufio"
+	"crypto/rand"
+	"encoding/hex"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// DockerDefaultCaps is the capability set Docker and containerd give a
+// container by default (moby's oci/caps/defaults.go), as setpriv names them.
+const DockerDefaultCaps = "chown,dac_override,fowner,fsetid,kill,setgid,setuid,setpcap,net_bind_service,net_raw,sys_chroot,mknod,audit_write,setfcap"
+
+// Cgroups are the cgroup v2 groups of one test: a parent made for it under
+// the machine's cgroup2 mount, with one child per container. They are
+// removed when the test ends, after the processes in them are killed.
+type Cgroups struct {
+	parent string
+}
+
+// NewCgroups makes the test's parent group. It fails without a writable
+// cgroup2 mount (these machines have one, beside the v1 controllers).
+func NewCgroups(t testing.TB) *Cgroups {
+	t.Helper()
+	RequireRoot(t)
+	mount := cgroup2Mount(t)
+	suffix := make([]byte, 4)
+	_, _ = rand.Read(suffix)
+	c := &Cgroups{parent: filepath.Join(mount, "imdsp-test-"+hex.EncodeToString(suffix))}
+	if err := os.Mkdir(c.parent, 0o755); err != nil {
+		t.Fatalf("making a cgroup v2 group: %v", err)
+	}
+	t.Cleanup(func() { c.remove(t) })
+	return c
+}
+
+func cgroup2Mount(t testing.TB) string {
+	t.Helper()
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		for i, field := range fields {
+			if field == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" {
+				return fields[4]
+			}
+		}
+	}
+	t.Fatal("no cgroup2 mount on this machine: the cgroup exemption tests need one")
+	return ""
+}
+
+// Container returns cmd (argv) set up to start as a container of the
+// runtime starts it: in ns's network namespace, in a cgroup of its own
+// named name, with a cgroup namespace rooted there. An app container
+// (app true) also gets PID and mount namespaces of its own, cgroupfs
+// read-only, and exactly Docker's default capabilities.
+func (c *Cgroups) Container(t testing.TB, ns *Netns, name string, app bool, argv ...string) *exec.Cmd {
+	t.Helper()
+	dir := filepath.Join(c.parent, name)
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatalf("making cgroup %s: %v", name, err)
+	}
+	group, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { group.Close() })
+	// The cgroup namespace is made by unshare once the process is in its
+	// group: a namespace made at clone time would be rooted at the parent's.
+	wrap := []string{"--net=/run/netns/" + ns.Name, "unshare", "--cgroup"}
+	if app {
+		wrap = append(wrap, "--pid", "--fork", "--mount-proc", "--propagation", "private", "--",
+			"sh", "-c", `mount -o remount,bind,ro "$0" && exec "$@"`, cgroup2Mount(t),
+			"setpriv", "--bounding-set", "-all,+"+strings.ReplaceAll(DockerDefaultCaps, ",", ",+"),
+			"--inh-caps", "-all", "--")
+	} else {
+		wrap = append(wrap, "--")
+	}
+	cmd := exec.Command("nsenter", append(wrap, argv...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(group.Fd())}
+	return cmd
+}
+
+// remove kills what is left in the test's groups and removes them.
+func (c *Cgroups) remove(t testing.TB) {
+	entries, _ := os.ReadDir(c.parent)
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(c.parent, e.Name())
+		_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644)
+		deadline := time.Now().Add(5 * time.Second)
+		for os.Remove(dir) != nil && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if err := os.Remove(c.parent); err != nil {
+		t.Errorf("removing the test's cgroup %s: %v", c.parent, err)
+	}
+}
