@@ -215,6 +215,9 @@ func diagnose(r Report) Report {
 			r.Diagnosis += ", answered by imds-proxy (" + r.Proxy + ")"
 		}
 		r.ExitCode = ExitHealthy
+	case r.Token.Status == http.StatusOK && r.V2Get != nil:
+		// The token was issued; what failed is the metadata request carrying it.
+		r.Diagnosis, r.Fixes, r.ExitCode = metadataRefused(r)
 	case r.Token.Status != 0:
 		r.Diagnosis = fmt.Sprintf("IMDS refuses IMDSv2 tokens here (HTTP %d to the token request)", r.Token.Status)
 		r.ExitCode = ExitV2Refused
@@ -223,4 +226,30 @@ func diagnose(r Report) Report {
 		r.ExitCode = ExitV2Unavailable
 	}
 	return r
+}
+
+// metadataRefused diagnoses a token that was issued but a metadata GET
+// carrying it that did not succeed.
+func metadataRefused(r Report) (string, []string, int) {
+	get := r.V2Get
+	who := "IMDS"
+	if r.Proxy != "" {
+		who = "imds-proxy (" + r.Proxy + ")"
+	}
+	switch {
+	case get.Status == http.StatusUnauthorized:
+		return fmt.Sprintf("%s issued an IMDSv2 token but refused it on the next request (HTTP 401 to GET /latest/meta-data/): "+
+				"the token is bound to a different caller address, or something between rewrites the request", who),
+			[]string{"check for a proxy or NAT between this namespace and " + r.Endpoint + " that changes the source address between requests"},
+			ExitV2Refused
+	case get.Status == http.StatusForbidden:
+		return fmt.Sprintf("%s issues IMDSv2 tokens but forbids the metadata (HTTP 403 to GET /latest/meta-data/): "+
+				"a path policy (imds-proxy --deny-path or --allow-path) refuses it", who),
+			[]string{"check the proxy's --allow-path and --deny-path"}, ExitV2Refused
+	case get.Status != 0:
+		return fmt.Sprintf("%s issues IMDSv2 tokens, but the metadata request with one failed (HTTP %d to GET /latest/meta-data/)", who, get.Status),
+			nil, ExitV2Unavailable
+	}
+	return fmt.Sprintf("%s issues IMDSv2 tokens, but the metadata request with one did not complete (GET /latest/meta-data/ failed: %s)", who, get.Error),
+		nil, ExitV2Unavailable
 }

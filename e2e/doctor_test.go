@@ -88,6 +88,16 @@ func TestDoctorDiagnoses(t *testing.T) {
 			t.Errorf("exit %d, report %+v; want healthy through the sidecar with its rules present", code, r)
 		}
 	})
+	t.Run("behind a sidecar denying the metadata path", func(t *testing.T) {
+		// The token works; the metadata GET with it is refused by the path policy.
+		e := testutil.NewEC2(t, 2, true)
+		startSidecar(t, e, "--upstream", "http://169.254.169.254", "--deny-path", "/latest/meta-data/")
+		r, code := runDoctor(t, e.Task)
+		if code != doctor.ExitV2Refused || r.Token.Status != 200 || r.V2Get == nil || r.V2Get.Status != 403 ||
+			strings.Contains(r.Diagnosis, "refuses IMDSv2 tokens") || !strings.Contains(r.Diagnosis, "HTTP 403 to GET /latest/meta-data/") {
+			t.Errorf("exit %d, report %+v; want the metadata GET's 403 diagnosed, not a refused token", code, r)
+		}
+	})
 	t.Run("VPC CNI pod behind an address-less REDIRECT", func(t *testing.T) {
 		// The rule an imds-proxy before DNAT delivery installed, in its chain.
 		e := testutil.NewEC2On(t, testutil.VPCCNI, 1, true)

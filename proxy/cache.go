@@ -26,7 +26,9 @@ type CacheConfig struct {
 	// later than this before their Expiration.
 	CredentialMargin time.Duration
 	// Uncached lists path segments whose paths are never cached: answers
-	// that change without notice (spot interruptions, scheduled events).
+	// that change without notice and must be seen at once (spot
+	// interruptions, scheduled events, rebalance recommendations, Auto
+	// Scaling's target-lifecycle-state).
 	Uncached []string
 }
 
@@ -44,7 +46,7 @@ func (c CacheConfig) validate() error {
 func DefaultCacheConfig() CacheConfig {
 	return CacheConfig{
 		TTL: 5 * time.Second, StaleTTL: 5 * time.Minute, MaxEntries: 1024, MaxBytes: 4 << 20,
-		CredentialMargin: 5 * time.Minute, Uncached: []string{"spot", "events", "instance-action", "rebalance"},
+		CredentialMargin: 5 * time.Minute, Uncached: []string{"spot", "events", "instance-action", "rebalance", "autoscaling"},
 	}
 }
 

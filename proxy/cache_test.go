@@ -52,8 +52,9 @@ func TestCacheFreshThenStaleThenGone(t *testing.T) {
 	}
 }
 
-// TestCacheKeepsOnlyWhatItShould: errors, 401s, uncached paths, proxy-made
-// 503s and credentials near or past expiry are never stored.
+// TestCacheKeepsOnlyWhatItShould: errors, 401s, time-sensitive paths (spot,
+// events, rebalance, Auto Scaling lifecycle), proxy-made 503s and
+// credentials near or past expiry are never stored.
 func TestCacheKeepsOnlyWhatItShould(t *testing.T) {
 	c, clk, _ := testCache(DefaultCacheConfig())
 	creds := func(expiry time.Time) string {
@@ -72,6 +73,7 @@ func TestCacheKeepsOnlyWhatItShould(t *testing.T) {
 		"spot":                  {"/latest/meta-data/spot/instance-action", answer(200, "{}")},
 		"events":                {"/latest/meta-data/events/maintenance/scheduled", answer(200, "[]")},
 		"rebalance":             {"/latest/meta-data/events/recommendations/rebalance", answer(200, "{}")},
+		"autoscaling":           {"/latest/meta-data/autoscaling/target-lifecycle-state", answer(200, "InService")},
 		"expired credentials":   {"/latest/meta-data/iam/security-credentials/r", answer(200, creds(clk.t.Add(-time.Hour)))},
 		"credentials in margin": {"/latest/meta-data/iam/security-credentials/r", answer(200, creds(clk.t.Add(4*time.Minute)))},
 		"no Expiration":         {"/latest/meta-data/iam/security-credentials/r", answer(200, `{"AccessKeyId":"ASIA","Expiration":"soon"}`)},

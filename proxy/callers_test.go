@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"slices"
 	"testing"
 
 	"github.com/imds-proxy/imds-proxy/proxy"
@@ -107,5 +108,42 @@ func TestV1AttributionIsRateBounded(t *testing.T) {
 	}
 	if blocked := h.metric("imds_proxy_requests_total", map[string]string{"outcome": "v1_blocked"}); blocked != flood {
 		t.Errorf("%v blocked, want all %d", blocked, flood)
+	}
+}
+
+// TestV1CallersSurviveAFlood: one address sending a thousand distinct
+// User-Agents cannot push the callers already in the table out of it.
+func TestV1CallersSurviveAFlood(t *testing.T) {
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block }, nil)
+	real := []string{"aws-cli/1.18.69 Python/2.7.18", "aws-sdk-java/1.11.0", "legacy-script/1.0"}
+	for _, ua := range real {
+		h.do("GET", "/latest/meta-data/instance-id", http.Header{"User-Agent": {ua}})
+	}
+	const flood = 1100
+	for i := 0; i < flood; i++ {
+		h.doFrom(otherLoopback(t), "GET", "/latest/meta-data/", http.Header{"User-Agent": {fmt.Sprintf("flood-%d/1.0", i)}})
+	}
+	callers := h.v1Callers()
+	flooder := 0
+	for _, c := range callers {
+		if c.Caller == "127.0.0.2" {
+			flooder++
+		}
+	}
+	for _, ua := range real {
+		if !slices.ContainsFunc(callers, func(c proxy.V1Caller) bool { return c.Caller == "127.0.0.1" && c.UserAgent == ua && c.Count == 1 }) {
+			t.Errorf("caller %q was evicted by one address's flood (the flooder holds %d of %d entries)", ua, flooder, len(callers))
+		}
+	}
+	// The flooder's requests are attributed to its process up to the
+	// attribution rate, and counted as unattributed past it: two quotas.
+	if flooder > 2*1024/16 {
+		t.Errorf("the flooding address holds %d entries, want at most two quotas of %d", flooder, 1024/16)
+	}
+	if n := h.metric("imds_proxy_v1_callers_evicted_total", map[string]string{"reason": "quota"}); n != float64(flood-flooder) {
+		t.Errorf("%v evictions counted as reason=quota, want the %d flood entries no longer held", n, flood-flooder)
+	}
+	if n := h.metric("imds_proxy_v1_callers_evicted_total", map[string]string{"reason": "full"}); n != 0 {
+		t.Errorf("%v evictions counted as reason=full, want 0: the table never filled", n)
 	}
 }

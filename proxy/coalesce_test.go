@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"io"
 	"net/http"
 	"sync"
 	"testing"
@@ -65,5 +66,63 @@ func TestConcurrentIdenticalGETsShareOneUpstreamRequest(t *testing.T) {
 		if perPath[p] < 1 || perPath[p] > 2 {
 			t.Errorf("%s: %d upstream requests for %d concurrent clients, want 1 (at most 2)", p, perPath[p], clients/2)
 		}
+	}
+}
+
+// TestCoalescedCallersShareOnlyWhatBothAskedFor: two callers in flight at
+// once, one sending Range, share one upstream request, and the one without
+// Range still gets the whole answer, because the proxy sends the upstream
+// none of a client's headers (the upstream here honours Range). Both send
+// Accept-Encoding: identity, as botocore does, so that net/http's client adds
+// nothing that tells them apart.
+func TestCoalescedCallersShareOnlyWhatBothAskedFor(t *testing.T) {
+	up := newScriptedIMDS(t, func(string, int) int { return 200 })
+	slow := testutil.NewDelayingTap(t, up.srv.Listener.Addr().String(), 300*time.Millisecond)
+	h := startProxy(t, testConfig(slow.URL()), nil) // no cache: only coalescing can share
+	tok := h.token()
+	const path = "/latest/user-data"
+	const whole = "answer /latest/user-data #1"
+	before := len(slow.Requests())
+
+	type result struct {
+		status int
+		body   string
+		err    error
+	}
+	ranged := make(chan result, 1)
+	go func() {
+		req, _ := http.NewRequest("GET", h.srv.URL+path, nil)
+		req.Header = http.Header{token.Header: {tok}, "Range": {"bytes=0-5"}, "Accept-Encoding": {"identity"}}
+		resp, err := h.srv.Client().Do(req)
+		if err != nil {
+			ranged <- result{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		ranged <- result{resp.StatusCode, string(body), err}
+	}()
+	if err := slow.WaitRequests(before+1, 5*time.Second); err != nil { // the ranged request is upstream, held by the tap
+		t.Fatal(err)
+	}
+	plain := h.do("GET", path, http.Header{token.Header: {tok}, "Accept-Encoding": {"identity"}})
+	r := <-ranged
+	if r.err != nil {
+		t.Fatalf("the caller sending Range: %v", r.err)
+	}
+	if plain.status != 200 || plain.body != whole {
+		t.Errorf("the caller without Range got %d %q, want 200 %q", plain.status, plain.body, whole)
+	}
+	if r.status != 200 || r.body != whole {
+		t.Errorf("the caller sending Range got %d %q, want 200 %q (the proxy does not pass Range on)", r.status, r.body, whole)
+	}
+	seen := slow.Requests()[before:]
+	for _, s := range seen {
+		if v, ok := s.Header["Range"]; ok {
+			t.Errorf("the upstream saw Range %q", v)
+		}
+	}
+	if len(seen) != 1 {
+		t.Errorf("the upstream saw %d requests for two callers in flight at once, want 1", len(seen))
 	}
 }

@@ -21,7 +21,10 @@ import (
 
 // scriptedIMDS is an upstream whose metadata answers a test scripts, to
 // produce what the real IMDS does only under load or failure (429, 5xx).
-// It issues session tokens like IMDS and counts the GETs of each path.
+// It issues session tokens like IMDS and counts the GETs of each path. Its
+// 200 answers go through http.ServeContent, which honours Range and
+// conditional headers as an HTTP server may: a client header that reaches it
+// can change its answer.
 type scriptedIMDS struct {
 	srv    *httptest.Server
 	mu     sync.Mutex
@@ -51,8 +54,13 @@ func (s *scriptedIMDS) serve(w http.ResponseWriter, r *http.Request) {
 	n := s.gets[r.URL.Path]
 	s.mu.Unlock()
 	status := s.status(r.URL.Path, n)
+	body := "answer " + r.URL.Path + " #" + string(rune('0'+n%10))
+	if status == http.StatusOK {
+		http.ServeContent(w, r, "", time.Time{}, strings.NewReader(body))
+		return
+	}
 	w.WriteHeader(status)
-	_, _ = w.Write([]byte("answer " + r.URL.Path + " #" + string(rune('0'+n%10))))
+	_, _ = w.Write([]byte(body))
 }
 
 func (s *scriptedIMDS) count(path string) int {
@@ -212,5 +220,52 @@ func TestChainedProxiesDoNotMultiplyRetries(t *testing.T) {
 	}
 	if got := up.count("/latest/meta-data/instance-id"); got != 3 {
 		t.Errorf("IMDS saw %d GETs for one client request through two proxies, want 3 (the node agent's attempts)", got)
+	}
+}
+
+// TestLifecycleStateIsNeverCached: Auto Scaling's target-lifecycle-state
+// tells a workload to drain before termination, so every GET of it reaches
+// IMDS and AEMM's change from InService to Terminated shows through the proxy
+// at once (with the 5 s cache it showed up to 5 s late).
+func TestLifecycleStateIsNeverCached(t *testing.T) {
+	const path = "/latest/meta-data/autoscaling/target-lifecycle-state"
+	const flipAfter = 3 * time.Second
+	aemm := testutil.StartAEMM(t, "-I", "--asg-termination-delay-sec", fmt.Sprint(int(flipAfter.Seconds())))
+	listening := time.Now() // AEMM counts its delay from its start, which was before this
+	tap := testutil.NewTap(t, aemm.Addr)
+	cfg := testConfig(tap.URL())
+	cfg.Cache = proxy.DefaultCacheConfig()
+	h := startProxy(t, cfg, nil)
+	auth := http.Header{token.Header: {h.token()}}
+
+	var answers []string
+	for gets := 1; ; gets++ {
+		before := len(tap.Requests())
+		r := h.do("GET", path, auth)
+		if r.status != 200 {
+			t.Fatalf("GET %d: %d %q", gets, r.status, r.body)
+		}
+		if got := len(tap.Requests()) - before; got != 1 {
+			t.Fatalf("GET %d (%q) cost %d upstream requests, want 1: answered from the cache", gets, r.body, got)
+		}
+		if len(answers) == 0 || answers[len(answers)-1] != r.body {
+			answers = append(answers, r.body)
+		}
+		if r.body == "Terminated" {
+			break
+		}
+		// AEMM has flipped by listening+flipAfter; one poll interval and a
+		// request's time later the proxy must show it.
+		if time.Since(listening) > flipAfter+time.Second {
+			t.Fatalf("still %q %s after AEMM started, which flips to Terminated after %s; answers so far %q",
+				r.body, time.Since(listening).Round(time.Millisecond), flipAfter, answers)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if len(answers) != 2 || answers[0] != "InService" {
+		t.Errorf("answers through the proxy %q, want InService then Terminated", answers)
+	}
+	if n := h.metric("imds_proxy_cache_requests_total", map[string]string{"result": "hit"}); n != 0 {
+		t.Errorf("%v cache hits, want none", n)
 	}
 }

@@ -11,8 +11,6 @@ import (
 
 	"github.com/elazarl/goproxy"
 	"golang.org/x/sync/singleflight"
-
-	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // forwarder sends client requests to the upstream with the proxy's own
@@ -40,7 +38,9 @@ const maxSharedBody = 1 << 20
 // upstream request, so a burst of clients (a deployment starting, every
 // SDK refreshing credentials) costs IMDS's link-local packet budget once.
 func (f *forwarder) RoundTrip(req *http.Request, ctx *goproxy.ProxyCtx) (*http.Response, error) {
-	key := req.Method + " " + req.URL.Path + "\x00" + req.Header.Get("Accept-Encoding")
+	// The key is the whole upstream request: send adds only the proxy's own
+	// headers (upstreamHeader), the same for every client.
+	key := req.Method + " " + req.URL.Path
 	cacheable := req.Method == http.MethodGet && f.cache.cacheable(req.URL.Path)
 	if cacheable {
 		if hit := f.cache.fresh(key); hit != nil {
@@ -175,19 +175,14 @@ func markUnavailable(ctx *goproxy.ProxyCtx, unavailable bool) {
 	}
 }
 
-// send makes one upstream request, with the session token if there is one.
+// send makes one upstream request for req's method and path, with the
+// proxy's headers only and the session token if there is one.
 func (f *forwarder) send(req *http.Request, sessionToken string) (*http.Response, error) {
 	out := req.Clone(req.Context())
 	out.URL.Scheme, out.URL.Host, out.Host = f.upstream.Scheme, f.upstream.Host, f.upstream.Host
 	out.Body = http.NoBody
 	out.Close = false // a client closing its connection is no reason to close the pooled one to IMDS
-	out.Header.Set(loopHeader, f.id)
-	if sessionToken != "" {
-		out.Header.Set(token.Header, sessionToken)
-	}
-	if out.Header.Get("User-Agent") == "" {
-		out.Header.Set("User-Agent", "") // stop net/http adding its own
-	}
+	out.Header = upstreamHeader(f.id, sessionToken)
 	start := time.Now()
 	resp, err := f.transport.RoundTrip(out)
 	f.metrics.upstreamLatency.WithLabelValues("metadata").Observe(time.Since(start).Seconds())

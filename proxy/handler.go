@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"net"
 	"net/http"
@@ -42,14 +43,14 @@ func (p *Proxy) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Req
 	ctx.UserData = x
 	if r.URL.Host != p.cfg.Upstream.Host { // defence in depth: ServeHTTP already pinned it
 		x.outcome = outcomeNotAProxy
-		return r, textResponse(r, http.StatusForbidden, "not a forward proxy")
+		return r, imdsError(r, http.StatusForbidden)
 	}
 	if r.URL.Path == tokenPath {
 		return r, p.serveToken(r, x)
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		x.outcome = outcomeMethodNotAllowed
-		resp := textResponse(r, http.StatusMethodNotAllowed, "method not allowed")
+		resp := imdsError(r, http.StatusMethodNotAllowed)
 		resp.Header.Set("Allow", "GET, HEAD")
 		return r, resp
 	}
@@ -74,24 +75,21 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 	tokens := r.Header.Values(token.Header)
 	switch len(tokens) {
 	case 0:
-		proc, attributed := p.attribute(r)
-		msg := "IMDSv1 request (no token)"
-		if p.cfg.V1 == V1Warn {
-			msg = "IMDSv1 request (no token): --v1 block would refuse it"
+		if r.Header.Get(probeHeader) != "" {
+			return p.answerProbe(r, x)
 		}
-		p.log.Warn(msg, zap.String("method", r.Method), zap.String("path", r.URL.Path),
-			zap.String("user_agent", r.UserAgent()), zap.String("caller", x.caller.String()),
-			zap.String("policy", string(p.cfg.V1)), zap.Intp("uid", proc.UID), zap.Int("pid", proc.PID),
-			zap.String("command", proc.Command), zap.String("executable", proc.Executable))
-		p.metrics.v1BySDK.WithLabelValues(sdkFamily(r.UserAgent())).Inc()
+		policy := p.v1Policy(r.Context())
+		proc, attributed := p.attribute(r)
 		if attributed {
 			p.callers.record(x.caller.String(), r.UserAgent(), r.URL.Path, proc, x.start)
 		} else {
-			p.callers.recordUnattributed(x.caller.String(), r.UserAgent(), r.URL.Path, x.start)
+			proc = p.callers.recordUnattributed(x.caller.String(), r.UserAgent(), r.URL.Path, x.start)
 		}
-		if p.cfg.V1 == V1Block {
+		p.logV1(r, x, proc, policy)
+		p.metrics.v1BySDK.WithLabelValues(sdkFamily(r.UserAgent())).Inc()
+		if policy == V1Block {
 			x.outcome = outcomeV1Blocked
-			return unauthorized(r)
+			return imdsError(r, http.StatusUnauthorized)
 		}
 		p.metrics.v1WouldBlock.Inc()
 		return nil
@@ -99,12 +97,94 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 		if err := p.minter.Verify(tokens[0], x.caller); err != nil {
 			x.outcome = outcomeUnauthorized
 			p.log.Debug("token rejected", zap.String("reason", err.Error()), zap.String("caller", x.caller.String()))
-			return unauthorized(r)
+			return imdsError(r, http.StatusUnauthorized)
 		}
 		return nil
 	}
 	x.outcome = outcomeBadRequest
-	return textResponse(r, http.StatusBadRequest, "more than one token header")
+	return imdsError(r, http.StatusBadRequest)
+}
+
+// logV1 logs a tokenless request within the per-caller log limit: every
+// field a client chose is truncated, and a flood from one caller costs a
+// few lines and a summary, not a line per request.
+func (p *Proxy) logV1(r *http.Request, x *exchange, proc Process, policy V1Policy) {
+	key := logKey{kind: logKindV1, caller: x.caller.String(), uid: uidOf(proc)}
+	if !p.logs.allow(key, r.URL.Path, r.UserAgent()) {
+		return
+	}
+	msg := "IMDSv1 request (no token)"
+	if policy == V1Warn {
+		msg = "IMDSv1 request (no token): --v1 block would refuse it"
+	}
+	p.log.Warn(msg, zap.String("method", r.Method), zap.String("path", truncate(r.URL.Path)),
+		zap.String("user_agent", truncate(r.UserAgent())), zap.String("caller", x.caller.String()),
+		zap.String("policy", string(policy)), zap.String("configured_policy", string(p.cfg.V1)),
+		zap.Intp("uid", proc.UID), zap.Int("pid", proc.PID),
+		zap.String("command", proc.Command), zap.String("executable", proc.Executable))
+}
+
+// v1Policy is the IMDSv1 policy in force now: the configured one, or for
+// auto, block while the upstream refuses tokenless requests or nobody knows
+// yet whether it does, and allow once it is known to serve them.
+func (p *Proxy) v1Policy(ctx context.Context) V1Policy {
+	if p.cfg.V1 != V1Auto {
+		return p.cfg.V1
+	}
+	// A request that arrives before the first probe has answered waits for
+	// it, rather than being refused for want of an answer.
+	p.session.waitDecided(ctx)
+	return effectiveV1(p.cfg.V1, p.session.v1State())
+}
+
+func effectiveV1(configured V1Policy, upstream upstreamV1) V1Policy {
+	switch {
+	case configured != V1Auto:
+		return configured
+	case upstream == upstreamV1Served:
+		return V1Allow
+	}
+	return V1Block
+}
+
+// answerProbe answers a chained imds-proxy's probe (see probeHeader) with
+// this proxy's own policy: 401 where it refuses tokenless requests, an
+// empty 200 where it serves them. Nothing is forwarded, logged at info or
+// entered in /v1-callers: the probe is not an IMDSv1 caller.
+func (p *Proxy) answerProbe(r *http.Request, x *exchange) *http.Response {
+	x.outcome = outcomeV1Probe
+	if p.v1Policy(r.Context()) == V1Block {
+		return imdsError(r, http.StatusUnauthorized)
+	}
+	return textResponse(r, http.StatusOK, "")
+}
+
+// v1StateChanged reports what the upstream's IMDSv1 policy, as probed,
+// means here: in imds_proxy_v1_policy, and in the log when it changed or
+// the first probe could not tell (err says why).
+func (p *Proxy) v1StateChanged(prev, next upstreamV1, err error) {
+	p.metrics.setV1Policy(p.cfg.V1, effectiveV1(p.cfg.V1, next))
+	if prev == next && next != upstreamV1Unknown {
+		return
+	}
+	fields := []zap.Field{zap.String("configured_policy", string(p.cfg.V1)),
+		zap.String("policy", string(effectiveV1(p.cfg.V1, next))), zap.Stringer("upstream_v1", next)}
+	if err != nil {
+		fields = append(fields, zap.Error(err))
+	}
+	switch {
+	case p.cfg.V1 == V1Auto && next == upstreamV1Refused:
+		p.log.Info("the upstream refuses tokenless (IMDSv1) requests: --v1 auto refuses them here too", fields...)
+	case p.cfg.V1 == V1Auto && next == upstreamV1Served:
+		p.log.Info("the upstream serves tokenless (IMDSv1) requests: --v1 auto serves them here too", fields...)
+	case p.cfg.V1 == V1Auto:
+		p.log.Warn("cannot tell whether the upstream serves tokenless (IMDSv1) requests: "+
+			"--v1 auto refuses them until it can", fields...)
+	case next == upstreamV1Refused && (p.cfg.V1 == V1Allow || p.cfg.V1 == V1Warn):
+		p.log.Warn("--v1 "+string(p.cfg.V1)+" re-opens IMDSv1, which the upstream refuses (tokens are required there): "+
+			"a tokenless request, such as a container's SSRF, gets metadata and role credentials through this proxy's "+
+			"own token; use --v1 auto (the default) or block unless callers still need IMDSv1 during a migration", fields...)
+	}
 }
 
 // attribute finds the process behind an IMDSv1 request where the shape lets
@@ -128,13 +208,15 @@ func (p *Proxy) checkPath(r *http.Request, x *exchange) *http.Response {
 	clean, err := NormalisePath(r.URL.EscapedPath())
 	if err != nil {
 		x.outcome = outcomeBadRequest
-		return textResponse(r, http.StatusBadRequest, "bad request")
+		return imdsError(r, http.StatusBadRequest)
 	}
 	if !p.cfg.Paths.Allows(clean) {
 		x.outcome = outcomePathDenied
-		p.log.Info("path denied by policy", zap.String("path", clean), zap.String("caller", x.caller.String()),
-			zap.String("user_agent", r.UserAgent()))
-		return textResponse(r, http.StatusForbidden, "forbidden by imds-proxy path policy")
+		if p.logs.allow(logKey{kind: logKindPathDenied, caller: x.caller.String(), uid: -1}, clean, r.UserAgent()) {
+			p.log.Info("path denied by policy", zap.String("path", truncate(clean)), zap.String("caller", x.caller.String()),
+				zap.String("user_agent", truncate(r.UserAgent())))
+		}
+		return imdsError(r, http.StatusForbidden)
 	}
 	// IMDS takes no query string: dropping it means what was checked (and
 	// what the cache keys on) is exactly what the upstream is sent.
@@ -146,16 +228,18 @@ func (p *Proxy) checkPath(r *http.Request, x *exchange) *http.Response {
 func (p *Proxy) serveToken(r *http.Request, x *exchange) *http.Response {
 	x.outcome = outcomeTokenRefused
 	if r.Method != http.MethodPut {
-		resp := textResponse(r, http.StatusMethodNotAllowed, "method not allowed")
+		resp := imdsError(r, http.StatusMethodNotAllowed)
 		resp.Header.Set("Allow", "PUT")
 		return resp
 	}
 	if len(r.Header.Values("X-Forwarded-For")) > 0 {
-		return textResponse(r, http.StatusForbidden, "forbidden")
+		// IMDS refuses token requests with a 403 and no body at all
+		// (aws-beam/aws_credentials#47 quotes one), unlike its other errors.
+		return textResponse(r, http.StatusForbidden, "")
 	}
 	ttl, err := token.ParseTTL(r.Header.Values(token.TTLHeader))
 	if err != nil {
-		return textResponse(r, http.StatusBadRequest, "bad request: "+err.Error())
+		return imdsError(r, http.StatusBadRequest)
 	}
 	if !x.caller.IsValid() {
 		p.log.Error("cannot bind token to caller: unparseable remote address", zap.String("remote_addr", r.RemoteAddr))
@@ -163,7 +247,7 @@ func (p *Proxy) serveToken(r *http.Request, x *exchange) *http.Response {
 	}
 	tok, _, err := p.minter.Mint(x.caller, ttl)
 	if err != nil {
-		return textResponse(r, http.StatusBadRequest, "bad request")
+		return imdsError(r, http.StatusBadRequest)
 	}
 	x.outcome = outcomeTokenIssued
 	x.ttl = int(ttl.Seconds())
@@ -209,7 +293,7 @@ func (p *Proxy) upstreamFailure(ctx *goproxy.ProxyCtx, x *exchange) *http.Respon
 		status, outcome = http.StatusGatewayTimeout, outcomeUpstreamTimeout
 	}
 	x.outcome = outcome
-	p.log.Warn("upstream request failed", zap.String("path", ctx.Req.URL.Path),
+	p.log.Warn("upstream request failed", zap.String("path", truncate(ctx.Req.URL.Path)),
 		zap.String("caller", x.caller.String()), zap.Int("status", status), zap.Error(err))
 	return textResponse(ctx.Req, status, http.StatusText(status))
 }
@@ -218,15 +302,39 @@ func (p *Proxy) upstreamFailure(ctx *goproxy.ProxyCtx, x *exchange) *http.Respon
 func (p *Proxy) record(x *exchange, r *http.Request, status int) {
 	p.metrics.requests.WithLabelValues(methodLabel(r.Method), x.outcome, x.version).Inc()
 	if ce := p.log.Check(zap.DebugLevel, "request"); ce != nil {
-		ce.Write(zap.String("method", r.Method), zap.String("path", r.URL.Path),
+		ce.Write(zap.String("method", truncate(r.Method)), zap.String("path", truncate(r.URL.Path)),
 			zap.Int("status", status), zap.String("outcome", x.outcome),
 			zap.String("imds_version", x.version), zap.String("caller", x.caller.String()),
-			zap.String("user_agent", r.UserAgent()), zap.Int("token_ttl", x.ttl), zap.Duration("duration", time.Since(x.start)))
+			zap.String("user_agent", truncate(r.UserAgent())), zap.Int("token_ttl", x.ttl), zap.Duration("duration", time.Since(x.start)))
 	}
 }
 
-func unauthorized(r *http.Request) *http.Response {
-	return textResponse(r, http.StatusUnauthorized, "unauthorized")
+// imdsErrorType is the Content-Type of IMDS's error pages.
+const imdsErrorType = "text/html"
+
+// imdsErrorPage is the body IMDS sends with an error status: an XHTML page
+// titled "<code> - <reason>", as the AWS SDK for Go's tests quote its 404
+// (aws/aws-sdk-go, aws/ec2metadata/api_test.go) and SDKs print it.
+func imdsErrorPage(status int) string {
+	title := strconv.Itoa(status) + " - " + http.StatusText(status)
+	return `<?xml version="1.0" encoding="iso-8859-1"?>
+<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"
+         "http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">
+<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">
+ <head>
+  <title>` + title + `</title>
+ </head>
+ <body>
+  <h1>` + title + `</h1>
+ </body>
+</html>`
+}
+
+// imdsError answers status as IMDS does, with its error page.
+func imdsError(r *http.Request, status int) *http.Response {
+	resp := goproxy.NewResponse(r, imdsErrorType, status, imdsErrorPage(status))
+	resp.Header.Set("Server", serverName)
+	return resp
 }
 
 func textResponse(r *http.Request, status int, body string) *http.Response {

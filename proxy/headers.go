@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"net/textproto"
 	"strings"
+
+	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // hopByHopHeaders are meaningful only for one connection and are never
@@ -44,4 +46,17 @@ func removeForwarding(h http.Header) {
 	for _, name := range forwardingHeaders {
 		h.Del(name)
 	}
+}
+
+// upstreamHeader is the whole header of a forwarded request: the proxy's
+// loop-detection id, its User-Agent and its session token (none in IMDSv1
+// fallback). IMDS answers a GET by its path and token alone. No header of the
+// client's is sent (Range, conditionals, Accept-Encoding, its User-Agent), so
+// requests for one path are identical upstream and may share one answer.
+func upstreamHeader(proxyID, sessionToken string) http.Header {
+	h := http.Header{loopHeader: {proxyID}, "User-Agent": {userAgent}}
+	if sessionToken != "" {
+		h.Set(token.Header, sessionToken)
+	}
+	return h
 }

@@ -4,12 +4,19 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
 )
 
@@ -119,4 +126,83 @@ func TestHostileInput(t *testing.T) {
 	if id, _ := io.ReadAll(out.Content); string(id) != "i-1234567890abcdef0" {
 		t.Errorf("after the hostile table, the SDK read %q", id)
 	}
+}
+
+// TestV1LogFloodIsBounded: tokenless requests with 16 KiB User-Agents and
+// long paths, as fast as one client sends them, cost the log a few
+// truncated lines and one summary at the default level (info), not a line
+// each; another caller's first request is still logged on its own.
+func TestV1LogFloodIsBounded(t *testing.T) {
+	const window = 3 * time.Second
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block; c.V1LogInterval = window }, nil)
+	const flood = 500
+	pad := strings.Repeat("A", 16<<10-64)
+	long := "/latest/meta-data/" + strings.Repeat("p", 4000)
+	start := time.Now()
+	for i := 0; i < flood; i++ {
+		h.do("GET", long+strconv.Itoa(i), http.Header{"User-Agent": {fmt.Sprintf("hostile-%d/%s", i, pad)}})
+	}
+	h.doFrom(otherLoopback(t), "GET", "/latest/meta-data/", http.Header{"User-Agent": {"legacy-script/1.0"}})
+	// The limit is per window: a flood slowed down by a loaded machine
+	// spans more of them, and may cost more lines.
+	windows := int(time.Since(start)/window) + 1
+	// Every request is accounted for, in a line of its own or in a
+	// summary at the end of a window.
+	var lines, summaries []observer.LoggedEntry
+	var summarized uint64
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		lines = h.logsContaining("IMDSv1 request (no token)")
+		summaries = h.logsContaining("IMDSv1 requests (no token) not logged one by one")
+		summarized = 0
+		for _, s := range summaries {
+			summarized += s.ContextMap()["count"].(uint64)
+		}
+		if uint64(len(lines))+summarized == flood+1 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if uint64(len(lines))+summarized != flood+1 || len(summaries) == 0 || len(lines) > 20*windows {
+		t.Errorf("%d lines and %d summaries counting %d requests, want a few lines and summaries accounting for all %d", len(lines), len(summaries), summarized, flood+1)
+	}
+	for _, s := range summaries {
+		if p, _ := s.ContextMap()["last_path"].(string); !strings.HasPrefix(p, "/latest/meta-data/ppp") {
+			t.Errorf("summary's last path %.40q..., want the flood's", p)
+		}
+	}
+	if !slices.ContainsFunc(lines, func(e observer.LoggedEntry) bool { return e.ContextMap()["caller"] == "127.0.0.2" }) {
+		t.Error("another caller's request was not logged while the flood's were held back")
+	}
+	for _, e := range h.logs.All() {
+		for k, v := range e.ContextMap() {
+			if s, ok := v.(string); ok && len(s) > 256 {
+				t.Errorf("log %q field %s holds %d bytes of the client's, want at most 256", e.Message, k, len(s))
+			}
+		}
+	}
+	budget := max(64<<10, 32<<10*windows)
+	n := loggedBytes(t, h, zapcore.InfoLevel)
+	t.Logf("%d requests: %d lines, %d summaries, %d bytes of log", flood+1, len(lines), len(summaries), n)
+	if n > budget {
+		t.Errorf("%d tokenless requests in %d log windows wrote %d bytes of log at info and above, want at most %d", flood, windows, n, budget)
+	}
+}
+
+// loggedBytes is how many bytes the entries of h at min or above take as
+// the binary writes them (JSON, zap's production encoder).
+func loggedBytes(t *testing.T, h *harness, min zapcore.Level) int {
+	t.Helper()
+	enc := zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig())
+	total := 0
+	for _, e := range h.logs.All() {
+		if e.Level < min {
+			continue
+		}
+		buf, err := enc.EncodeEntry(e.Entry, e.Context)
+		if err != nil {
+			t.Fatal(err)
+		}
+		total += buf.Len()
+		buf.Free()
+	}
+	return total
 }

@@ -2,11 +2,14 @@ package proxy_test
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"net/http"
 	"sync"
 	"testing"
 	"time"
+
+	"go.uber.org/zap/zapcore"
 
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 	"github.com/imds-proxy/imds-proxy/proxy"
@@ -17,7 +20,14 @@ import (
 // a proxy whose upstream is the tap.
 func startBehindAEMM(t *testing.T, mutate func(*proxy.Config), minter *token.Minter) (*harness, *testutil.Tap) {
 	t.Helper()
-	aemm := testutil.StartAEMM(t, "-I")
+	return startBehindAEMMWith(t, []string{"-I"}, mutate, minter)
+}
+
+// startBehindAEMMWith is startBehindAEMM with AEMM started with args
+// (none: IMDSv1 allowed, as HttpTokens=optional).
+func startBehindAEMMWith(t *testing.T, args []string, mutate func(*proxy.Config), minter *token.Minter) (*harness, *testutil.Tap) {
+	t.Helper()
+	aemm := testutil.StartAEMM(t, args...)
 	tap := testutil.NewTap(t, aemm.Addr)
 	cfg := testConfig(tap.URL())
 	if mutate != nil {
@@ -208,4 +218,262 @@ func (c *fakeClock) advance(d time.Duration) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.t = c.t.Add(d)
+}
+
+// TestV1AutoFollowsTokensRequired: on an upstream that requires tokens
+// (AEMM -I, as HttpTokens=required), the auto policy refuses tokenless
+// requests as the upstream would, forwards nothing, and says so.
+func TestV1AutoFollowsTokensRequired(t *testing.T) {
+	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Auto }, nil)
+	probes := tokenlessSeen(tap)
+	if len(probes) != 1 || probes[0].Path != "/latest/meta-data/" || probes[0].Header.Get("X-Imds-Proxy-Probe") == "" {
+		t.Errorf("at start the upstream saw tokenless requests %+v, want the proxy's one probe of /latest/meta-data/", probes)
+	}
+	before := len(tap.Requests())
+	if r := h.do("GET", "/latest/meta-data/iam/security-credentials/", nil); r.status != http.StatusUnauthorized || r.body != imdsErrorPage(401) {
+		t.Errorf("tokenless GET under auto, upstream requiring tokens: status %d %q, want IMDS's 401", r.status, r.body)
+	}
+	if seen := tap.Requests()[before:]; len(seen) != 0 {
+		t.Errorf("a refused tokenless request reached the upstream: %+v", seen)
+	}
+	if c := h.v1Callers(); len(c) != 1 || c[0].Count != 1 {
+		t.Errorf("/v1-callers %+v: want the refused caller listed", c)
+	}
+	if n := h.metric("imds_proxy_v1_policy", map[string]string{"configured": "auto", "effective": "block"}); n != 1 {
+		t.Errorf("imds_proxy_v1_policy{configured=auto,effective=block} = %v, want 1", n)
+	}
+	if n := h.metric("imds_proxy_upstream_v1_state", map[string]string{"state": "refused"}); n != 1 {
+		t.Errorf("imds_proxy_upstream_v1_state{state=refused} = %v, want 1", n)
+	}
+	if l := h.logsContaining("--v1 auto refuses them here too"); len(l) != 1 {
+		t.Errorf("want one log line saying auto follows the upstream, got %+v", l)
+	}
+	// A token still works: only IMDSv1 is refused.
+	if r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {h.token()}}); r.status != 200 {
+		t.Errorf("IMDSv2 under auto: status %d, want 200", r.status)
+	}
+}
+
+// TestV1AutoServesWhereTheUpstreamDoes: with IMDSv1 allowed upstream
+// (HttpTokens=optional), auto serves tokenless requests as allow does.
+func TestV1AutoServesWhereTheUpstreamDoes(t *testing.T) {
+	h, _ := startBehindAEMMWith(t, nil, func(c *proxy.Config) { c.V1 = proxy.V1Auto }, nil)
+	if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != 200 || r.body != "i-1234567890abcdef0" {
+		t.Errorf("tokenless GET under auto, upstream serving IMDSv1: %d %q, want 200 and the instance id", r.status, r.body)
+	}
+	if n := h.metric("imds_proxy_v1_policy", map[string]string{"configured": "auto", "effective": "allow"}); n != 1 {
+		t.Errorf("imds_proxy_v1_policy{configured=auto,effective=allow} = %v, want 1", n)
+	}
+	if n := h.metric("imds_proxy_v1_would_block_total", nil); n != 1 {
+		t.Errorf("imds_proxy_v1_would_block_total = %v, want 1", n)
+	}
+}
+
+// TestV1AutoFollowsAChange: the instance is switched to HttpTokens=required
+// (AEMM restarted with -I at the same address); auto refuses tokenless
+// requests from the next session refresh on, or from the next probe between
+// refreshes.
+func TestV1AutoFollowsAChange(t *testing.T) {
+	for name, mutate := range map[string]func(*proxy.Config){
+		"at a session refresh":      func(c *proxy.Config) { c.UpstreamTokenTTL = 2 * time.Second },
+		"between session refreshes": func(c *proxy.Config) { c.V1ProbeInterval = 200 * time.Millisecond },
+	} {
+		t.Run(name, func(t *testing.T) {
+			addr := testutil.FreeLoopbackAddr(t)
+			aemm := testutil.StartAEMMAt(t, addr)
+			tap := testutil.NewTap(t, addr)
+			cfg := testConfig(tap.URL())
+			cfg.V1 = proxy.V1Auto
+			cfg.UpstreamRetryMin, cfg.UpstreamRetryMax = 100*time.Millisecond, 200*time.Millisecond
+			mutate(&cfg)
+			h := startProxy(t, cfg, nil)
+			if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != 200 {
+				t.Fatalf("tokenless GET before the switch: status %d, want 200", r.status)
+			}
+			aemm.Stop()
+			testutil.StartAEMMAt(t, addr, "-I")
+			deadline := time.Now().Add(10 * time.Second)
+			for h.do("GET", "/latest/meta-data/instance-id", nil).status != http.StatusUnauthorized {
+				if time.Now().After(deadline) {
+					t.Fatal("auto still serves tokenless requests 10s after the upstream began to require tokens")
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if l := h.logsContaining("--v1 auto refuses them here too"); len(l) != 1 {
+				t.Errorf("want one log line for the switch, got %+v", l)
+			}
+		})
+	}
+}
+
+// TestV1AutoFailsClosedUntilItKnows: while the probe gets no answer that
+// tells (the front answers garbage to GETs, token PUTs pass), auto refuses
+// tokenless requests and says why; once the upstream answers, auto follows
+// it (AEMM here allows IMDSv1).
+func TestV1AutoFailsClosedUntilItKnows(t *testing.T) {
+	aemm := testutil.StartAEMM(t)
+	front := newFaultyFront(t, aemm.Addr)
+	t.Cleanup(front.close)
+	front.set(garbage)
+	cfg := testConfig("http://" + front.addr)
+	cfg.V1 = proxy.V1Auto
+	cfg.UpstreamRetryMin, cfg.UpstreamRetryMax = 100*time.Millisecond, 200*time.Millisecond
+	h := startProxy(t, cfg, nil)
+	if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != http.StatusUnauthorized {
+		t.Errorf("tokenless GET while the upstream's IMDSv1 policy is unknown: %d, want 401", r.status)
+	}
+	if l := h.logsContaining("cannot tell whether the upstream serves tokenless"); len(l) != 1 || l[0].ContextMap()["error"] == nil {
+		t.Errorf("want one warning naming why auto cannot tell, got %+v", l)
+	}
+	if n := h.metric("imds_proxy_upstream_v1_state", map[string]string{"state": "unknown"}); n != 1 {
+		t.Errorf("imds_proxy_upstream_v1_state{state=unknown} = %v, want 1", n)
+	}
+	front.set(healthy)
+	deadline := time.Now().Add(10 * time.Second)
+	for h.do("GET", "/latest/meta-data/instance-id", nil).status != http.StatusOK {
+		if time.Now().After(deadline) {
+			t.Fatal("auto still refuses tokenless requests 10s after the upstream answered that it serves them")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if l := h.logsContaining("cannot tell whether"); len(l) != 1 {
+		t.Errorf("the unknown policy was logged %d times, want once (not on every retry)", len(l))
+	}
+}
+
+// TestV1AutoChained: a sidecar on auto whose upstream is a node agent sees
+// the node agent's policy, which answers the sidecar's probe itself: an
+// agent refusing IMDSv1 makes the sidecar refuse it, an agent explicitly
+// allowing it makes the sidecar serve it. The probe is no IMDSv1 caller of
+// the agent's.
+func TestV1AutoChained(t *testing.T) {
+	for _, c := range []struct {
+		agent  proxy.V1Policy
+		status int
+	}{{proxy.V1Auto, 401}, {proxy.V1Allow, 200}} {
+		t.Run("node agent "+string(c.agent), func(t *testing.T) {
+			agent, imdsTap := startBehindAEMM(t, func(cfg *proxy.Config) { cfg.V1 = c.agent; cfg.Shape = "node" }, nil)
+			agentTap := testutil.NewTap(t, agent.srv.Listener.Addr().String())
+			cfg := testConfig(agentTap.URL())
+			cfg.V1, cfg.Shape = proxy.V1Auto, "sidecar"
+			sidecar := startProxy(t, cfg, nil)
+			if got := tokenlessSeen(agentTap); len(got) != 1 || got[0].Header.Get("X-Imds-Proxy-Probe") == "" {
+				t.Errorf("the node agent saw tokenless requests %+v, want the sidecar's probe", got)
+			}
+			if got := tokenlessSeen(imdsTap); len(got) != 1 {
+				t.Errorf("IMDS saw %d tokenless requests, want the node agent's own probe only (the sidecar's is answered by the agent)", len(got))
+			}
+			if r := sidecar.do("GET", "/latest/meta-data/instance-id", nil); r.status != c.status {
+				t.Errorf("tokenless GET through the sidecar: %d, want %d", r.status, c.status)
+			}
+			if n := agent.metric("imds_proxy_requests_total", map[string]string{"outcome": "v1_policy_probe"}); n != 1 {
+				t.Errorf("the node agent counted %v probes, want 1", n)
+			}
+			for _, caller := range agent.v1Callers() {
+				if caller.UserAgent == "imds-proxy" {
+					t.Errorf("the sidecar's probe is listed among the node agent's IMDSv1 callers: %+v", caller)
+				}
+			}
+		})
+	}
+}
+
+// tokenlessSeen is what the upstream behind tap received without a token.
+func tokenlessSeen(tap *testutil.Tap) []testutil.SeenRequest {
+	var out []testutil.SeenRequest
+	for _, r := range tap.Requests() {
+		if r.Method != http.MethodPut && r.Header.Get(token.Header) == "" {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// TestV1AllowOverTokensRequiredWarns: an explicit --v1 allow on such an
+// upstream serves tokenless requests, and says once what it re-opens.
+func TestV1AllowOverTokensRequiredWarns(t *testing.T) {
+	h, _ := startBehindAEMM(t, nil, nil) // testConfig: allow
+	for i := 0; i < 3; i++ {
+		if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != http.StatusOK {
+			t.Fatalf("tokenless GET under explicit allow: status %d, want 200", r.status)
+		}
+	}
+	if w := h.logsContaining("re-opens IMDSv1"); len(w) != 1 || w[0].Level != zapcore.WarnLevel {
+		t.Errorf("want one warning that --v1 allow re-opens IMDSv1 the upstream refuses, got %+v", w)
+	}
+	if n := h.metric("imds_proxy_v1_policy", map[string]string{"configured": "allow", "effective": "allow"}); n != 1 {
+		t.Errorf("imds_proxy_v1_policy{configured=allow,effective=allow} = %v, want 1", n)
+	}
+}
+
+// TestV1BlockSendsNoProbe: block has no use for the upstream's IMDSv1
+// policy, and sends no tokenless request upstream at all.
+func TestV1BlockSendsNoProbe(t *testing.T) {
+	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block }, nil)
+	h.do("GET", "/latest/meta-data/", nil)
+	if got := tokenlessSeen(tap); len(got) != 0 {
+		t.Errorf("under block the upstream saw tokenless requests %+v", got)
+	}
+}
+
+// imdsErrorPage is the body IMDS sends with an error status, as the AWS SDK
+// for Go's tests quote it (aws/aws-sdk-go aws/ec2metadata/api_test.go).
+func imdsErrorPage(status int) string {
+	title := fmt.Sprintf("%d - %s", status, http.StatusText(status))
+	return `<?xml version="1.0" encoding="iso-8859-1"?>
+<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"
+         "http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">
+<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">
+ <head>
+  <title>` + title + `</title>
+ </head>
+ <body>
+  <h1>` + title + `</h1>
+ </body>
+</html>`
+}
+
+// TestErrorAnswersAreIMDSs: the answers the proxy makes itself carry the
+// status, body and Content-Type IMDS sends with them, and still name the proxy.
+func TestErrorAnswersAreIMDSs(t *testing.T) {
+	policy, err := proxy.NewPathPolicy(nil, []string{"/latest/user-data"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block; c.Paths = policy }, nil)
+	tok := h.token()
+	cases := []struct {
+		name, method, path string
+		header             http.Header
+		status             int
+	}{
+		{"tokenless, --v1 block", "GET", "/latest/meta-data/", nil, 401},
+		{"bad token", "GET", "/latest/meta-data/", http.Header{token.Header: {"forged"}}, 401},
+		{"two tokens", "GET", "/latest/meta-data/", http.Header{token.Header: {tok, tok}}, 400},
+		{"undecodable path", "GET", "/latest/%252e%252e/", http.Header{token.Header: {tok}}, 400},
+		{"path denied", "GET", "/latest/user-data", http.Header{token.Header: {tok}}, 403},
+		{"POST", "POST", "/latest/meta-data/", http.Header{token.Header: {tok}}, 405},
+		{"token GET", "GET", "/latest/api/token", nil, 405},
+		{"token TTL missing", "PUT", "/latest/api/token", nil, 400},
+		{"token TTL out of range", "PUT", "/latest/api/token", http.Header{token.TTLHeader: {"21601"}}, 400},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := h.do(c.method, c.path, c.header)
+			if r.status != c.status || r.body != imdsErrorPage(c.status) {
+				t.Errorf("status %d body %q, want %d and IMDS's page %q", r.status, r.body, c.status, imdsErrorPage(c.status))
+			}
+			if ct := r.header.Get("Content-Type"); ct != "text/html" {
+				t.Errorf("Content-Type %q, want IMDS's text/html", ct)
+			}
+			if r.header.Get("Server") != "EC2ws" || r.header.Get("X-Imds-Proxy") == "" {
+				t.Errorf("Server %q, X-Imds-Proxy %q: want EC2ws and the proxy named", r.header.Get("Server"), r.header.Get("X-Imds-Proxy"))
+			}
+		})
+	}
+	// A token request with X-Forwarded-For: IMDS answers 403 with no body.
+	r := h.do("PUT", "/latest/api/token", http.Header{token.TTLHeader: {"60"}, "X-Forwarded-For": {"10.0.0.1"}})
+	if r.status != 403 || r.body != "" || r.header.Get("Content-Type") != "text/plain" {
+		t.Errorf("token PUT with X-Forwarded-For: %d %q (%s), want 403 with an empty text/plain body", r.status, r.body, r.header.Get("Content-Type"))
+	}
 }

@@ -23,6 +23,7 @@ const (
 	outcomeHeaderTooLarge      = "header_too_large"
 	outcomeBodyTooLarge        = "body_too_large"
 	outcomeTooManyConnections  = "too_many_connections"
+	outcomeV1Probe             = "v1_policy_probe"
 )
 
 // metrics holds the proxy's Prometheus collectors.
@@ -34,7 +35,9 @@ type metrics struct {
 	upstreamTokenErr *prometheus.CounterVec
 	v1WouldBlock     prometheus.Counter
 	v1BySDK          *prometheus.CounterVec
-	v1CallersEvicted prometheus.Counter
+	v1CallersEvicted *prometheus.CounterVec
+	v1Policy         *prometheus.GaugeVec
+	upstreamV1       *prometheus.GaugeVec
 	cache            *prometheus.CounterVec
 	cacheEntries     prometheus.Gauge
 	cacheBytes       prometheus.Gauge
@@ -75,10 +78,19 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "imds_proxy_v1_requests_by_sdk_total",
 			Help: "Tokenless (IMDSv1) requests by client family from the User-Agent (a fixed set, other, none).",
 		}, []string{"sdk"}),
-		v1CallersEvicted: prometheus.NewCounter(prometheus.CounterOpts{
+		v1CallersEvicted: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imds_proxy_v1_callers_evicted_total",
-			Help: "IMDSv1 callers dropped from the /v1-callers table to keep it within its size.",
-		}),
+			Help: "Rows dropped from the /v1-callers table: reason=quota, a caller past its share replaced its own oldest row " +
+				"(one caller flooding the table); reason=full, the table was full and the caller holding the most lost its oldest row.",
+		}, []string{"reason"}),
+		v1Policy: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "imds_proxy_v1_policy",
+			Help: "1 for the IMDSv1 policy in force (effective: allow, warn or block) under the configured one (--v1: auto, allow, warn or block).",
+		}, []string{"configured", "effective"}),
+		upstreamV1: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "imds_proxy_upstream_v1_state",
+			Help: "1 for what the upstream does with a tokenless GET, as last probed: served, refused (401: tokens required) or unknown (not probed under --v1 block).",
+		}, []string{"state"}),
 		v1WouldBlock: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imds_proxy_v1_would_block_total",
 			Help: "Tokenless requests served under --v1 allow or warn that --v1 block would have refused (dry run).",
@@ -128,13 +140,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 	}
 	for _, c := range []prometheus.Collector{m.attributionsSkipped, m.connectionsOpen, m.connectionsIdle, m.connectionsRejected, m.connectionsReclaimed, m.connectionsWithoutRequest, m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr,
-		m.v1WouldBlock, m.v1BySDK, m.v1CallersEvicted, m.cache, m.cacheEntries, m.cacheBytes, m.upstreamRetries} {
+		m.v1WouldBlock, m.v1BySDK, m.v1CallersEvicted, m.v1Policy, m.upstreamV1, m.cache, m.cacheEntries, m.cacheBytes, m.upstreamRetries} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	for _, limit := range []string{limitTotal, limitPerClient} {
 		m.connectionsRejected.WithLabelValues(limit) // exported at 0 from the start
+	}
+	for _, reason := range []string{evictedQuota, evictedFull} {
+		m.v1CallersEvicted.WithLabelValues(reason)
 	}
 	return m, nil
 }
@@ -146,6 +161,26 @@ func (m *metrics) setSessionState(s sessionState) {
 			v = 1
 		}
 		m.sessionState.WithLabelValues(each.String()).Set(v)
+	}
+}
+
+func (m *metrics) setUpstreamV1(u upstreamV1) {
+	for _, each := range allUpstreamV1 {
+		v := 0.0
+		if each == u {
+			v = 1
+		}
+		m.upstreamV1.WithLabelValues(each.String()).Set(v)
+	}
+}
+
+func (m *metrics) setV1Policy(configured, effective V1Policy) {
+	for _, each := range []V1Policy{V1Allow, V1Warn, V1Block} {
+		v := 0.0
+		if each == effective {
+			v = 1
+		}
+		m.v1Policy.WithLabelValues(string(configured), string(each)).Set(v)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"net/http"
@@ -53,7 +54,13 @@ type V1Policy string
 
 // IMDSv1 policies.
 const (
-	// V1Allow forwards tokenless GET and HEAD requests (logged and counted).
+	// V1Auto follows the upstream: it refuses tokenless requests while the
+	// upstream does (an instance with HttpTokens=required, or a node agent
+	// that blocks them) or while that is not known yet, and allows them
+	// otherwise. The proxy is then never weaker than what it stands in for.
+	V1Auto V1Policy = "auto"
+	// V1Allow forwards tokenless GET and HEAD requests (logged and counted),
+	// even where the upstream refuses them: it re-opens IMDSv1 there.
 	V1Allow V1Policy = "allow"
 	// V1Warn forwards them too, logging that --v1 block would refuse them:
 	// the "observe" stage of an IMDSv1 shutdown.
@@ -65,10 +72,10 @@ const (
 // ParseV1Policy parses the value of --v1.
 func ParseV1Policy(s string) (V1Policy, error) {
 	switch p := V1Policy(s); p {
-	case V1Allow, V1Warn, V1Block:
+	case V1Auto, V1Allow, V1Warn, V1Block:
 		return p, nil
 	}
-	return "", fmt.Errorf("unknown IMDSv1 policy %q: want allow, warn or block", s)
+	return "", fmt.Errorf("unknown IMDSv1 policy %q: want auto, allow, warn or block", s)
 }
 
 // Config is the proxy's whole configuration.
@@ -80,8 +87,17 @@ type Config struct {
 	V1 V1Policy
 	// Paths decides which metadata paths may be forwarded at all.
 	Paths PathPolicy
-	// V1CallersMax bounds the /v1-callers table (0: 1024 entries).
+	// V1CallersMax bounds the /v1-callers table (0: 1024 entries). One
+	// caller (see v1Callers) holds at most a sixteenth of it.
 	V1CallersMax int
+	// V1LogInterval is the window of the per-caller log limit: each caller's
+	// first few tokenless (or path-denied) requests in a window are logged
+	// one by one, and the rest in one summary line when it ends (0: 1 minute).
+	V1LogInterval time.Duration
+	// V1ProbeInterval is how often, between session refreshes, the proxy
+	// asks the upstream whether it serves tokenless requests (0: 5 minutes).
+	// Only auto, allow and warn ask; block has no use for the answer.
+	V1ProbeInterval time.Duration
 	// V1AttributionsPerSecond bounds how often a tokenless request is
 	// attributed to a process (a /proc scan, about a millisecond or more),
 	// so that a flood of IMDSv1 requests cannot spend the proxy's CPU on it
@@ -165,15 +181,17 @@ func (c *Config) Validate() error {
 // Proxy is the IMDS proxy. It is an http.Handler; call Run to keep its
 // upstream session alive.
 type Proxy struct {
-	id         string // this process's loopHeader value
-	cfg        Config
-	log        *zap.Logger
-	metrics    *metrics
-	minter     *token.Minter
-	session    *session
-	engine     *goproxy.ProxyHttpServer
-	fwd        *forwarder
-	callers    *v1Callers
+	id      string // this process's loopHeader value
+	cfg     Config
+	log     *zap.Logger
+	metrics *metrics
+	minter  *token.Minter
+	session *session
+	engine  *goproxy.ProxyHttpServer
+	fwd     *forwarder
+	callers *v1Callers
+	// logs bounds the log lines one caller's requests can cause.
+	logs       *logLimiter
 	attributor attributor
 	// attributions bounds the attributor's rate.
 	attributions *rate.Limiter
@@ -198,6 +216,8 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 	transport := newUpstreamTransport(&cfg)
 	p := &Proxy{id: hex.EncodeToString(id), cfg: cfg, log: log, metrics: m, minter: minter, upstreamIdle: transport.CloseIdleConnections}
 	p.session = newSession(&p.cfg, p.id, transport, log, m)
+	p.session.v1Changed = p.v1StateChanged
+	m.setV1Policy(cfg.V1, effectiveV1(cfg.V1, upstreamV1Unknown))
 	retry := cfg.Retry
 	retry.Attempts = max(retry.Attempts, 1)
 	retry.MaxDelay = max(retry.MaxDelay, retry.BaseDelay)
@@ -208,7 +228,12 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 	if max <= 0 {
 		max = 1024
 	}
-	p.callers = newV1Callers(max, m.v1CallersEvicted.Inc)
+	p.callers = newV1Callers(max, func(reason string) { m.v1CallersEvicted.WithLabelValues(reason).Inc() })
+	logInterval := cfg.V1LogInterval
+	if logInterval <= 0 {
+		logInterval = time.Minute
+	}
+	p.logs = newLogLimiter(logInterval)
 	p.attributor = attributor{proc: "/proc"}
 	perSecond := cfg.V1AttributionsPerSecond
 	if perSecond <= 0 {
@@ -223,10 +248,17 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 // belongs on the admin listener.
 func (p *Proxy) V1Callers() http.Handler { return p.callers }
 
-// Run keeps the upstream IMDSv2 session until ctx is cancelled.
+// Run keeps the upstream IMDSv2 session, and writes the log limit's
+// summaries, until ctx is cancelled.
 func (p *Proxy) Run(ctx context.Context) {
 	defer p.upstreamIdle()
+	summaries := make(chan struct{})
+	go func() {
+		defer close(summaries)
+		p.logs.run(ctx, p.log)
+	}()
 	p.session.run(ctx)
+	<-summaries
 }
 
 // Ready reports an error until the upstream session state is decided
@@ -300,7 +332,7 @@ func (p *Proxy) refuseLoop(w http.ResponseWriter, r *http.Request) {
 	x.outcome = outcomeLoop
 	p.log.Error("the proxy's own upstream request came back to it: the redirect exemption does not "+
 		"match its traffic; check --exempt-mark (needs NET_ADMIN) or --exempt-uid against the UID it runs as",
-		zap.String("path", r.URL.Path))
+		zap.String("path", truncate(r.URL.Path)))
 	http.Error(w, http.StatusText(http.StatusLoopDetected), http.StatusLoopDetected)
 	p.record(x, r, http.StatusLoopDetected)
 }
@@ -309,7 +341,9 @@ func (p *Proxy) refuseForwardProxying(w http.ResponseWriter, r *http.Request) {
 	x := newExchange(r)
 	x.outcome = outcomeNotAProxy
 	w.Header().Set("Server", serverName)
-	http.Error(w, "imds-proxy serves the instance metadata API only; it is not a forward proxy", http.StatusForbidden)
+	w.Header().Set("Content-Type", imdsErrorType)
+	w.WriteHeader(http.StatusForbidden)
+	_, _ = io.WriteString(w, imdsErrorPage(http.StatusForbidden))
 	p.record(x, r, http.StatusForbidden)
 }
 
@@ -318,7 +352,8 @@ func (p *Proxy) refuseForwardProxying(w http.ResponseWriter, r *http.Request) {
 type zapPrintf struct{ log *zap.Logger }
 
 func (z zapPrintf) Printf(format string, v ...any) {
-	msg := fmt.Sprintf(format, v...)
+	// goproxy's messages may quote a request; bound them like any client string.
+	msg := truncateN(fmt.Sprintf(format, v...), 4*maxFieldLen)
 	if strings.Contains(msg, "] WARN: ") {
 		z.log.Warn("goproxy", zap.String("message", msg))
 		return

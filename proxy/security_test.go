@@ -97,11 +97,7 @@ func TestForwardedHeaders(t *testing.T) {
 	if c := got.Get("Connection"); c != "" && !strings.EqualFold(c, "keep-alive") && !strings.EqualFold(c, "close") {
 		t.Errorf("upstream saw Connection %q", c)
 	}
-	for name, want := range map[string]string{"User-Agent": "aws-sdk-go-v2/1.30.0 os/linux", "Accept-Encoding": "identity", "X-Custom": "kept"} {
-		if got.Get(name) != want {
-			t.Errorf("upstream saw %s %q, want %q", name, got.Get(name), want)
-		}
-	}
+	// Which of the client's other headers travel is TestUpstreamSeesOnlyTheProxysHeaders's business.
 	if got.Get(token.Header) == tok {
 		t.Error("the client's token was forwarded upstream")
 	}

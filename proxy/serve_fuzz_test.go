@@ -220,6 +220,9 @@ func expectedOutcome(ip *inProcess, r *http.Request, caller netip.Addr) (status 
 	}
 	switch tokens := r.Header.Values(token.Header); len(tokens) {
 	case 0: // IMDSv1, allowed by the fixture's policy
+		if r.Header.Get("X-Imds-Proxy-Probe") != "" {
+			return http.StatusOK, false // a chained proxy's probe: answered with the policy, empty
+		}
 	case 1:
 		if ip.minter.Verify(tokens[0], caller) != nil {
 			return http.StatusUnauthorized, false

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -86,15 +87,59 @@ func (e *tokenError) diagnosis() string {
 	return "the upstream answered the IMDSv2 token request with an unexpected status"
 }
 
+// upstreamV1 is what the proxy knows of the upstream's own IMDSv1 policy:
+// whether it answers a tokenless GET or refuses it with 401.
+type upstreamV1 int32
+
+const (
+	// upstreamV1Unknown: not asked yet, or no answer that tells.
+	upstreamV1Unknown upstreamV1 = iota
+	// upstreamV1Served: a tokenless GET was answered (HttpTokens=optional).
+	upstreamV1Served
+	// upstreamV1Refused: a tokenless GET got 401 (HttpTokens=required, or a
+	// chained imds-proxy that refuses them).
+	upstreamV1Refused
+)
+
+var allUpstreamV1 = []upstreamV1{upstreamV1Unknown, upstreamV1Served, upstreamV1Refused}
+
+func (u upstreamV1) String() string {
+	switch u {
+	case upstreamV1Served:
+		return "served"
+	case upstreamV1Refused:
+		return "refused"
+	}
+	return "unknown"
+}
+
+// probeHeader marks the proxy's own tokenless probe, so that a chained
+// imds-proxy answers it with its policy instead of logging it as an
+// IMDSv1 caller; IMDS ignores it.
+const probeHeader = "X-Imds-Proxy-Probe"
+
+// probePath is what the probe asks for: the metadata root, which every
+// IMDS serves and whose answer holds nothing secret. (A path IMDS does not
+// have would read nothing, but amazon-ec2-metadata-mock answers it 404
+// before it checks tokens, so the tests could not see the 401.)
+const probePath = "/latest/meta-data/"
+
 // session keeps one IMDSv2 session with the upstream: a token, refreshed in
 // the background well before it expires, and the state that decides how
-// client requests are forwarded.
+// client requests are forwarded. It also keeps track of whether the
+// upstream serves tokenless requests, which the auto policy follows.
 type session struct {
 	id        string // loopHeader value
 	cfg       *Config
 	transport http.RoundTripper
 	log       *zap.Logger
 	metrics   *metrics
+	// probes says whether the upstream's IMDSv1 policy is asked for: block
+	// has no use for the answer, and then no tokenless request goes upstream.
+	probes bool
+	// v1Changed, if set, is called outside the lock whenever v1 changes, and
+	// after the first probe even if it told nothing (err says why).
+	v1Changed func(prev, next upstreamV1, err error)
 
 	refreshes singleflight.Group
 
@@ -102,32 +147,70 @@ type session struct {
 	state   sessionState
 	token   string
 	decided chan struct{} // closed once state leaves statePending
+	// v1 is read on every tokenless request, so it is atomic; it is written
+	// under mu so that transitions are reported once and in order.
+	v1 atomic.Int32
+	// probed is set once the first probe has finished.
+	probed bool
 }
 
 func newSession(cfg *Config, id string, transport http.RoundTripper, log *zap.Logger, m *metrics) *session {
 	m.setSessionState(statePending)
-	return &session{id: id, cfg: cfg, transport: transport, log: log, metrics: m, decided: make(chan struct{})}
+	m.setUpstreamV1(upstreamV1Unknown)
+	return &session{id: id, cfg: cfg, transport: transport, log: log, metrics: m, decided: make(chan struct{}),
+		probes: cfg.V1 != V1Block}
 }
 
 // run refreshes the session until ctx is cancelled: at half the token's
 // lifetime while IMDSv2 works, and with capped exponential backoff while it
-// does not.
+// does not. Between refreshes it asks the upstream about IMDSv1 every
+// V1ProbeInterval, so that an instance switched to HttpTokens=required is
+// followed within minutes, not hours.
 func (s *session) run(ctx context.Context) {
 	backoff := s.cfg.UpstreamRetryMin
+	probeEvery := s.cfg.V1ProbeInterval
+	if probeEvery <= 0 {
+		probeEvery = 5 * time.Minute
+	}
 	for {
 		state, _ := s.refresh("")
 		wait := s.cfg.UpstreamTokenTTL / 2
-		if state != stateV2 {
+		// Under auto an unknown IMDSv1 answer is retried like a failed token
+		// request, since tokenless requests are refused until it is known.
+		if state != stateV2 || s.cfg.V1 == V1Auto && s.v1State() == upstreamV1Unknown {
 			wait = backoff
 			backoff = min(2*backoff, s.cfg.UpstreamRetryMax)
 		} else {
 			backoff = s.cfg.UpstreamRetryMin
 		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(wait):
+		next := time.Now().Add(wait)
+		for {
+			step := time.Until(next)
+			if s.probes && probeEvery < step {
+				step = probeEvery
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(step):
+			}
+			if !time.Now().Before(next) {
+				break
+			}
+			s.probeV1()
 		}
+	}
+}
+
+// v1State is the upstream's IMDSv1 policy as last seen.
+func (s *session) v1State() upstreamV1 { return upstreamV1(s.v1.Load()) }
+
+// waitDecided waits until the first refresh (token and IMDSv1 probe) is
+// over, or ctx ends.
+func (s *session) waitDecided(ctx context.Context) {
+	select {
+	case <-s.decided:
+	case <-ctx.Done():
 	}
 }
 
@@ -160,7 +243,17 @@ func (s *session) ready() error {
 func (s *session) refresh(stale string) (sessionState, string) {
 	s.refreshes.Do("token", func() (any, error) {
 		if stale == "" || s.snapshot().token == stale {
-			s.update(s.fetchToken())
+			tok, err := s.fetchToken()
+			// Scheduled refreshes ask about IMDSv1 too, before update: the
+			// first requests, released by it, must find the answer known. A
+			// refresh for a stale token has a client waiting, and does not.
+			// An upstream that cannot be reached, or is this proxy itself,
+			// cannot tell.
+			var te *tokenError
+			if stale == "" && (!errors.As(err, &te) || te.cause != causeUnreachable && te.cause != causeLoop) {
+				s.probeV1()
+			}
+			s.update(tok, err)
 		}
 		return nil, nil
 	})
@@ -250,6 +343,64 @@ func (s *session) fetchToken() (string, error) {
 		return "", &tokenError{cause: causeHTTPStatus, err: fmt.Errorf("upstream token has implausible length %d", len(body))}
 	}
 	return string(body), nil
+}
+
+// probeV1 asks the upstream whether it serves tokenless requests, with a
+// tokenless GET of probePath, and records the answer. A 401 means it
+// requires tokens; any other answer of the upstream's but a throttle or a
+// server error means it does not. An answer that tells nothing keeps what
+// was known before.
+func (s *session) probeV1() {
+	if !s.probes {
+		return
+	}
+	got, err := s.askV1()
+	s.mu.Lock()
+	prev := s.v1State()
+	if got != upstreamV1Unknown {
+		s.v1.Store(int32(got))
+	}
+	next := s.v1State()
+	first := !s.probed
+	s.probed = true
+	s.mu.Unlock()
+	if err != nil {
+		s.log.Debug("upstream IMDSv1 probe told nothing", zap.Error(err), zap.Stringer("kept", next))
+	}
+	if next == prev && !first {
+		return
+	}
+	s.metrics.setUpstreamV1(next)
+	if s.v1Changed != nil {
+		s.v1Changed(prev, next, err)
+	}
+}
+
+func (s *session) askV1() (upstreamV1, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.UpstreamTokenTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.cfg.Upstream.JoinPath(probePath).String(), http.NoBody)
+	if err != nil {
+		return upstreamV1Unknown, fmt.Errorf("upstream IMDSv1 probe: %w", err)
+	}
+	req.Header.Set("User-Agent", userAgent)
+	req.Header.Set(loopHeader, s.id)
+	req.Header.Set(probeHeader, "v1")
+	start := time.Now()
+	resp, err := s.transport.RoundTrip(req)
+	s.metrics.upstreamLatency.WithLabelValues("v1_probe").Observe(time.Since(start).Seconds())
+	if err != nil {
+		return upstreamV1Unknown, fmt.Errorf("upstream IMDSv1 probe: %w", err)
+	}
+	_, _ = io.CopyN(io.Discard, resp.Body, 64<<10) // the listing itself is of no interest
+	resp.Body.Close()
+	switch {
+	case resp.StatusCode == http.StatusUnauthorized:
+		return upstreamV1Refused, nil
+	case resp.StatusCode == http.StatusTooManyRequests, resp.StatusCode >= 500, resp.StatusCode < 200:
+		return upstreamV1Unknown, fmt.Errorf("upstream IMDSv1 probe: HTTP %d", resp.StatusCode)
+	}
+	return upstreamV1Served, nil
 }
 
 func classifyTokenError(ctx context.Context, err error) error {

@@ -19,6 +19,9 @@ import (
 func TestConcurrentRefreshesCoalesce(t *testing.T) {
 	var puts atomic.Int32
 	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPut {
+			return // the IMDSv1 probe: served
+		}
 		n := puts.Add(1)
 		time.Sleep(50 * time.Millisecond) // long enough for every caller to pile up
 		_, _ = w.Write([]byte("token-" + string(rune('0'+n))))

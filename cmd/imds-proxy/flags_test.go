@@ -26,7 +26,7 @@ func TestCacheUncachedList(t *testing.T) {
 		env  string
 		want []string
 	}{
-		{"default", nil, "", []string{"spot", "events", "instance-action", "rebalance"}},
+		{"default", nil, "", []string{"spot", "events", "instance-action", "rebalance", "autoscaling"}},
 		{"repeated", []string{"--cache-uncached", "a", "--cache-uncached", "b,c"}, "", []string{"a", "b", "c"}},
 		{"environment", nil, "x,/y/", []string{"x", "y"}},
 		{"config list", []string{"--config", cfg}, "", []string{"spot", "mine"}},

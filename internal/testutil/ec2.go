@@ -55,6 +55,8 @@ func NewEC2On(t testing.TB, wiring Wiring, hopLimit int, tokensRequired bool) *E
 	e.IMDS.Run(t, "iptables-nft", "-A", "INPUT", "-p", "tcp", "--dport", "80",
 		"-m", "string", "--algo", "bm", "--string", "GET /",
 		"-m", "string", "--algo", "bm", "--icase", "!", "--string", "x-aws-ec2-metadata-token:",
+		// The proxies' own probe of the upstream's IMDSv1 policy is not a client's request.
+		"-m", "string", "--algo", "bm", "--icase", "!", "--string", "x-imds-proxy-probe:",
 		"-m", "comment", "--comment", tokenlessComment)
 	var args []string
 	if tokensRequired {

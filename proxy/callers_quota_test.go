@@ -1,0 +1,68 @@
+package proxy
+
+import (
+	"fmt"
+	"testing"
+	"time"
+)
+
+// TestV1CallersQuotaInASidecar: in a sidecar every app shares one address;
+// the socket's UID and the process's cgroup tell them apart, so an app
+// flooding the table evicts only its own rows, however many User-Agents or
+// executables it makes up.
+func TestV1CallersQuotaInASidecar(t *testing.T) {
+	evicted := map[string]int{}
+	c := newV1Callers(64, func(reason string) { evicted[reason]++ })
+	app, hostile := 1000, 0
+	now := time.Now()
+	c.record("10.0.1.23", "aws-cli/1.18.69", "/latest/meta-data/", Process{UID: &app, Executable: "/usr/bin/python3", Cgroup: "0::/kubepods/pod1/app"}, now)
+	c.record("10.0.1.23", "curl/7.61.1", "/latest/meta-data/", Process{UID: &app, Executable: "/usr/bin/curl", Cgroup: "0::/kubepods/pod1/app"}, now)
+	for i := 0; i < 500; i++ {
+		now = now.Add(time.Millisecond)
+		c.record("10.0.1.23", fmt.Sprintf("x/%d", i), "/latest/meta-data/", Process{UID: &hostile, Executable: fmt.Sprintf("/tmp/curl%d", i), Cgroup: "0::/kubepods/pod1/sidecar"}, now)
+	}
+	held := map[int]int{}
+	for _, row := range c.snapshot() {
+		held[*row.UID]++
+	}
+	if held[app] != 2 || held[hostile] != c.quota || c.quota != 4 {
+		t.Errorf("rows held by UID: %v (quota %d); want the app's 2 kept and the flooder at its quota 4", held, c.quota)
+	}
+	if evicted[evictedQuota] != 500-c.quota || evicted[evictedFull] != 0 {
+		t.Errorf("evictions %v, want %d for quota and none for a full table", evicted, 500-c.quota)
+	}
+}
+
+// TestV1CallersFullTableTakesFromTheGreediest: when many callers fill the
+// table, a new caller's row replaces the oldest row of the caller holding
+// the most, not the table's oldest row.
+func TestV1CallersFullTableTakesFromTheGreediest(t *testing.T) {
+	evicted := map[string]int{}
+	c := newV1Callers(8, func(reason string) { evicted[reason]++ })
+	now := time.Now()
+	c.record("10.0.0.1", "quiet/1.0", "/", Process{}, now) // the oldest row of all
+	for i := 0; i < 4; i++ {
+		now = now.Add(time.Second)
+		c.record("10.0.0.2", fmt.Sprintf("busy/%d", i), "/", Process{}, now)
+	}
+	for i := 0; i < 3; i++ {
+		now = now.Add(time.Second)
+		c.record(fmt.Sprintf("10.0.1.%d", i), "one/1.0", "/", Process{}, now)
+	}
+	c.record("10.0.2.1", "new/1.0", "/", Process{}, now.Add(time.Second))
+	rows := c.snapshot()
+	has := func(caller, ua string) bool {
+		for _, r := range rows {
+			if r.Caller == caller && r.UserAgent == ua {
+				return true
+			}
+		}
+		return false
+	}
+	if len(rows) != 8 || !has("10.0.0.1", "quiet/1.0") || has("10.0.0.2", "busy/0") || !has("10.0.2.1", "new/1.0") {
+		t.Errorf("rows %+v: want the quiet caller's row kept and the busy caller's oldest gone", rows)
+	}
+	if evicted[evictedFull] != 1 {
+		t.Errorf("evictions %v, want one for a full table", evicted)
+	}
+}
