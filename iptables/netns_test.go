@@ -52,9 +52,9 @@ func testInstallRemove(t *testing.T, backend Backend, cfg Config, batch bool) {
 
 		victim := rs.Rules[len(rs.Rules)-1]
 		ns.Run(t, append([]string{bin, "-t", victim.Table, "-D", victim.Chain}, victim.Spec...)...)
-		missing, err := table.Missing(rs)
-		if err != nil || len(missing) != 1 || strings.Join(missing[0].Spec, " ") != strings.Join(victim.Spec, " ") {
-			t.Errorf("after deleting one rule, Missing = %v, %v; want that rule", missing, err)
+		drifts, err := table.Check(rs)
+		if err != nil || len(drifts) != 1 || drifts[0].Kind != DriftMissing || !printedAs(victim, drifts[0].Rule) {
+			t.Errorf("after deleting one rule, Check = %+v, %v; want that rule missing", drifts, err)
 		}
 		mustInstall(t, table, rs)
 		restored = ns.IptablesSave(t, save)

@@ -133,7 +133,12 @@ func runRules(action string, cfg iptables.Config, f *ruleFlags, stdout, stderr i
 		return err
 	}
 	if action == "install" {
-		return m.Install()
+		if err := m.Install(); err != nil {
+			return err
+		}
+		// IPv6 IMDS left unredirected where the namespace routes to it is a
+		// bypass: an init container must fail rather than let the pod start.
+		return m.IPv6Bypass()
 	}
 	if err := m.Remove(); err != nil {
 		return err

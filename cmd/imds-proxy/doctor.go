@@ -64,16 +64,20 @@ func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 	}
 }
 
-// rulesHere says whether imds-proxy redirect rules exist in this namespace.
+// rulesHere says whether imds-proxy redirect rules exist in this namespace,
+// and whether IPv6 IMDS traffic gets past them.
 func rulesHere() string {
 	present, err := iptables.Present(iptables.IPv4)
 	switch {
 	case err != nil:
 		return "unknown (" + err.Error() + ")"
-	case present:
-		return "present"
+	case !present:
+		return "absent"
 	}
-	return "absent"
+	if err := iptables.IPv6Uncovered(); err != nil {
+		return "present for IPv4 only: " + err.Error()
+	}
+	return "present"
 }
 
 func printReport(w io.Writer, r doctor.Report, asJSON bool) error {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
@@ -13,26 +14,58 @@ import (
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
-// injectFlags choose the sidecar that `inject` and `webhook` add.
+// injectFlags choose the sidecar that `inject` and `webhook` add, and the
+// policy that a pod's own choices may not override.
 type injectFlags struct {
-	image       string
-	port        int
-	metricsPort int
-	v1          string
-	upstream    string
+	image            string
+	port             int
+	metricsPort      int
+	v1               string
+	v1Floor          string
+	upstream         string
+	onViolation      string
+	optOutNamespaces string
 }
 
-func (f *injectFlags) register(fs *flag.FlagSet) {
+// register adds the flags; forPods adds those that only pods have (the
+// annotation, namespaces).
+func (f *injectFlags) register(fs *flag.FlagSet, forPods bool) {
 	d := inject.DefaultOptions()
 	fs.StringVar(&f.image, "image", d.Image, "the sidecar's image")
 	fs.IntVar(&f.port, "port", d.Port, "the sidecar's IMDS port on 127.0.0.1 and [::1] (the redirect target)")
-	fs.IntVar(&f.metricsPort, "metrics-port", d.MetricsPort, "the sidecar's /metrics, /healthz and /readyz port (Kubernetes: on the pod IP, for the probes)")
-	fs.StringVar(&f.v1, "v1", string(d.V1), "the sidecar's IMDSv1 policy: allow, warn or block (a pod's "+inject.V1Key+" annotation overrides it)")
 	fs.StringVar(&f.upstream, "upstream", "", "the sidecar's upstream, e.g. a node agent (default: IMDS)")
+	if !forPods {
+		fs.IntVar(&f.metricsPort, "metrics-port", d.MetricsPort, "the sidecar's /metrics, /healthz and /readyz port (on 127.0.0.1, for the health check)")
+		fs.StringVar(&f.v1, "v1", string(d.V1), "the sidecar's IMDSv1 policy: auto, allow, warn or block (raised to --v1-floor)")
+		fs.StringVar(&f.v1Floor, "v1-floor", "", "the loosest IMDSv1 policy allowed, in the order allow < warn < auto < block (default none); "+
+			"the --v1 of a sidecar the task definition already has is raised to it")
+		fs.StringVar(&f.onViolation, "on-violation", string(inject.Warn), "warn or deny: what becomes of a task definition "+
+			"with a container named "+inject.ContainerName+" that is not exactly the sidecar "+
+			"(warn: written unchanged, with a note on stderr; deny: exit status 1)")
+		return
+	}
+	fs.StringVar(&f.onViolation, "on-violation", string(inject.Warn), "warn or deny: what becomes of a pod that would run "+
+		"without the sidecar outside --allow-opt-out-namespaces (webhook, warn: admitted with a warning; deny: refused. "+
+		"inject, warn: a note on stderr; deny: exit status 1)")
+	fs.IntVar(&f.metricsPort, "metrics-port", d.MetricsPort, "the sidecar's /metrics, /healthz and /readyz port (on the pod IP, for the probes)")
+	fs.StringVar(&f.v1, "v1", string(d.V1), "the sidecar's IMDSv1 policy: auto, allow, warn or block, unless a pod's "+
+		inject.V1Key+" annotation chooses another (raised to --v1-floor)")
+	fs.StringVar(&f.v1Floor, "v1-floor", "", "the loosest IMDSv1 policy a pod may get, in the order allow < warn < auto < block (default none); "+
+		"a looser "+inject.V1Key+" annotation, or --v1 of a sidecar the pod already has, is raised to it")
+	fs.StringVar(&f.optOutNamespaces, "allow-opt-out-namespaces", "", "comma-separated namespaces whose pods may run "+
+		"without the sidecar (* for all). Elsewhere a pod that would is a violation: opted out ("+inject.InjectKey+": "+
+		inject.Disabled+"), hostNetwork, clashing with the sidecar's ports or volume, or with a container named "+
+		inject.ContainerName+" that is not exactly the sidecar")
 }
 
 func (f *injectFlags) options() (inject.Options, error) {
-	o := inject.Options{Image: f.image, Port: f.port, MetricsPort: f.metricsPort, V1: proxy.V1Policy(f.v1), Upstream: f.upstream}
+	o := inject.Options{Image: f.image, Port: f.port, MetricsPort: f.metricsPort, V1: proxy.V1Policy(f.v1), Upstream: f.upstream,
+		Policy: inject.Policy{V1Floor: proxy.V1Policy(f.v1Floor), OnViolation: inject.OnViolation(f.onViolation)}}
+	for _, ns := range strings.Split(f.optOutNamespaces, ",") {
+		if ns = strings.TrimSpace(ns); ns != "" {
+			o.Policy.OptOutNamespaces = append(o.Policy.OptOutNamespaces, ns)
+		}
+	}
 	return o, o.Validate()
 }
 
@@ -45,18 +78,25 @@ func newInjectCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command 
 			injectCommand("k8s", "add the native sidecar to every workload in a YAML stream",
 				"Reads a multi-document YAML stream (a file, or stdin with no file or -) and writes it\n"+
 					"to stdout with the sidecar added to every Pod, Deployment, StatefulSet, DaemonSet,\n"+
-					"ReplicaSet, Job and CronJob. Other documents are copied byte for byte, as are\n"+
-					"workloads that already have the sidecar (injecting twice changes nothing), opt out\n"+
-					"("+inject.InjectKey+": "+inject.Disabled+" annotation or label) or use the host network;\n"+
-					"skips are noted on stderr. The native sidecar needs Kubernetes 1.29 or newer.",
-				stdin, stdout, stderr, injectK8s),
+					"ReplicaSet, Job and CronJob, deciding as the webhook does (a workload's namespace is\n"+
+					"its metadata.namespace). Other documents are copied byte for byte, as are workloads\n"+
+					"that already have the sidecar (injecting twice changes nothing; --v1-floor may raise\n"+
+					"their --v1), opt out ("+inject.InjectKey+": "+inject.Disabled+" annotation or label), use\n"+
+					"the host network, clash with the sidecar's ports or volume, or have a container named\n"+
+					inject.ContainerName+" that is not exactly the sidecar. Skips, violations (see\n"+
+					"--allow-opt-out-namespaces) and containers that could bypass the sidecar (NET_ADMIN;\n"+
+					"in the sidecar-init variant, able to become its exempt UID) are noted on stderr.\n"+
+					"The native sidecar needs Kubernetes 1.29 or newer.",
+				true, stdin, stdout, stderr, injectK8s),
 			injectCommand("ecs", "add the sidecar to an awsvpc task definition (register-task-definition JSON)",
 				"Reads a task definition as accepted by `aws ecs register-task-definition\n"+
 					"--cli-input-json` and writes it with the sidecar as the first container; every\n"+
 					"other container waits until the sidecar is HEALTHY. Only networkMode awsvpc is\n"+
 					"accepted: bridge and host tasks share the instance's network namespace, where the\n"+
-					"node agent (imds-proxy node) serves them.",
-				stdin, stdout, stderr, injectECS),
+					"node agent (imds-proxy node) serves them. A task definition that already has the\n"+
+					"sidecar keeps it, its --v1 raised to --v1-floor; a container named "+inject.ContainerName+"\n"+
+					"that is not exactly the sidecar is a violation (--on-violation).",
+				false, stdin, stdout, stderr, injectECS),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },
 	}
@@ -64,11 +104,11 @@ func newInjectCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command 
 
 type injector func(in []byte, o inject.Options, stdout, stderr io.Writer) error
 
-func injectCommand(name, short, long string, stdin io.Reader, stdout, stderr io.Writer, run injector) *ffcli.Command {
+func injectCommand(name, short, long string, forPods bool, stdin io.Reader, stdout, stderr io.Writer, run injector) *ffcli.Command {
 	var f injectFlags
 	fs := flag.NewFlagSet("imds-proxy inject "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	f.register(fs)
+	f.register(fs, forPods)
 	return &ffcli.Command{
 		Name:       name,
 		ShortUsage: "imds-proxy inject " + name + " [flags] [file|-]",
@@ -113,10 +153,13 @@ func injectK8s(in []byte, o inject.Options, stdout, stderr io.Writer) error {
 	return err
 }
 
-func injectECS(in []byte, o inject.Options, stdout, _ io.Writer) error {
-	out, err := inject.ECSTaskDefinition(in, o)
+func injectECS(in []byte, o inject.Options, stdout, stderr io.Writer) error {
+	out, notes, err := inject.ECS(in, o)
 	if err != nil {
 		return err
+	}
+	for _, note := range notes {
+		fmt.Fprintln(stderr, "imds-proxy inject:", note)
 	}
 	_, err = stdout.Write(out)
 	return err

@@ -62,7 +62,7 @@ func TestInjectCommands(t *testing.T) {
 	daemonsets, _ := os.ReadFile(testdata + "kubernetes/daemonset.yaml")
 	want, _ := os.ReadFile(testdata + "kubernetes/golden/daemonset.yaml")
 	stdout, stderr, code := runCLI(t, daemonsets, "inject", "k8s")
-	if code != 0 || stdout != string(want) || !strings.Contains(stderr, "node-exporter: skipped: hostNetwork") {
+	if code != 0 || stdout != string(want) || !strings.Contains(stderr, "node-exporter: not injected: hostNetwork") {
 		t.Errorf("inject k8s < daemonset.yaml: status %d, stdout equal to golden: %t, stderr %q", code, stdout == string(want), stderr)
 	}
 	if stdout, _, code := runCLI(t, nil, "inject", "k8s", testdata+"kubernetes/daemonset.yaml"); code != 0 || stdout != string(want) {
@@ -87,6 +87,10 @@ func TestInjectCommands(t *testing.T) {
 		{"kind: ConfigMap\n---\nspec: [\n", []string{"inject", "k8s"}, "document 2: not valid YAML"},
 		{"", []string{"inject", "k8s", "--v1", "sometimes"}, "unknown IMDSv1 policy"},
 		{"", []string{"inject", "k8s", "--port", "9169"}, "both 9169"},
+		{"", []string{"inject", "k8s", "--v1-floor", "sometimes"}, "--v1-floor"},
+		{"", []string{"inject", "ecs", "--on-violation", "ignore"}, "--on-violation"},
+		{"", []string{"inject", "ecs", "--allow-opt-out-namespaces", "shop"}, "flag provided but not defined"},
+		{"", []string{"webhook", "--tls-cert", "c", "--tls-key", "k", "--allow-opt-out-namespaces", "a b"}, "--allow-opt-out-namespaces"},
 		{"", []string{"inject", "k8s", "a.yaml", "b.yaml"}, "one input file at most"},
 		{"", []string{"inject", "k8s", "/nonexistent/x.yaml"}, "no such file"},
 		{"", []string{"webhook"}, "--tls-cert and --tls-key are required"},
@@ -96,6 +100,43 @@ func TestInjectCommands(t *testing.T) {
 		if _, stderr, code := runCLI(t, []byte(r.stdin), r.args...); code != 1 || !strings.Contains(stderr, r.says) {
 			t.Errorf("%v: status %d, stderr %q; want 1 saying %q", r.args, code, stderr, r.says)
 		}
+	}
+}
+
+// TestInjectPolicy: `inject k8s` decides the shared policy fixtures as the
+// webhook does: with --on-violation=warn violations are notes and the
+// stream is written; with deny the first one fails the command; a
+// namespace in --allow-opt-out-namespaces makes them skips. `inject ecs
+// --v1-floor` raises a task definition's own sidecar.
+func TestInjectPolicy(t *testing.T) {
+	const testdata = "../../inject/testdata/"
+	pods, err := os.ReadFile(testdata + "policy/pods.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, stderr, code := runCLI(t, pods, "inject", "k8s", "--v1-floor", "block")
+	if code != 0 || strings.Contains(stdout, "--v1=allow") {
+		t.Errorf("--v1-floor block: status %d, a sidecar with --v1=allow in the output: %t", code, strings.Contains(stdout, "--v1=allow"))
+	}
+	for _, want := range []string{"Pod shop/decoy-env: not injected: container imds-proxy is not the sidecar (it differs from the sidecar at env)",
+		"Pod shop/loosening: annotation imds-proxy.io/v1: allow is looser than the floor",
+		"Pod shop/sidecar-init-as-1337: container app can become UID 1337"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("--on-violation=warn: stderr lacks %q:\n%s", want, stderr)
+		}
+	}
+	if _, stderr, code := runCLI(t, pods, "inject", "k8s", "--on-violation", "deny"); code != 1 || !strings.Contains(stderr, "refused (--on-violation=deny)") {
+		t.Errorf("--on-violation=deny: status %d, stderr %q; want 1 and the refusal", code, stderr)
+	}
+	if _, stderr, code := runCLI(t, pods, "inject", "k8s", "--on-violation", "deny", "--allow-opt-out-namespaces", "kube-system, shop"); code != 0 ||
+		!strings.Contains(stderr, "Pod shop/opted-out: skipped: opted out") {
+		t.Errorf("deny, shop permitted: status %d, stderr %q; want 0 and the opt-out skipped", code, stderr)
+	}
+
+	task, _ := os.ReadFile(testdata + "ecs/golden/awsvpc.json")
+	stdout, stderr, code = runCLI(t, task, "inject", "ecs", "--v1-floor", "block")
+	if code != 0 || !strings.Contains(stdout, `"--v1=block"`) || !strings.Contains(stderr, "--v1=auto is looser than the floor") {
+		t.Errorf("inject ecs --v1-floor block on an injected task definition: status %d, --v1=block %t, stderr %q", code, strings.Contains(stdout, `"--v1=block"`), stderr)
 	}
 }
 
@@ -114,13 +155,15 @@ func TestReadyCommand(t *testing.T) {
 }
 
 // TestWebhookCommand starts `imds-proxy webhook` with a self-signed key
-// pair, checks it serves /healthz over TLS, and stops cleanly on SIGTERM.
+// pair and a denying policy, checks it serves /healthz over TLS, injects a
+// pod, refuses a decoy, counts both, and stops cleanly on SIGTERM.
 // (The webhook package tests admission itself.)
 func TestWebhookCommand(t *testing.T) {
 	dir := t.TempDir()
 	cert, key := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
 	writeSelfSigned(t, cert, key)
-	cmd := exec.Command(binary, "webhook", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key)
+	cmd := exec.Command(binary, "webhook", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key,
+		"--v1-floor=block", "--on-violation=deny")
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
 	p := testutil.StartProcess(t, cmd)
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
@@ -144,9 +187,20 @@ func TestWebhookCommand(t *testing.T) {
 	if !strings.Contains(string(body), `"patchType":"JSONPatch"`) {
 		t.Errorf("/inject: %s", body)
 	}
+	decoy := strings.Replace(review, `"containers":[`, `"initContainers":[{"name":"imds-proxy","image":"busybox"}],"containers":[`, 1)
+	resp, err = client.Post(strings.Replace(p.API, "http://", "https://", 1)+"/inject", "application/json", strings.NewReader(decoy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), `"allowed":false`) || !strings.Contains(string(body), "container imds-proxy is not the sidecar") {
+		t.Errorf("/inject with a decoy, --on-violation=deny: %s", body)
+	}
 	if status, metrics := get(t, "GET", p.Metrics+"/metrics", nil); status != 200 ||
-		!strings.Contains(metrics, `imds_proxy_webhook_admissions_total{result="injected"} 1`) {
-		t.Errorf("/metrics: %d, without the admission counted", status)
+		!strings.Contains(metrics, `imds_proxy_webhook_admissions_total{result="injected"} 1`) ||
+		!strings.Contains(metrics, `imds_proxy_webhook_admissions_total{result="denied"} 1`) {
+		t.Errorf("/metrics: %d, without the admissions counted", status)
 	}
 	client.CloseIdleConnections()
 	p.Terminate(t)

@@ -246,7 +246,7 @@ func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
 		body, _ := io.ReadAll(resp.Body)
 		result <- fmt.Sprint(resp.StatusCode, " ", string(body))
 	}()
-	if err := slow.WaitRequests(2, 10*time.Second); err != nil { // the proxy's token PUT, then the GET
+	if err := slow.WaitRequests(3, 10*time.Second); err != nil { // the proxy's token PUT, its IMDSv1 probe, then the GET
 		t.Fatal(err)
 	}
 	if err := r.Cmd.Process.Signal(syscall.SIGTERM); err != nil {

@@ -54,7 +54,7 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 	before := top.save(t)
 
 	// The admin listener's default: a node agent must keep it off the VPC and the pods.
-	proxy := startIn(t, top.node, nil, "node", "--listen", ":8169",
+	proxy := startIn(t, top.node, nil, "node", "--v1", "allow", "--listen", ":8169",
 		"--interfaces", "cveth+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft")
 	top.node.WaitReady(t, "127.0.0.1:9169")
 
@@ -116,7 +116,7 @@ func TestRulesShowMatchesGolden(t *testing.T) {
 // patterns that match nothing.
 func TestNodeReadyOnlyWhileDelivering(t *testing.T) {
 	top := newNodeTopology(t)
-	proxy := startIn(t, top.node, nil, "node", "--listen", ":8169", "--node-address", "10.200.2.1",
+	proxy := startIn(t, top.node, nil, "node", "--v1", "allow", "--listen", ":8169", "--node-address", "10.200.2.1",
 		"--interfaces", "cveth+,eni+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft",
 		"--reconcile-interval", "200ms")
 	top.node.WaitReady(t, "127.0.0.1:9169")

@@ -39,7 +39,7 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	if err != nil {
 		return err
 	}
-	rules, err := newRules(f, log)
+	rules, err := newRules(f, reg, log)
 	if err != nil {
 		return err
 	}
@@ -139,10 +139,10 @@ type serverSet struct {
 }
 
 // listenAPI binds --listen. A sidecar also listens on [::1] at the same
-// port, where ip6tables REDIRECT delivers, and gives up its IPv6 rules if
-// it cannot. A node agent listening on a wildcard address binds
-// only the families whose filter guard is installed, so the VPC never
-// reaches it.
+// port, where ip6tables REDIRECT delivers. If it cannot, it gives up its
+// IPv6 rules, and it is not ready while the namespace routes IPv6 to IMDS.
+// A node agent listening on a wildcard address binds only the families
+// whose filter guard is installed, so the VPC never reaches it.
 func listenAPI(f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, log *zap.Logger) (*serverSet, error) {
 	network, err := apiNetwork(f, rules)
 	if err != nil {
@@ -157,11 +157,16 @@ func listenAPI(f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, log *zap.
 		return s, nil
 	}
 	_, port, _ := net.SplitHostPort(s.addr(0))
-	if err := s.listen("tcp", net.JoinHostPort("::1", port), srv, limit); err != nil {
-		log.Warn("IPv6 IMDS traffic will not be redirected: cannot listen on [::1]", zap.Error(err))
-		if rules != nil {
-			rules.Drop(iptables.IPv6)
+	addr := net.JoinHostPort("::1", port)
+	if err := s.listen("tcp", addr, srv, limit); err != nil {
+		if rules == nil {
+			// An init container's IPv6 redirect sends to a port nobody
+			// listens on: IPv6 IMDS connections are refused, not leaked.
+			log.Warn("IPv6 IMDS connections redirected to [::1] will be refused: cannot listen there", zap.String("addr", addr), zap.Error(err))
+			return s, nil
 		}
+		rules.DropIPv6(fmt.Errorf("cannot listen on %s, where the IPv6 redirect delivers: %w; free that port on [::1], "+
+			"or pass --ipv6=false to leave IPv6 IMDS unproxied", addr, err))
 	}
 	return s, nil
 }
@@ -368,7 +373,7 @@ func exemptionControl(f *serveFlags, log *zap.Logger) (func(string, string, sysc
 }
 
 // newRules returns the rule manager for --rules, or nil without it.
-func newRules(f *serveFlags, log *zap.Logger) (*iptables.Manager, error) {
+func newRules(f *serveFlags, reg prometheus.Registerer, log *zap.Logger) (*iptables.Manager, error) {
 	if !f.rules {
 		return nil, nil
 	}
@@ -380,7 +385,7 @@ func newRules(f *serveFlags, log *zap.Logger) (*iptables.Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	return iptables.NewManager(cfg, backend, f.families(), log)
+	return iptables.NewManager(cfg, backend, f.families(), log, iptables.WithMetrics(reg))
 }
 
 func removeRules(rules *iptables.Manager, keep bool, log *zap.Logger) {

@@ -58,7 +58,7 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 		t.Fatalf("control: tokenless GET on the early connection got %d, want 401 from IMDS", status)
 	}
 
-	proxy := startIn(t, top.task, nil, "sidecar", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
+	proxy := startIn(t, top.task, nil, "sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
 		"--upstream", "http://169.254.169.254", "--reconcile-interval", "200ms", "--iptables-backend", "nft", "--log-level", "debug")
 	top.task.WaitReady(t, "127.0.0.1:9169")
 	installed := top.save(t)
@@ -80,8 +80,8 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 	if status := getOn(t, early, "/latest/meta-data/instance-id"); status == 401 {
 		t.Error("a connection opened before the rules still reaches IMDS directly")
 	}
-	if n := testutil.CountLines(top.aemm.Logs(), "No token provided"); n != 2 { // both controls above
-		t.Errorf("AEMM refused %d tokenless requests, want 2 (the two controls before the proxy started)", n)
+	if n := testutil.CountLines(top.aemm.Logs(), "No token provided"); n != 3 { // both controls above, and the proxy's IMDSv1 probe
+		t.Errorf("AEMM refused %d tokenless requests, want 3 (the two controls before the proxy started, and its probe)", n)
 	}
 	if n := testutil.CountLines(top.aemm.Logs(), "GenerateToken Received request"); n != 1 {
 		t.Errorf("AEMM issued %d tokens, want exactly 1: the proxy's own (client PUTs must stay in the proxy)", n)
@@ -175,7 +175,7 @@ func TestInitContainerShape(t *testing.T) {
 	top.task.Run(t, binary, "rules", "install", "--mode", "sidecar", "--port", "8169", "--exempt-uid", uid, "--exempt-mark", "0", "--iptables-backend", "nft")
 
 	unprivileged := top.task.Command("setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all",
-		"--bounding-set=-all", binary, "sidecar", "--rules=false", "--listen", "127.0.0.1:8169",
+		"--bounding-set=-all", binary, "sidecar", "--v1", "allow", "--rules=false", "--listen", "127.0.0.1:8169",
 		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254", "--exempt-uid", uid)
 	unprivileged.Env = []string{"PATH=" + os.Getenv("PATH")}
 	testutil.StartProcess(t, unprivileged)
@@ -204,7 +204,7 @@ func TestMisconfiguredExemptionIsDiagnosed(t *testing.T) {
 		_ = top.task.Command(binary, "rules", "remove", "--port", "8169", "--exempt-uid", "1234", "--exempt-mark", "0", "--iptables-backend", "nft").Run()
 	})
 	cmd := top.task.Command("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all",
-		"--bounding-set=-all", binary, "sidecar", "--rules=false", "--listen", "127.0.0.1:8169",
+		"--bounding-set=-all", binary, "sidecar", "--v1", "allow", "--rules=false", "--listen", "127.0.0.1:8169",
 		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254")
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
 	proxy := testutil.StartProcess(t, cmd)
@@ -235,7 +235,7 @@ func TestSidecarRunsWithTheManifestCapabilities(t *testing.T) {
 		t.Run(backend, func(t *testing.T) {
 			top := newSidecarTopology(t)
 			cmd := top.task.Command("setpriv", "--inh-caps=-all", "--bounding-set=-all,"+strings.Join(caps, ","), binary,
-				"sidecar", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
+				"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
 				"--upstream", "http://169.254.169.254", "--iptables-backend", backend)
 			cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
 			proxy := testutil.StartProcess(t, cmd)

@@ -24,7 +24,7 @@ func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 	var f injectFlags
 	fs := flag.NewFlagSet("imds-proxy webhook", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	f.register(fs)
+	f.register(fs, true)
 	listen := fs.String("listen", ":8443", "HTTPS address of "+webhook.InjectPath+" and /healthz")
 	certFile := fs.String("tls-cert", "", "TLS certificate file (PEM), re-read when it changes")
 	keyFile := fs.String("tls-key", "", "TLS private key file (PEM), re-read when it changes")
@@ -37,8 +37,13 @@ func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 		ShortHelp:  "serve the Kubernetes mutating admission webhook that injects the sidecar",
 		LongHelp: "Answers AdmissionReview v1 requests for pods on " + webhook.InjectPath + " with a JSONPatch that adds\n" +
 			"the same sidecar as `imds-proxy inject k8s`. The MutatingWebhookConfiguration's selectors\n" +
-			"choose the pods (deploy/kubernetes/webhook); pods that opt out, use the host network or\n" +
-			"already have the sidecar are allowed unchanged, and so is anything it cannot patch." + envHelp,
+			"choose the pods (deploy/kubernetes/webhook). Pods that already have exactly the sidecar\n" +
+			"are admitted unchanged, their --v1 raised to --v1-floor. Pods that would run without it\n" +
+			"(opted out, hostNetwork, clashing with its ports or volume, or with a container named\n" +
+			"imds-proxy that is not exactly the sidecar) are admitted unchanged in\n" +
+			"--allow-opt-out-namespaces; elsewhere they are violations, admitted with a warning\n" +
+			"(result=\"warned\") or, with --on-violation=deny, refused (result=\"denied\"). Pods with a\n" +
+			"container that could bypass the sidecar are admitted with a warning." + envHelp,
 		FlagSet: fs,
 		Options: parseOptions(),
 		Exec: func(ctx context.Context, args []string) error {
