@@ -528,6 +528,13 @@ func TestWebhookConfiguration(t *testing.T) {
 			Scope: ptr(admissionregistrationv1.NamespacedScope),
 		},
 	}}
+	// A webhook that refuses violations fails closed too: with Ignore a pod
+	// would escape the policy whenever the webhook is down.
+	onViolation := mustFlag(t, "webhook", w.deployment.Spec.Template.Spec.Containers[0].Args, "on-violation")
+	wantFailure := map[string]admissionregistrationv1.FailurePolicyType{"warn": admissionregistrationv1.Ignore, "deny": admissionregistrationv1.Fail}[onViolation]
+	if wantFailure == "" {
+		t.Errorf("webhook --on-violation=%s: want warn or deny", onViolation)
+	}
 	for _, h := range w.mwc.Webhooks {
 		where := h.Name
 		if !equality.Semantic.DeepEqual(h.Rules, wantRules) {
@@ -553,8 +560,8 @@ func TestWebhookConfiguration(t *testing.T) {
 		if h.ReinvocationPolicy == nil || *h.ReinvocationPolicy != admissionregistrationv1.NeverReinvocationPolicy {
 			t.Errorf("%s: reinvocationPolicy %v", where, h.ReinvocationPolicy)
 		}
-		if h.FailurePolicy == nil || *h.FailurePolicy != admissionregistrationv1.Ignore {
-			t.Errorf("%s: failurePolicy %v, want Ignore", where, h.FailurePolicy)
+		if h.FailurePolicy == nil || *h.FailurePolicy != wantFailure {
+			t.Errorf("%s: failurePolicy %v, want %s with --on-violation=%s", where, h.FailurePolicy, wantFailure, onViolation)
 		}
 	}
 
@@ -617,7 +624,9 @@ func TestWebhookConfiguration(t *testing.T) {
 
 // TestWebhookSelectors evaluates both webhooks' namespace and object
 // selectors on the opt-in and opt-out combinations: each pod is sent at
-// most once, and exactly where the labels say.
+// most once, and exactly where the labels say. An opted-out pod of an
+// opted-in namespace is sent too: the webhook decides whether it may opt
+// out (--allow-opt-out-namespaces), not a label its author sets.
 func TestWebhookSelectors(t *testing.T) {
 	w := buildWebhook(t)
 	const byNamespace, byPod = "namespace.inject.imds-proxy.io", "pod.inject.imds-proxy.io"
@@ -632,7 +641,7 @@ func TestWebhookSelectors(t *testing.T) {
 		{"shop", enabled, nil, byNamespace},
 		{"shop", enabled, map[string]string{"app": "web"}, byNamespace},
 		{"shop", enabled, enabled, byNamespace},
-		{"shop", enabled, disabled, ""},
+		{"shop", enabled, disabled, byNamespace},
 		{"shop", nil, enabled, byPod},
 		{"shop", map[string]string{inject.InjectKey: "someday"}, enabled, byPod},
 		{"shop", nil, nil, ""},
@@ -661,6 +670,41 @@ func TestWebhookSelectors(t *testing.T) {
 			t.Errorf("namespace %s %v, pod %v: sent to %v, want %v", c.namespace, c.nsLabels, c.podLabels, got, want)
 		}
 	}
+}
+
+// TestWebhookRecognisesTheExampleSidecars: the pods of deploy/kubernetes's
+// sidecar and sidecar-init examples, as the webhook would see them with
+// --on-violation=deny, already have exactly the sidecar and
+// no container that could bypass it: admitted unchanged, without a word.
+// A copy whose app runs as the exempt UID is warned about.
+func TestWebhookRecognisesTheExampleSidecars(t *testing.T) {
+	o := inject.DefaultOptions()
+	o.Policy = inject.Policy{V1Floor: "allow", OnViolation: inject.Deny}
+	for _, base := range []string{"sidecar", "sidecar-init"} {
+		d := deployment(t, base, "Deployment default/example-app")
+		pod := corev1.Pod{ObjectMeta: d.Spec.Template.ObjectMeta, Spec: d.Spec.Template.Spec}
+		a, err := inject.PodPatch(podJSON(t, pod), d.Namespace, o)
+		if err != nil || a.Outcome != inject.Skipped || a.Patch != nil || a.Reason != "" || len(a.Warnings) != 0 {
+			t.Errorf("%s: %+v, err %v; want it skipped as already injected, without a word", base, a, err)
+		}
+		if base != "sidecar-init" {
+			continue
+		}
+		uid := int64(1337)
+		pod.Spec.Containers[0].SecurityContext.RunAsUser = &uid
+		if a, err := inject.PodPatch(podJSON(t, pod), d.Namespace, o); err != nil || a.Outcome != inject.Warned || len(a.Warnings) != 1 {
+			t.Errorf("%s, the app as UID 1337: %+v, err %v; want one warning", base, a, err)
+		}
+	}
+}
+
+func podJSON(t *testing.T, pod corev1.Pod) []byte {
+	t.Helper()
+	data, err := json.Marshal(pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
 }
 
 func matches(t *testing.T, s *metav1.LabelSelector, set labels.Set) bool {

@@ -6,44 +6,114 @@ import (
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
-// skip says why a pod gets no sidecar; the zero value means inject.
-type skip struct {
-	reason string
-	quiet  bool // already injected: nothing to tell the operator
+// Outcome is what the decision makes of a pod, and the result label of the
+// webhook's imds_proxy_webhook_admissions_total.
+type Outcome string
+
+// The outcomes.
+const (
+	// Injected: the pod gets the sidecar, or its own sidecar's --v1 is
+	// raised to the floor.
+	Injected Outcome = "injected"
+	// Skipped: the pod has the sidecar already, or may run without it.
+	Skipped Outcome = "skipped"
+	// Warned: the pod is admitted although it may reach IMDS around the
+	// proxy: without the sidecar against the policy, or with a container
+	// that can bypass it.
+	Warned Outcome = "warned"
+	// Denied: the pod would run without the sidecar against the policy,
+	// which says to refuse it.
+	Denied Outcome = "denied"
+)
+
+// decision is the one injection decision of the CLI and the webhook.
+type decision struct {
+	outcome  Outcome
+	inject   *Options // add the sidecar with these options
+	raise    *raise   // or raise the pod's own sidecar's --v1
+	reason   string   // why the pod gets no sidecar
+	warnings []string
 }
 
-// decide is the one injection decision of the CLI and the webhook. A pod the
-// sidecar would clash with (a volume of its name, a container port of its
-// ports) is skipped: patched, the API server would refuse it.
-func decide(meta podMeta, spec *podSpec, o Options) skip {
-	if hasSidecar(spec) {
-		return skip{reason: "already has the " + ContainerName + " container", quiet: true}
+// raise replaces an existing sidecar's --v1 argument.
+type raise struct {
+	container, arg int
+	value          string
+}
+
+// decide decides for a pod in namespace. A pod gets the sidecar unless it
+// has it, opts out, uses the host network or clashes with it (a volume of
+// its name, a container port of its ports: patched, the API server would
+// refuse it). Each of these but the first is a violation outside the
+// namespaces the policy permits, and so is a container named like the
+// sidecar that is not it.
+func decide(meta podMeta, spec *podSpec, namespace string, o Options) decision {
+	e, found, why := recognise(spec, o)
+	if found && why == "" {
+		return decideExisting(spec, e, o)
 	}
-	if meta.Annotations[InjectKey] == Disabled || meta.Labels[InjectKey] == Disabled {
-		return skip{reason: "opted out (" + InjectKey + ": " + Disabled + ")"}
+	var reason string
+	switch {
+	case found:
+		reason = "container " + ContainerName + " is not the sidecar (" + why + "): rename or remove it"
+	case meta.Annotations[InjectKey] == Disabled || meta.Labels[InjectKey] == Disabled:
+		reason = "opted out (" + InjectKey + ": " + Disabled + ")"
+	case spec.HostNetwork:
+		reason = "hostNetwork: a sidecar would redirect the whole node's IMDS traffic, and the node agent redirects none of it"
+	default:
+		reason = clashes(spec, o)
 	}
-	if clash := clashes(spec, o); clash != "" {
-		return skip{reason: clash}
+	if reason == "" {
+		podOptions, warnings := o.forPod(meta)
+		d := decision{outcome: Injected, inject: &podOptions, warnings: warnings}
+		if bypass := bypasses(spec, nil); len(bypass) > 0 {
+			d.outcome, d.warnings = Warned, append(d.warnings, bypass...)
+		}
+		return d
 	}
-	if spec.HostNetwork {
-		return skip{reason: "hostNetwork pods share the node's network namespace, where a sidecar's redirect " +
-			"would capture the whole node's IMDS traffic; run the node agent (imds-proxy node) for them"}
+	if o.Policy.Permits(namespace) {
+		return decision{outcome: Skipped, reason: reason}
 	}
-	return skip{}
+	reason += "; " + o.Policy.unpermitted(namespace)
+	if o.Policy.Denies() {
+		return decision{outcome: Denied, reason: reason}
+	}
+	return decision{outcome: Warned, reason: reason}
+}
+
+// decideExisting raises the --v1 of the pod's own sidecar to the floor, and
+// warns of containers that could bypass it.
+func decideExisting(spec *podSpec, e existing, o Options) decision {
+	d := decision{outcome: Skipped} // no reason: nothing to tell the operator
+	if o.Policy.looser(e.v1) {
+		d.outcome = Injected
+		d.raise = &raise{container: e.index, arg: e.v1Arg, value: "--v1=" + string(o.Policy.V1Floor)}
+		d.warnings = append(d.warnings, fmt.Sprintf("its %s sidecar's --v1=%s is looser than the floor (--v1-floor=%s); it runs with --v1=%s",
+			ContainerName, e.v1, o.Policy.V1Floor, o.Policy.V1Floor))
+	}
+	skip := []int{e.index}
+	if e.exemptUID != nil {
+		skip = append(skip, 0) // the rules container
+	}
+	if bypass := bypasses(spec, e.exemptUID, skip...); len(bypass) > 0 {
+		d.outcome, d.warnings = Warned, append(d.warnings, bypass...)
+	}
+	return d
 }
 
 // clashes names what in spec the sidecar would collide with, or "".
 func clashes(spec *podSpec, o Options) string {
 	for _, v := range spec.Volumes {
 		if v.Name == RunVolumeName {
-			return "it already has a volume named " + RunVolumeName
+			return "it already has a volume named " + RunVolumeName + ", the sidecar's: rename it"
 		}
 	}
-	for _, list := range [][]namedContainer{spec.InitContainers, spec.Containers} {
+	for _, list := range [][]podContainer{spec.InitContainers, spec.Containers} {
 		for _, c := range list {
 			for _, p := range c.Ports {
 				if int(p.ContainerPort) == o.Port || int(p.ContainerPort) == o.MetricsPort {
-					return fmt.Sprintf("container %s uses port %d, which the sidecar needs (choose others with --port and --metrics-port)", c.Name, p.ContainerPort)
+					return fmt.Sprintf("container %s uses port %d, which the sidecar needs (it uses %d and %d: --port, --metrics-port)",
+						c.Name, p.ContainerPort, o.Port, o.MetricsPort)
 				}
 			}
 		}
@@ -51,28 +121,24 @@ func clashes(spec *podSpec, o Options) string {
 	return ""
 }
 
-func hasSidecar(spec *podSpec) bool {
-	for _, list := range [][]namedContainer{spec.InitContainers, spec.Containers} {
-		for _, c := range list {
-			if c.Name == ContainerName {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-// forPod applies the pod's V1Key annotation to o. A value that is not a
-// policy leaves o as it is, and the warning says so.
-func (o Options) forPod(meta podMeta) (Options, string) {
+// forPod applies the pod's V1Key annotation to o, within the floor: the
+// annotation may choose any policy the floor admits, looser or stricter
+// than o.V1. One looser than the floor gets the floor, one that is not a
+// policy gets o.V1 (raised to the floor), and a warning says so.
+func (o Options) forPod(meta podMeta) (Options, []string) {
+	o.V1 = o.Policy.raise(o.V1)
 	value, ok := meta.Annotations[V1Key]
 	if !ok {
-		return o, ""
+		return o, nil
 	}
 	policy, err := proxy.ParseV1Policy(value)
-	if err != nil {
-		return o, fmt.Sprintf("annotation %s: %v; the sidecar uses --v1=%s", V1Key, err, o.V1)
+	switch {
+	case err != nil:
+		return o, []string{fmt.Sprintf("annotation %s: %v; the sidecar uses --v1=%s", V1Key, err, o.V1)}
+	case o.Policy.looser(policy):
+		o.V1 = o.Policy.V1Floor
+		return o, []string{fmt.Sprintf("annotation %s: %s is looser than the floor; the sidecar uses --v1=%s", V1Key, policy, o.V1)}
 	}
 	o.V1 = policy
-	return o, ""
+	return o, nil
 }

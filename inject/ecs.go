@@ -3,55 +3,155 @@ package inject
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
+	"strings"
+
+	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
-// ECSTaskDefinition adds the sidecar to a task definition as accepted by
-// `aws ecs register-task-definition --cli-input-json`, and makes every other
-// container wait until the sidecar is HEALTHY (its redirect exists). Keys
-// keep their order; the output is indented JSON. A task definition that
-// already has the sidecar comes back unchanged. Only awsvpc tasks have a
-// network namespace of their own for the sidecar's redirect.
+// ECSTaskDefinition is ECS for a caller with nowhere to show notes: it
+// refuses a violation whatever o.Policy.OnViolation says.
 func ECSTaskDefinition(in []byte, o Options) ([]byte, error) {
+	o.Policy.OnViolation = Deny
+	out, _, err := ECS(in, o)
+	return out, err
+}
+
+// ECS adds the sidecar to a task definition as accepted by `aws ecs
+// register-task-definition --cli-input-json`, and makes every other
+// container wait until the sidecar is HEALTHY (its redirect exists). Keys
+// keep their order; the output is indented JSON. Only awsvpc tasks have a
+// network namespace of their own for the sidecar's redirect.
+//
+// A task definition that already has the sidecar, exactly as ECS adds it,
+// keeps it: its --v1 is raised to o.Policy.V1Floor, and containers that do
+// not wait for it are made to. A container named ContainerName that is not
+// the sidecar is a violation: with o.Policy.OnViolation Deny an error, else
+// a note and the task definition unchanged.
+func ECS(in []byte, o Options) (out []byte, notes []string, err error) {
 	if err := o.Validate(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var task object
 	if err := json.Unmarshal(in, &task); err != nil {
-		return nil, fmt.Errorf("task definition: %w", err)
+		return nil, nil, fmt.Errorf("task definition: %w", err)
 	}
 	if err := checkNetworkMode(task); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := checkLaunchType(task); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var containers []object
 	if err := task.decode("containerDefinitions", &containers); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if len(containers) == 0 {
-		return nil, fmt.Errorf("task definition: containerDefinitions is empty")
+		return nil, nil, fmt.Errorf("task definition: containerDefinitions is empty")
 	}
-	for _, c := range containers {
+	for i, c := range containers {
 		if name, _ := c.str("name"); name == ContainerName {
-			return in, nil
+			return keepECSSidecar(in, task, containers, i, o)
 		}
 	}
 	for i := range containers {
 		if err := addDependsOn(&containers[i]); err != nil {
-			name, _ := containers[i].str("name")
-			return nil, fmt.Errorf("container %q: %w", name, err)
+			return nil, nil, err
 		}
 	}
 	sidecar, err := toObject(ecsContainer(o))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := task.set("containerDefinitions", append([]object{sidecar}, containers...)); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return marshalIndent(task)
+	out, err = marshalIndent(task)
+	return out, nil, err
+}
+
+// keepECSSidecar handles a task definition whose container i is named
+// ContainerName.
+func keepECSSidecar(in []byte, task object, containers []object, i int, o Options) ([]byte, []string, error) {
+	command, arg, policy, why := ecsSidecar(containers[i], o)
+	if why != "" {
+		reason := "container " + ContainerName + " is not the sidecar (" + why + "): rename or remove it, and inject again"
+		if o.Policy.Denies() {
+			return nil, nil, fmt.Errorf("task definition refused (--on-violation=deny): %s", reason)
+		}
+		return in, []string{"task definition not injected: " + reason}, nil
+	}
+	var notes []string
+	changed := false
+	if o.Policy.looser(policy) {
+		command[arg] = "--v1=" + string(o.Policy.V1Floor)
+		if err := containers[i].set("command", command); err != nil {
+			return nil, nil, err
+		}
+		changed = true
+		notes = append(notes, fmt.Sprintf("the %s container's --v1=%s is looser than the floor (--v1-floor=%s); it runs with %s",
+			ContainerName, policy, o.Policy.V1Floor, command[arg]))
+	}
+	for j := range containers {
+		if j == i {
+			continue
+		}
+		waits, err := waitsForSidecar(containers[j])
+		if err != nil {
+			return nil, nil, err
+		}
+		if !waits {
+			changed = true
+			if err := addDependsOn(&containers[j]); err != nil {
+				return nil, nil, err
+			}
+		}
+	}
+	if !changed {
+		return in, notes, nil
+	}
+	if err := task.set("containerDefinitions", containers); err != nil {
+		return nil, nil, err
+	}
+	out, err := marshalIndent(task)
+	return out, notes, err
+}
+
+// ecsSidecar reads c, a container named ContainerName: its command, where
+// --v1 is in it and what it says, or why c is not the sidecar ECS adds.
+func ecsSidecar(c object, o Options) (command []string, arg int, policy proxy.V1Policy, why string) {
+	_ = c.decode("command", &command) // a missing or odd command has no --v1
+	arg = slices.IndexFunc(command, func(a string) bool { return strings.HasPrefix(a, "--v1=") })
+	if arg < 0 {
+		return nil, arg, "", "no --v1 in its command"
+	}
+	policy, err := proxy.ParseV1Policy(strings.TrimPrefix(command[arg], "--v1="))
+	if err != nil {
+		return nil, arg, "", fmt.Sprintf("its --v1: %v", err)
+	}
+	withV1 := o
+	withV1.V1 = policy
+	raw, err := json.Marshal(c)
+	if err != nil {
+		return nil, arg, "", err.Error()
+	}
+	if path := differs(raw, ecsContainer(withV1)); path != "" {
+		return nil, arg, "", "it differs from the sidecar at " + path
+	}
+	return command, arg, policy, ""
+}
+
+// waitsForSidecar says whether c starts only once the sidecar is HEALTHY.
+func waitsForSidecar(c object) (bool, error) {
+	var deps []ecsDependency
+	if _, ok := c.get("dependsOn"); ok {
+		if err := c.decode("dependsOn", &deps); err != nil {
+			name, _ := c.str("name")
+			return false, fmt.Errorf("container %q: %w", name, err)
+		}
+	}
+	return slices.Contains(deps, ecsDependency{ContainerName: ContainerName, Condition: "HEALTHY"}), nil
 }
 
 func checkNetworkMode(task object) error {
@@ -87,10 +187,11 @@ func checkLaunchType(task object) error {
 
 // addDependsOn makes c start only once the sidecar is HEALTHY.
 func addDependsOn(c *object) error {
+	name, _ := c.str("name")
 	var deps []object
 	if _, ok := c.get("dependsOn"); ok {
 		if err := c.decode("dependsOn", &deps); err != nil {
-			return err
+			return fmt.Errorf("container %q: %w", name, err)
 		}
 	}
 	dep, err := toObject(ecsDependency{ContainerName: ContainerName, Condition: "HEALTHY"})

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/aws/aws-sdk-go-v2/service/ecs"
+
+	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
 // decodeTaskDefinition decodes a task definition strictly into the AWS SDK
@@ -110,5 +112,69 @@ func TestECSSidecarOptions(t *testing.T) {
 	}
 	if hc := strings.Join(c.HealthCheck.Command, " "); !strings.Contains(hc, "--url=http://127.0.0.1:19169/readyz") {
 		t.Errorf("health check %q does not probe the metrics port", hc)
+	}
+}
+
+// TestECSPolicy: a task definition's own sidecar is kept only if it is
+// exactly the one ECS adds (empty fields, as describe-task-definition
+// prints them, aside), its --v1 raised to the floor and every container
+// made to wait for it; any other container of its name is a violation.
+func TestECSPolicy(t *testing.T) {
+	const app = `{"networkMode":"awsvpc","containerDefinitions":[{"name":"a","image":"b"}]}`
+	opts := DefaultOptions()
+	opts.V1 = proxy.V1Allow
+	allow, _, err := ECS([]byte(app), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	floor := DefaultOptions()
+	floor.Policy.V1Floor = proxy.V1Block
+	out, notes, err := ECS(allow, floor)
+	if err != nil || len(notes) != 1 || !strings.Contains(notes[0], "--v1=allow is looser than the floor") {
+		t.Fatalf("raising a sidecar with --v1=allow: notes %q, err %v", notes, err)
+	}
+	if args := strings.Join(decodeTaskDefinition(t, out).ContainerDefinitions[0].Command, " "); !strings.Contains(args, "--v1=block") || strings.Contains(args, "--v1=allow") {
+		t.Errorf("raised sidecar's command %q, want --v1=block", args)
+	}
+	if again, notes, err := ECS(out, floor); err != nil || len(notes) != 0 || !bytes.Equal(again, out) {
+		t.Errorf("a raised task definition is changed again (notes %q, err %v)", notes, err)
+	}
+
+	var task map[string]any
+	_ = json.Unmarshal(allow, &task)
+	containers := task["containerDefinitions"].([]any)
+	sidecar, other := containers[0].(map[string]any), containers[1].(map[string]any)
+	for k, v := range map[string]any{"cpu": 0, "portMappings": []any{}, "environment": []any{}, "mountPoints": []any{}, "volumesFrom": []any{}} {
+		sidecar[k] = v // as describe-task-definition prints them
+	}
+	delete(other, "dependsOn")
+	described, _ := json.Marshal(task)
+	out, _, err = ECS(described, DefaultOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if deps := decodeTaskDefinition(t, out).ContainerDefinitions[1].DependsOn; len(deps) != 1 || *deps[0].ContainerName != ContainerName {
+		t.Errorf("a container that did not wait for the kept sidecar: dependsOn %+v", deps)
+	}
+
+	sidecar["environment"] = []any{map[string]any{"name": "IMDS_PROXY_RULES", "value": "false"}}
+	tampered, _ := json.Marshal(task)
+	decoys := map[string][]byte{
+		"busybox":     []byte(`{"networkMode":"awsvpc","containerDefinitions":[{"name":"imds-proxy","image":"busybox"},{"name":"a","image":"b"}]}`),
+		"environment": tampered,
+	}
+	for name, in := range decoys {
+		out, notes, err := ECS(in, floor)
+		if err != nil || !bytes.Equal(out, in) || len(notes) != 1 || !strings.Contains(notes[0], "is not the sidecar") {
+			t.Errorf("%s, --on-violation=warn: unchanged %t, notes %q, err %v; want it unchanged with a note", name, bytes.Equal(out, in), notes, err)
+		}
+		floor.Policy.OnViolation = Deny
+		if _, _, err := ECS(in, floor); err == nil || !strings.Contains(err.Error(), "refused") {
+			t.Errorf("%s, --on-violation=deny: %v, want a refusal", name, err)
+		}
+		floor.Policy.OnViolation = Warn
+		if _, err := ECSTaskDefinition(in, DefaultOptions()); err == nil {
+			t.Errorf("%s: ECSTaskDefinition, with nowhere to put a note, accepted it", name)
+		}
 	}
 }

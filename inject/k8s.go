@@ -1,5 +1,12 @@
 package inject
 
+import (
+	"encoding/json"
+	"slices"
+
+	sigsjson "sigs.k8s.io/json"
+)
+
 // The few Kubernetes API fields the sidecar is made of, and those that the
 // injection decision reads. They are declared here, in the API's field
 // order and JSON names, rather than imported from k8s.io/api: every sidecar
@@ -61,6 +68,7 @@ type SecurityContext struct {
 	Capabilities             *Capabilities `json:"capabilities,omitempty"`
 	Privileged               *bool         `json:"privileged,omitempty"`
 	RunAsUser                *int64        `json:"runAsUser,omitempty"`
+	RunAsGroup               *int64        `json:"runAsGroup,omitempty"`
 	RunAsNonRoot             *bool         `json:"runAsNonRoot,omitempty"`
 	ReadOnlyRootFilesystem   *bool         `json:"readOnlyRootFilesystem,omitempty"`
 	AllowPrivilegeEscalation *bool         `json:"allowPrivilegeEscalation,omitempty"`
@@ -92,19 +100,59 @@ type podMeta struct {
 
 // podSpec is what the decision reads of a pod's spec.
 type podSpec struct {
-	HostNetwork    bool             `json:"hostNetwork"`
-	InitContainers []namedContainer `json:"initContainers"`
-	Containers     []namedContainer `json:"containers"`
-	Volumes        []struct {
-		Name string `json:"name"`
-	} `json:"volumes"`
+	HostNetwork     bool                `json:"hostNetwork"`
+	SecurityContext *podSecurityContext `json:"securityContext"`
+	InitContainers  []podContainer      `json:"initContainers"`
+	Containers      []podContainer      `json:"containers"`
+	Volumes         []podVolume         `json:"volumes"`
 }
 
-type namedContainer struct {
-	Name  string `json:"name"`
+// podSecurityContext is what the decision reads of a core/v1
+// PodSecurityContext: the UID its containers run as by default.
+type podSecurityContext struct {
+	RunAsUser *int64 `json:"runAsUser"`
+}
+
+// podContainer is what the decision reads of a container, and all of it
+// (raw) for telling the sidecar from a container that only has its name.
+type podContainer struct {
+	Name  string   `json:"name"`
+	Args  []string `json:"args"`
 	Ports []struct {
 		ContainerPort int32 `json:"containerPort"`
 	} `json:"ports"`
+	SecurityContext *SecurityContext `json:"securityContext"`
+	raw             json.RawMessage
+}
+
+// UnmarshalJSON decodes the fields and keeps the whole container.
+func (c *podContainer) UnmarshalJSON(data []byte) error {
+	type fields podContainer // without this method
+	var f fields
+	if err := sigsjson.UnmarshalCaseSensitivePreserveInts(data, &f); err != nil {
+		return err
+	}
+	*c = podContainer(f)
+	c.raw = slices.Clone(data)
+	return nil
+}
+
+// podVolume is a volume's name, and all of it (raw).
+type podVolume struct {
+	Name string `json:"name"`
+	raw  json.RawMessage
+}
+
+// UnmarshalJSON decodes the name and keeps the whole volume.
+func (v *podVolume) UnmarshalJSON(data []byte) error {
+	var f struct {
+		Name string `json:"name"`
+	}
+	if err := sigsjson.UnmarshalCaseSensitivePreserveInts(data, &f); err != nil {
+		return err
+	}
+	*v = podVolume{Name: f.Name, raw: slices.Clone(data)}
+	return nil
 }
 
 // pod is what PodPatch reads of a pod.

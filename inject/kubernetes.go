@@ -23,9 +23,11 @@ var templatePaths = map[string][]string{
 }
 
 // Kubernetes adds the sidecar to every workload in a multi-document YAML
-// stream. Documents it does not change (other kinds, pods already injected
-// or skipped) are copied byte for byte; changed ones keep their key order
-// and comments. notes say which workloads were skipped, and why.
+// stream, as the webhook would; the namespace of a workload is its
+// metadata.namespace. Documents it does not change (other kinds, pods
+// already injected or skipped) are copied byte for byte; changed ones keep
+// their key order and comments. notes say which workloads were skipped or
+// not injected, and why; a violation that o.Policy denies is an error.
 func Kubernetes(in []byte, o Options) (out []byte, notes []string, err error) {
 	if err := o.Validate(); err != nil {
 		return nil, nil, err
@@ -82,14 +84,12 @@ func injectDocument(chunk []byte, o Options) ([]byte, []string, error) {
 	}
 	changed, notes := false, []string(nil)
 	for _, obj := range objects {
-		injected, note, err := injectObject(obj, o)
+		injected, objNotes, err := injectObject(obj, o)
 		if err != nil {
 			return nil, nil, err
 		}
 		changed = changed || injected
-		if note != "" {
-			notes = append(notes, note)
-		}
+		notes = append(notes, objNotes...)
 	}
 	if !changed {
 		return chunk, notes, nil
@@ -99,41 +99,51 @@ func injectDocument(chunk []byte, o Options) ([]byte, []string, error) {
 }
 
 // injectObject adds the sidecar to obj if it is a workload that should have
-// it, and says whether it did; the note explains a skip or a warning.
-func injectObject(obj *yaml.Node, o Options) (bool, string, error) {
+// it (or raises its own sidecar's --v1 to the floor), and says whether it
+// changed obj; the notes explain skips, violations and warnings. A
+// violation the policy denies is an error.
+func injectObject(obj *yaml.Node, o Options) (bool, []string, error) {
 	kind := scalar(obj, "kind")
 	path, ok := templatePaths[kind]
 	if !ok {
-		return false, "", nil
+		return false, nil, nil
 	}
 	name := describe(kind, lookup(obj, "metadata"))
 	template := lookup(obj, path...)
 	specNode := lookup(template, "spec")
 	if specNode == nil || specNode.Kind != yaml.MappingNode {
-		return false, "", fmt.Errorf("%s: no pod spec at %s", name, strings.Join(append(path, "spec"), "."))
+		return false, nil, fmt.Errorf("%s: no pod spec at %s", name, strings.Join(append(path, "spec"), "."))
 	}
 	var meta podMeta
 	var spec podSpec
 	if err := decodeNode(lookup(template, "metadata"), &meta); err != nil {
-		return false, "", fmt.Errorf("%s: pod metadata: %w", name, err)
+		return false, nil, fmt.Errorf("%s: pod metadata: %w", name, err)
 	}
 	if err := decodeNode(specNode, &spec); err != nil {
-		return false, "", fmt.Errorf("%s: pod spec: %w", name, err)
+		return false, nil, fmt.Errorf("%s: pod spec: %w", name, err)
 	}
-	if s := decide(meta, &spec, o); s.reason != "" {
-		if s.quiet {
-			return false, "", nil
-		}
-		return false, name + ": skipped: " + s.reason, nil
+	d := decide(meta, &spec, scalar(lookup(obj, "metadata"), "namespace"), o)
+	var notes []string
+	switch {
+	case d.outcome == Denied:
+		return false, nil, fmt.Errorf("%s: refused (--on-violation=deny): %s", name, d.reason)
+	case d.reason != "" && d.outcome == Skipped:
+		notes = append(notes, name+": skipped: "+d.reason)
+	case d.reason != "":
+		notes = append(notes, name+": not injected: "+d.reason)
 	}
-	podOptions, warning := o.forPod(meta)
-	if err := addSidecar(specNode, podOptions); err != nil {
-		return false, "", err
+	for _, w := range d.warnings {
+		notes = append(notes, name+": "+w)
 	}
-	if warning != "" {
-		warning = name + ": " + warning
+	switch {
+	case d.inject != nil:
+		return true, notes, addSidecar(specNode, *d.inject)
+	case d.raise != nil:
+		arg := lookup(lookup(specNode, "initContainers").Content[d.raise.container], "args").Content[d.raise.arg]
+		arg.Value, arg.Style = d.raise.value, 0
+		return true, notes, nil
 	}
-	return true, warning, nil
+	return false, notes, nil
 }
 
 // addSidecar puts the sidecar first among the init containers, so that the

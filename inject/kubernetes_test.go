@@ -194,20 +194,26 @@ func TestKubernetesNotesAndErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	joined := strings.Join(notes, "\n")
-	for _, want := range []string{"Pod opted-out: skipped: opted out", `Pod typo-*: annotation imds-proxy.io/v1: unknown IMDSv1 policy "blokc"`} {
+	for _, want := range []string{
+		"Pod opted-out: not injected: opted out",
+		"Pod decoy: not injected: container imds-proxy is not the sidecar",
+		`Pod typo-*: annotation imds-proxy.io/v1: unknown IMDSv1 policy "blokc"`,
+	} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("notes %q lack %q", notes, want)
 		}
 	}
-	if strings.Contains(joined, "already") {
-		t.Errorf("an already injected pod is noted: %q", notes)
-	}
 	if got := strings.Count(string(out), "name: imds-proxy\n"); got != 2 {
-		t.Errorf("%d imds-proxy containers in the output, want 2 (the existing one and the typo pod's)", got)
+		t.Errorf("%d imds-proxy containers in the output, want 2 (the decoy and the typo pod's sidecar)", got)
 	}
 	daemonsets, _ := os.ReadFile("testdata/kubernetes/daemonset.yaml")
-	if _, notes, _ := Kubernetes(daemonsets, DefaultOptions()); len(notes) != 1 || !strings.Contains(notes[0], "DaemonSet monitoring/node-exporter: skipped: hostNetwork") {
+	if _, notes, _ := Kubernetes(daemonsets, DefaultOptions()); len(notes) != 1 || !strings.Contains(notes[0], "DaemonSet monitoring/node-exporter: not injected: hostNetwork") {
 		t.Errorf("hostNetwork note: %q", notes)
+	}
+	permitted := DefaultOptions()
+	permitted.Policy.OptOutNamespaces = []string{"monitoring"}
+	if _, notes, _ := Kubernetes(daemonsets, permitted); len(notes) != 1 || !strings.Contains(notes[0], "DaemonSet monitoring/node-exporter: skipped: hostNetwork") {
+		t.Errorf("hostNetwork note where its namespace is permitted: %q", notes)
 	}
 
 	bad := []struct{ name, in, want string }{
@@ -243,7 +249,7 @@ func TestKubernetesReadsFieldsAsTheAPIServerDoes(t *testing.T) {
 // TestKubernetesEmptyFieldsAndLists: an empty or null initContainers or
 // volumes is replaced, never duplicated (the API server would refuse the
 // duplicate key, or keep the wrong one), and the workloads of a List are
-// injected; a pod whose ports clash with the sidecar's is skipped.
+// injected; a pod whose ports clash with the sidecar's is not.
 func TestKubernetesEmptyFieldsAndLists(t *testing.T) {
 	in, _ := os.ReadFile("testdata/kubernetes/empty-fields.yaml")
 	out, _, err := Kubernetes(in, DefaultOptions())
@@ -275,7 +281,7 @@ func TestKubernetesEmptyFieldsAndLists(t *testing.T) {
 	if got := list.Items[0].Spec.Template.Spec.InitContainers; len(got) != 1 || got[0].Name != ContainerName {
 		t.Errorf("the List's Deployment: init containers %+v, want the sidecar", got)
 	}
-	if len(notes) != 1 || !strings.Contains(notes[0], "Pod clashing: skipped: container app uses port 9169") {
+	if len(notes) != 1 || !strings.Contains(notes[0], "Pod clashing: not injected: container app uses port 9169") {
 		t.Errorf("notes %q, want the port clash explained", notes)
 	}
 }

@@ -14,30 +14,43 @@ type PatchOperation struct {
 	Value any    `json:"value,omitempty"`
 }
 
-// PodPatch is the JSON Patch that adds the sidecar to a pod (its JSON, as
-// an AdmissionReview carries it): the same sidecar that the Kubernetes
-// function adds to a manifest. A pod that gets no sidecar (already
-// injected, opted out, hostNetwork, clashing) gets a nil patch and the
-// reason, and a pod whose annotations could not be honoured gets a warning.
-// A pod that does not decode is an error.
-func PodPatch(podJSON []byte, o Options) (patch []byte, reason, warning string, err error) {
+// Admission is the decision for one pod, as the webhook answers it.
+type Admission struct {
+	Outcome  Outcome
+	Patch    []byte   // a JSON Patch, or nil: the pod stays as it is
+	Reason   string   // why the pod gets no sidecar, if it gets none
+	Warnings []string // what the pod's author should hear
+}
+
+// PodPatch decides for a pod (its JSON, as an AdmissionReview carries it)
+// in namespace. Its JSON Patch adds the same sidecar that the Kubernetes
+// function adds to a manifest, or raises the --v1 of a sidecar the pod
+// already has to the floor. A pod that does not decode is an error.
+func PodPatch(podJSON []byte, namespace string, o Options) (Admission, error) {
 	if err := o.Validate(); err != nil {
-		return nil, "", "", err
+		return Admission{}, err
 	}
 	var pod pod
 	if err := sigsjson.UnmarshalCaseSensitivePreserveInts(podJSON, &pod); err != nil {
-		return nil, "", "", fmt.Errorf("reading the pod: %w", err)
+		return Admission{}, fmt.Errorf("reading the pod: %w", err)
 	}
-	if s := decide(pod.Metadata, &pod.Spec, o); s.reason != "" {
-		return nil, s.reason, "", nil
+	d := decide(pod.Metadata, &pod.Spec, namespace, o)
+	a := Admission{Outcome: d.outcome, Reason: d.reason, Warnings: d.warnings}
+	var ops []PatchOperation
+	switch {
+	case d.inject != nil:
+		ops = []PatchOperation{
+			prepend("/spec/initContainers", len(pod.Spec.InitContainers), Container(*d.inject)),
+			appendTo("/spec/volumes", len(pod.Spec.Volumes), RunVolume()),
+		}
+	case d.raise != nil:
+		ops = []PatchOperation{{Op: "replace", Path: fmt.Sprintf("/spec/initContainers/%d/args/%d", d.raise.container, d.raise.arg), Value: d.raise.value}}
+	default:
+		return a, nil
 	}
-	o, warning = o.forPod(pod.Metadata)
-	ops := []PatchOperation{
-		prepend("/spec/initContainers", len(pod.Spec.InitContainers), Container(o)),
-		appendTo("/spec/volumes", len(pod.Spec.Volumes), RunVolume()),
-	}
-	patch, err = json.Marshal(ops)
-	return patch, "", warning, err
+	var err error
+	a.Patch, err = json.Marshal(ops)
+	return a, err
 }
 
 // prepend adds v as the first element of the array at path, creating the

@@ -28,11 +28,11 @@ func TestPodPatchMatchesTheManifestInjection(t *testing.T) {
 			if err := sigsyaml.UnmarshalStrict([]byte(manifest), &pod); err != nil {
 				t.Fatal(err)
 			}
-			patch, reason, _, err := PodPatch(podJSON(t, &pod), DefaultOptions())
-			if err != nil || patch == nil {
-				t.Fatalf("no patch: %q %v", reason, err)
+			a, err := PodPatch(podJSON(t, &pod), "shop", DefaultOptions())
+			if err != nil || a.Patch == nil || a.Outcome != Injected {
+				t.Fatalf("no patch: %+v %v", a, err)
 			}
-			patched := applyPatch(t, &pod, patch)
+			patched := applyPatch(t, &pod, a.Patch)
 			injected, _, err := Kubernetes([]byte(manifest), DefaultOptions())
 			if err != nil {
 				t.Fatal(err)
@@ -44,8 +44,8 @@ func TestPodPatchMatchesTheManifestInjection(t *testing.T) {
 			if !equality.Semantic.DeepEqual(patched.Spec, want.Spec) {
 				t.Errorf("webhook and inject k8s differ:\n%s", cmp.Diff(want.Spec, patched.Spec))
 			}
-			if again, reason, _, _ := PodPatch(podJSON(t, patched), DefaultOptions()); again != nil {
-				t.Errorf("a patched pod is patched again (%q)", reason)
+			if again, _ := PodPatch(podJSON(t, patched), "shop", DefaultOptions()); again.Patch != nil || again.Outcome != Skipped {
+				t.Errorf("a patched pod is patched again: %+v", again)
 			}
 		})
 	}
@@ -70,7 +70,8 @@ func applyPatch(t *testing.T, pod *corev1.Pod, patch []byte) *corev1.Pod {
 }
 
 // TestPodPatchSkips: opted-out and hostNetwork pods get no patch and a
-// reason; a bad policy annotation gets the default and a warning.
+// reason, as violations (no namespace permits them by default); a bad
+// policy annotation gets the default and a warning.
 func TestPodPatchSkips(t *testing.T) {
 	optOut := corev1.Pod{Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "a"}}}}
 	optOut.Annotations = map[string]string{InjectKey: Disabled}
@@ -78,18 +79,21 @@ func TestPodPatchSkips(t *testing.T) {
 	optOutLabel.Labels = map[string]string{InjectKey: Disabled}
 	host := corev1.Pod{Spec: corev1.PodSpec{HostNetwork: true, Containers: []corev1.Container{{Name: "a"}}}}
 	for name, pod := range map[string]corev1.Pod{"annotation": optOut, "label": optOutLabel, "hostNetwork": host} {
-		if patch, reason, _, err := PodPatch(podJSON(t, &pod), DefaultOptions()); patch != nil || reason == "" || err != nil {
-			t.Errorf("%s: patch %s, reason %q, err %v; want no patch and a reason", name, patch, reason, err)
+		if a, err := PodPatch(podJSON(t, &pod), "shop", DefaultOptions()); a.Patch != nil || a.Reason == "" || a.Outcome != Warned || err != nil {
+			t.Errorf("%s: %+v, err %v; want no patch, a reason and the outcome warned", name, a, err)
 		}
 	}
 	typo := corev1.Pod{Spec: optOut.Spec}
 	typo.Annotations = map[string]string{V1Key: "blokc"}
-	patch, _, warning, err := PodPatch(podJSON(t, &typo), DefaultOptions())
-	if err != nil || patch == nil || warning == "" {
-		t.Fatalf("typo annotation: patch %s, warning %q, err %v", patch, warning, err)
+	a, err := PodPatch(podJSON(t, &typo), "shop", DefaultOptions())
+	if err != nil || a.Patch == nil || len(a.Warnings) != 1 {
+		t.Fatalf("typo annotation: %+v, err %v", a, err)
 	}
-	if got := applyPatch(t, &typo, patch).Spec.InitContainers[0].Args; got[len(got)-1] != "--v1=allow" {
+	if got := applyPatch(t, &typo, a.Patch).Spec.InitContainers[0].Args; got[len(got)-1] != "--v1=auto" {
 		t.Errorf("typo annotation: sidecar args %q, want the default policy", got)
+	}
+	if _, err := PodPatch([]byte(`{"spec":{"containers":5}}`), "shop", DefaultOptions()); err == nil {
+		t.Error("a pod that does not decode: no error")
 	}
 }
 

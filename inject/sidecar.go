@@ -14,8 +14,9 @@ import (
 )
 
 const (
-	// ContainerName names the sidecar; a pod or task that has a container
-	// of this name is already injected and is left as it is.
+	// ContainerName names the sidecar. A pod or task that has a container
+	// of this name gets no other; unless that container is exactly the
+	// sidecar, that is a violation of the Policy.
 	ContainerName = "imds-proxy"
 	// RunVolumeName is the emptyDir mounted at /run: iptables-legacy takes
 	// its lock there, and the root filesystem stays read-only.
@@ -29,7 +30,7 @@ const (
 	// out with "disabled", in the webhook and in `imds-proxy inject`.
 	InjectKey = "imds-proxy.io/inject"
 	// V1Key is a pod annotation that sets the sidecar's --v1 policy for that
-	// workload (allow, warn or block): per-workload enforcement.
+	// workload (auto, allow, warn or block), within Policy.V1Floor.
 	V1Key = "imds-proxy.io/v1"
 
 	// Enabled and Disabled are the values of InjectKey.
@@ -44,11 +45,12 @@ type Options struct {
 	MetricsPort int // /metrics, /healthz, /readyz on the pod IP (kubelet probes)
 	V1          proxy.V1Policy
 	Upstream    string // empty: the proxy's default, IMDS itself
+	Policy      Policy // what a pod's own choices may not override
 }
 
 // DefaultOptions are the sidecar of the example manifests.
 func DefaultOptions() Options {
-	return Options{Image: DefaultImage, Port: 8169, MetricsPort: 9169, V1: proxy.V1Allow}
+	return Options{Image: DefaultImage, Port: 8169, MetricsPort: 9169, V1: proxy.V1Auto}
 }
 
 // Validate reports options the sidecar could not start with, by the names of
@@ -76,7 +78,7 @@ func (o Options) Validate() error {
 			return fmt.Errorf("--upstream %q: must be http://host[:port]", o.Upstream)
 		}
 	}
-	return nil
+	return o.Policy.validate()
 }
 
 // args are the sidecar's command-line arguments, with its admin endpoints

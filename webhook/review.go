@@ -33,9 +33,18 @@ type resource struct {
 type admissionResponse struct {
 	UID       string   `json:"uid"`
 	Allowed   bool     `json:"allowed"`
+	Result    *status  `json:"status,omitempty"`
 	Patch     []byte   `json:"patch,omitempty"`
 	PatchType string   `json:"patchType,omitempty"`
 	Warnings  []string `json:"warnings,omitempty"`
+}
+
+// status is a meta/v1 Status: why a request is refused.
+type status struct {
+	Status  string `json:"status"`
+	Message string `json:"message"`
+	Reason  string `json:"reason"`
+	Code    int32  `json:"code"`
 }
 
 const (

@@ -2,8 +2,11 @@
 // imds-proxy sidecar to pods, with the same injection as `imds-proxy inject
 // k8s`. Which pods reach it is the MutatingWebhookConfiguration's business
 // (namespace and pod selectors); the handler injects every pod it is sent
-// unless the pod opts out, runs on the host network or has the sidecar.
-// It never refuses a pod: whatever it cannot patch is allowed unchanged.
+// unless the pod has the sidecar, opts out, runs on the host network or
+// clashes with it. Those but the first are violations outside the
+// namespaces the operator permits, as is a container named like the
+// sidecar that is not it: admitted with a warning, or refused with
+// --on-violation=deny.
 package webhook
 
 import (
@@ -27,10 +30,9 @@ const MaxBodyBytes = 3 << 20
 // InjectPath is where the webhook configuration sends pods.
 const InjectPath = "/inject"
 
-// Admission results, the values of the result label.
+// Admission results, the values of the result label besides the inject
+// package's outcomes (injected, skipped, warned, denied).
 const (
-	resultInjected   = "injected"
-	resultSkipped    = "skipped"    // opted out, hostNetwork, already injected, clashing
 	resultIgnored    = "ignored"    // not a pod CREATE
 	resultUnreadable = "unreadable" // a pod that does not decode: admitted unchanged
 	resultBadRequest = "bad_request"
@@ -43,8 +45,11 @@ func NewHandler(o inject.Options, log *zap.Logger, reg prometheus.Registerer) (h
 	}
 	admissions := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "imds_proxy_webhook_admissions_total",
-		Help: "Admission requests by result: injected, skipped (opted out, hostNetwork, already injected, clashing), " +
-			"ignored (not a pod CREATE), unreadable (admitted unchanged), bad_request (answered 4xx).",
+		Help: "Admission requests by result: injected (or its own sidecar's --v1 raised to the floor), " +
+			"skipped (already injected; opted out, hostNetwork or clashing where --allow-opt-out-namespaces permits), " +
+			"warned (admitted with a way around the sidecar: a violation, or a container that can bypass it), " +
+			"denied (a violation, --on-violation=deny), ignored (not a pod CREATE), unreadable (admitted unchanged), " +
+			"bad_request (answered 4xx).",
 	}, []string{"result"})
 	if err := reg.Register(admissions); err != nil {
 		return nil, fmt.Errorf("registering metrics: %w", err)
@@ -103,8 +108,8 @@ func readReview(w http.ResponseWriter, r *http.Request) (*admissionReview, int, 
 	return &review, 0, nil
 }
 
-// admit decides one request, and says how for the metric. Every answer
-// allows the pod.
+// admit decides one request, and says how for the metric. A pod is
+// refused only for a violation, with --on-violation=deny.
 func (h *handler) admit(req *admissionRequest) (*admissionResponse, string) {
 	resp := &admissionResponse{UID: req.UID, Allowed: true}
 	if req.Resource != podResource || req.SubResource != "" || req.Operation != operationCreate {
@@ -119,20 +124,53 @@ func (h *handler) admit(req *admissionRequest) (*admissionResponse, string) {
 		name = pod.Metadata.GenerateName + "*" // controllers' pods have no name yet at admission
 	}
 	fields := []zap.Field{zap.String("namespace", req.Namespace), zap.String("pod", name)}
-	patch, reason, warning, err := inject.PodPatch(req.Object, h.options)
-	if warning != "" {
-		resp.Warnings = []string{"imds-proxy: " + warning}
-	}
-	switch {
-	case err != nil:
+	a, err := inject.PodPatch(req.Object, req.Namespace, h.options)
+	if err != nil {
+		// The API server decoded this pod, so only a bug here makes it
+		// unreadable: where the policy refuses pods without the sidecar,
+		// it refuses this one too.
+		policy := h.options.Policy
+		if policy.Denies() && !policy.Permits(req.Namespace) {
+			h.log.Warn("pod refused: cannot read it", append(fields, zap.Error(err))...)
+			deny(resp, "cannot read the pod to inject the sidecar: "+err.Error())
+			return resp, string(inject.Denied)
+		}
 		h.log.Warn("pod admitted without the sidecar: cannot read it", append(fields, zap.Error(err))...)
 		resp.Warnings = []string{"imds-proxy: pod not injected: " + err.Error()}
 		return resp, resultUnreadable
-	case patch == nil:
-		h.log.Info("pod admitted without the sidecar", append(fields, zap.String("reason", reason))...)
-		return resp, resultSkipped
 	}
-	h.log.Info("sidecar injected", fields...)
-	resp.Patch, resp.PatchType = patch, patchTypeJSON
-	return resp, resultInjected
+	for _, w := range a.Warnings {
+		resp.Warnings = append(resp.Warnings, "imds-proxy: "+w)
+	}
+	if a.Reason != "" {
+		fields = append(fields, zap.String("reason", a.Reason))
+	}
+	if len(a.Warnings) > 0 {
+		fields = append(fields, zap.Strings("warnings", a.Warnings))
+	}
+	switch a.Outcome {
+	case inject.Denied:
+		h.log.Warn("pod refused", fields...)
+		deny(resp, a.Reason)
+	case inject.Warned:
+		if a.Patch == nil {
+			resp.Warnings = append(resp.Warnings, "imds-proxy: pod not injected: "+a.Reason)
+		}
+		h.log.Warn("pod admitted with a way around the sidecar", fields...)
+	case inject.Skipped:
+		h.log.Info("pod admitted without the sidecar", fields...)
+	default:
+		h.log.Info("sidecar injected", fields...)
+	}
+	if a.Patch != nil {
+		resp.Patch, resp.PatchType = a.Patch, patchTypeJSON
+	}
+	return resp, string(a.Outcome)
+}
+
+// deny turns resp into a refusal that the API server shows the pod's
+// creator as: admission webhook "..." denied the request: <message>.
+func deny(resp *admissionResponse, reason string) {
+	resp.Allowed = false
+	resp.Result = &status{Status: "Failure", Message: "imds-proxy: pod refused: " + reason, Reason: "Forbidden", Code: http.StatusForbidden}
 }

@@ -31,8 +31,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
+	sigsyaml "sigs.k8s.io/yaml"
 
 	"github.com/imds-proxy/imds-proxy/inject"
+	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -88,8 +90,9 @@ func writeAtomically(t *testing.T, name string, data []byte) {
 	}
 }
 
-// startWebhook serves the handler over real HTTPS with certificate reloading.
-func startWebhook(t *testing.T, reg *prometheus.Registry) (url string, client *http.Client, ca *testCA, dir string) {
+// startWebhook serves the handler with o over real HTTPS with certificate
+// reloading.
+func startWebhook(t *testing.T, reg *prometheus.Registry, o inject.Options) (url string, client *http.Client, ca *testCA, dir string) {
 	t.Helper()
 	ca, dir = newTestCA(t), t.TempDir()
 	certFile, keyFile := ca.writePair(t, dir, 100)
@@ -98,7 +101,7 @@ func startWebhook(t *testing.T, reg *prometheus.Registry) (url string, client *h
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := NewHandler(inject.DefaultOptions(), log, reg)
+	h, err := NewHandler(o, log, reg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,7 +150,8 @@ func post(t *testing.T, client *http.Client, url, contentType string, body []byt
 	return resp.StatusCode, out
 }
 
-func admit(t *testing.T, client *http.Client, url string, body []byte) *admissionv1.AdmissionResponse {
+// answer posts an AdmissionReview and returns the response to it.
+func answer(t *testing.T, client *http.Client, url string, body []byte) *admissionv1.AdmissionResponse {
 	t.Helper()
 	status, out := post(t, client, url, "application/json", body)
 	if status != http.StatusOK {
@@ -157,10 +161,20 @@ func admit(t *testing.T, client *http.Client, url string, body []byte) *admissio
 	if err := json.Unmarshal(out, &r); err != nil {
 		t.Fatal(err)
 	}
-	if r.Kind != "AdmissionReview" || r.APIVersion != "admission.k8s.io/v1" || r.Response == nil || r.Response.UID != "c0ffee" || !r.Response.Allowed {
-		t.Fatalf("not an allowing AdmissionReview v1 response for uid c0ffee: %s", out)
+	if r.Kind != "AdmissionReview" || r.APIVersion != "admission.k8s.io/v1" || r.Response == nil || r.Response.UID != "c0ffee" {
+		t.Fatalf("not an AdmissionReview v1 response for uid c0ffee: %s", out)
 	}
 	return r.Response
+}
+
+// admit is answer, failing the test unless the pod is allowed.
+func admit(t *testing.T, client *http.Client, url string, body []byte) *admissionv1.AdmissionResponse {
+	t.Helper()
+	resp := answer(t, client, url, body)
+	if !resp.Allowed {
+		t.Fatalf("refused: %+v", resp.Result)
+	}
+	return resp
 }
 
 func pod(hostNetwork bool, annotations map[string]string) *corev1.Pod {
@@ -174,7 +188,7 @@ func pod(hostNetwork bool, annotations map[string]string) *corev1.Pod {
 // TestWebhookInjects: a pod comes back with a JSON Patch that, applied,
 // gives it the sidecar; the patched pod is not patched again.
 func TestWebhookInjects(t *testing.T) {
-	url, client, _, _ := startWebhook(t, prometheus.NewRegistry())
+	url, client, _, _ := startWebhook(t, prometheus.NewRegistry(), inject.DefaultOptions())
 	p := pod(false, nil)
 	resp := admit(t, client, url, review(t, p, nil))
 	if resp.PatchType == nil || *resp.PatchType != admissionv1.PatchTypeJSONPatch || len(resp.Patch) == 0 {
@@ -206,18 +220,18 @@ func TestWebhookInjects(t *testing.T) {
 }
 
 // TestWebhookAllowsWithoutPatch: everything the webhook should not or
-// cannot patch is allowed unchanged, with a warning where the user should
-// hear of it.
+// cannot patch is allowed unchanged by default (--on-violation=warn), with
+// a warning where the user should hear of it.
 func TestWebhookAllowsWithoutPatch(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	url, client, _, _ := startWebhook(t, reg)
+	url, client, _, _ := startWebhook(t, reg, inject.DefaultOptions())
 	cases := []struct {
 		name    string
 		body    []byte
 		warning string
 	}{
-		{"opted out", review(t, pod(false, map[string]string{inject.InjectKey: inject.Disabled}), nil), ""},
-		{"hostNetwork", review(t, pod(true, nil), nil), ""},
+		{"opted out", review(t, pod(false, map[string]string{inject.InjectKey: inject.Disabled}), nil), "pod not injected: opted out"},
+		{"hostNetwork", review(t, pod(true, nil), nil), "pod not injected: hostNetwork"},
 		{"update", review(t, pod(false, nil), func(r *admissionv1.AdmissionRequest) { r.Operation = admissionv1.Update }), ""},
 		{"not a pod", review(t, pod(false, nil), func(r *admissionv1.AdmissionRequest) {
 			r.Resource = metav1.GroupVersionResource{Group: "apps", Version: "v1", Resource: "deployments"}
@@ -238,7 +252,7 @@ func TestWebhookAllowsWithoutPatch(t *testing.T) {
 	if typo.Patch == nil || len(typo.Warnings) != 1 || !strings.Contains(typo.Warnings[0], "blokc") {
 		t.Errorf("bad policy annotation: patch %s, warnings %q; want a patch and a warning", typo.Patch, typo.Warnings)
 	}
-	want := map[string]float64{"skipped": 2, "ignored": 3, "unreadable": 1, "injected": 1}
+	want := map[string]float64{"warned": 2, "ignored": 3, "unreadable": 1, "injected": 1}
 	if got := admissions(t, reg); !maps.Equal(got, want) {
 		t.Errorf("imds_proxy_webhook_admissions_total %v, want %v", got, want)
 	}
@@ -248,7 +262,7 @@ func TestWebhookAllowsWithoutPatch(t *testing.T) {
 // get clear 4xx answers (no panic), and the webhook keeps serving.
 func TestWebhookRejectsBadRequests(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	url, client, _, _ := startWebhook(t, reg)
+	url, client, _, _ := startWebhook(t, reg, inject.DefaultOptions())
 	good := review(t, pod(false, nil), nil)
 	huge := append([]byte(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x","object":{"pad":"`),
 		bytes.Repeat([]byte("a"), MaxBodyBytes)...)
@@ -296,7 +310,7 @@ func TestWebhookRejectsBadRequests(t *testing.T) {
 // Secret update or a cert-manager renewal does) changes the certificate
 // new connections see, without a restart; a broken pair keeps the old one.
 func TestWebhookReloadsItsCertificate(t *testing.T) {
-	url, client, ca, dir := startWebhook(t, prometheus.NewRegistry())
+	url, client, ca, dir := startWebhook(t, prometheus.NewRegistry(), inject.DefaultOptions())
 	serial := func() int64 {
 		resp, err := client.Get(url + "/healthz")
 		if err != nil {
@@ -353,4 +367,109 @@ func admissions(t *testing.T, reg *prometheus.Registry) map[string]float64 {
 		}
 	}
 	return out
+}
+
+// fixture is a pod of ../inject/testdata/policy/pods.yaml, the fixtures
+// the inject and CLI tests share, with what it expects.
+type fixture struct {
+	pod           corev1.Pod
+	outcome, says string
+}
+
+func fixtures(t *testing.T) []fixture {
+	t.Helper()
+	stream, err := os.ReadFile("../inject/testdata/policy/pods.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []fixture
+	for _, doc := range strings.Split(string(stream), "\n---\n") {
+		var f fixture
+		if err := sigsyaml.UnmarshalStrict([]byte(doc), &f.pod); err != nil {
+			t.Fatal(err)
+		}
+		f.outcome, f.says = f.pod.Annotations["test.imds-proxy.io/outcome"], f.pod.Annotations["test.imds-proxy.io/says"]
+		out = append(out, f)
+	}
+	return out
+}
+
+// TestWebhookPolicy sends every shared fixture to a webhook with a block
+// floor, once warning and once denying: a violation is admitted unpatched
+// with a warning that says why, or refused with a 403 that says why; every
+// warning fits what the API server shows in full; the metric counts each
+// result.
+func TestWebhookPolicy(t *testing.T) {
+	for _, on := range []inject.OnViolation{inject.Warn, inject.Deny} {
+		t.Run(string(on), func(t *testing.T) {
+			o := inject.DefaultOptions()
+			o.Policy = inject.Policy{V1Floor: proxy.V1Block, OnViolation: on, OptOutNamespaces: []string{"kube-system"}}
+			reg := prometheus.NewRegistry()
+			url, client, _, _ := startWebhook(t, reg, o)
+			counts := map[string]float64{}
+			for _, f := range fixtures(t) {
+				want := f.outcome
+				if want == "violation" {
+					want = map[inject.OnViolation]string{inject.Warn: "warned", inject.Deny: "denied"}[on]
+				}
+				counts[want]++
+				resp := answer(t, client, url, review(t, &f.pod, nil))
+				said := strings.Join(resp.Warnings, "\n")
+				if resp.Result != nil {
+					said += "\n" + resp.Result.Message
+				}
+				if !strings.Contains(said, f.says) {
+					t.Errorf("%s: warnings and status %q do not say %q", f.pod.Name, said, f.says)
+				}
+				for _, w := range resp.Warnings {
+					if len(w) > 256 || !strings.HasPrefix(w, "imds-proxy: ") {
+						t.Errorf("%s: warning of %d characters (the API server may cut those over 256), or without the imds-proxy: prefix: %q", f.pod.Name, len(w), w)
+					}
+				}
+				switch want {
+				case "denied":
+					if resp.Allowed || resp.Patch != nil || resp.Result == nil || resp.Result.Code != http.StatusForbidden ||
+						!strings.HasPrefix(resp.Result.Message, "imds-proxy: pod refused: ") {
+						t.Errorf("%s: allowed %t, patch %s, status %+v; want a 403 refusal", f.pod.Name, resp.Allowed, resp.Patch, resp.Result)
+					}
+				case "injected":
+					if !resp.Allowed || resp.Patch == nil {
+						t.Errorf("%s: allowed %t, patch %s; want a patch", f.pod.Name, resp.Allowed, resp.Patch)
+					}
+				default:
+					if !resp.Allowed || resp.Result != nil {
+						t.Errorf("%s: allowed %t, status %+v; want it admitted", f.pod.Name, resp.Allowed, resp.Result)
+					}
+				}
+			}
+			if got := admissions(t, reg); !maps.Equal(got, counts) {
+				t.Errorf("imds_proxy_webhook_admissions_total %v, want %v", got, counts)
+			}
+		})
+	}
+}
+
+// TestWebhookPermitsOptOutNamespaces: in a namespace the operator lists,
+// an opted-out pod is skipped, neither warned about nor refused; the
+// same pod elsewhere is refused.
+func TestWebhookPermitsOptOutNamespaces(t *testing.T) {
+	o := inject.DefaultOptions()
+	o.Policy = inject.Policy{OnViolation: inject.Deny, OptOutNamespaces: []string{"batch"}}
+	reg := prometheus.NewRegistry()
+	url, client, _, _ := startWebhook(t, reg, o)
+	optOut := pod(false, map[string]string{inject.InjectKey: inject.Disabled})
+	inBatch := admit(t, client, url, review(t, optOut, func(r *admissionv1.AdmissionRequest) { r.Namespace = "batch" }))
+	if inBatch.Patch != nil || len(inBatch.Warnings) != 0 {
+		t.Errorf("opted out in a permitted namespace: patch %s, warnings %q; want neither", inBatch.Patch, inBatch.Warnings)
+	}
+	if inShop := answer(t, client, url, review(t, optOut, nil)); inShop.Allowed || !strings.Contains(inShop.Result.Message, `namespace "shop" is not in --allow-opt-out-namespaces`) {
+		t.Errorf("opted out in namespace shop: allowed %t, status %+v; want a refusal naming the namespace", inShop.Allowed, inShop.Result)
+	}
+	unreadable := review(t, map[string]any{"spec": map[string]any{"containers": 5}}, nil)
+	if resp := answer(t, client, url, unreadable); resp.Allowed {
+		t.Error("a pod the webhook cannot read, with --on-violation=deny: allowed")
+	}
+	if got, want := admissions(t, reg), map[string]float64{"skipped": 1, "denied": 2}; !maps.Equal(got, want) {
+		t.Errorf("imds_proxy_webhook_admissions_total %v, want %v", got, want)
+	}
 }
