@@ -84,7 +84,8 @@ func TestDoctorDiagnoses(t *testing.T) {
 		e := testutil.NewEC2(t, 2, true)
 		startSidecar(t, e, "--upstream", "http://169.254.169.254")
 		r, code := runDoctor(t, e.Task)
-		if code != doctor.ExitHealthy || r.Proxy != "sidecar" || r.Rules != "present" {
+		// This sidecar runs in the test's own (root) cgroup: it falls back to the mark, and doctor says so.
+		if code != doctor.ExitHealthy || r.Proxy != "sidecar" || !strings.HasPrefix(r.Rules, "present, exempting the proxy by mark") {
 			t.Errorf("exit %d, report %+v; want healthy through the sidecar with its rules present", code, r)
 		}
 	})

@@ -70,6 +70,9 @@ func TestSidecarExemptionCannotBeForged(t *testing.T) {
 	if !strings.Contains(sidecar.Logs.String(), "exempts the proxy's own cgroup") {
 		t.Fatalf("the sidecar does not exempt its cgroup:\n%s", sidecar.Logs.String())
 	}
+	if r, _ := runDoctor(t, e.Task); r.Rules != "present, exempting the proxy's own cgroup" {
+		t.Errorf("doctor in the pod: redirect rules %q, want the cgroup exemption named", r.Rules)
+	}
 	python := pythonExecutable(t)
 	attempts := []struct {
 		name, mark, uid, host string

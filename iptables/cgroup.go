@@ -71,3 +71,34 @@ func kernelVersion() (major, minor int, release string) {
 	}
 	return major, minor, release
 }
+
+// InstalledExemption says how the sidecar chain installed here exempts the
+// proxy's own traffic ("cgroup", "mark", "uid", several joined by "+"),
+// and "" without a sidecar chain. It needs NET_ADMIN or root.
+func InstalledExemption() (string, error) {
+	t, err := Open(IPv4, BackendAuto)
+	if err != nil {
+		return "", err
+	}
+	ok, err := t.ipt.ChainExists("nat", ChainOutput)
+	if err != nil || !ok {
+		return "", explain(err)
+	}
+	lines, err := t.ipt.List("nat", ChainOutput)
+	if err != nil {
+		return "", explain(err)
+	}
+	var kinds []string
+	for _, line := range lines {
+		switch {
+		case !strings.Contains(line, "-j RETURN"):
+		case strings.Contains(line, "-m cgroup"):
+			kinds = append(kinds, "cgroup")
+		case strings.Contains(line, "-m mark"):
+			kinds = append(kinds, "mark")
+		case strings.Contains(line, "--uid-owner"):
+			kinds = append(kinds, "uid")
+		}
+	}
+	return strings.Join(kinds, "+"), nil
+}

@@ -77,6 +77,15 @@ func rulesHere() string {
 	if err := iptables.IPv6Uncovered(); err != nil {
 		return "present for IPv4 only: " + err.Error()
 	}
+	// A sidecar's exemption: only the cgroup one is out of app containers' reach.
+	switch kind, _ := iptables.InstalledExemption(); {
+	case kind == "":
+	case strings.Contains(kind, "mark") || strings.Contains(kind, "uid"):
+		return "present, exempting the proxy by " + kind + ": an app container with NET_RAW or CAP_SETUID " +
+			"(Docker and containerd defaults) can forge that and bypass the proxy"
+	default:
+		return "present, exempting the proxy's own cgroup"
+	}
 	return "present"
 }
 
