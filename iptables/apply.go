@@ -169,7 +169,7 @@ func (t *Table) restore(rs Ruleset) error {
 		}
 	}
 	input := withDeletes(rs.restoreInput(func(j Rule) bool { return placed[Chain{j.Table, j.Chain}] }), deletes)
-	cmd := exec.Command(t.restorePath, "--noflush", "--wait")
+	cmd := exec.Command(t.restorePath, "--noflush", "--wait=5") // bounded: a container that holds the xtables lock must not stall reconcile
 	cmd.Stdin = strings.NewReader(input)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("%s --noflush: %w: %s", t.restorePath, err, strings.TrimSpace(string(out)))

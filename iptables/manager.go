@@ -23,8 +23,8 @@ import (
 const DefaultExemptMark = 0x1169
 
 // MarkControl returns a net.Dialer Control function that sets SO_MARK on
-// every socket. Setting a mark needs NET_ADMIN; an error here means the proxy
-// lacks it and should use --exempt-uid instead.
+// every socket. Setting a mark needs NET_ADMIN, or NET_RAW since Linux 5.17;
+// an error here means the proxy has neither and should use --exempt-uid.
 func MarkControl(mark uint32) func(network, address string, c syscall.RawConn) error {
 	return func(_, _ string, c syscall.RawConn) error {
 		var sockErr error

@@ -37,8 +37,11 @@ func (a attributor) lookup(client netip.AddrPort) Process {
 	if pid, ok := a.holder(inode); ok {
 		p.PID = pid
 		p.Command = a.read(pid, "comm")
-		p.Executable, _ = os.Readlink(filepath.Join(a.proc, strconv.Itoa(pid), "exe"))
-		p.Cgroup = a.read(pid, "cgroup")
+		// A process chooses its executable's path and its cgroup's name: cut
+		// like every client string that reaches logs and the callers table.
+		exe, _ := os.Readlink(filepath.Join(a.proc, strconv.Itoa(pid), "exe"))
+		p.Executable = truncate(exe)
+		p.Cgroup = truncate(a.read(pid, "cgroup"))
 	}
 	return p
 }

@@ -165,7 +165,7 @@ func (m *metrics) setSessionState(s sessionState) {
 }
 
 func (m *metrics) setUpstreamV1(u upstreamV1) {
-	for _, each := range allUpstreamV1 {
+	for _, each := range allUpstreamV1() {
 		v := 0.0
 		if each == u {
 			v = 1

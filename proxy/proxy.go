@@ -95,7 +95,10 @@ type Config struct {
 	// one by one, and the rest in one summary line when it ends (0: 1 minute).
 	V1LogInterval time.Duration
 	// V1ProbeInterval is how often, between session refreshes, the proxy
-	// asks the upstream whether it serves tokenless requests (0: 5 minutes).
+	// asks the upstream whether it serves tokenless requests. If zero, it
+	// asks only at start and at each session refresh (every half token
+	// lifetime): each probe is a tokenless request, which an instance that
+	// still allows IMDSv1 may count in its MetadataNoToken metric.
 	// Only auto, allow and warn ask; block has no use for the answer.
 	V1ProbeInterval time.Duration
 	// V1AttributionsPerSecond bounds how often a tokenless request is
@@ -331,7 +334,8 @@ func (p *Proxy) refuseLoop(w http.ResponseWriter, r *http.Request) {
 	x := newExchange(r)
 	x.outcome = outcomeLoop
 	p.log.Error("the proxy's own upstream request came back to it: the redirect exemption does not "+
-		"match its traffic; check --exempt-mark (needs NET_ADMIN) or --exempt-uid against the UID it runs as",
+		"match its traffic; check which exemption the rules use (imds-proxy doctor in the pod): the proxy's own "+
+		"cgroup (--exempt-cgroup), --exempt-mark (needs NET_ADMIN or NET_RAW), or --exempt-uid against the UID it runs as",
 		zap.String("path", truncate(r.URL.Path)))
 	http.Error(w, http.StatusText(http.StatusLoopDetected), http.StatusLoopDetected)
 	p.record(x, r, http.StatusLoopDetected)

@@ -101,7 +101,10 @@ const (
 	upstreamV1Refused
 )
 
-var allUpstreamV1 = []upstreamV1{upstreamV1Unknown, upstreamV1Served, upstreamV1Refused}
+// allUpstreamV1 are the states, for exporting each at 0 or 1.
+func allUpstreamV1() [3]upstreamV1 {
+	return [3]upstreamV1{upstreamV1Unknown, upstreamV1Served, upstreamV1Refused}
+}
 
 func (u upstreamV1) String() string {
 	switch u {
@@ -163,21 +166,27 @@ func newSession(cfg *Config, id string, transport http.RoundTripper, log *zap.Lo
 
 // run refreshes the session until ctx is cancelled: at half the token's
 // lifetime while IMDSv2 works, and with capped exponential backoff while it
-// does not. Between refreshes it asks the upstream about IMDSv1 every
-// V1ProbeInterval, so that an instance switched to HttpTokens=required is
-// followed within minutes, not hours.
+// does not. With V1ProbeInterval it also asks the upstream about IMDSv1
+// between refreshes. Under auto, while the IMDSv1 answer is unknown, only
+// the probe is retried with backoff: the token in hand stays valid.
 func (s *session) run(ctx context.Context) {
 	backoff := s.cfg.UpstreamRetryMin
 	probeEvery := s.cfg.V1ProbeInterval
-	if probeEvery <= 0 {
-		probeEvery = 5 * time.Minute
-	}
+	reprobe := false
+	var refreshed time.Time
 	for {
-		state, _ := s.refresh("")
+		state := stateV2
+		if reprobe && time.Since(refreshed) < s.cfg.UpstreamTokenTTL/2 {
+			s.probeV1()
+		} else {
+			state, _ = s.refresh("")
+			refreshed = time.Now()
+		}
 		wait := s.cfg.UpstreamTokenTTL / 2
+		reprobe = state == stateV2 && s.cfg.V1 == V1Auto && s.v1State() == upstreamV1Unknown
 		// Under auto an unknown IMDSv1 answer is retried like a failed token
 		// request, since tokenless requests are refused until it is known.
-		if state != stateV2 || s.cfg.V1 == V1Auto && s.v1State() == upstreamV1Unknown {
+		if state != stateV2 || reprobe {
 			wait = backoff
 			backoff = min(2*backoff, s.cfg.UpstreamRetryMax)
 		} else {
@@ -186,7 +195,7 @@ func (s *session) run(ctx context.Context) {
 		next := time.Now().Add(wait)
 		for {
 			step := time.Until(next)
-			if s.probes && probeEvery < step {
+			if s.probes && probeEvery > 0 && probeEvery < step {
 				step = probeEvery
 			}
 			select {

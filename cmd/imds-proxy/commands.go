@@ -136,6 +136,11 @@ func runRules(action string, cfg iptables.Config, f *ruleFlags, stdout, stderr i
 		if err := m.Install(); err != nil {
 			return err
 		}
+		if cfg.Mode == iptables.ModeSidecar {
+			log.Warn("these rules exempt a socket mark or a UID, which an app container can take with NET_RAW (Linux 5.17+) "+
+				"or CAP_SETUID, default capabilities of Docker and containerd; a sidecar that installs its own rules "+
+				"exempts its cgroup instead", zap.Uint32("mark", cfg.ExemptMark), zap.Int("uid", cfg.ExemptUID))
+		}
 		// IPv6 IMDS left unredirected where the namespace routes to it is a
 		// bypass: an init container must fail rather than let the pod start.
 		return m.IPv6Bypass()

@@ -39,8 +39,8 @@ func (f *ruleFlags) register(fs *flag.FlagSet) {
 		fs.StringVar(&f.nodeAddress, "node-address", iptables.NodeAddressAuto, "node mode: IPv4 address of this node that IMDS traffic from containers is sent to (DNAT); auto: the --listen address if it names one, else the node's source address towards --upstream (on EC2 the primary ENI address)")
 	}
 	if f.mode != iptables.ModeNode {
-		fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "sidecar mode: socket mark on the proxy's upstream connections, exempting them from the redirect (4457 = 0x1169; needs NET_ADMIN; 0 disables)")
-		fs.IntVar(&f.exemptUID, "exempt-uid", -1, "sidecar mode: exempt this UID's connections from the redirect instead, for a proxy without NET_ADMIN (-1 disables)")
+		fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "sidecar mode: socket mark on the proxy's upstream connections, exempting them from the redirect where --exempt-cgroup cannot (4457 = 0x1169; setting it needs NET_ADMIN, or only NET_RAW on Linux 5.17+, so app containers can forge it; 0 disables)")
+		fs.IntVar(&f.exemptUID, "exempt-uid", -1, "sidecar mode: exempt this UID's connections from the redirect instead, for a proxy without NET_ADMIN whose rules an init container installs; a root app container with CAP_SETUID can take the UID (-1 disables)")
 	}
 	fs.StringVar(&f.backend, "iptables-backend", string(iptables.BackendAuto), "iptables backend: auto (legacy if legacy tables hold rules, else nft), nft or legacy")
 	fs.BoolVar(&f.ipv6, "ipv6", true, "also redirect IMDS over IPv6 (fd00:ec2::254) where ip6tables works")
