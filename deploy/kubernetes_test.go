@@ -674,12 +674,18 @@ func TestWebhookSelectors(t *testing.T) {
 
 // TestWebhookRecognisesTheExampleSidecars: the pods of deploy/kubernetes's
 // sidecar and sidecar-init examples, as the webhook would see them with
-// --on-violation=deny, already have exactly the sidecar and
+// --on-violation=deny and the webhook Deployment's --exempt-uid, already
+// have exactly the sidecar and
 // no container that could bypass it: admitted unchanged, without a word.
-// A copy whose app runs as the exempt UID is warned about.
+// A copy whose app runs as the exempt UID is refused.
 func TestWebhookRecognisesTheExampleSidecars(t *testing.T) {
 	o := inject.DefaultOptions()
 	o.Policy = inject.Policy{V1Floor: "allow", OnViolation: inject.Deny}
+	uid, err := strconv.ParseInt(mustFlag(t, "webhook", buildWebhook(t).deployment.Spec.Template.Spec.Containers[0].Args, "exempt-uid"), 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.ExemptUID = uid // the webhook Deployment's: the sidecar-init example must be its variant
 	for _, base := range []string{"sidecar", "sidecar-init"} {
 		d := deployment(t, base, "Deployment default/example-app")
 		pod := corev1.Pod{ObjectMeta: d.Spec.Template.ObjectMeta, Spec: d.Spec.Template.Spec}
@@ -692,8 +698,9 @@ func TestWebhookRecognisesTheExampleSidecars(t *testing.T) {
 		}
 		uid := int64(1337)
 		pod.Spec.Containers[0].SecurityContext.RunAsUser = &uid
-		if a, err := inject.PodPatch(podJSON(t, pod), d.Namespace, o); err != nil || a.Outcome != inject.Warned || len(a.Warnings) != 1 {
-			t.Errorf("%s, the app as UID 1337: %+v, err %v; want one warning", base, a, err)
+		if a, err := inject.PodPatch(podJSON(t, pod), d.Namespace, o); err != nil || a.Outcome != inject.Denied ||
+			!strings.Contains(a.Reason, "container app can become UID 1337") {
+			t.Errorf("%s, the app as UID 1337: %+v, err %v; want it refused", base, a, err)
 		}
 	}
 }

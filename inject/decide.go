@@ -2,6 +2,8 @@ package inject
 
 import (
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
@@ -21,8 +23,8 @@ const (
 	// proxy: without the sidecar against the policy, or with a container
 	// that can bypass it.
 	Warned Outcome = "warned"
-	// Denied: the pod would run without the sidecar against the policy,
-	// which says to refuse it.
+	// Denied: the pod would run without the sidecar, or with a container
+	// that can bypass it, against the policy, which says to refuse it.
 	Denied Outcome = "denied"
 )
 
@@ -31,7 +33,7 @@ type decision struct {
 	outcome  Outcome
 	inject   *Options // add the sidecar with these options
 	raise    *raise   // or raise the pod's own sidecar's --v1
-	reason   string   // why the pod gets no sidecar
+	reason   string   // why the pod gets no sidecar, or is refused
 	warnings []string
 }
 
@@ -44,46 +46,73 @@ type raise struct {
 // decide decides for a pod in namespace. A pod gets the sidecar unless it
 // has it, opts out, uses the host network or clashes with it (a volume of
 // its name, a container port of its ports: patched, the API server would
-// refuse it). Each of these but the first is a violation outside the
-// namespaces the policy permits, and so is a container named like the
-// sidecar that is not it.
+// refuse it). A pod that has the sidecar keeps it, its --v1 raised to the
+// floor, unless it uses the host network or clashes with it. Each of these
+// but having the sidecar is a violation outside the namespaces the policy
+// permits, and so is a container named like the sidecar that is not it, and
+// a container that could bypass the sidecar.
 func decide(meta podMeta, spec *podSpec, namespace string, o Options) decision {
 	e, found, why := recognise(spec, o)
-	if found && why == "" {
-		return decideExisting(spec, e, o)
+	kept := found && why == ""
+	var own []int     // the init containers of the pod's own sidecar
+	var exempt *int64 // the UID its rules let through
+	if kept {
+		own, exempt = e.containers(), e.exemptUID
 	}
 	var reason string
 	switch {
-	case found:
+	case found && !kept:
 		reason = "container " + ContainerName + " is not the sidecar (" + why + "): rename or remove it"
-	case meta.Annotations[InjectKey] == Disabled || meta.Labels[InjectKey] == Disabled:
+	case !kept && (meta.Annotations[InjectKey] == Disabled || meta.Labels[InjectKey] == Disabled):
+		// A pod that has the sidecar keeps it: opting out changes nothing.
 		reason = "opted out (" + InjectKey + ": " + Disabled + ")"
 	case spec.HostNetwork:
+		// A sidecar the pod brought would redirect the node's traffic just
+		// as an injected one would.
 		reason = "hostNetwork: a sidecar would redirect the whole node's IMDS traffic, and the node agent redirects none of it"
 	default:
-		reason = clashes(spec, o)
+		reason = clashes(spec, o, own)
 	}
-	if reason == "" {
+	if reason != "" {
+		return o.Policy.violation(reason, namespace)
+	}
+	var d decision
+	if kept {
+		d = decideExisting(e, o)
+	} else {
 		podOptions, warnings := o.forPod(meta)
-		d := decision{outcome: Injected, inject: &podOptions, warnings: warnings}
-		if bypass := bypasses(spec, nil); len(bypass) > 0 {
-			d.outcome, d.warnings = Warned, append(d.warnings, bypass...)
-		}
+		d = decision{outcome: Injected, inject: &podOptions, warnings: warnings}
+	}
+	bypass := bypasses(spec, exempt, own...)
+	if len(bypass) == 0 {
 		return d
 	}
-	if o.Policy.Permits(namespace) {
+	// A container that can bypass the sidecar makes it as good as absent:
+	// a violation like running without it. Where the pod is admitted it
+	// still gets (or keeps) the sidecar, which holds against the others.
+	if v := o.Policy.violation(strings.Join(bypass, "; "), namespace); v.outcome == Denied {
+		return v
+	}
+	d.outcome, d.warnings = Warned, append(d.warnings, bypass...)
+	return d
+}
+
+// violation is the decision for a pod that would get around the sidecar
+// for reason: skipped where the namespace is permitted, else refused or
+// warned about as the policy says.
+func (pol Policy) violation(reason, namespace string) decision {
+	if pol.Permits(namespace) {
 		return decision{outcome: Skipped, reason: reason}
 	}
-	reason += "; " + o.Policy.unpermitted(namespace)
-	if o.Policy.Denies() {
+	reason += "; " + pol.unpermitted(namespace)
+	if pol.Denies() {
 		return decision{outcome: Denied, reason: reason}
 	}
 	return decision{outcome: Warned, reason: reason}
 }
 
-// decideExisting raises the --v1 of the pod's own sidecar to the floor, and
-// warns of containers that could bypass it.
-func decideExisting(spec *podSpec, e existing, o Options) decision {
+// decideExisting raises the --v1 of the pod's own sidecar to the floor.
+func decideExisting(e existing, o Options) decision {
 	d := decision{outcome: Skipped} // no reason: nothing to tell the operator
 	if o.Policy.looser(e.v1) {
 		d.outcome = Injected
@@ -91,31 +120,33 @@ func decideExisting(spec *podSpec, e existing, o Options) decision {
 		d.warnings = append(d.warnings, fmt.Sprintf("its %s sidecar's --v1=%s is looser than the floor (--v1-floor=%s); it runs with --v1=%s",
 			ContainerName, e.v1, o.Policy.V1Floor, o.Policy.V1Floor))
 	}
-	skip := []int{e.index}
-	if e.exemptUID != nil {
-		skip = append(skip, 0) // the rules container
-	}
-	if bypass := bypasses(spec, e.exemptUID, skip...); len(bypass) > 0 {
-		d.outcome, d.warnings = Warned, append(d.warnings, bypass...)
-	}
 	return d
 }
 
-// clashes names what in spec the sidecar would collide with, or "".
-func clashes(spec *podSpec, o Options) string {
-	for _, v := range spec.Volumes {
-		if v.Name == RunVolumeName {
-			return "it already has a volume named " + RunVolumeName + ", the sidecar's: rename it"
+// clashes names what in spec the sidecar would collide with, or "". own
+// are the init containers of a sidecar the pod already has: their ports,
+// and the volume recognise found equal to RunVolume, are the sidecar's.
+func clashes(spec *podSpec, o Options, own []int) string {
+	if len(own) == 0 && slices.ContainsFunc(spec.Volumes, func(v podVolume) bool { return v.Name == RunVolumeName }) {
+		return "it already has a volume named " + RunVolumeName + ", the sidecar's: rename it"
+	}
+	check := func(c podContainer) string {
+		for _, p := range c.Ports {
+			if int(p.ContainerPort) == o.Port || int(p.ContainerPort) == o.MetricsPort {
+				return fmt.Sprintf("container %s uses port %d, which the sidecar needs (it uses %d and %d: --port, --metrics-port)",
+					c.Name, p.ContainerPort, o.Port, o.MetricsPort)
+			}
+		}
+		return ""
+	}
+	for i, c := range spec.InitContainers {
+		if why := check(c); why != "" && !slices.Contains(own, i) {
+			return why
 		}
 	}
-	for _, list := range [][]podContainer{spec.InitContainers, spec.Containers} {
-		for _, c := range list {
-			for _, p := range c.Ports {
-				if int(p.ContainerPort) == o.Port || int(p.ContainerPort) == o.MetricsPort {
-					return fmt.Sprintf("container %s uses port %d, which the sidecar needs (it uses %d and %d: --port, --metrics-port)",
-						c.Name, p.ContainerPort, o.Port, o.MetricsPort)
-				}
-			}
+	for _, c := range spec.Containers {
+		if why := check(c); why != "" {
+			return why
 		}
 	}
 	return ""

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 
+	sigsjson "sigs.k8s.io/json"
+
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
@@ -28,11 +30,15 @@ func ECSTaskDefinition(in []byte, o Options) ([]byte, error) {
 // keeps it: its --v1 is raised to o.Policy.V1Floor, and containers that do
 // not wait for it are made to. A container named ContainerName that is not
 // the sidecar is a violation: with o.Policy.OnViolation Deny an error, else
-// a note and the task definition unchanged.
+// a note and the task definition unchanged. So is a container that could
+// bypass the sidecar (privileged, adding NET_ADMIN, or any in a task with
+// a shared pidMode): with Deny an error, else a note and the sidecar added
+// or kept.
 func ECS(in []byte, o Options) (out []byte, notes []string, err error) {
 	if err := o.Validate(); err != nil {
 		return nil, nil, err
 	}
+	o = o.withFloor()
 	var task object
 	if err := json.Unmarshal(in, &task); err != nil {
 		return nil, nil, fmt.Errorf("task definition: %w", err)
@@ -55,6 +61,10 @@ func ECS(in []byte, o Options) (out []byte, notes []string, err error) {
 			return keepECSSidecar(in, task, containers, i, o)
 		}
 	}
+	notes, err = ecsBypasses(task, containers, -1, o)
+	if err != nil {
+		return nil, nil, err
+	}
 	for i := range containers {
 		if err := addDependsOn(&containers[i]); err != nil {
 			return nil, nil, err
@@ -68,7 +78,7 @@ func ECS(in []byte, o Options) (out []byte, notes []string, err error) {
 		return nil, nil, err
 	}
 	out, err = marshalIndent(task)
-	return out, nil, err
+	return out, notes, err
 }
 
 // keepECSSidecar handles a task definition whose container i is named
@@ -82,7 +92,10 @@ func keepECSSidecar(in []byte, task object, containers []object, i int, o Option
 		}
 		return in, []string{"task definition not injected: " + reason}, nil
 	}
-	var notes []string
+	notes, err := ecsBypasses(task, containers, i, o)
+	if err != nil {
+		return nil, nil, err
+	}
 	changed := false
 	if o.Policy.looser(policy) {
 		command[arg] = "--v1=" + string(o.Policy.V1Floor)
@@ -140,6 +153,51 @@ func ecsSidecar(c object, o Options) (command []string, arg int, policy proxy.V1
 		return nil, arg, "", "it differs from the sidecar at " + path
 	}
 	return command, arg, policy, ""
+}
+
+// ecsBypasses names the ways around the sidecar (container sidecar, -1 if
+// it is yet to be added) that a task definition opens, as notes; with
+// o.Policy.OnViolation Deny it refuses the task definition instead. ECS has
+// no namespaces for the policy to permit.
+func ecsBypasses(task object, containers []object, sidecar int, o Options) ([]string, error) {
+	var out []string
+	// A shared PID namespace lets a root container signal the sidecar,
+	// which removes its redirect when it stops on SIGTERM.
+	if mode, _ := task.str("pidMode"); mode == "task" || mode == "host" {
+		out = append(out, fmt.Sprintf("pidMode %s: the task's containers share a process namespace with the sidecar, so one running as root "+
+			"can stop it, and a sidecar stopped with SIGTERM removes its redirect", mode))
+	}
+	for i, c := range containers {
+		if i == sidecar {
+			continue
+		}
+		var def struct {
+			Name            string `json:"name"`
+			Privileged      *bool  `json:"privileged"`
+			LinuxParameters *struct {
+				Capabilities *Capabilities `json:"capabilities"`
+			} `json:"linuxParameters"`
+		}
+		raw, err := json.Marshal(c)
+		if err == nil {
+			// Case-sensitive, as the AWS CLI reads the field names.
+			err = sigsjson.UnmarshalCaseSensitivePreserveInts(raw, &def)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("containerDefinitions[%d]: %w", i, err)
+		}
+		sc := &SecurityContext{Privileged: def.Privileged}
+		if def.LinuxParameters != nil {
+			sc.Capabilities = def.LinuxParameters.Capabilities
+		}
+		if finding := netAdminBypass(def.Name, sc); finding != "" {
+			out = append(out, finding)
+		}
+	}
+	if len(out) > 0 && o.Policy.Denies() {
+		return nil, fmt.Errorf("task definition refused (--on-violation=deny): %s", strings.Join(out, "; "))
+	}
+	return out, nil
 }
 
 // waitsForSidecar says whether c starts only once the sidecar is HEALTHY.

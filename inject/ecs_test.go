@@ -178,3 +178,48 @@ func TestECSPolicy(t *testing.T) {
 		}
 	}
 }
+
+// TestECSBypasses: a container that could get around the sidecar (one that
+// is privileged or adds NET_ADMIN, or any, where the task shares a PID
+// namespace) is noted, the sidecar added or kept all the same, and with
+// --on-violation=deny the task definition is refused; the sidecar's own
+// NET_ADMIN is no finding.
+func TestECSBypasses(t *testing.T) {
+	injected, err := os.ReadFile("testdata/ecs/golden/awsvpc.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var task map[string]any
+	_ = json.Unmarshal(injected, &task)
+	task["containerDefinitions"].([]any)[1].(map[string]any)["privileged"] = true
+	keptPrivileged, _ := json.Marshal(task)
+	cases := []struct {
+		name, in, says string
+	}{
+		{"privileged", `{"networkMode":"awsvpc","containerDefinitions":[{"name":"a","image":"b","privileged":true}]}`, "container a is privileged"},
+		{"NET_ADMIN", `{"networkMode":"awsvpc","containerDefinitions":[{"name":"a","image":"b","linuxParameters":{"capabilities":{"add":["SYS_TIME","NET_ADMIN"]}}}]}`, "container a adds NET_ADMIN"},
+		{"CAP_NET_ADMIN", `{"networkMode":"awsvpc","containerDefinitions":[{"name":"a","image":"b","linuxParameters":{"capabilities":{"add":["CAP_NET_ADMIN"]}}}]}`, "container a adds NET_ADMIN"},
+		{"pidMode task", `{"networkMode":"awsvpc","pidMode":"task","containerDefinitions":[{"name":"a","image":"b"}]}`, "pidMode task"},
+		{"kept sidecar", string(keptPrivileged), "container web is privileged"},
+	}
+	for _, c := range cases {
+		warn := DefaultOptions()
+		out, notes, err := ECS([]byte(c.in), warn)
+		if err != nil || !strings.Contains(strings.Join(notes, "\n"), c.says) {
+			t.Errorf("%s, --on-violation=warn: notes %q, err %v; want a note saying %q", c.name, notes, err, c.says)
+		} else if first := decodeTaskDefinition(t, out).ContainerDefinitions[0]; *first.Name != ContainerName {
+			t.Errorf("%s, --on-violation=warn: first container %s, want the sidecar", c.name, *first.Name)
+		}
+		deny := DefaultOptions()
+		deny.Policy.OnViolation = Deny
+		if _, _, err := ECS([]byte(c.in), deny); err == nil || !strings.Contains(err.Error(), "refused (--on-violation=deny)") || !strings.Contains(err.Error(), c.says) {
+			t.Errorf("%s, --on-violation=deny: %v, want a refusal saying %q", c.name, err, c.says)
+		}
+		if _, err := ECSTaskDefinition([]byte(c.in), DefaultOptions()); err == nil {
+			t.Errorf("%s: ECSTaskDefinition, with nowhere to put a note, accepted it", c.name)
+		}
+	}
+	if _, notes, err := ECS(injected, DefaultOptions()); err != nil || len(notes) != 0 {
+		t.Errorf("the injected example: notes %q, err %v; want neither (the sidecar's own NET_ADMIN is no bypass)", notes, err)
+	}
+}

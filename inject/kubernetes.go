@@ -32,6 +32,7 @@ func Kubernetes(in []byte, o Options) (out []byte, notes []string, err error) {
 	if err := o.Validate(); err != nil {
 		return nil, nil, err
 	}
+	o = o.withFloor()
 	var b bytes.Buffer
 	for i, chunk := range splitDocuments(in) {
 		out, docNotes, err := injectDocument(chunk, o)

@@ -30,6 +30,7 @@ func PodPatch(podJSON []byte, namespace string, o Options) (Admission, error) {
 	if err := o.Validate(); err != nil {
 		return Admission{}, err
 	}
+	o = o.withFloor()
 	var pod pod
 	if err := sigsjson.UnmarshalCaseSensitivePreserveInts(podJSON, &pod); err != nil {
 		return Admission{}, fmt.Errorf("reading the pod: %w", err)

@@ -20,12 +20,13 @@ const (
 )
 
 // Policy is what the operator enforces over a pod's own choices. Its zero
-// value has no IMDSv1 floor, warns about violations and lets no namespace
-// run pods without the sidecar.
+// value takes Options.V1 as the IMDSv1 floor, warns about violations and
+// lets no namespace run pods without the sidecar.
 type Policy struct {
 	// V1Floor is the loosest IMDSv1 policy a sidecar may get. A pod's V1Key
 	// annotation, an existing sidecar's --v1 and Options.V1 below it are
-	// raised to it. Empty means no floor.
+	// raised to it. Empty: Options.V1 is the floor, so that a pod can only
+	// tighten what the operator chose (V1Allow lets pods choose any).
 	V1Floor proxy.V1Policy
 	// OnViolation is Warn (or empty) or Deny.
 	OnViolation OnViolation
@@ -56,7 +57,8 @@ func v1Rank(p proxy.V1Policy) (int, bool) {
 }
 
 // looser says whether p refuses less than the floor. Without a floor
-// nothing is looser; a policy without a rank counts as looser.
+// (Options.withFloor gives every decision one) nothing is looser; a policy
+// without a rank counts as looser.
 func (pol Policy) looser(p proxy.V1Policy) bool {
 	if pol.V1Floor == "" {
 		return false

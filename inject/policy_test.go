@@ -19,7 +19,7 @@ type policyCase struct {
 	name    string
 	doc     []byte
 	pod     corev1.Pod
-	outcome string // injected, skipped, warned, or violation
+	outcome string // injected, skipped, violation or bypass
 	says    string
 	v1      string // the sidecar's --v1 afterwards, if it has one
 }
@@ -54,13 +54,16 @@ func floorOptions(on OnViolation, permitted ...string) Options {
 }
 
 // want is the outcome of c in a mode: a violation is warned, denied, or
-// skipped where the namespace is permitted.
+// skipped where the namespace is permitted; a bypass is denied, or warned
+// (and the pod gets or keeps the sidecar) where the namespace is permitted.
 func (c policyCase) want(o Options) Outcome {
-	if c.outcome != "violation" {
-		return Outcome(c.outcome)
-	}
 	switch {
+	case c.outcome != "violation" && c.outcome != "bypass":
+		return Outcome(c.outcome)
 	case o.Policy.Permits(c.pod.Namespace):
+		if c.outcome == "bypass" {
+			return Warned
+		}
 		return Skipped
 	case o.Policy.Denies():
 		return Denied
@@ -68,14 +71,24 @@ func (c policyCase) want(o Options) Outcome {
 	return Warned
 }
 
+// v1Options are the default sidecar with --v1=block and no floor given:
+// the floor is then --v1, so they decide as floorOptions do.
+func v1Options(on OnViolation) Options {
+	o := DefaultOptions()
+	o.V1, o.Policy.OnViolation = proxy.V1Block, on
+	return o
+}
+
 // TestPolicy decides every pod of the shared fixtures in each mode, as the
 // webhook (PodPatch) and as `inject k8s` (Kubernetes): the same outcome,
 // the same explanation, the same sidecar at the same --v1.
 func TestPolicy(t *testing.T) {
 	modes := map[string]Options{
-		"warn":      floorOptions(Warn),
-		"deny":      floorOptions(Deny),
-		"permitted": floorOptions(Deny, "kube-system", "shop"),
+		"warn":          floorOptions(Warn),
+		"deny":          floorOptions(Deny),
+		"permitted":     floorOptions(Deny, "kube-system", "shop"),
+		"v1-block-warn": v1Options(Warn),
+		"v1-block-deny": v1Options(Deny),
 	}
 	for _, c := range policyCases(t) {
 		for mode, o := range modes {
@@ -89,7 +102,7 @@ func TestPolicy(t *testing.T) {
 				if a.Outcome != want || !strings.Contains(said, c.says) {
 					t.Errorf("webhook: outcome %s, reason and warnings %q; want %s saying %q", a.Outcome, said, want, c.says)
 				}
-				wantPatch := want == Injected || c.outcome == "warned" && !hasSidecar(c.pod) // injected, with a warning
+				wantPatch := want == Injected || c.outcome == "bypass" && want == Warned && !hasSidecar(c.pod) // injected, with a warning
 				if (a.Patch != nil) != wantPatch {
 					t.Errorf("webhook: patch %s for outcome %s", a.Patch, a.Outcome)
 				}
@@ -184,5 +197,43 @@ func TestPolicyValidate(t *testing.T) {
 	o := floorOptions(Deny, "*")
 	if err := o.Validate(); err != nil || !o.Policy.Permits("anything") {
 		t.Errorf("* permits every namespace: %v", err)
+	}
+}
+
+// TestExemptUIDIsTheOperators: the sidecar-init variant is the sidecar only
+// with the UID the operator exempts (--exempt-uid), never one the pod's
+// author chose; with none, no variant is.
+func TestExemptUIDIsTheOperators(t *testing.T) {
+	pods := map[string]policyCase{}
+	for _, c := range policyCases(t) {
+		pods[c.name] = c
+	}
+	for _, c := range []struct {
+		uid     int64
+		pod     string
+		outcome Outcome
+		says    string
+	}{
+		{1000, "sidecar-init-own-uid", Denied, "container app can become UID 1000, which the redirect exempts: it runs as 1000"},
+		{1000, "sidecar-init", Denied, "its imds-proxy-rules container exempts UID 1337, not --exempt-uid=1000"},
+		{0, "sidecar-init", Denied, "exempts UID 1337, not --exempt-uid=0"},
+		{1337, "sidecar-init", Skipped, ""},
+	} {
+		o := floorOptions(Deny)
+		o.ExemptUID = c.uid
+		pod := pods[c.pod].pod
+		a, err := PodPatch(podJSON(t, &pod), pod.Namespace, o)
+		said := a.Reason + "\n" + strings.Join(a.Warnings, "\n")
+		if err != nil || a.Outcome != c.outcome || !strings.Contains(said, c.says) {
+			t.Errorf("--exempt-uid=%d, pod %s: %s saying %q, err %v; want %s saying %q", c.uid, c.pod, a.Outcome, said, err, c.outcome, c.says)
+		}
+	}
+	o := DefaultOptions()
+	if o.ExemptUID != 1337 {
+		t.Errorf("default --exempt-uid %d, want 1337, the UID of deploy/kubernetes/sidecar-init", o.ExemptUID)
+	}
+	o.ExemptUID = -1
+	if err := o.Validate(); err == nil || !strings.Contains(err.Error(), "--exempt-uid") {
+		t.Errorf("--exempt-uid=-1: %v, want an error naming it", err)
 	}
 }

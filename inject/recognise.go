@@ -27,6 +27,15 @@ type existing struct {
 	exemptUID *int64         // the variant's UID whose traffic the redirect lets through
 }
 
+// containers are the init containers that make up the sidecar: the
+// variant's rules container comes first.
+func (e existing) containers() []int {
+	if e.exemptUID != nil {
+		return []int{0, e.index}
+	}
+	return []int{e.index}
+}
+
 // recognise finds the pod's container named ContainerName. A pod author
 // can name any container so, and write any annotation, so a sidecar is
 // told by its whole spec, never by its name: found is true if the pod has
@@ -60,16 +69,21 @@ func recognise(spec *podSpec, o Options) (e existing, found bool, why string) {
 	case e.index == 1 && spec.InitContainers[0].Name == RulesContainerName:
 		rules := spec.InitContainers[0]
 		uid, ok := exemptUID(rules.Args)
-		if !ok {
+		switch {
+		case !ok:
 			return e, true, "its " + RulesContainerName + " container exempts no UID above 0"
+		case uid != o.ExemptUID:
+			// The exempt UID reaches IMDS directly: a pod's author who
+			// chose it could run the app as it.
+			return e, true, fmt.Sprintf("its %s container exempts UID %d, not --exempt-uid=%d", RulesContainerName, uid, o.ExemptUID)
 		}
-		if path := differs(rules.raw, rulesContainer(o, uid)); path != "" {
+		if path := differs(rules.raw, rulesContainer(o)); path != "" {
 			return e, true, "its " + RulesContainerName + " container differs from the variant's at " + path
 		}
-		if path := differs(sidecar.raw, unprivilegedSidecar(withV1, uid)); path != "" {
+		if path := differs(sidecar.raw, unprivilegedSidecar(withV1)); path != "" {
 			return e, true, "it differs from the sidecar-init variant at " + path
 		}
-		e.exemptUID = &uid
+		e.exemptUID = &o.ExemptUID
 	default:
 		return e, true, "not the first init container, so those before it run unredirected"
 	}
@@ -97,17 +111,17 @@ func exemptUID(args []string) (int64, bool) {
 }
 
 // rulesContainer is the init container of deploy/kubernetes/sidecar-init:
-// it installs the redirect exempting uid, as root with NET_ADMIN and NET_RAW,
-// and exits. deploy's TestWebhookRecognisesTheExampleSidecars checks that
-// the example is this.
-func rulesContainer(o Options, uid int64) ContainerSpec {
+// it installs the redirect exempting o.ExemptUID, as root with NET_ADMIN
+// and NET_RAW, and exits. deploy's TestWebhookRecognisesTheExampleSidecars
+// checks that the example is this.
+func rulesContainer(o Options) ContainerSpec {
 	root, no, yes := int64(0), false, true
 	c := Container(o)
 	return ContainerSpec{
 		Name:  RulesContainerName,
 		Image: o.Image,
 		Args: []string{"rules", "install", "--mode=sidecar", "--port=" + strconv.Itoa(o.Port),
-			"--exempt-uid=" + strconv.FormatInt(uid, 10), "--exempt-mark=0"},
+			"--exempt-uid=" + strconv.FormatInt(o.ExemptUID, 10), "--exempt-mark=0"},
 		Resources:    c.Resources,
 		VolumeMounts: c.VolumeMounts,
 		SecurityContext: &SecurityContext{
@@ -122,9 +136,9 @@ func rulesContainer(o Options, uid int64) ContainerSpec {
 }
 
 // unprivilegedSidecar is the sidecar of deploy/kubernetes/sidecar-init: the
-// injected one without rules or capabilities, running as uid.
-func unprivilegedSidecar(o Options, uid int64) ContainerSpec {
-	no, yes := false, true
+// injected one without rules or capabilities, running as o.ExemptUID.
+func unprivilegedSidecar(o Options) ContainerSpec {
+	no, yes, uid := false, true, o.ExemptUID
 	c := Container(o)
 	c.Args = slices.Insert(c.Args, 1, "--rules=false")
 	c.VolumeMounts = nil
@@ -258,8 +272,8 @@ func apiDefault(path string, v any) bool {
 func bypasses(spec *podSpec, exempt *int64, skip ...int) []string {
 	var out []string
 	check := func(c podContainer) {
-		if how := holdsNetAdmin(c.SecurityContext); how != "" {
-			out = append(out, fmt.Sprintf("container %s %s: it can remove the redirect, or mark its connections as the proxy's, and reach IMDS directly", c.Name, how))
+		if finding := netAdminBypass(c.Name, c.SecurityContext); finding != "" {
+			out = append(out, finding)
 		}
 		if exempt == nil {
 			return
@@ -278,6 +292,15 @@ func bypasses(spec *podSpec, exempt *int64, skip ...int) []string {
 		check(c)
 	}
 	return out
+}
+
+// netAdminBypass says how container name, running with sc, could reach
+// IMDS around the sidecar, or "" if it holds no NET_ADMIN.
+func netAdminBypass(name string, sc *SecurityContext) string {
+	if how := holdsNetAdmin(sc); how != "" {
+		return fmt.Sprintf("container %s %s: it can remove the redirect, or mark its connections as the proxy's, and reach IMDS directly", name, how)
+	}
+	return ""
 }
 
 func holdsNetAdmin(sc *SecurityContext) string {

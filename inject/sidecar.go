@@ -45,12 +45,19 @@ type Options struct {
 	MetricsPort int // /metrics, /healthz, /readyz on the pod IP (kubelet probes)
 	V1          proxy.V1Policy
 	Upstream    string // empty: the proxy's default, IMDS itself
-	Policy      Policy // what a pod's own choices may not override
+	// ExemptUID is the UID whose traffic the rules of the sidecar-init
+	// variant (deploy/kubernetes/sidecar-init) let past the redirect. A
+	// pod's variant is its sidecar only if it exempts this UID: whoever runs
+	// as the exempt UID reaches IMDS directly, so the operator chooses it,
+	// never the pod's author. 0: no variant is the sidecar.
+	ExemptUID int64
+	Policy    Policy // what a pod's own choices may not override
 }
 
-// DefaultOptions are the sidecar of the example manifests.
+// DefaultOptions are the sidecar of the example manifests; 1337 is the UID
+// the sidecar-init example exempts and runs its proxy as (the image's user).
 func DefaultOptions() Options {
-	return Options{Image: DefaultImage, Port: 8169, MetricsPort: 9169, V1: proxy.V1Auto}
+	return Options{Image: DefaultImage, Port: 8169, MetricsPort: 9169, V1: proxy.V1Auto, ExemptUID: 1337}
 }
 
 // Validate reports options the sidecar could not start with, by the names of
@@ -78,7 +85,21 @@ func (o Options) Validate() error {
 			return fmt.Errorf("--upstream %q: must be http://host[:port]", o.Upstream)
 		}
 	}
+	if o.ExemptUID < 0 {
+		return fmt.Errorf("--exempt-uid %d: want the UID the sidecar-init variant exempts, or 0 for no variant", o.ExemptUID)
+	}
 	return o.Policy.validate()
+}
+
+// withFloor is o with the IMDSv1 floor it enforces: Policy.V1Floor, or V1
+// where the operator set none. Without a floor of its own, a pod's
+// annotation could loosen the operator's --v1 (to allow, say); the
+// operator who wants pods to choose looser policies sets a lower floor.
+func (o Options) withFloor() Options {
+	if o.Policy.V1Floor == "" {
+		o.Policy.V1Floor = o.V1
+	}
+	return o
 }
 
 // args are the sidecar's command-line arguments, with its admin endpoints

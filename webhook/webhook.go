@@ -4,9 +4,9 @@
 // (namespace and pod selectors); the handler injects every pod it is sent
 // unless the pod has the sidecar, opts out, runs on the host network or
 // clashes with it. Those but the first are violations outside the
-// namespaces the operator permits, as is a container named like the
-// sidecar that is not it: admitted with a warning, or refused with
-// --on-violation=deny.
+// namespaces the operator permits, as are a container named like the
+// sidecar that is not it and a container that could bypass the sidecar:
+// admitted with a warning, or refused with --on-violation=deny.
 package webhook
 
 import (
@@ -48,7 +48,8 @@ func NewHandler(o inject.Options, log *zap.Logger, reg prometheus.Registerer) (h
 		Help: "Admission requests by result: injected (or its own sidecar's --v1 raised to the floor), " +
 			"skipped (already injected; opted out, hostNetwork or clashing where --allow-opt-out-namespaces permits), " +
 			"warned (admitted with a way around the sidecar: a violation, or a container that can bypass it), " +
-			"denied (a violation, --on-violation=deny), ignored (not a pod CREATE), unreadable (admitted unchanged), " +
+			"denied (a violation, or a container that can bypass the sidecar, with --on-violation=deny), " +
+			"ignored (not a pod CREATE), unreadable (admitted unchanged), " +
 			"bad_request (answered 4xx).",
 	}, []string{"result"})
 	if err := reg.Register(admissions); err != nil {
@@ -109,7 +110,8 @@ func readReview(w http.ResponseWriter, r *http.Request) (*admissionReview, int, 
 }
 
 // admit decides one request, and says how for the metric. A pod is
-// refused only for a violation, with --on-violation=deny.
+// refused only for a violation (a container that can bypass the sidecar
+// is one), with --on-violation=deny.
 func (h *handler) admit(req *admissionRequest) (*admissionResponse, string) {
 	resp := &admissionResponse{UID: req.UID, Allowed: true}
 	if req.Resource != podResource || req.SubResource != "" || req.Operation != operationCreate {
@@ -153,7 +155,9 @@ func (h *handler) admit(req *admissionRequest) (*admissionResponse, string) {
 		h.log.Warn("pod refused", fields...)
 		deny(resp, a.Reason)
 	case inject.Warned:
-		if a.Patch == nil {
+		// A pod that keeps its own sidecar is warned about its
+		// containers, with no reason and no patch.
+		if a.Patch == nil && a.Reason != "" {
 			resp.Warnings = append(resp.Warnings, "imds-proxy: pod not injected: "+a.Reason)
 		}
 		h.log.Warn("pod admitted with a way around the sidecar", fields...)

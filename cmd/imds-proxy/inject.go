@@ -23,6 +23,7 @@ type injectFlags struct {
 	v1               string
 	v1Floor          string
 	upstream         string
+	exemptUID        int64
 	onViolation      string
 	optOutNamespaces string
 }
@@ -37,30 +38,36 @@ func (f *injectFlags) register(fs *flag.FlagSet, forPods bool) {
 	if !forPods {
 		fs.IntVar(&f.metricsPort, "metrics-port", d.MetricsPort, "the sidecar's /metrics, /healthz and /readyz port (on 127.0.0.1, for the health check)")
 		fs.StringVar(&f.v1, "v1", string(d.V1), "the sidecar's IMDSv1 policy: auto, allow, warn or block (raised to --v1-floor)")
-		fs.StringVar(&f.v1Floor, "v1-floor", "", "the loosest IMDSv1 policy allowed, in the order allow < warn < auto < block (default none); "+
+		fs.StringVar(&f.v1Floor, "v1-floor", "", "the loosest IMDSv1 policy allowed, in the order allow < warn < auto < block (default: --v1); "+
 			"the --v1 of a sidecar the task definition already has is raised to it")
 		fs.StringVar(&f.onViolation, "on-violation", string(inject.Warn), "warn or deny: what becomes of a task definition "+
-			"with a container named "+inject.ContainerName+" that is not exactly the sidecar "+
-			"(warn: written unchanged, with a note on stderr; deny: exit status 1)")
+			"with a container named "+inject.ContainerName+" that is not exactly the sidecar (warn: written unchanged, with a note "+
+			"on stderr), or with a container that could bypass the sidecar: privileged, adding NET_ADMIN, or any in a task "+
+			"with pidMode task or host (warn: injected, with a note on stderr); deny: exit status 1")
 		return
 	}
 	fs.StringVar(&f.onViolation, "on-violation", string(inject.Warn), "warn or deny: what becomes of a pod that would run "+
-		"without the sidecar outside --allow-opt-out-namespaces (webhook, warn: admitted with a warning; deny: refused. "+
-		"inject, warn: a note on stderr; deny: exit status 1)")
+		"without the sidecar, or with a container that could bypass it, outside --allow-opt-out-namespaces "+
+		"(webhook, warn: admitted with a warning; deny: refused. inject, warn: a note on stderr; deny: exit status 1)")
+	fs.Int64Var(&f.exemptUID, "exempt-uid", d.ExemptUID, "the UID the rules of the sidecar-init variant "+
+		"(deploy/kubernetes/sidecar-init) exempt: a pod's variant is the sidecar only if its "+inject.RulesContainerName+
+		" container exempts this UID, else it is a container named "+inject.ContainerName+" that is not the sidecar; 0: no variant is")
 	fs.IntVar(&f.metricsPort, "metrics-port", d.MetricsPort, "the sidecar's /metrics, /healthz and /readyz port (on the pod IP, for the probes)")
-	fs.StringVar(&f.v1, "v1", string(d.V1), "the sidecar's IMDSv1 policy: auto, allow, warn or block, unless a pod's "+
-		inject.V1Key+" annotation chooses another (raised to --v1-floor)")
-	fs.StringVar(&f.v1Floor, "v1-floor", "", "the loosest IMDSv1 policy a pod may get, in the order allow < warn < auto < block (default none); "+
+	fs.StringVar(&f.v1, "v1", string(d.V1), "the sidecar's IMDSv1 policy: auto, allow, warn or block (raised to --v1-floor), "+
+		"unless a pod's "+inject.V1Key+" annotation chooses another at or above --v1-floor")
+	fs.StringVar(&f.v1Floor, "v1-floor", "", "the loosest IMDSv1 policy a pod may get, in the order allow < warn < auto < block "+
+		"(default: --v1, so that an "+inject.V1Key+" annotation can only tighten it; set it lower, e.g. allow, to let pods loosen it); "+
 		"a looser "+inject.V1Key+" annotation, or --v1 of a sidecar the pod already has, is raised to it")
 	fs.StringVar(&f.optOutNamespaces, "allow-opt-out-namespaces", "", "comma-separated namespaces whose pods may run "+
 		"without the sidecar (* for all). Elsewhere a pod that would is a violation: opted out ("+inject.InjectKey+": "+
 		inject.Disabled+"), hostNetwork, clashing with the sidecar's ports or volume, or with a container named "+
-		inject.ContainerName+" that is not exactly the sidecar")
+		inject.ContainerName+" that is not exactly the sidecar. Here a pod with a container that could bypass the "+
+		"sidecar gets it with a warning")
 }
 
 func (f *injectFlags) options() (inject.Options, error) {
 	o := inject.Options{Image: f.image, Port: f.port, MetricsPort: f.metricsPort, V1: proxy.V1Policy(f.v1), Upstream: f.upstream,
-		Policy: inject.Policy{V1Floor: proxy.V1Policy(f.v1Floor), OnViolation: inject.OnViolation(f.onViolation)}}
+		ExemptUID: f.exemptUID, Policy: inject.Policy{V1Floor: proxy.V1Policy(f.v1Floor), OnViolation: inject.OnViolation(f.onViolation)}}
 	for _, ns := range strings.Split(f.optOutNamespaces, ",") {
 		if ns = strings.TrimSpace(ns); ns != "" {
 			o.Policy.OptOutNamespaces = append(o.Policy.OptOutNamespaces, ns)
@@ -80,12 +87,14 @@ func newInjectCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command 
 					"to stdout with the sidecar added to every Pod, Deployment, StatefulSet, DaemonSet,\n"+
 					"ReplicaSet, Job and CronJob, deciding as the webhook does (a workload's namespace is\n"+
 					"its metadata.namespace). Other documents are copied byte for byte, as are workloads\n"+
-					"that already have the sidecar (injecting twice changes nothing; --v1-floor may raise\n"+
-					"their --v1), opt out ("+inject.InjectKey+": "+inject.Disabled+" annotation or label), use\n"+
-					"the host network, clash with the sidecar's ports or volume, or have a container named\n"+
-					inject.ContainerName+" that is not exactly the sidecar. Skips, violations (see\n"+
-					"--allow-opt-out-namespaces) and containers that could bypass the sidecar (NET_ADMIN;\n"+
-					"in the sidecar-init variant, able to become its exempt UID) are noted on stderr.\n"+
+					"that already have the sidecar (injecting twice changes nothing; --v1-floor, by default\n"+
+					"--v1, may raise their --v1; the sidecar-init variant counts only with --exempt-uid),\n"+
+					"opt out ("+inject.InjectKey+": "+inject.Disabled+" annotation or label), use the host network,\n"+
+					"clash with the sidecar's ports or volume, or have a container named "+inject.ContainerName+"\n"+
+					"that is not exactly the sidecar. Skips and violations (see --allow-opt-out-namespaces)\n"+
+					"are noted on stderr, and so are containers that could bypass the sidecar (privileged\n"+
+					"or NET_ADMIN; in the sidecar-init variant, able to become its exempt UID), which\n"+
+					"--on-violation=deny refuses outside --allow-opt-out-namespaces.\n"+
 					"The native sidecar needs Kubernetes 1.29 or newer.",
 				true, stdin, stdout, stderr, injectK8s),
 			injectCommand("ecs", "add the sidecar to an awsvpc task definition (register-task-definition JSON)",
@@ -94,8 +103,11 @@ func newInjectCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command 
 					"other container waits until the sidecar is HEALTHY. Only networkMode awsvpc is\n"+
 					"accepted: bridge and host tasks share the instance's network namespace, where the\n"+
 					"node agent (imds-proxy node) serves them. A task definition that already has the\n"+
-					"sidecar keeps it, its --v1 raised to --v1-floor; a container named "+inject.ContainerName+"\n"+
-					"that is not exactly the sidecar is a violation (--on-violation).",
+					"sidecar keeps it, its --v1 raised to --v1-floor (by default --v1). Violations\n"+
+					"(--on-violation): a container named "+inject.ContainerName+" that is not exactly the sidecar,\n"+
+					"and containers that could bypass it: privileged, adding NET_ADMIN, or any in a task\n"+
+					"with pidMode task or host (they can signal the sidecar, which removes its redirect\n"+
+					"on SIGTERM).",
 				false, stdin, stdout, stderr, injectECS),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },

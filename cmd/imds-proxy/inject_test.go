@@ -90,6 +90,8 @@ func TestInjectCommands(t *testing.T) {
 		{"", []string{"inject", "k8s", "--v1-floor", "sometimes"}, "--v1-floor"},
 		{"", []string{"inject", "ecs", "--on-violation", "ignore"}, "--on-violation"},
 		{"", []string{"inject", "ecs", "--allow-opt-out-namespaces", "shop"}, "flag provided but not defined"},
+		{"", []string{"inject", "ecs", "--exempt-uid", "1337"}, "flag provided but not defined"},
+		{"", []string{"inject", "k8s", "--exempt-uid", "-1"}, "--exempt-uid"},
 		{"", []string{"webhook", "--tls-cert", "c", "--tls-key", "k", "--allow-opt-out-namespaces", "a b"}, "--allow-opt-out-namespaces"},
 		{"", []string{"inject", "k8s", "a.yaml", "b.yaml"}, "one input file at most"},
 		{"", []string{"inject", "k8s", "/nonexistent/x.yaml"}, "no such file"},
@@ -106,8 +108,11 @@ func TestInjectCommands(t *testing.T) {
 // TestInjectPolicy: `inject k8s` decides the shared policy fixtures as the
 // webhook does: with --on-violation=warn violations are notes and the
 // stream is written; with deny the first one fails the command; a
-// namespace in --allow-opt-out-namespaces makes them skips. `inject ecs
-// --v1-floor` raises a task definition's own sidecar.
+// namespace in --allow-opt-out-namespaces makes them skips. Without
+// --v1-floor the floor is --v1, and only --exempt-uid makes the
+// sidecar-init variant the sidecar. `inject ecs --v1-floor` raises a task
+// definition's own sidecar, and --on-violation=deny refuses a container
+// that could bypass it.
 func TestInjectPolicy(t *testing.T) {
 	const testdata = "../../inject/testdata/"
 	pods, err := os.ReadFile(testdata + "policy/pods.yaml")
@@ -131,6 +136,24 @@ func TestInjectPolicy(t *testing.T) {
 	if _, stderr, code := runCLI(t, pods, "inject", "k8s", "--on-violation", "deny", "--allow-opt-out-namespaces", "kube-system, shop"); code != 0 ||
 		!strings.Contains(stderr, "Pod shop/opted-out: skipped: opted out") {
 		t.Errorf("deny, shop permitted: status %d, stderr %q; want 0 and the opt-out skipped", code, stderr)
+	}
+
+	// Without --v1-floor the floor is --v1: the annotation of shop/loosening
+	// cannot loosen --v1 block, nor does an injected sidecar keep --v1=allow.
+	stdout, stderr, code = runCLI(t, pods, "inject", "k8s", "--v1", "block")
+	if code != 0 || strings.Contains(stdout, "--v1=allow") || !strings.Contains(stderr, "Pod shop/loosening: annotation imds-proxy.io/v1: allow is looser than the floor") {
+		t.Errorf("--v1 block, no --v1-floor: status %d, a sidecar with --v1=allow in the output: %t, stderr %q", code, strings.Contains(stdout, "--v1=allow"), stderr)
+	}
+	// The sidecar-init variant is the sidecar only with the operator's
+	// --exempt-uid (1337 by default).
+	if _, stderr, code := runCLI(t, pods, "inject", "k8s", "--exempt-uid", "1000"); code != 0 ||
+		!strings.Contains(stderr, "Pod shop/sidecar-init: not injected: container imds-proxy is not the sidecar (its imds-proxy-rules container exempts UID 1337, not --exempt-uid=1000)") ||
+		!strings.Contains(stderr, "Pod shop/sidecar-init-own-uid: container app can become UID 1000") {
+		t.Errorf("--exempt-uid 1000: status %d, stderr %q", code, stderr)
+	}
+	if _, stderr, code := runCLI(t, []byte(`{"networkMode":"awsvpc","containerDefinitions":[{"name":"a","image":"b","privileged":true}]}`),
+		"inject", "ecs", "--on-violation", "deny"); code != 1 || !strings.Contains(stderr, "refused (--on-violation=deny): container a is privileged") {
+		t.Errorf("inject ecs --on-violation deny, a privileged container: status %d, stderr %q; want 1 and the refusal", code, stderr)
 	}
 
 	task, _ := os.ReadFile(testdata + "ecs/golden/awsvpc.json")

@@ -38,12 +38,14 @@ func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 		LongHelp: "Answers AdmissionReview v1 requests for pods on " + webhook.InjectPath + " with a JSONPatch that adds\n" +
 			"the same sidecar as `imds-proxy inject k8s`. The MutatingWebhookConfiguration's selectors\n" +
 			"choose the pods (deploy/kubernetes/webhook). Pods that already have exactly the sidecar\n" +
-			"are admitted unchanged, their --v1 raised to --v1-floor. Pods that would run without it\n" +
-			"(opted out, hostNetwork, clashing with its ports or volume, or with a container named\n" +
-			"imds-proxy that is not exactly the sidecar) are admitted unchanged in\n" +
-			"--allow-opt-out-namespaces; elsewhere they are violations, admitted with a warning\n" +
-			"(result=\"warned\") or, with --on-violation=deny, refused (result=\"denied\"). Pods with a\n" +
-			"container that could bypass the sidecar are admitted with a warning." + envHelp,
+			"(or the sidecar-init variant exempting --exempt-uid) are admitted unchanged, their --v1\n" +
+			"raised to --v1-floor (by default --v1). Pods that would run without it (opted out,\n" +
+			"hostNetwork, clashing with its ports or volume, or with a container named imds-proxy\n" +
+			"that is not exactly the sidecar) are admitted unchanged in --allow-opt-out-namespaces;\n" +
+			"elsewhere they are violations, admitted with a warning (result=\"warned\") or, with\n" +
+			"--on-violation=deny, refused (result=\"denied\"). So are pods with a container that could\n" +
+			"bypass the sidecar (privileged or NET_ADMIN; in the variant, able to become the exempt\n" +
+			"UID), which get or keep the sidecar where they are admitted." + envHelp,
 		FlagSet: fs,
 		Options: parseOptions(),
 		Exec: func(ctx context.Context, args []string) error {
