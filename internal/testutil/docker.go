@@ -57,6 +57,27 @@ type dockerDaemon struct {
 // may be using them).
 var dockerHostPaths = []string{"/etc/docker/key.json", "/run/docker", "/run/containerd"}
 
+// engineLock is the file whose lock one test process holds while its Docker
+// engine runs: go test runs packages in parallel, and two engines share
+// host paths (/etc/docker/key.json, /run/docker, /run/containerd/s) that
+// each removes when it stops.
+const engineLock = "/tmp/imds-proxy-test-docker.lock"
+
+// lockEngines waits for the engine lock and holds it until the test ends
+// (registered first, so it is released after the engine has stopped).
+func lockEngines(t testing.TB) {
+	t.Helper()
+	f, err := os.OpenFile(engineLock, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatalf("opening %s: %v", engineLock, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		t.Fatalf("locking %s: %v", engineLock, err)
+	}
+	t.Cleanup(func() { f.Close() }) // closing releases the lock
+}
+
 // StartDocker starts containerd and dockerd inside node (with nsenter --net,
 // so both see the real /sys) with private paths under t.TempDir(), checks that
 // both run in node's network namespace and that the root namespace has no
@@ -85,6 +106,7 @@ func StartDocker(t testing.TB, node *Netns) *Docker {
 		}
 		bins[name] = p
 	}
+	lockEngines(t)
 	d := &Docker{Node: node, cli: dockerCLI(t), cgroup: node.Name + "-docker"}
 	d.dir = t.TempDir()
 	if len(d.dir) > 64 { // unix socket paths must stay under 108 bytes
