@@ -220,11 +220,14 @@ var sdkFamilies = []struct{ prefix, family string }{
 	{"wget/", "wget"},
 }
 
-// sdkFamily names the client behind a User-Agent from a fixed list.
+// sdkFamily names the client behind a User-Agent from a fixed list. A
+// request without one is "unknown": the AWS SDK for JavaScript v3 sends
+// none, and a tokenless request carries no token TTL that could tell it
+// from any other client without one.
 func sdkFamily(userAgent string) string {
 	ua := strings.ToLower(userAgent)
 	if ua == "" {
-		return "none"
+		return "unknown"
 	}
 	for _, f := range sdkFamilies {
 		if strings.HasPrefix(ua, f.prefix) {

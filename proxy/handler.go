@@ -87,11 +87,13 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 		}
 		p.logV1(r, x, proc, policy)
 		p.metrics.v1BySDK.WithLabelValues(sdkFamily(r.UserAgent())).Inc()
+		// Counted under every policy: it is the number operators watch fall
+		// to zero before they require tokens, whatever this proxy does now.
+		p.metrics.v1WouldBlock.Inc()
 		if policy == V1Block {
 			x.outcome = outcomeV1Blocked
 			return imdsError(r, http.StatusUnauthorized)
 		}
-		p.metrics.v1WouldBlock.Inc()
 		return nil
 	case 1:
 		if err := p.minter.Verify(tokens[0], x.caller); err != nil {

@@ -165,6 +165,17 @@ func TestIMDSv1Block(t *testing.T) {
 	if got := h.metric("imds_proxy_requests_total", map[string]string{"outcome": "v1_blocked", "imds_version": "v1"}); got != 1 {
 		t.Errorf("v1_blocked counter = %v, want 1", got)
 	}
+	// What block refuses, counted under block too: operators read it during a shutdown.
+	if got := h.metric("imds_proxy_v1_would_block_total", nil); got != 1 {
+		t.Errorf("imds_proxy_v1_would_block_total under --v1 block = %v, want 1", got)
+	}
+	if got := h.metric("imds_proxy_v1_requests_by_sdk_total", map[string]string{"sdk": "botocore"}); got != 1 {
+		t.Errorf("imds_proxy_v1_requests_by_sdk_total{sdk=botocore} = %v, want 1", got)
+	}
+	h.do("GET", "/latest/meta-data/instance-id", http.Header{"User-Agent": nil})
+	if got := h.metric("imds_proxy_v1_requests_by_sdk_total", map[string]string{"sdk": "unknown"}); got != 1 {
+		t.Errorf("a tokenless request without a User-Agent (as the JS SDK sends) counted as sdk=unknown %v times, want 1", got)
+	}
 	tok := h.token()
 	if r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {tok}}); r.status != 200 {
 		t.Errorf("IMDSv2 request with --v1 block: status %d, want 200", r.status)

@@ -93,7 +93,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"state"}),
 		v1WouldBlock: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imds_proxy_v1_would_block_total",
-			Help: "Tokenless requests served under --v1 allow or warn that --v1 block would have refused (dry run).",
+			Help: "Tokenless requests that --v1 block refuses, under every policy: served under allow and warn (a dry run), refused under block and a blocking auto (also counted as outcome=\"v1_blocked\").",
 		}),
 		cache: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imds_proxy_cache_requests_total",
