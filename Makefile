@@ -45,8 +45,18 @@ deps:
 			-o Dpkg::Options::=--path-exclude=/lib/systemd/system/containerd.service docker.io busybox-static >/dev/null; \
 	fi
 
+# The AWS SDK for JavaScript v3, a client the e2e tests run (from the npm registry).
+JSCLIENT := demo/jsclient
+$(JSCLIENT)/node_modules/.installed: $(JSCLIENT)/package.json $(JSCLIENT)/package-lock.json
+	@if ! command -v npm >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing nodejs and npm for the JavaScript SDK tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; \
+	fi
+	npm ci --prefix $(JSCLIENT) --no-audit --no-fund --loglevel=error
+	@touch $@
+
 ## test: every test, with the race detector
-test: deps lint $(BIN)/ec2-metadata-mock
+test: deps lint $(BIN)/ec2-metadata-mock $(JSCLIENT)/node_modules/.installed
 	AEMM_BIN=$(BIN)/ec2-metadata-mock $(GO) test -race -count=1 -timeout 10m ./...
 
 ## demo: as root, the hop-limit problem and its fixes in network namespaces, with the AWS SDK

@@ -10,8 +10,9 @@ import (
 // Binaries are the project's programs, built once by a test package's TestMain.
 type Binaries struct {
 	dir string
-	// Proxy is imds-proxy; DemoClient is the AWS SDK client of the demo.
-	Proxy, DemoClient string
+	// Proxy is imds-proxy; DemoClient is the AWS SDK for Go v2 client of the
+	// demo; ClientV1 the same workload on the AWS SDK for Go v1.
+	Proxy, DemoClient, ClientV1 string
 }
 
 // BuildBinaries builds imds-proxy and the demo client into a fresh directory
@@ -24,10 +25,12 @@ func BuildBinaries() (*Binaries, error) {
 	if err := os.Chmod(dir, 0o755); err != nil {
 		return nil, err
 	}
-	b := &Binaries{dir: dir, Proxy: filepath.Join(dir, "imds-proxy"), DemoClient: filepath.Join(dir, "demo-client")}
+	b := &Binaries{dir: dir, Proxy: filepath.Join(dir, "imds-proxy"), DemoClient: filepath.Join(dir, "demo-client"),
+		ClientV1: filepath.Join(dir, "demo-client-v1")}
 	for out, pkg := range map[string]string{
 		b.Proxy:      "github.com/imds-proxy/imds-proxy/cmd/imds-proxy",
 		b.DemoClient: "github.com/imds-proxy/imds-proxy/demo/client",
+		b.ClientV1:   "github.com/imds-proxy/imds-proxy/demo/clientv1",
 	} {
 		build := exec.Command("go", "build", "-o", out, pkg)
 		build.Env = append(os.Environ(), "CGO_ENABLED=0") // static: they also run in containers' images
