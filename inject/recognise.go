@@ -136,12 +136,12 @@ func rulesContainer(o Options) ContainerSpec {
 }
 
 // unprivilegedSidecar is the sidecar of deploy/kubernetes/sidecar-init: the
-// injected one without rules or capabilities, running as o.ExemptUID.
+// injected one without rules or capabilities, running as o.ExemptUID. It
+// mounts the emptyDir at /run for its --token-key-file only.
 func unprivilegedSidecar(o Options) ContainerSpec {
 	no, yes, uid := false, true, o.ExemptUID
 	c := Container(o)
 	c.Args = slices.Insert(c.Args, 1, "--rules=false")
-	c.VolumeMounts = nil
 	c.SecurityContext = &SecurityContext{
 		Capabilities:             &Capabilities{Drop: []string{"ALL"}},
 		Privileged:               &no,

@@ -21,6 +21,11 @@ const (
 	// RunVolumeName is the emptyDir mounted at /run: iptables-legacy takes
 	// its lock there, and the root filesystem stays read-only.
 	RunVolumeName = "imds-proxy-run"
+	// TokenKeyFile is where the Kubernetes sidecar keeps the key that
+	// signs its clients' tokens (--token-key-file): in the memory-backed
+	// emptyDir at /run, which outlives restarts of the sidecar container
+	// (so its clients' tokens do) and goes with the pod.
+	TokenKeyFile = "/run/imds-proxy-token-key"
 	// DefaultImage is the image the sidecar runs unless Options.Image says
 	// otherwise. Build and push your own with `make image IMAGE=...`.
 	DefaultImage = "ghcr.io/imds-proxy/imds-proxy:0.1.0"
@@ -127,7 +132,7 @@ func Container(o Options) ContainerSpec {
 	return ContainerSpec{
 		Name:          ContainerName,
 		Image:         o.Image,
-		Args:          o.args(""), // probes come from the kubelet, to the pod IP
+		Args:          append(o.args(""), "--token-key-file="+TokenKeyFile), // probes come from the kubelet, to the pod IP
 		Ports:         []ContainerPort{{Name: "imds-metrics", ContainerPort: int32(o.MetricsPort), Protocol: "TCP"}},
 		Resources:     &Resources{Limits: map[string]string{"memory": "64Mi"}, Requests: map[string]string{"cpu": "10m", "memory": "24Mi"}},
 		RestartPolicy: "Always",

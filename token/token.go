@@ -4,8 +4,11 @@
 // Tokens are stateless: each one carries its expiry and an HMAC-SHA256 over
 // that expiry and the caller's address, keyed with a secret that never leaves
 // the process. Minting a million tokens therefore costs no memory, a token is
-// useless to any other caller, and a restart (new key) invalidates every token,
-// which clients handle like an expired one: they receive 401 and fetch a new one.
+// useless to any other caller. With a random key per process (NewRandomMinter)
+// a restart invalidates every token, which clients handle like an expired one:
+// they receive 401 and fetch a new one. A key file (LoadKeyFile) keeps the key
+// across restarts, and after a rotation its previous key verifies the tokens
+// it minted for at most MaxTTL.
 package token
 
 import (
@@ -50,7 +53,12 @@ var (
 // Minter mints and verifies tokens. It is safe for concurrent use.
 type Minter struct {
 	key [KeySize]byte
-	now func() time.Time
+	// previous, when hasPrevious, is the key before the last rotation; it
+	// verifies (never mints) tokens until previousUntil.
+	previous      [KeySize]byte
+	hasPrevious   bool
+	previousUntil time.Time
+	now           func() time.Time
 }
 
 // NewMinter returns a Minter keyed with key, which must be KeySize bytes of
@@ -64,6 +72,33 @@ func NewMinter(key []byte, now func() time.Time) (*Minter, error) {
 	}
 	m := &Minter{now: now}
 	copy(m.key[:], key)
+	return m, nil
+}
+
+// Keys are the keys of a Minter: Current mints and verifies; Previous, if
+// not nil, is the key Current replaced at Retired, and verifies the tokens
+// it minted until Retired+MaxTTL, when the last of them has expired.
+type Keys struct {
+	Current  []byte
+	Previous []byte
+	Retired  time.Time
+}
+
+// NewMinterWithKeys returns a Minter keyed with keys. now is the clock; nil
+// means time.Now.
+func NewMinterWithKeys(keys Keys, now func() time.Time) (*Minter, error) {
+	m, err := NewMinter(keys.Current, now)
+	if err != nil || keys.Previous == nil {
+		return m, err
+	}
+	if len(keys.Previous) != KeySize {
+		return nil, fmt.Errorf("previous token key must be %d bytes, got %d", KeySize, len(keys.Previous))
+	}
+	if keys.Retired.IsZero() {
+		return nil, errors.New("a previous token key needs the time it was retired")
+	}
+	copy(m.previous[:], keys.Previous)
+	m.hasPrevious, m.previousUntil = true, keys.Retired.Add(MaxTTL)
 	return m, nil
 }
 
@@ -89,7 +124,7 @@ func (m *Minter) Mint(caller netip.Addr, ttl time.Duration) (string, time.Time, 
 	raw := make([]byte, 1+expiryLen, rawLen)
 	raw[0] = formatVersion
 	binary.BigEndian.PutUint64(raw[1:], uint64(expiry))
-	raw = append(raw, m.sign(raw, caller)...)
+	raw = append(raw, sign(&m.key, raw, caller)...)
 	return encoding.EncodeToString(raw), time.UnixMilli(expiry), nil
 }
 
@@ -104,21 +139,26 @@ func (m *Minter) Verify(tok string, caller netip.Addr) error {
 		return ErrMalformed
 	}
 	signed, mac := raw[:1+expiryLen], raw[1+expiryLen:]
-	if !caller.IsValid() || !hmac.Equal(mac, m.sign(signed, caller)) {
+	if !caller.IsValid() {
+		return ErrForged
+	}
+	now := m.now()
+	if !hmac.Equal(mac, sign(&m.key, signed, caller)) &&
+		!(m.hasPrevious && now.Before(m.previousUntil) && hmac.Equal(mac, sign(&m.previous, signed, caller))) {
 		return ErrForged
 	}
 	expiry := int64(binary.BigEndian.Uint64(raw[1:]))
-	if m.now().UnixMilli() >= expiry {
+	if now.UnixMilli() >= expiry {
 		return ErrExpired
 	}
 	return nil
 }
 
-// sign returns the MAC of the version and expiry bound to caller. IPv4-mapped
-// IPv6 addresses are unmapped so that one client is one caller on dual-stack
-// listeners.
-func (m *Minter) sign(signed []byte, caller netip.Addr) []byte {
-	mac := hmac.New(sha256.New, m.key[:])
+// sign returns the MAC under key of the version and expiry bound to caller.
+// IPv4-mapped IPv6 addresses are unmapped so that one client is one caller
+// on dual-stack listeners.
+func sign(key *[KeySize]byte, signed []byte, caller netip.Addr) []byte {
+	mac := hmac.New(sha256.New, key[:])
 	mac.Write(signed)
 	caller = caller.Unmap() // an IPv4 address has no zone, even spelt IPv4-mapped with one
 	addr := caller.As16()

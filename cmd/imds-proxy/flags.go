@@ -114,6 +114,7 @@ type serveFlags struct {
 	limits          proxy.ServerLimits
 	pprofListen     string
 	exemptCgroup    string
+	tokenKeyFile    string
 	// ownCgroup is the cgroup the sidecar's rules exempt, decided at start
 	// (sidecarCgroup); "" when they exempt a mark or UID.
 	ownCgroup string
@@ -163,6 +164,7 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.v1, "v1", string(proxy.V1Auto), "IMDSv1 (tokenless) requests: auto (follow the upstream: block while it requires tokens or cannot tell, else allow), allow (serve, log, count; where the upstream requires tokens this re-opens IMDSv1, and is logged at warn), warn (serve, and log that block would refuse them) or block (answer 401 as IMDS does when tokens are required); imds_proxy_v1_would_block_total counts what block refuses, under every policy")
 	fs.Var(&f.allowPaths, "allow-path", "only forward paths under these prefixes (comma-separated or repeated; others get 403)")
 	fs.Var(&f.denyPaths, "deny-path", "never forward paths under these prefixes, e.g. /latest/user-data,/latest/meta-data/iam/ (403; deny wins over allow)")
+	fs.StringVar(&f.tokenKeyFile, "token-key-file", "", "file holding the key that signs clients' tokens, so that they survive restarts and upgrades; created (mode 0600, random key) if absent, refused if open to group or others or owned by another user; its directory must exist (empty: a new random key per process, and a restart makes clients' tokens get 401 once)")
 	fs.StringVar(&f.pprofListen, "pprof-listen", "", "address of Go's /debug/pprof/ profiles, for finding where CPU time goes (keep it on loopback; empty disables it)")
 	fs.StringVar(&f.configFile, "config", "", "YAML file of flag values (keys are flag names); flags and environment variables win over it")
 	fs.BoolVar(&f.v1Fallback, "upstream-v1-fallback", true, "while no upstream IMDSv2 token can be had, forward GETs without one (else answer 503)")
