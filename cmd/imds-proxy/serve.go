@@ -66,18 +66,25 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	return run(ctx, f, p, rules, servers, log)
 }
 
-// run serves until ctx ends or a server fails. Then it stops the reconcile
-// loop, removes the rules (so new IMDS connections no longer meet a closing
-// listener), and drains the requests in flight.
+// run serves until ctx ends or a server fails. Then it shuts down in the
+// order clients never notice: it stops the reconcile loop, stops accepting,
+// closes idle keep-alive connections and lets the requests in flight finish
+// (each connection closed after its response), all while the rules still
+// translate the replies; only then does it remove the rules. Removed first,
+// the redirect may take the namespace's only NAT user with it, and closes
+// the proxy sends later reach clients untranslated: never, for the client,
+// whose keep-alive socket stays open and whose next request is reset.
 func run(ctx context.Context, f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, servers *serverSet, log *zap.Logger) error {
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
 	go p.Run(runCtx)
+	reconcileCtx, cancelReconcile := context.WithCancel(runCtx)
+	defer cancelReconcile()
 	reconciled := make(chan struct{})
 	go func() {
 		defer close(reconciled)
 		if rules != nil {
-			rules.Reconcile(runCtx, f.reconcile)
+			rules.Reconcile(reconcileCtx, f.reconcile)
 		}
 	}()
 	var err error
@@ -87,17 +94,29 @@ func run(ctx context.Context, f *serveFlags, p *proxy.Proxy, rules *iptables.Man
 	case err = <-servers.start():
 		log.Error("server failed", zap.Error(err))
 	}
-	cancelRun()
+	start := time.Now()
+	// Reconcile first: it must not reinstall what is removed below, nor
+	// race the removal.
+	cancelReconcile()
 	<-reconciled
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
+	defer cancel()
+	if shutdownErr := servers.shutdown(shutdownCtx); shutdownErr != nil {
+		// Past --shutdown-timeout: close what is left while the rules
+		// still translate, so those clients see the close too.
+		for _, l := range servers.all {
+			_ = l.srv.Close()
+		}
+		if err == nil {
+			err = fmt.Errorf("shutting down: %w", shutdownErr)
+		}
+	}
+	log.Info("client connections closed", zap.Duration("after", time.Since(start)))
+	cancelRun()
 	if rules != nil {
 		removeRules(rules, f.keepRules, log)
 	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
-	defer cancel()
-	if shutdownErr := servers.shutdown(shutdownCtx); shutdownErr != nil && err == nil {
-		err = fmt.Errorf("shutting down: %w", shutdownErr)
-	}
-	log.Info("stopped")
+	log.Info("stopped", zap.Duration("after", time.Since(start)))
 	return err
 }
 
@@ -111,7 +130,14 @@ func newProxy(f *serveFlags, log *zap.Logger) (*proxy.Proxy, *prometheus.Registr
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), exemptionGauge(f))
-	minter, err := token.NewRandomMinter()
+	var minter *token.Minter
+	if f.tokenKeyFile == "" {
+		minter, err = token.NewRandomMinter()
+	} else if minter, err = token.NewMinterFromKeyFile(f.tokenKeyFile, nil); err != nil {
+		err = fmt.Errorf("--token-key-file: %w", err)
+	} else {
+		log.Info("client tokens are signed with the key in the key file, and survive restarts", zap.String("token_key_file", f.tokenKeyFile))
+	}
 	if err != nil {
 		return nil, nil, err
 	}

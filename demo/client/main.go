@@ -7,6 +7,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"flag"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/credentials/ec2rolecreds"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 )
 
@@ -24,7 +26,16 @@ func main() {
 	label := flag.String("label", "", "row label for the output table")
 	calls := flag.Int("calls", 10, "metadata calls to time")
 	asJSON := flag.Bool("json", false, "print one JSON object (for tests and benchmarks) instead of a table row")
+	longLived := flag.Bool("long-lived", false, "keep one IMDS client and credential provider; for every line on stdin, "+
+		"fetch instance-id and credentials (past any cache) with them and print one JSON line; exit at EOF")
 	flag.Parse()
+	if *longLived {
+		if err := serveLines(*endpoint, os.Stdin, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *calls < 1 || *calls > 1000 {
 		fmt.Fprintln(os.Stderr, "usage: client [--endpoint URL] [--label L] [--calls 1..1000] [--json]")
 		os.Exit(2)
@@ -76,6 +87,70 @@ func run(endpoint, label string, calls int, asJSON bool) error {
 	}
 	fmt.Printf("%-34s %12s %14s   key %s…, instance %s\n", label, round(credTime), round(perCall), creds.AccessKeyID[:4], id)
 	return nil
+}
+
+// roundResult is one line of the long-lived mode's output.
+type roundResult struct {
+	OK          bool   `json:"ok"`
+	Error       string `json:"error"`
+	AccessKeyID string `json:"access_key_id"`
+	InstanceID  string `json:"instance_id"`
+}
+
+// serveLines is a long-running application: one IMDS client (so one token
+// and one keep-alive connection pool) and one credential provider on it,
+// used for every line read from in. Each round GETs instance-id and
+// retrieves the role's credentials straight from the provider, past the
+// cache an application's aws.Config would put in front of it.
+func serveLines(endpoint string, in io.Reader, out io.Writer) error {
+	ctx := context.Background()
+	opts := []func(*config.LoadOptions) error{config.WithRegion("us-east-1")}
+	if endpoint != "" {
+		opts = append(opts, config.WithEC2IMDSEndpoint(endpoint))
+	}
+	cfg, err := config.LoadDefaultConfig(ctx, opts...)
+	if err != nil {
+		return err
+	}
+	client := imds.NewFromConfig(cfg, func(o *imds.Options) {
+		if endpoint != "" {
+			o.Endpoint = endpoint
+		}
+	})
+	provider := ec2rolecreds.New(func(o *ec2rolecreds.Options) { o.Client = client })
+	enc := json.NewEncoder(out)
+	lines := bufio.NewScanner(in)
+	for lines.Scan() {
+		if err := enc.Encode(round1(ctx, client, provider)); err != nil {
+			return err
+		}
+	}
+	return lines.Err()
+}
+
+func round1(ctx context.Context, client *imds.Client, provider *ec2rolecreds.Provider) roundResult {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	var r roundResult
+	md, err := client.GetMetadata(ctx, &imds.GetMetadataInput{Path: "instance-id"})
+	if err != nil {
+		r.Error = fmt.Sprintf("metadata: %v", err)
+		return r
+	}
+	id, err := io.ReadAll(md.Content)
+	md.Content.Close()
+	if err != nil {
+		r.Error = fmt.Sprintf("metadata: %v", err)
+		return r
+	}
+	r.InstanceID = string(id)
+	creds, err := provider.Retrieve(ctx)
+	if err != nil {
+		r.Error = fmt.Sprintf("credentials: %v", err)
+		return r
+	}
+	r.AccessKeyID, r.OK = creds.AccessKeyID, true
+	return r
 }
 
 func round(d time.Duration) string {

@@ -1,0 +1,157 @@
+package main
+
+import (
+	"errors"
+	"io"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+// shutdownShape is a proxy in a namespace whose only NAT rules are its own
+// (iptables-nft), as in a pod's or an awsvpc task's namespace, or on a
+// node where nothing else NATs, and the namespace its clients dial IMDS from.
+type shutdownShape struct {
+	name              string
+	rulesNS, clientNS *testutil.Netns
+	args              []string
+}
+
+var shutdownShapes = []struct {
+	name string
+	make func(t *testing.T) shutdownShape
+}{
+	{"sidecar", func(t *testing.T) shutdownShape {
+		top := newSidecarTopology(t)
+		return shutdownShape{"sidecar", top.task, top.task, []string{"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169",
+			"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft"}}
+	}},
+	{"node", func(t *testing.T) shutdownShape {
+		top := newNodeTopology(t)
+		return shutdownShape{"node", top.node, top.task, []string{"node", "--v1", "allow", "--listen", ":8169",
+			"--interfaces", "cveth+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft"}}
+	}},
+}
+
+// TestSIGTERMClosesKeepAliveConnectionsCleanly: a client's idle keep-alive
+// connection, redirected to the proxy, sees a clean close (EOF) on SIGTERM,
+// not a close that NAT no longer translates (which leaves the client's
+// socket open and resets its next request). Afterwards the rules are gone,
+// so IMDS answers clients directly (fail open); with --keep-rules-on-exit
+// they stay, and new IMDS connections are refused (fail closed).
+func TestSIGTERMClosesKeepAliveConnectionsCleanly(t *testing.T) {
+	for _, shape := range shutdownShapes {
+		for _, keep := range []bool{false, true} {
+			name := shape.name + map[bool]string{false: "/remove rules", true: "/keep rules"}[keep]
+			t.Run(name, func(t *testing.T) { checkCleanClose(t, shape.make(t), keep) })
+		}
+	}
+}
+
+func checkCleanClose(t *testing.T, s shutdownShape, keep bool) {
+	t.Helper()
+	const imds = "169.254.169.254:80"
+	args := s.args
+	if keep {
+		args = append(append([]string(nil), args...), "--keep-rules-on-exit")
+	}
+	proxy := startIn(t, s.rulesNS, nil, args...)
+	s.rulesNS.WaitReady(t, "127.0.0.1:9169")
+	saved := s.rulesNS.Run(t, "iptables-nft-save", "-t", "nat")
+	if strings.Count(saved, "\n-A ") != strings.Count(saved, "imds-proxy: ") {
+		t.Fatalf("the namespace has NAT rules besides the proxy's:\n%s", saved)
+	}
+	c := dialIn(t, s.clientNS, imds)
+	if status := getOn(t, c, "/latest/meta-data/instance-id"); status != 200 {
+		t.Fatalf("keep-alive GET through the redirect: %d, want 200\n%s", status, proxy.Logs.String())
+	}
+
+	sent := time.Now()
+	if err := proxy.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(make([]byte, 1))
+	closed := time.Since(sent)
+	if n != 0 || !errors.Is(err, io.EOF) {
+		t.Errorf("the idle keep-alive connection after SIGTERM: read %d bytes, %v; want a clean close (EOF)\nnft ruleset:\n%s",
+			n, err, s.rulesNS.Run(t, "nft", "list", "ruleset"))
+	}
+	if !keep {
+		// The listener is closed before the rules go: new IMDS connections
+		// meanwhile are refused (clients retry), then reach IMDS directly.
+		refusedFor := time.Duration(0)
+		for start := time.Now(); time.Since(start) < 5*time.Second; time.Sleep(time.Millisecond) {
+			if s.clientNS.TryDial(t, imds) == nil {
+				refusedFor = time.Since(start)
+				break
+			}
+		}
+		t.Logf("%s: new IMDS connections refused for %s after the clean close, then straight to IMDS", s.name, refusedFor.Round(time.Millisecond))
+		if refusedFor == 0 || refusedFor > 2*time.Second {
+			t.Errorf("new IMDS connections were refused for %s after SIGTERM (0: never reached IMDS)", refusedFor)
+		}
+	}
+	select {
+	case err := <-proxy.Done:
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v\n%s", err, proxy.Logs.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no exit within 10s of SIGTERM")
+	}
+	exited := time.Since(sent)
+	t.Logf("%s: SIGTERM to client EOF %s, to exit %s", s.name, closed.Round(10*time.Microsecond), exited.Round(10*time.Microsecond))
+
+	left := s.rulesNS.IptablesSave(t, "iptables-nft-save") + s.rulesNS.IptablesSave(t, "ip6tables-nft-save")
+	switch {
+	case keep && !strings.Contains(left, "IMDS_PROXY"):
+		t.Errorf("--keep-rules-on-exit: the rules are gone:\n%s", left)
+	case keep:
+		// Fail closed: IMDS connections still go to the (absent) proxy.
+		if err := s.clientNS.TryDial(t, imds); err == nil {
+			t.Error("--keep-rules-on-exit: a new IMDS connection was accepted with the proxy gone")
+		}
+	case strings.Contains(left, "IMDS_PROXY"):
+		t.Errorf("rules left after SIGTERM:\n%s", left)
+	default:
+		// Fail open: IMDS itself answers (401: it requires tokens).
+		if status, _ := s.clientNS.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 401 {
+			t.Errorf("with the rules removed, a tokenless GET got %d, want IMDS's own 401", status)
+		}
+	}
+}
+
+// TestSIGKILLLeavesRulesTheSuccessorAdopts: a killed proxy cannot remove its
+// rules; the next one adopts them, serves through them, and removes them on
+// SIGTERM.
+func TestSIGKILLLeavesRulesTheSuccessorAdopts(t *testing.T) {
+	top := newSidecarTopology(t)
+	args := []string{"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
+		"--upstream", "http://169.254.169.254", "--iptables-backend", "nft"}
+	first := startIn(t, top.task, nil, args...)
+	top.task.WaitReady(t, "127.0.0.1:9169")
+	installed := top.save(t)
+	if err := first.Cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-first.Done
+	if left := top.save(t); left != installed {
+		t.Fatalf("after SIGKILL the rules changed:\nwas:\n%s\nnow:\n%s", installed, left)
+	}
+	second := startIn(t, top.task, nil, args...)
+	top.task.WaitReady(t, "127.0.0.1:9169")
+	if adopted := top.save(t); adopted != installed {
+		t.Errorf("the successor's rules differ from its predecessor's (duplicates?):\nwas:\n%s\nnow:\n%s", installed, adopted)
+	}
+	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+		t.Errorf("tokenless GET through the adopted rules: %d %q, want 200", status, body)
+	}
+	second.Terminate(t)
+	if after := top.save(t); strings.Contains(after, "IMDS_PROXY") {
+		t.Errorf("rules left after the successor's SIGTERM:\n%s", after)
+	}
+}
