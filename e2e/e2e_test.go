@@ -112,7 +112,13 @@ func startSidecar(t *testing.T, e *testutil.EC2, args ...string) *testutil.Proce
 // until it is ready.
 func startProxyIn(t *testing.T, ns *testutil.Netns, args ...string) *testutil.Process {
 	t.Helper()
-	argv := append([]string{"netns", "exec", ns.Name, bins.Proxy}, args...)
+	return startBinaryIn(t, ns, bins.Proxy, args...)
+}
+
+// startBinaryIn is startProxyIn with another imds-proxy binary.
+func startBinaryIn(t *testing.T, ns *testutil.Netns, binary string, args ...string) *testutil.Process {
+	t.Helper()
+	argv := append([]string{"netns", "exec", ns.Name, binary}, args...)
 	if args[0] == "sidecar" {
 		argv = append(argv, "--metrics-listen", "127.0.0.1:9169")
 	}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -26,13 +27,16 @@ func TestRestartKeepsLongLivedClients(t *testing.T) {
 		ns   func(*testutil.EC2) *testutil.Netns
 		args []string
 	}
+	// Each proxy keeps its signing key in a file, as the manifests set up,
+	// so the clients' tokens survive its restarts.
+	sidecarKey, nodeKey := filepath.Join(t.TempDir(), "sidecar-token-key"), filepath.Join(t.TempDir(), "node-token-key")
 	sidecar := func(upstream string) restartable {
 		return restartable{"sidecar", func(e *testutil.EC2) *testutil.Netns { return e.Task },
-			[]string{"sidecar", "--listen", "127.0.0.1:8169", "--upstream", upstream, "--v1", "block"}}
+			[]string{"sidecar", "--listen", "127.0.0.1:8169", "--upstream", upstream, "--v1", "block", "--token-key-file", sidecarKey}}
 	}
 	node := restartable{"node agent", func(e *testutil.EC2) *testutil.Netns { return e.Node },
 		[]string{"node", "--listen", ":8169", "--interfaces", testutil.RoutedVeth.Interfaces,
-			"--upstream", "http://169.254.169.254", "--v1", "block"}}
+			"--upstream", "http://169.254.169.254", "--v1", "block", "--token-key-file", nodeKey}}
 	for _, shape := range []struct {
 		name     string
 		hopLimit int
@@ -61,7 +65,14 @@ func TestRestartKeepsLongLivedClients(t *testing.T) {
 					t.Fatalf("%s before any restart: %+v\n%s", c.name, r, logs())
 				}
 			}
-			for i, p := range shape.proxies {
+			// Each proxy is restarted, then replaced by the next version of
+			// itself, as a rollout does.
+			for step := 0; step < 2*len(shape.proxies); step++ {
+				i, p := step%len(shape.proxies), shape.proxies[step%len(shape.proxies)]
+				binary, how := bins.Proxy, "restarted"
+				if step >= len(shape.proxies) {
+					binary, how = bins.ProxyNext, "replaced by its next version"
+				}
 				running[i].Terminate(t)
 				if i == len(running)-1 { // the proxy the clients' IMDS connections reach
 					if open := openIMDSConnections(t, e.Task); open != "" {
@@ -72,13 +83,13 @@ func TestRestartKeepsLongLivedClients(t *testing.T) {
 				// rollout): longer than the first retransmissions of a
 				// close that went untranslated.
 				time.Sleep(restartDowntime)
-				running[i] = startProxyIn(t, p.ns(e), p.args...)
+				running[i] = startBinaryIn(t, p.ns(e), binary, p.args...)
 				for _, c := range clients {
 					start := time.Now()
 					if r := c.round(t); !r.good() {
-						t.Errorf("%s after the %s restarted: %+v", c.name, p.name, r)
+						t.Errorf("%s after the %s was %s: %+v", c.name, p.name, how, r)
 					}
-					t.Logf("%s: first round after the %s restarted took %s", c.name, p.name, time.Since(start).Round(time.Millisecond))
+					t.Logf("%s: first round after the %s was %s took %s", c.name, p.name, how, time.Since(start).Round(time.Millisecond))
 				}
 				if n := e.TokenlessRequests(t); n != 0 {
 					t.Errorf("after the %s restarted, IMDS saw %d tokenless requests", p.name, n)
@@ -111,15 +122,7 @@ func openIMDSConnections(t *testing.T, ns *testutil.Netns) string {
 // restartDowntime is how long a restarted proxy is away.
 const restartDowntime = 2 * time.Second
 
-// longLivedResult is one round of a long-lived client.
-type longLivedResult struct {
-	OK          bool   `json:"ok"`
-	Error       string `json:"error"`
-	AccessKeyID string `json:"access_key_id"`
-	InstanceID  string `json:"instance_id"`
-}
-
-func (r longLivedResult) good() bool {
+func (r roundResult) good() bool {
 	return r.OK && r.Error == "" && r.AccessKeyID == "12345678901" && r.InstanceID == "i-1234567890abcdef0"
 }
 
@@ -148,7 +151,13 @@ func startLongLivedClients(t *testing.T, ns *testutil.Netns) []*longLivedClient 
 	}
 	py := ns.Command("python3", "-c", botocoreLongLivedScript)
 	py.Env = append(clientEnv(), "HOME="+os.Getenv("HOME"))
-	return append(clients, startLongLived(t, "botocore", py))
+	clients = append(clients, startLongLived(t, "botocore", py))
+	for name, argv := range interopClients(t) {
+		cmd := ns.Command(append(argv, "--long-lived")...)
+		cmd.Env = clientEnv()
+		clients = append(clients, startLongLived(t, name, cmd))
+	}
+	return clients
 }
 
 func startLongLived(t *testing.T, name string, cmd *exec.Cmd) *longLivedClient {
@@ -191,7 +200,7 @@ func startLongLived(t *testing.T, name string, cmd *exec.Cmd) *longLivedClient {
 }
 
 // round asks for one round and returns its result.
-func (c *longLivedClient) round(t *testing.T) longLivedResult {
+func (c *longLivedClient) round(t *testing.T) roundResult {
 	t.Helper()
 	if _, err := io.WriteString(c.in, "\n"); err != nil {
 		t.Fatalf("%s: %v", c.name, err)
@@ -201,7 +210,7 @@ func (c *longLivedClient) round(t *testing.T) longLivedResult {
 		if !ok {
 			t.Fatalf("%s exited", c.name)
 		}
-		var r longLivedResult
+		var r roundResult
 		if err := json.Unmarshal([]byte(line), &r); err != nil {
 			t.Fatalf("%s: decoding %q: %v", c.name, line, err)
 		}
@@ -209,7 +218,7 @@ func (c *longLivedClient) round(t *testing.T) longLivedResult {
 	case <-time.After(60 * time.Second):
 		t.Fatalf("%s: no answer within a minute", c.name)
 	}
-	return longLivedResult{}
+	return roundResult{}
 }
 
 // botocoreLongLivedScript is a long-running boto3 application: one botocore
