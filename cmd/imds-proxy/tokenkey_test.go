@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -102,31 +101,13 @@ func TestTokenKeyFileRefusedWhenOpen(t *testing.T) {
 	}
 }
 
-// lockedBuffer collects a process's output while the test reads it.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 func TestConcurrentStartsShareOneKey(t *testing.T) {
 	aemm := testutil.StartAEMM(t, "-I")
 	keyFile := filepath.Join(t.TempDir(), "token-key")
 	addrs := []string{testutil.FreeLoopbackAddr(t), testutil.FreeLoopbackAddr(t)}
-	logs := make([]*lockedBuffer, len(addrs))
+	logs := make([]*testutil.SyncBuffer, len(addrs))
 	for i, addr := range addrs {
-		logs[i] = &lockedBuffer{}
+		logs[i] = &testutil.SyncBuffer{}
 		cmd := exec.Command(binary, "sidecar", "--rules=false", "--listen="+addr, "--metrics-listen=",
 			"--upstream="+aemm.URL, "--v1=block", "--token-key-file="+keyFile)
 		cmd.Env = []string{"PATH=" + os.Getenv("PATH")}

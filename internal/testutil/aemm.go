@@ -58,7 +58,7 @@ type AEMM struct {
 	URL  string
 	Addr string
 	cmd  *exec.Cmd
-	logs *syncBuffer
+	logs *SyncBuffer
 }
 
 // StartAEMM starts ec2-metadata-mock on a free loopback port. Pass "-I" to
@@ -87,7 +87,7 @@ func startAEMM(t testing.TB, ns *Netns, addr string, args ...string) *AEMM {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logs := &syncBuffer{}
+	logs := &SyncBuffer{}
 	argv := append([]string{"-n", host, "-p", port}, args...)
 	cmd := exec.Command(AEMMBinary(t), argv...)
 	if ns != nil {
@@ -153,18 +153,19 @@ func WaitListening(addr string, timeout time.Duration) error {
 	}
 }
 
-type syncBuffer struct {
+// SyncBuffer collects a process's output while a test reads it.
+type SyncBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *SyncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.Write(p)
 }
 
-func (b *syncBuffer) String() string {
+func (b *SyncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
