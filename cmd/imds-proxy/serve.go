@@ -71,9 +71,10 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 // closes idle keep-alive connections and lets the requests in flight finish
 // (each connection closed after its response), all while the rules still
 // translate the replies; only then does it remove the rules. Removed first,
-// the redirect may take the namespace's only NAT user with it, and closes
-// the proxy sends later reach clients untranslated: never, for the client,
-// whose keep-alive socket stays open and whose next request is reset.
+// the redirect may take the namespace's only NAT user with it: the closes
+// the proxy sends after that go out untranslated and never reach the
+// client, whose keep-alive socket stays open and whose next request is
+// reset.
 func run(ctx context.Context, f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, servers *serverSet, log *zap.Logger) error {
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
