@@ -331,27 +331,13 @@ func newLogger(format, level string, out io.Writer) (*zap.Logger, error) {
 	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(out)), lvl)), nil
 }
 
-// sidecarCgroup is the cgroup a redirecting sidecar exempts, its own
-// (--exempt-cgroup auto), or "" where that cannot work: then the rules fall
-// back to the socket mark or UID, which app containers can forge, and the
-// log says so.
+// sidecarCgroup is the cgroup a redirecting sidecar exempts (see
+// iptables.ChooseOwnCgroup), or "" without a sidecar redirect.
 func sidecarCgroup(f *serveFlags, log *zap.Logger) string {
 	if f.mode != iptables.ModeSidecar || !f.rules {
 		return ""
 	}
-	forgeable := "the redirect exempts the proxy by socket mark or UID, which an app container can forge with " +
-		"NET_RAW (Linux 5.17+) or CAP_SETUID, default capabilities of Docker and containerd"
-	if f.exemptCgroup == exemptCgroupOff {
-		log.Warn(forgeable, zap.String("reason", "--exempt-cgroup off"))
-		return ""
-	}
-	path, err := iptables.OwnCgroup()
-	if err != nil {
-		log.Warn(forgeable, zap.String("reason", "the cgroup exemption is unavailable"), zap.Error(err))
-		return ""
-	}
-	log.Info("the redirect exempts the proxy's own cgroup, which app containers cannot join", zap.String("cgroup", path))
-	return path
+	return iptables.ChooseOwnCgroup(f.exemptCgroup != exemptCgroupOff, log)
 }
 
 // exemptionGauge is imds_proxy_redirect_exemption{kind}: 1 for the kind in
