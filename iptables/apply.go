@@ -559,6 +559,25 @@ func explain(err error) error {
 	return err
 }
 
+// installedChain lists (iptables -S) the proxy's nat chain named chain in
+// this namespace's IPv4 tables (auto-detected backend), or returns nil
+// when there is none. It needs NET_ADMIN or root.
+func installedChain(chain string) ([]string, error) {
+	t, err := Open(IPv4, BackendAuto)
+	if err != nil {
+		return nil, err
+	}
+	ok, err := t.ipt.ChainExists("nat", chain)
+	if err != nil || !ok {
+		return nil, explain(err)
+	}
+	lines, err := t.ipt.List("nat", chain)
+	if err != nil {
+		return nil, explain(err)
+	}
+	return lines, nil
+}
+
 // Present reports whether any imds-proxy chain exists in this namespace's
 // tables of family (auto-detected backend). It needs NET_ADMIN or root.
 func Present(family Family) (bool, error) {

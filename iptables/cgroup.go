@@ -97,17 +97,9 @@ func kernelVersion() (major, minor int, release string) {
 // proxy's own traffic ("cgroup", "mark", "uid", several joined by "+"),
 // and "" without a sidecar chain. It needs NET_ADMIN or root.
 func InstalledExemption() (string, error) {
-	t, err := Open(IPv4, BackendAuto)
+	lines, err := installedChain(ChainOutput)
 	if err != nil {
 		return "", err
-	}
-	ok, err := t.ipt.ChainExists("nat", ChainOutput)
-	if err != nil || !ok {
-		return "", explain(err)
-	}
-	lines, err := t.ipt.List("nat", ChainOutput)
-	if err != nil {
-		return "", explain(err)
 	}
 	var kinds []string
 	for _, line := range lines {

@@ -88,6 +88,10 @@ func MatchInterfaces(patterns []string) (map[string][]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listing network interfaces: %w", err)
 	}
+	return matchInterfaces(patterns, ifaces), nil
+}
+
+func matchInterfaces(patterns []string, ifaces []net.Interface) map[string][]string {
 	matches := map[string][]string{}
 	for _, pattern := range patterns {
 		matches[pattern] = []string{}
@@ -98,7 +102,7 @@ func MatchInterfaces(patterns []string) (map[string][]string, error) {
 		}
 		slices.Sort(matches[pattern])
 	}
-	return matches, nil
+	return matches
 }
 
 // InterfaceMatches applies iptables' -i semantics: a trailing + matches any
@@ -121,17 +125,9 @@ type NodeRule struct {
 // InstalledNodeRules reads the IPv4 node chain in this namespace (auto
 // backend): nil without one. It needs NET_ADMIN or root.
 func InstalledNodeRules() ([]NodeRule, error) {
-	t, err := Open(IPv4, BackendAuto)
-	if err != nil {
+	lines, err := installedChain(ChainPrerouting)
+	if err != nil || lines == nil {
 		return nil, err
-	}
-	ok, err := t.ipt.ChainExists("nat", ChainPrerouting)
-	if err != nil || !ok {
-		return nil, explain(err)
-	}
-	lines, err := t.ipt.List("nat", ChainPrerouting)
-	if err != nil {
-		return nil, explain(err)
 	}
 	var rules []NodeRule
 	for _, line := range lines {
@@ -184,13 +180,11 @@ func InspectNode() (*NodeInspection, error) {
 	for _, r := range rules {
 		patterns = append(patterns, r.Interface)
 	}
-	if in.Matches, err = MatchInterfaces(patterns); err != nil {
-		return nil, err
-	}
 	ifaces, err := net.Interfaces()
 	if err != nil {
 		return nil, fmt.Errorf("listing network interfaces: %w", err)
 	}
+	in.Matches = matchInterfaces(patterns, ifaces)
 	addressless := map[string]bool{}
 	for _, iface := range ifaces {
 		addrs, _ := iface.Addrs()
