@@ -135,13 +135,8 @@ func keepECSSidecar(in []byte, task object, containers []object, i int, o Option
 // --v1 is in it and what it says, or why c is not the sidecar ECS adds.
 func ecsSidecar(c object, o Options) (command []string, arg int, policy proxy.V1Policy, why string) {
 	_ = c.decode("command", &command) // a missing or odd command has no --v1
-	arg = slices.IndexFunc(command, func(a string) bool { return strings.HasPrefix(a, "--v1=") })
-	if arg < 0 {
-		return nil, arg, "", "no --v1 in its command"
-	}
-	policy, err := proxy.ParseV1Policy(strings.TrimPrefix(command[arg], "--v1="))
-	if err != nil {
-		return nil, arg, "", fmt.Sprintf("its --v1: %v", err)
+	if arg, policy, why = v1Arg(command, "command"); why != "" {
+		return nil, arg, "", why
 	}
 	withV1 := o
 	withV1.V1 = policy

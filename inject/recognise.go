@@ -36,6 +36,20 @@ func (e existing) containers() []int {
 	return []int{e.index}
 }
 
+// v1Arg finds a sidecar's --v1 argument in args (its "args" or "command",
+// named by where): its index and policy, or why there is none to read.
+func v1Arg(args []string, where string) (index int, policy proxy.V1Policy, why string) {
+	index = slices.IndexFunc(args, func(a string) bool { return strings.HasPrefix(a, "--v1=") })
+	if index < 0 {
+		return index, "", "no --v1 in its " + where
+	}
+	policy, err := proxy.ParseV1Policy(strings.TrimPrefix(args[index], "--v1="))
+	if err != nil {
+		return index, "", fmt.Sprintf("its --v1: %v", err)
+	}
+	return index, policy, ""
+}
+
 // recognise finds the pod's container named ContainerName. A pod author
 // can name any container so, and write any annotation, so a sidecar is
 // told by its whole spec, never by its name: found is true if the pod has
@@ -50,13 +64,9 @@ func recognise(spec *podSpec, o Options) (e existing, found bool, why string) {
 		return e, false, ""
 	}
 	sidecar := spec.InitContainers[e.index]
-	e.v1Arg = slices.IndexFunc(sidecar.Args, func(a string) bool { return strings.HasPrefix(a, "--v1=") })
-	if e.v1Arg < 0 {
-		return e, true, "no --v1 in its args"
-	}
-	policy, err := proxy.ParseV1Policy(strings.TrimPrefix(sidecar.Args[e.v1Arg], "--v1="))
-	if err != nil {
-		return e, true, fmt.Sprintf("its --v1: %v", err)
+	var policy proxy.V1Policy
+	if e.v1Arg, policy, why = v1Arg(sidecar.Args, "args"); why != "" {
+		return e, true, why
 	}
 	e.v1 = policy
 	withV1 := o
