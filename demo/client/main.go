@@ -16,6 +16,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials/ec2rolecreds"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
@@ -50,11 +51,7 @@ func run(endpoint, label string, calls int, asJSON bool) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	start := time.Now()
-	opts := []func(*config.LoadOptions) error{config.WithRegion("us-east-1")}
-	if endpoint != "" {
-		opts = append(opts, config.WithEC2IMDSEndpoint(endpoint))
-	}
-	cfg, err := config.LoadDefaultConfig(ctx, opts...)
+	cfg, client, err := load(ctx, endpoint)
 	if err != nil {
 		return err
 	}
@@ -64,11 +61,6 @@ func run(endpoint, label string, calls int, asJSON bool) error {
 	}
 	credTime := time.Since(start)
 
-	client := imds.NewFromConfig(cfg, func(o *imds.Options) {
-		if endpoint != "" {
-			o.Endpoint = endpoint
-		}
-	})
 	start = time.Now()
 	var id []byte
 	for i := 0; i < calls; i++ {
@@ -89,6 +81,25 @@ func run(endpoint, label string, calls int, asJSON bool) error {
 	return nil
 }
 
+// load is the SDK's configuration as an application loads it, and an IMDS
+// client on it, both for endpoint ("": the SDK's default).
+func load(ctx context.Context, endpoint string) (aws.Config, *imds.Client, error) {
+	opts := []func(*config.LoadOptions) error{config.WithRegion("us-east-1")}
+	if endpoint != "" {
+		opts = append(opts, config.WithEC2IMDSEndpoint(endpoint))
+	}
+	cfg, err := config.LoadDefaultConfig(ctx, opts...)
+	if err != nil {
+		return aws.Config{}, nil, err
+	}
+	client := imds.NewFromConfig(cfg, func(o *imds.Options) {
+		if endpoint != "" {
+			o.Endpoint = endpoint
+		}
+	})
+	return cfg, client, nil
+}
+
 // roundResult is one line of the long-lived mode's output.
 type roundResult struct {
 	OK          bool   `json:"ok"`
@@ -104,19 +115,10 @@ type roundResult struct {
 // cache an application's aws.Config would put in front of it.
 func serveLines(endpoint string, in io.Reader, out io.Writer) error {
 	ctx := context.Background()
-	opts := []func(*config.LoadOptions) error{config.WithRegion("us-east-1")}
-	if endpoint != "" {
-		opts = append(opts, config.WithEC2IMDSEndpoint(endpoint))
-	}
-	cfg, err := config.LoadDefaultConfig(ctx, opts...)
+	_, client, err := load(ctx, endpoint)
 	if err != nil {
 		return err
 	}
-	client := imds.NewFromConfig(cfg, func(o *imds.Options) {
-		if endpoint != "" {
-			o.Endpoint = endpoint
-		}
-	})
 	provider := ec2rolecreds.New(func(o *ec2rolecreds.Options) { o.Client = client })
 	enc := json.NewEncoder(out)
 	lines := bufio.NewScanner(in)
