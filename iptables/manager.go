@@ -181,18 +181,26 @@ func imdsv6Routed() bool {
 // checkIPv6 logs, each time the answer changes, whether IPv6 IMDS traffic
 // would bypass the proxy (what /readyz also reports).
 func (m *Manager) checkIPv6() {
+	m.logChange(&m.bypass, m.IPv6Bypass(),
+		"IPv6 IMDS traffic would bypass the proxy; a serving proxy is not ready while it would",
+		"IPv6 IMDS traffic no longer bypasses the proxy: this namespace has no IPv6 route to IMDS any more")
+}
+
+// logChange logs err when it differs from the last one, *last: at error
+// level while there is one, and recovered once it is gone.
+func (m *Manager) logChange(last *string, err error, failing, recovered string, fields ...zap.Field) {
 	reason := ""
-	if err := m.IPv6Bypass(); err != nil {
+	if err != nil {
 		reason = err.Error()
 	}
 	switch {
-	case reason == m.bypass:
+	case reason == *last:
 	case reason != "":
-		m.log.Error("IPv6 IMDS traffic would bypass the proxy; a serving proxy is not ready while it would", zap.String("reason", reason))
+		m.log.Error(failing, append(fields, zap.String("reason", reason))...)
 	default:
-		m.log.Info("IPv6 IMDS traffic no longer bypasses the proxy: this namespace has no IPv6 route to IMDS any more")
+		m.log.Info(recovered, fields...)
 	}
-	m.bypass = reason
+	*last = reason
 }
 
 // Manages reports whether the manager installs rules for family.
@@ -252,18 +260,8 @@ func (m *Manager) checkDelivery() {
 	if m.cfg.Mode != ModeNode {
 		return
 	}
-	reason := ""
-	if err := m.deliveryErr(); err != nil {
-		reason = err.Error()
-	}
-	switch {
-	case reason == m.undelivered:
-	case reason != "":
-		m.log.Error("redirected IMDS traffic would not reach the proxy; not ready", zap.String("reason", reason))
-	default:
-		m.log.Info("redirected IMDS traffic reaches the proxy again", zap.String("node_address", m.cfg.NodeAddress.String()))
-	}
-	m.undelivered = reason
+	m.logChange(&m.undelivered, m.deliveryErr(), "redirected IMDS traffic would not reach the proxy; not ready",
+		"redirected IMDS traffic reaches the proxy again", zap.String("node_address", m.cfg.NodeAddress.String()))
 }
 
 // Remove deletes every family's ruleset.
