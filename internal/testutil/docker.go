@@ -282,22 +282,31 @@ func checkRootClean() error {
 	return nil
 }
 
-func waitDial(sock string, timeout time.Duration, died <-chan struct{}) error {
+// waitUntil polls ready every 50ms until it says yes, the daemon dies
+// (died closes) or timeout passes; what says what it waited for.
+func waitUntil(ready func() bool, timeout time.Duration, died <-chan struct{}, what string) error {
 	deadline := time.Now().Add(timeout)
-	for {
-		if c, err := net.Dial("unix", sock); err == nil {
-			c.Close()
-			return nil
-		}
+	for !ready() {
 		select {
 		case <-died:
 			return errors.New("it exited")
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not listening after %s", sock, timeout)
+			return fmt.Errorf("%s after %s", what, timeout)
 		}
 	}
+	return nil
+}
+
+func waitDial(sock string, timeout time.Duration, died <-chan struct{}) error {
+	return waitUntil(func() bool {
+		c, err := net.Dial("unix", sock)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}, timeout, died, sock+" not listening")
 }
 
 func (d *Docker) waitPing(timeout time.Duration, died <-chan struct{}) error {
@@ -307,23 +316,14 @@ func (d *Docker) waitPing(timeout time.Duration, died <-chan struct{}) error {
 		},
 	}}
 	defer client.CloseIdleConnections()
-	deadline := time.Now().Add(timeout)
-	for {
-		if resp, err := client.Get("http://docker/_ping"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
+	return waitUntil(func() bool {
+		resp, err := client.Get("http://docker/_ping")
+		if err != nil {
+			return false
 		}
-		select {
-		case <-died:
-			return errors.New("it exited")
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("no answer to /_ping after %s", timeout)
-		}
-	}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}, timeout, died, "no answer to /_ping")
 }
 
 // logTail returns the end of each daemon's log, for failure messages.
