@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
@@ -61,7 +62,7 @@ func TestDoctorBehindAProxyDenyingMetadata(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := proxy.Config{Upstream: upstream, V1: proxy.V1Block, Paths: paths, Shape: "sidecar", UpstreamV1Fallback: true,
+	cfg := proxy.Config{Upstream: upstream, V1: imdsapi.V1Block, Paths: paths, Mode: imdsapi.ModeSidecar, UpstreamV1Fallback: true,
 		UpstreamTokenTTL: time.Hour, UpstreamTokenTimeout: 2 * time.Second, UpstreamRetryMin: time.Hour, UpstreamRetryMax: time.Hour,
 		UpstreamDialTimeout: time.Second, UpstreamResponseTimeout: 2 * time.Second}
 	p, err := proxy.New(cfg, zap.NewNop(), prometheus.NewRegistry(), minter)

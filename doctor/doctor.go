@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/iptables"
 )
 
@@ -28,10 +29,6 @@ const (
 	ExitV2Unavailable = 5
 	ExitNodeAgent     = 6
 )
-
-// ProxyHeader is the response header with which imds-proxy names its shape
-// (sidecar or node) on the responses it answers itself.
-const ProxyHeader = "X-Imds-Proxy"
 
 // Probe is one HTTP exchange's outcome.
 type Probe struct {
@@ -128,14 +125,14 @@ func connectError(err error) string {
 func probeToken(ctx context.Context, client *http.Client, cfg Config) (Probe, string, string) {
 	ctx, cancel := context.WithTimeout(ctx, cfg.TokenTimeout)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPut, cfg.Endpoint.JoinPath("/latest/api/token").String(), nil)
-	req.Header.Set("X-Aws-Ec2-Metadata-Token-Ttl-Seconds", "60")
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPut, cfg.Endpoint.JoinPath(imdsapi.TokenPath).String(), nil)
+	req.Header.Set(imdsapi.TokenTTLHeader, "60")
 	req.Header.Set("User-Agent", "imds-proxy-doctor")
 	p, body, header := do(client, req)
 	if p.Status != http.StatusOK {
-		return p, "", header.Get(ProxyHeader)
+		return p, "", header.Get(imdsapi.ProxyHeader)
 	}
-	return p, body, header.Get(ProxyHeader)
+	return p, body, header.Get(imdsapi.ProxyHeader)
 }
 
 func probeGet(ctx context.Context, client *http.Client, cfg Config, tok string) Probe {
@@ -144,7 +141,7 @@ func probeGet(ctx context.Context, client *http.Client, cfg Config, tok string) 
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, cfg.Endpoint.JoinPath("/latest/meta-data/").String(), nil)
 	req.Header.Set("User-Agent", "imds-proxy-doctor")
 	if tok != "" {
-		req.Header.Set("X-Aws-Ec2-Metadata-Token", tok)
+		req.Header.Set(imdsapi.TokenHeader, tok)
 	}
 	p, _, _ := do(client, req)
 	return p

@@ -5,7 +5,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/imds-proxy/imds-proxy/proxy"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // Outcome is what the decision makes of a pod, and the result label of the
@@ -162,7 +162,7 @@ func (o Options) forPod(meta podMeta) (Options, []string) {
 	if !ok {
 		return o, nil
 	}
-	policy, err := proxy.ParseV1Policy(value)
+	policy, err := imdsapi.ParseV1Policy(value)
 	switch {
 	case err != nil:
 		return o, []string{fmt.Sprintf("annotation %s: %v; the sidecar uses --v1=%s", V1Key, err, o.V1)}

@@ -7,9 +7,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	sigsjson "sigs.k8s.io/json"
-
-	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
 // ECSTaskDefinition is ECS for a caller with nowhere to show notes: it
@@ -133,7 +132,7 @@ func keepECSSidecar(in []byte, task object, containers []object, i int, o Option
 
 // ecsSidecar reads c, a container named ContainerName: its command, where
 // --v1 is in it and what it says, or why c is not the sidecar ECS adds.
-func ecsSidecar(c object, o Options) (command []string, arg int, policy proxy.V1Policy, why string) {
+func ecsSidecar(c object, o Options) (command []string, arg int, policy imdsapi.V1Policy, why string) {
 	_ = c.decode("command", &command) // a missing or odd command has no --v1
 	if arg, policy, why = v1Arg(command, "command"); why != "" {
 		return nil, arg, "", why

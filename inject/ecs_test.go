@@ -8,8 +8,7 @@ import (
 	"testing"
 
 	"github.com/aws/aws-sdk-go-v2/service/ecs"
-
-	"github.com/imds-proxy/imds-proxy/proxy"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // decodeTaskDefinition decodes a task definition strictly into the AWS SDK
@@ -122,13 +121,13 @@ func TestECSSidecarOptions(t *testing.T) {
 func TestECSPolicy(t *testing.T) {
 	const app = `{"networkMode":"awsvpc","containerDefinitions":[{"name":"a","image":"b"}]}`
 	opts := DefaultOptions()
-	opts.V1 = proxy.V1Allow
+	opts.V1 = imdsapi.V1Allow
 	allow, _, err := ECS([]byte(app), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	floor := DefaultOptions()
-	floor.Policy.V1Floor = proxy.V1Block
+	floor.Policy.V1Floor = imdsapi.V1Block
 	out, notes, err := ECS(allow, floor)
 	if err != nil || len(notes) != 1 || !strings.Contains(notes[0], "--v1=allow is looser than the floor") {
 		t.Fatalf("raising a sidecar with --v1=allow: notes %q, err %v", notes, err)

@@ -9,13 +9,12 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	appsv1 "k8s.io/api/apps/v1"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	sigsyaml "sigs.k8s.io/yaml"
-
-	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files")
@@ -103,7 +102,7 @@ func checkInjected(t *testing.T, before, after corev1.PodSpec, blockAnnotated bo
 	t.Helper()
 	want := DefaultOptions()
 	if blockAnnotated {
-		want.V1 = proxy.V1Block // pod.yaml carries imds-proxy.io/v1: block
+		want.V1 = imdsapi.V1Block // pod.yaml carries imds-proxy.io/v1: block
 	}
 	sidecar := asAPI[corev1.Container](t, Container(want))
 	if len(after.InitContainers) == 0 || !equality.Semantic.DeepEqual(after.InitContainers[0], sidecar) {
@@ -226,9 +225,9 @@ func TestKubernetesNotesAndErrors(t *testing.T) {
 			t.Errorf("%s: error %v, want it to contain %q", c.name, err, c.want)
 		}
 	}
-	for _, o := range []Options{{Port: 8169, MetricsPort: 9169, V1: proxy.V1Allow}, {Image: "x", Port: 0, MetricsPort: 9169, V1: proxy.V1Allow},
-		{Image: "x", Port: 8169, MetricsPort: 8169, V1: proxy.V1Allow}, {Image: "x", Port: 8169, MetricsPort: 9169, V1: "sometimes"},
-		{Image: "x", Port: 8169, MetricsPort: 9169, V1: proxy.V1Allow, Upstream: "https://node:8169"}} {
+	for _, o := range []Options{{Port: 8169, MetricsPort: 9169, V1: imdsapi.V1Allow}, {Image: "x", Port: 0, MetricsPort: 9169, V1: imdsapi.V1Allow},
+		{Image: "x", Port: 8169, MetricsPort: 8169, V1: imdsapi.V1Allow}, {Image: "x", Port: 8169, MetricsPort: 9169, V1: "sometimes"},
+		{Image: "x", Port: 8169, MetricsPort: 9169, V1: imdsapi.V1Allow, Upstream: "https://node:8169"}} {
 		if _, _, err := Kubernetes([]byte("kind: Pod\n"), o); err == nil {
 			t.Errorf("options %+v accepted", o)
 		}

@@ -5,7 +5,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/imds-proxy/imds-proxy/proxy"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // OnViolation says what becomes of a pod that would escape the sidecar.
@@ -27,7 +27,7 @@ type Policy struct {
 	// annotation, an existing sidecar's --v1 and Options.V1 below it are
 	// raised to it. Empty: Options.V1 is the floor, so that a pod can only
 	// tighten what the operator chose (V1Allow lets pods choose any).
-	V1Floor proxy.V1Policy
+	V1Floor imdsapi.V1Policy
 	// OnViolation is Warn (or empty) or Deny.
 	OnViolation OnViolation
 	// OptOutNamespaces are the namespaces whose pods may run without the
@@ -42,15 +42,15 @@ type Policy struct {
 // with a token of its own, so warn serves them even where the instance
 // requires tokens. A warn floor accepts auto, which loses only warn's
 // "block would refuse it" log on instances that allow IMDSv1.
-func v1Rank(p proxy.V1Policy) (int, bool) {
+func v1Rank(p imdsapi.V1Policy) (int, bool) {
 	switch p {
-	case proxy.V1Allow:
+	case imdsapi.V1Allow:
 		return 0, true
-	case proxy.V1Warn:
+	case imdsapi.V1Warn:
 		return 1, true
-	case proxy.V1Auto:
+	case imdsapi.V1Auto:
 		return 2, true
-	case proxy.V1Block:
+	case imdsapi.V1Block:
 		return 3, true
 	}
 	return 0, false
@@ -59,7 +59,7 @@ func v1Rank(p proxy.V1Policy) (int, bool) {
 // looser says whether p refuses less than the floor. Without a floor
 // (Options.withFloor gives every decision one) nothing is looser; a policy
 // without a rank counts as looser.
-func (pol Policy) looser(p proxy.V1Policy) bool {
+func (pol Policy) looser(p imdsapi.V1Policy) bool {
 	if pol.V1Floor == "" {
 		return false
 	}
@@ -69,7 +69,7 @@ func (pol Policy) looser(p proxy.V1Policy) bool {
 }
 
 // raise is p, or the floor where p is looser.
-func (pol Policy) raise(p proxy.V1Policy) proxy.V1Policy {
+func (pol Policy) raise(p imdsapi.V1Policy) imdsapi.V1Policy {
 	if pol.looser(p) {
 		return pol.V1Floor
 	}
@@ -87,7 +87,7 @@ func (pol Policy) Denies() bool { return pol.OnViolation == Deny }
 // validate names the flag that set a bad value.
 func (pol Policy) validate() error {
 	if pol.V1Floor != "" {
-		if _, err := proxy.ParseV1Policy(string(pol.V1Floor)); err != nil {
+		if _, err := imdsapi.ParseV1Policy(string(pol.V1Floor)); err != nil {
 			return fmt.Errorf("--v1-floor: %w", err)
 		}
 		if _, ok := v1Rank(pol.V1Floor); !ok {

@@ -7,11 +7,10 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	sigsyaml "sigs.k8s.io/yaml"
-
-	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
 // policyCase is one pod of testdata/policy/pods.yaml with what to expect.
@@ -49,7 +48,7 @@ func policyCases(t *testing.T) []policyCase {
 // floorOptions are the default sidecar under a block floor.
 func floorOptions(on OnViolation, permitted ...string) Options {
 	o := DefaultOptions()
-	o.Policy = Policy{V1Floor: proxy.V1Block, OnViolation: on, OptOutNamespaces: permitted}
+	o.Policy = Policy{V1Floor: imdsapi.V1Block, OnViolation: on, OptOutNamespaces: permitted}
 	return o
 }
 
@@ -75,7 +74,7 @@ func (c policyCase) want(o Options) Outcome {
 // the floor is then --v1, so they decide as floorOptions do.
 func v1Options(on OnViolation) Options {
 	o := DefaultOptions()
-	o.V1, o.Policy.OnViolation = proxy.V1Block, on
+	o.V1, o.Policy.OnViolation = imdsapi.V1Block, on
 	return o
 }
 
@@ -160,7 +159,7 @@ func sidecarV1(p corev1.Pod) string {
 // TestV1Order: policies rank by what they refuse, auto between warn and
 // block, and a floor raises exactly the looser ones.
 func TestV1Order(t *testing.T) {
-	order := []proxy.V1Policy{proxy.V1Allow, proxy.V1Warn, proxy.V1Auto, proxy.V1Block}
+	order := []imdsapi.V1Policy{imdsapi.V1Allow, imdsapi.V1Warn, imdsapi.V1Auto, imdsapi.V1Block}
 	for i, floor := range order {
 		pol := Policy{V1Floor: floor}
 		for j, p := range order {
@@ -172,7 +171,7 @@ func TestV1Order(t *testing.T) {
 			t.Errorf("floor %s: a policy it cannot rank is not looser", floor)
 		}
 	}
-	if (Policy{}).looser(proxy.V1Allow) {
+	if (Policy{}).looser(imdsapi.V1Allow) {
 		t.Error("no floor: allow is looser")
 	}
 }

@@ -7,9 +7,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	sigsjson "sigs.k8s.io/json"
-
-	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
 // RulesContainerName names the init container of the variant in
@@ -21,10 +20,10 @@ const RulesContainerName = "imds-proxy-rules"
 // the two this package knows: Container, first among the init containers,
 // or the sidecar-init variant (rulesContainer, then unprivilegedSidecar).
 type existing struct {
-	index     int            // of the sidecar among the init containers
-	v1        proxy.V1Policy // its --v1
-	v1Arg     int            // where --v1 is in its args
-	exemptUID *int64         // the variant's UID whose traffic the redirect lets through
+	index     int              // of the sidecar among the init containers
+	v1        imdsapi.V1Policy // its --v1
+	v1Arg     int              // where --v1 is in its args
+	exemptUID *int64           // the variant's UID whose traffic the redirect lets through
 }
 
 // containers are the init containers that make up the sidecar: the
@@ -38,12 +37,12 @@ func (e existing) containers() []int {
 
 // v1Arg finds a sidecar's --v1 argument in args (its "args" or "command",
 // named by where): its index and policy, or why there is none to read.
-func v1Arg(args []string, where string) (index int, policy proxy.V1Policy, why string) {
+func v1Arg(args []string, where string) (index int, policy imdsapi.V1Policy, why string) {
 	index = slices.IndexFunc(args, func(a string) bool { return strings.HasPrefix(a, "--v1=") })
 	if index < 0 {
 		return index, "", "no --v1 in its " + where
 	}
-	policy, err := proxy.ParseV1Policy(strings.TrimPrefix(args[index], "--v1="))
+	policy, err := imdsapi.ParseV1Policy(strings.TrimPrefix(args[index], "--v1="))
 	if err != nil {
 		return index, "", fmt.Sprintf("its --v1: %v", err)
 	}
@@ -64,7 +63,7 @@ func recognise(spec *podSpec, o Options) (e existing, found bool, why string) {
 		return e, false, ""
 	}
 	sidecar := spec.InitContainers[e.index]
-	var policy proxy.V1Policy
+	var policy imdsapi.V1Policy
 	if e.v1Arg, policy, why = v1Arg(sidecar.Args, "args"); why != "" {
 		return e, true, why
 	}

@@ -10,7 +10,7 @@ import (
 	"net/url"
 	"strconv"
 
-	"github.com/imds-proxy/imds-proxy/proxy"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 const (
@@ -48,7 +48,7 @@ type Options struct {
 	Image       string
 	Port        int // API port on 127.0.0.1 and [::1], the redirect target
 	MetricsPort int // /metrics, /healthz, /readyz on the pod IP (kubelet probes)
-	V1          proxy.V1Policy
+	V1          imdsapi.V1Policy
 	Upstream    string // empty: the proxy's default, IMDS itself
 	// ExemptUID is the UID whose traffic the rules of the sidecar-init
 	// variant (deploy/kubernetes/sidecar-init) let past the redirect. A
@@ -62,7 +62,7 @@ type Options struct {
 // DefaultOptions are the sidecar of the example manifests; 1337 is the UID
 // the sidecar-init example exempts and runs its proxy as (the image's user).
 func DefaultOptions() Options {
-	return Options{Image: DefaultImage, Port: 8169, MetricsPort: 9169, V1: proxy.V1Auto, ExemptUID: 1337}
+	return Options{Image: DefaultImage, Port: imdsapi.ProxyPort, MetricsPort: imdsapi.AdminPort, V1: imdsapi.V1Auto, ExemptUID: 1337}
 }
 
 // Validate reports options the sidecar could not start with, by the names of
@@ -82,7 +82,7 @@ func (o Options) Validate() error {
 	if o.Port == o.MetricsPort {
 		return fmt.Errorf("--port and --metrics-port are both %d", o.Port)
 	}
-	if _, err := proxy.ParseV1Policy(string(o.V1)); err != nil {
+	if _, err := imdsapi.ParseV1Policy(string(o.V1)); err != nil {
 		return fmt.Errorf("--v1: %w", err)
 	}
 	if o.Upstream != "" {
@@ -111,7 +111,7 @@ func (o Options) withFloor() Options {
 // on metricsHost.
 func (o Options) args(metricsHost string) []string {
 	args := []string{
-		"sidecar",
+		string(imdsapi.ModeSidecar),
 		"--listen=127.0.0.1:" + strconv.Itoa(o.Port),
 		"--metrics-listen=" + metricsHost + ":" + strconv.Itoa(o.MetricsPort),
 		"--v1=" + string(o.V1),

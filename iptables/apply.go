@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	goiptables "github.com/coreos/go-iptables/iptables"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // Backend is the iptables flavour: the nf_tables one or the legacy one.
@@ -37,7 +38,7 @@ type Table struct {
 	restorePath string // empty: apply rule by rule
 	// mode decides which foreign rules may stand above a jump (see Check);
 	// the zero value allows none.
-	mode Mode
+	mode imdsapi.Mode
 	// built is what iptables -S printed right after the last install: the
 	// rules of each of the proxy's chains, and the jump heading each
 	// built-in chain. It is the form Check compares against, whatever
@@ -490,7 +491,7 @@ func (t *Table) jumpDrifts(j Rule, targetPresent bool) ([]Drift, error) {
 		return []Drift{{Kind: DriftMissing, Table: j.Table, Chain: j.Chain, Rule: jump}}, nil
 	}
 	var hooks []string
-	if t.mode == ModeNode && at > 0 {
+	if t.mode == imdsapi.ModeNode && at > 0 {
 		if hooks, err = t.ipt.ListChains(j.Table); err != nil {
 			return nil, fmt.Errorf("listing the chains of %s: %w", j.Table, err)
 		}

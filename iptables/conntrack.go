@@ -5,10 +5,11 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/ti-mo/conntrack"
 )
 
-var imdsAddrs = []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd00:ec2::254")}
+var imdsAddrs = []netip.Addr{netip.MustParseAddr(imdsapi.AddrV4), netip.MustParseAddr(imdsapi.AddrV6)}
 
 // FlushBypassingConnections deletes the conntrack entries of TCP connections
 // to IMDS port 80 that are not redirected: connections opened before the
@@ -20,7 +21,7 @@ var imdsAddrs = []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustP
 //
 // Connections from this namespace's own addresses are kept in node mode,
 // where the node's own traffic to IMDS (kubelet, agents) is never redirected.
-func FlushBypassingConnections(mode Mode) (int, error) {
+func FlushBypassingConnections(mode imdsapi.Mode) (int, error) {
 	local, err := localAddrs()
 	if err != nil {
 		return 0, err
@@ -36,7 +37,7 @@ func FlushBypassingConnections(mode Mode) (int, error) {
 	}
 	deleted := 0
 	for _, f := range flows {
-		if !bypassesProxy(f) || (mode == ModeNode && local[f.TupleOrig.IP.SourceAddress]) {
+		if !bypassesProxy(f) || (mode == imdsapi.ModeNode && local[f.TupleOrig.IP.SourceAddress]) {
 			continue
 		}
 		if err := c.Delete(f); err != nil {

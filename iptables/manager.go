@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
@@ -257,7 +258,7 @@ func (m *Manager) Install() error {
 // checkDelivery logs, each time the answer changes, whether traffic the
 // node rules send would reach the listener (what /readyz also reports).
 func (m *Manager) checkDelivery() {
-	if m.cfg.Mode != ModeNode {
+	if m.cfg.Mode != imdsapi.ModeNode {
 		return
 	}
 	m.logChange(&m.undelivered, m.deliveryErr(), "redirected IMDS traffic would not reach the proxy; not ready",
@@ -307,7 +308,7 @@ func (m *Manager) Ready() error {
 // deliveryErr (node) says why traffic the rules send would not reach the
 // listener.
 func (m *Manager) deliveryErr() error {
-	if m.cfg.Mode != ModeNode {
+	if m.cfg.Mode != imdsapi.ModeNode {
 		return nil
 	}
 	return CheckDelivery(netip.AddrPortFrom(m.cfg.NodeAddress, uint16(m.cfg.ProxyPort)))
@@ -317,7 +318,7 @@ func (m *Manager) deliveryErr() error {
 // patterns match no interface of this node: a pattern that matches nothing
 // (a CNI's other naming) leaves its containers without the proxy.
 func (m *Manager) checkInterfaces() {
-	if m.cfg.Mode != ModeNode {
+	if m.cfg.Mode != imdsapi.ModeNode {
 		return
 	}
 	matches, err := MatchInterfaces(m.cfg.Interfaces)

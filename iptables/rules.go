@@ -12,20 +12,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-)
 
-// Mode is where the proxy runs.
-type Mode string
-
-// Modes.
-const (
-	// ModeSidecar: inside the workload's network namespace; nat OUTPUT is
-	// redirected to the local listener.
-	ModeSidecar Mode = "sidecar"
-	// ModeNode: in the host namespace; nat PREROUTING from container-facing
-	// interfaces is redirected, and filter INPUT keeps the listener off every
-	// other interface.
-	ModeNode Mode = "node"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // Family is an IP family, each with its own iptables binary.
@@ -39,8 +27,8 @@ const (
 
 // The IMDS endpoints, and the chains this package owns.
 const (
-	IMDSv4 = "169.254.169.254/32"
-	IMDSv6 = "fd00:ec2::254/128"
+	IMDSv4 = imdsapi.AddrV4 + "/32"
+	IMDSv6 = imdsapi.AddrV6 + "/128"
 
 	ChainOutput     = "IMDS_PROXY_OUTPUT"
 	ChainPrerouting = "IMDS_PROXY_PREROUTING"
@@ -51,7 +39,7 @@ const (
 
 // Config is everything the rules depend on.
 type Config struct {
-	Mode Mode
+	Mode imdsapi.Mode
 	// ProxyPort is the port the proxy listens on, the redirect target.
 	ProxyPort int
 	// ExemptCgroup (sidecar) exempts the sockets of processes in this
@@ -84,7 +72,7 @@ func (c Config) Validate() error {
 		return fmt.Errorf("proxy port %d is not a TCP port", c.ProxyPort)
 	}
 	switch c.Mode {
-	case ModeSidecar:
+	case imdsapi.ModeSidecar:
 		if c.ExemptCgroup == "" && c.ExemptMark == 0 && c.ExemptUID < 0 {
 			return fmt.Errorf("sidecar mode needs an exemption for the proxy's own traffic: its cgroup, a socket mark or a UID")
 		}
@@ -94,7 +82,7 @@ func (c Config) Validate() error {
 		if c.ExemptUID == 0 {
 			return fmt.Errorf("exempting UID 0 would let every root process in the namespace bypass the proxy: run the proxy as a dedicated UID")
 		}
-	case ModeNode:
+	case imdsapi.ModeNode:
 		if len(c.Interfaces) == 0 {
 			return fmt.Errorf("node mode needs the container-facing interfaces (e.g. docker0,cni+,eni+)")
 		}
@@ -144,7 +132,7 @@ func Build(cfg Config, family Family) Ruleset {
 	if family == IPv6 {
 		imds = IMDSv6
 	}
-	if cfg.Mode == ModeNode {
+	if cfg.Mode == imdsapi.ModeNode {
 		return buildNode(cfg, family, imds)
 	}
 	return buildSidecar(cfg, family, imds)

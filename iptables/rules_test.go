@@ -7,16 +7,18 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata")
 
 func sidecarConfig() Config {
-	return Config{Mode: ModeSidecar, ProxyPort: 8169, ExemptMark: 0x1169, ExemptUID: -1}
+	return Config{Mode: imdsapi.ModeSidecar, ProxyPort: 8169, ExemptMark: 0x1169, ExemptUID: -1}
 }
 
 func nodeConfig() Config {
-	return Config{Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"docker0", "br-+", "cni+", "eni+", "cali+", "lxc+", "veth+"},
+	return Config{Mode: imdsapi.ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"docker0", "br-+", "cni+", "eni+", "cali+", "lxc+", "veth+"},
 		NodeAddress: netip.MustParseAddr("10.0.1.10")}
 }
 
@@ -76,15 +78,15 @@ func TestOnlyJumpsTouchBuiltInChains(t *testing.T) {
 
 func TestValidate(t *testing.T) {
 	bad := map[string]Config{
-		"port 0":             {Mode: ModeSidecar, ExemptMark: 1, ExemptUID: -1},
-		"no exemption":       {Mode: ModeSidecar, ProxyPort: 8169, ExemptUID: -1},
-		"node no interfaces": {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1},
-		"bad interface":      {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eth0 -j ACCEPT"}},
-		"long interface":     {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"averyveryverylongname"}},
+		"port 0":             {Mode: imdsapi.ModeSidecar, ExemptMark: 1, ExemptUID: -1},
+		"no exemption":       {Mode: imdsapi.ModeSidecar, ProxyPort: 8169, ExemptUID: -1},
+		"node no interfaces": {Mode: imdsapi.ModeNode, ProxyPort: 8169, ExemptUID: -1},
+		"bad interface":      {Mode: imdsapi.ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eth0 -j ACCEPT"}},
+		"long interface":     {Mode: imdsapi.ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"averyveryverylongname"}},
 		"unknown mode":       {Mode: "host", ProxyPort: 8169},
-		"relative cgroup":    {Mode: ModeSidecar, ProxyPort: 8169, ExemptUID: -1, ExemptCgroup: "kubepods/x"},
-		"node no address":    {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eni+"}},
-		"node loopback":      {Mode: ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eni+"}, NodeAddress: netip.MustParseAddr("127.0.0.1")},
+		"relative cgroup":    {Mode: imdsapi.ModeSidecar, ProxyPort: 8169, ExemptUID: -1, ExemptCgroup: "kubepods/x"},
+		"node no address":    {Mode: imdsapi.ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eni+"}},
+		"node loopback":      {Mode: imdsapi.ModeNode, ProxyPort: 8169, ExemptUID: -1, Interfaces: []string{"eni+"}, NodeAddress: netip.MustParseAddr("127.0.0.1")},
 	}
 	for name, cfg := range bad {
 		if err := cfg.Validate(); err == nil {

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
 )
@@ -123,7 +124,7 @@ func loopbackDo(c *http.Client, method, url string, header http.Header) (int, er
 // loopback with a keep-alive client.
 func BenchmarkTokenPUT(b *testing.B) {
 	ip := newInProcess(b, proxy.PathPolicy{}, false, false)
-	header := http.Header{token.TTLHeader: {"21600"}, "User-Agent": {"aws-sdk-go-v2/1.30.0"}}
+	header := http.Header{imdsapi.TokenTTLHeader: {"21600"}, "User-Agent": {"aws-sdk-go-v2/1.30.0"}}
 	check := func(status int) error {
 		if status != http.StatusOK {
 			return fmt.Errorf("status %d", status)
@@ -202,7 +203,7 @@ func BenchmarkGETPassThrough(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	header := http.Header{token.Header: {tok}, "User-Agent": {"aws-sdk-go-v2/1.30.0"}, "Accept": {"*/*"}}
+	header := http.Header{imdsapi.TokenHeader: {tok}, "User-Agent": {"aws-sdk-go-v2/1.30.0"}, "Accept": {"*/*"}}
 	const path = "/latest/meta-data/placement/region"
 	check := func(w *httptest.ResponseRecorder) error {
 		if w.Code != http.StatusOK || w.Body.String() != fakeBody {
@@ -246,7 +247,7 @@ func BenchmarkGETPassThrough(b *testing.B) {
 		name   string
 		header http.Header
 	}{
-		{"loopback/v2", http.Header{token.Header: {loopTok}, "User-Agent": {"aws-sdk-go-v2/1.30.0"}}},
+		{"loopback/v2", http.Header{imdsapi.TokenHeader: {loopTok}, "User-Agent": {"aws-sdk-go-v2/1.30.0"}}},
 		{"loopback/v1", http.Header{"User-Agent": {"aws-sdk-go-v2/1.30.0"}}},
 	} {
 		b.Run(c.name, func(b *testing.B) {

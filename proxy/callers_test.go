@@ -9,6 +9,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
@@ -24,7 +25,7 @@ func (h *harness) v1Callers() []proxy.V1Caller {
 }
 
 func TestV1CallersTable(t *testing.T) {
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block }, nil)
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block }, nil)
 	cli := http.Header{"User-Agent": {"aws-cli/1.18.69 Python/2.7.18 Linux/5.10 botocore/1.17.44"}}
 	for _, path := range []string{"/latest/meta-data/iam/security-credentials/", "/latest/meta-data/instance-id", "/latest/meta-data/instance-id"} {
 		h.do("GET", path, cli)
@@ -94,7 +95,7 @@ func TestV1CallerAttribution(t *testing.T) {
 // TestV1AttributionIsRateBounded: a flood of tokenless requests is served,
 // logged and counted, but only the first few pay for a /proc scan.
 func TestV1AttributionIsRateBounded(t *testing.T) {
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1AttributionsPerSecond = 2; c.V1 = proxy.V1Block }, nil)
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1AttributionsPerSecond = 2; c.V1 = imdsapi.V1Block }, nil)
 	const flood = 12
 	for i := 0; i < flood; i++ {
 		h.do("GET", "/latest/meta-data/", http.Header{"User-Agent": {"flood/1.0"}})
@@ -114,7 +115,7 @@ func TestV1AttributionIsRateBounded(t *testing.T) {
 // TestV1CallersSurviveAFlood: one address sending a thousand distinct
 // User-Agents cannot push the callers already in the table out of it.
 func TestV1CallersSurviveAFlood(t *testing.T) {
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block }, nil)
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block }, nil)
 	real := []string{"aws-cli/1.18.69 Python/2.7.18", "aws-sdk-java/1.11.0", "legacy-script/1.0"}
 	for _, ua := range real {
 		h.do("GET", "/latest/meta-data/instance-id", http.Header{"User-Agent": {ua}})

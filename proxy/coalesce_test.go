@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
-	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // TestConcurrentIdenticalGETsShareOneUpstreamRequest: a burst of clients
@@ -32,7 +32,7 @@ func TestConcurrentIdenticalGETsShareOneUpstreamRequest(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			req, _ := http.NewRequest("GET", h.srv.URL+path, nil)
-			req.Header.Set(token.Header, tok)
+			req.Header.Set(imdsapi.TokenHeader, tok)
 			resp, err := h.srv.Client().Do(req)
 			if err != nil {
 				errs <- err.Error()
@@ -92,7 +92,7 @@ func TestCoalescedCallersShareOnlyWhatBothAskedFor(t *testing.T) {
 	ranged := make(chan result, 1)
 	go func() {
 		req, _ := http.NewRequest("GET", h.srv.URL+path, nil)
-		req.Header = http.Header{token.Header: {tok}, "Range": {"bytes=0-5"}, "Accept-Encoding": {"identity"}}
+		req.Header = http.Header{imdsapi.TokenHeader: {tok}, "Range": {"bytes=0-5"}, "Accept-Encoding": {"identity"}}
 		resp, err := h.srv.Client().Do(req)
 		if err != nil {
 			ranged <- result{err: err}
@@ -105,7 +105,7 @@ func TestCoalescedCallersShareOnlyWhatBothAskedFor(t *testing.T) {
 	if err := slow.WaitRequests(before+1, 5*time.Second); err != nil { // the ranged request is upstream, held by the tap
 		t.Fatal(err)
 	}
-	plain := h.do("GET", path, http.Header{token.Header: {tok}, "Accept-Encoding": {"identity"}})
+	plain := h.do("GET", path, http.Header{imdsapi.TokenHeader: {tok}, "Accept-Encoding": {"identity"}})
 	r := <-ranged
 	if r.err != nil {
 		t.Fatalf("the caller sending Range: %v", r.err)

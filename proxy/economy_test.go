@@ -14,9 +14,9 @@ import (
 	"github.com/aws/aws-sdk-go-v2/credentials/ec2rolecreds"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 	"github.com/imds-proxy/imds-proxy/proxy"
-	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // scriptedIMDS is an upstream whose metadata answers a test scripts, to
@@ -41,11 +41,11 @@ func newScriptedIMDS(t *testing.T, status func(path string, n int) int) *scripte
 
 func (s *scriptedIMDS) serve(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodPut && r.URL.Path == "/latest/api/token" {
-		w.Header().Set(token.TTLHeader, r.Header.Get(token.TTLHeader))
+		w.Header().Set(imdsapi.TokenTTLHeader, r.Header.Get(imdsapi.TokenTTLHeader))
 		_, _ = w.Write([]byte("upstream-session-token"))
 		return
 	}
-	if r.Header.Get(token.Header) != "upstream-session-token" {
+	if r.Header.Get(imdsapi.TokenHeader) != "upstream-session-token" {
 		http.Error(w, "", http.StatusUnauthorized)
 		return
 	}
@@ -81,7 +81,7 @@ func economyConfig(upstream string) proxy.Config {
 func TestCacheSparesTheUpstream(t *testing.T) {
 	up := newScriptedIMDS(t, func(string, int) int { return 200 })
 	h := startProxy(t, economyConfig(up.srv.URL), nil)
-	auth := http.Header{token.Header: {h.token()}}
+	auth := http.Header{imdsapi.TokenHeader: {h.token()}}
 	for i := 0; i < 10; i++ {
 		if r := h.do("GET", "/latest/meta-data/instance-id", auth); r.status != 200 || r.body != "answer /latest/meta-data/instance-id #1" {
 			t.Fatalf("GET %d: %d %q", i, r.status, r.body)
@@ -113,7 +113,7 @@ func TestThrottledAndFailedAnswersAreRetried(t *testing.T) {
 		return 200
 	})
 	h := startProxy(t, economyConfig(up.srv.URL), nil)
-	auth := http.Header{token.Header: {h.token()}}
+	auth := http.Header{imdsapi.TokenHeader: {h.token()}}
 	if r := h.do("GET", "/latest/meta-data/throttled-twice", auth); r.status != 200 {
 		t.Errorf("throttled twice: client got %d, want 200 from the third attempt", r.status)
 	}
@@ -145,7 +145,7 @@ func TestStaleCopyStandsInForUpstreamErrors(t *testing.T) {
 	cfg := economyConfig(up.srv.URL)
 	cfg.Cache.TTL = 20 * time.Millisecond
 	h := startProxy(t, cfg, nil)
-	auth := http.Header{token.Header: {h.token()}}
+	auth := http.Header{imdsapi.TokenHeader: {h.token()}}
 	first := h.do("GET", "/latest/meta-data/local-ipv4", auth)
 	time.Sleep(30 * time.Millisecond)
 	failing.Store(true)
@@ -211,10 +211,10 @@ func TestCredentialBurstCostsIMDSAFewRequests(t *testing.T) {
 func TestChainedProxiesDoNotMultiplyRetries(t *testing.T) {
 	up := newScriptedIMDS(t, func(string, int) int { return http.StatusTooManyRequests })
 	nodeCfg := economyConfig(up.srv.URL)
-	nodeCfg.Shape = "node"
+	nodeCfg.Mode = imdsapi.ModeNode
 	node := startProxy(t, nodeCfg, nil)
 	sidecar := startProxy(t, economyConfig(node.srv.URL), nil)
-	r := sidecar.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {sidecar.token()}})
+	r := sidecar.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {sidecar.token()}})
 	if r.status != http.StatusTooManyRequests || r.header.Get("X-Imds-Proxy") == "" {
 		t.Errorf("client got %d (X-Imds-Proxy %q), want IMDS's 429 from a proxy", r.status, r.header.Get("X-Imds-Proxy"))
 	}
@@ -236,7 +236,7 @@ func TestLifecycleStateIsNeverCached(t *testing.T) {
 	cfg := testConfig(tap.URL())
 	cfg.Cache = proxy.DefaultCacheConfig()
 	h := startProxy(t, cfg, nil)
-	auth := http.Header{token.Header: {h.token()}}
+	auth := http.Header{imdsapi.TokenHeader: {h.token()}}
 
 	var answers []string
 	for gets := 1; ; gets++ {

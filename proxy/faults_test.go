@@ -13,8 +13,8 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/proxy"
-	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // fault is how the faulty front answers a metadata GET.
@@ -183,7 +183,7 @@ func TestUpstreamFaults(t *testing.T) {
 	cfg.Retry = proxy.RetryConfig{Attempts: 3, BaseDelay: 10 * time.Millisecond, MaxDelay: 50 * time.Millisecond}
 	s := serveProxy(t, cfg)
 	defer s.stop()
-	auth := http.Header{token.Header: {s.token(t)}}
+	auth := http.Header{imdsapi.TokenHeader: {s.token(t)}}
 	// The documented worst case: every attempt waits out the dial and the
 	// response timeouts, plus the backoff between attempts.
 	s.worst = time.Duration(cfg.Retry.Attempts)*(cfg.UpstreamDialTimeout+cfg.UpstreamResponseTimeout) + 2*cfg.Retry.MaxDelay

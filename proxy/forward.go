@@ -16,7 +16,7 @@ import (
 // forwarder sends client requests to the upstream with the proxy's own
 // session token. It is the goproxy RoundTripper of every forwarded request.
 type forwarder struct {
-	id          string // loopHeader value
+	id          string // imdsapi.LoopHeader value
 	upstream    *url.URL
 	transport   http.RoundTripper
 	session     *session

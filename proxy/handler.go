@@ -12,6 +12,7 @@ import (
 	"github.com/elazarl/goproxy"
 	"go.uber.org/zap"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/token"
 )
 
@@ -27,7 +28,7 @@ type exchange struct {
 
 func newExchange(r *http.Request) *exchange {
 	x := &exchange{start: time.Now(), version: "v2"}
-	if r.URL.Path != tokenPath && len(r.Header.Values(token.Header)) == 0 {
+	if r.URL.Path != imdsapi.TokenPath && len(r.Header.Values(imdsapi.TokenHeader)) == 0 {
 		x.version = "v1"
 	}
 	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
@@ -45,7 +46,7 @@ func (p *Proxy) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Req
 		x.outcome = outcomeNotAProxy
 		return r, imdsError(r, http.StatusForbidden)
 	}
-	if r.URL.Path == tokenPath {
+	if r.URL.Path == imdsapi.TokenPath {
 		return r, p.serveToken(r, x)
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
@@ -62,8 +63,8 @@ func (p *Proxy) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Req
 	}
 	removeHopByHop(r.Header)
 	removeForwarding(r.Header)
-	r.Header.Del(token.Header)
-	r.Header.Del(token.TTLHeader)
+	r.Header.Del(imdsapi.TokenHeader)
+	r.Header.Del(imdsapi.TokenTTLHeader)
 	r.Body, r.ContentLength = http.NoBody, 0 // IMDS reads no body; this also makes retries safe
 	ctx.RoundTripper = p.fwd
 	return r, nil
@@ -72,10 +73,10 @@ func (p *Proxy) handleRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Req
 // authorize checks the client's token, or applies the IMDSv1 policy when
 // there is none. It returns the refusal, or nil to go on.
 func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
-	tokens := r.Header.Values(token.Header)
+	tokens := r.Header.Values(imdsapi.TokenHeader)
 	switch len(tokens) {
 	case 0:
-		if r.Header.Get(probeHeader) != "" {
+		if r.Header.Get(imdsapi.ProbeHeader) != "" {
 			return p.answerProbe(r, x)
 		}
 		policy := p.v1Policy(r.Context())
@@ -90,7 +91,7 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 		// Counted under every policy: it is the number operators watch fall
 		// to zero before they require tokens, whatever this proxy does now.
 		p.metrics.v1WouldBlock.Inc()
-		if policy == V1Block {
+		if policy == imdsapi.V1Block {
 			x.outcome = outcomeV1Blocked
 			return imdsError(r, http.StatusUnauthorized)
 		}
@@ -110,13 +111,13 @@ func (p *Proxy) authorize(r *http.Request, x *exchange) *http.Response {
 // logV1 logs a tokenless request within the per-caller log limit: every
 // field a client chose is truncated, and a flood from one caller costs a
 // few lines and a summary, not a line per request.
-func (p *Proxy) logV1(r *http.Request, x *exchange, proc Process, policy V1Policy) {
+func (p *Proxy) logV1(r *http.Request, x *exchange, proc Process, policy imdsapi.V1Policy) {
 	key := logKey{kind: logKindV1, caller: x.caller.String(), uid: uidOf(proc)}
 	if !p.logs.allow(key, r.URL.Path, r.UserAgent()) {
 		return
 	}
 	msg := "IMDSv1 request (no token)"
-	if policy == V1Warn {
+	if policy == imdsapi.V1Warn {
 		msg = "IMDSv1 request (no token): --v1 block would refuse it"
 	}
 	p.log.Warn(msg, zap.String("method", r.Method), zap.String("path", truncate(r.URL.Path)),
@@ -129,8 +130,8 @@ func (p *Proxy) logV1(r *http.Request, x *exchange, proc Process, policy V1Polic
 // v1Policy is the IMDSv1 policy in force now: the configured one, or for
 // auto, block while the upstream refuses tokenless requests or nobody knows
 // yet whether it does, and allow once it is known to serve them.
-func (p *Proxy) v1Policy(ctx context.Context) V1Policy {
-	if p.cfg.V1 != V1Auto {
+func (p *Proxy) v1Policy(ctx context.Context) imdsapi.V1Policy {
+	if p.cfg.V1 != imdsapi.V1Auto {
 		return p.cfg.V1
 	}
 	// A request that arrives before the first probe has answered waits for
@@ -139,23 +140,23 @@ func (p *Proxy) v1Policy(ctx context.Context) V1Policy {
 	return effectiveV1(p.cfg.V1, p.session.v1State())
 }
 
-func effectiveV1(configured V1Policy, upstream upstreamV1) V1Policy {
+func effectiveV1(configured imdsapi.V1Policy, upstream upstreamV1) imdsapi.V1Policy {
 	switch {
-	case configured != V1Auto:
+	case configured != imdsapi.V1Auto:
 		return configured
 	case upstream == upstreamV1Served:
-		return V1Allow
+		return imdsapi.V1Allow
 	}
-	return V1Block
+	return imdsapi.V1Block
 }
 
-// answerProbe answers a chained imds-proxy's probe (see probeHeader) with
+// answerProbe answers a chained imds-proxy's probe (see imdsapi.ProbeHeader) with
 // this proxy's own policy: 401 where it refuses tokenless requests, an
 // empty 200 where it serves them. Nothing is forwarded, logged at info or
 // entered in /v1-callers: the probe is not an IMDSv1 caller.
 func (p *Proxy) answerProbe(r *http.Request, x *exchange) *http.Response {
 	x.outcome = outcomeV1Probe
-	if p.v1Policy(r.Context()) == V1Block {
+	if p.v1Policy(r.Context()) == imdsapi.V1Block {
 		return imdsError(r, http.StatusUnauthorized)
 	}
 	return textResponse(r, http.StatusOK, "")
@@ -175,21 +176,21 @@ func (p *Proxy) v1StateChanged(prev, next upstreamV1, err error) {
 		fields = append(fields, zap.Error(err))
 	}
 	switch {
-	case p.cfg.V1 == V1Auto && next == upstreamV1Refused:
+	case p.cfg.V1 == imdsapi.V1Auto && next == upstreamV1Refused:
 		p.log.Info("the upstream refuses tokenless (IMDSv1) requests: --v1 auto refuses them here too", fields...)
-	case p.cfg.V1 == V1Auto && next == upstreamV1Served:
+	case p.cfg.V1 == imdsapi.V1Auto && next == upstreamV1Served:
 		p.log.Info("the upstream serves tokenless (IMDSv1) requests: --v1 auto serves them here too", fields...)
-	case p.cfg.V1 == V1Auto:
+	case p.cfg.V1 == imdsapi.V1Auto:
 		p.log.Warn("cannot tell whether the upstream serves tokenless (IMDSv1) requests: "+
 			"--v1 auto refuses them until it can", fields...)
-	case next == upstreamV1Refused && (p.cfg.V1 == V1Allow || p.cfg.V1 == V1Warn):
+	case next == upstreamV1Refused && (p.cfg.V1 == imdsapi.V1Allow || p.cfg.V1 == imdsapi.V1Warn):
 		p.log.Warn("--v1 "+string(p.cfg.V1)+" re-opens IMDSv1, which the upstream refuses (tokens are required there): "+
 			"a tokenless request, such as a container's SSRF, gets metadata and role credentials through this proxy's "+
 			"own token; use --v1 auto (the default) or block unless callers still need IMDSv1 during a migration", fields...)
 	}
 }
 
-// attribute finds the process behind an IMDSv1 request where the shape lets
+// attribute finds the process behind an IMDSv1 request where the mode lets
 // the proxy see it. attributed is false when the lookup was skipped, over
 // its rate bound.
 func (p *Proxy) attribute(r *http.Request) (proc Process, attributed bool) {
@@ -239,7 +240,7 @@ func (p *Proxy) serveToken(r *http.Request, x *exchange) *http.Response {
 		// (aws-beam/aws_credentials#47 quotes one), unlike its other errors.
 		return textResponse(r, http.StatusForbidden, "")
 	}
-	ttl, err := token.ParseTTL(r.Header.Values(token.TTLHeader))
+	ttl, err := token.ParseTTL(r.Header.Values(imdsapi.TokenTTLHeader))
 	if err != nil {
 		return imdsError(r, http.StatusBadRequest)
 	}
@@ -255,7 +256,7 @@ func (p *Proxy) serveToken(r *http.Request, x *exchange) *http.Response {
 	x.ttl = int(ttl.Seconds())
 	p.metrics.tokensMinted.Inc()
 	resp := textResponse(r, http.StatusOK, tok)
-	resp.Header.Set(token.TTLHeader, strconv.Itoa(int(ttl.Seconds())))
+	resp.Header.Set(imdsapi.TokenTTLHeader, strconv.Itoa(int(ttl.Seconds())))
 	return resp
 }
 
@@ -275,16 +276,16 @@ func (p *Proxy) handleResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http
 	// Every answer names the proxy (doctor looks for it on token answers), so
 	// that a proxy chained in front of this one knows its answers come from
 	// an imds-proxy, which has already retried what it could.
-	resp.Header.Set(proxyHeader, p.shapeName())
+	resp.Header.Set(imdsapi.ProxyHeader, p.modeName())
 	p.record(x, ctx.Req, resp.StatusCode)
 	return resp
 }
 
-func (p *Proxy) shapeName() string {
-	if p.cfg.Shape == "" {
+func (p *Proxy) modeName() string {
+	if p.cfg.Mode == "" {
 		return "imds-proxy"
 	}
-	return p.cfg.Shape
+	return string(p.cfg.Mode)
 }
 
 func (p *Proxy) upstreamFailure(ctx *goproxy.ProxyCtx, x *exchange) *http.Response {
@@ -335,12 +336,12 @@ func imdsErrorPage(status int) string {
 // imdsError answers status as IMDS does, with its error page.
 func imdsError(r *http.Request, status int) *http.Response {
 	resp := goproxy.NewResponse(r, imdsErrorType, status, imdsErrorPage(status))
-	resp.Header.Set("Server", serverName)
+	resp.Header.Set("Server", imdsapi.ServerName)
 	return resp
 }
 
 func textResponse(r *http.Request, status int, body string) *http.Response {
 	resp := goproxy.NewResponse(r, goproxy.ContentTypeText, status, body)
-	resp.Header.Set("Server", serverName)
+	resp.Header.Set("Server", imdsapi.ServerName)
 	return resp
 }

@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
 )
@@ -41,7 +42,7 @@ func testConfig(upstream string) proxy.Config {
 	}
 	return proxy.Config{
 		Upstream:                u,
-		V1:                      proxy.V1Allow,
+		V1:                      imdsapi.V1Allow,
 		UpstreamV1Fallback:      true,
 		UpstreamTokenTTL:        token.MaxTTL,
 		UpstreamTokenTimeout:    2 * time.Second,
@@ -169,7 +170,7 @@ func rawResponse(t *testing.T, local net.Addr, addr, request string) response {
 // token gets a fresh client token from the proxy.
 func (h *harness) token() string {
 	h.t.Helper()
-	r := h.do(http.MethodPut, "/latest/api/token", http.Header{token.TTLHeader: {"300"}})
+	r := h.do(http.MethodPut, "/latest/api/token", http.Header{imdsapi.TokenTTLHeader: {"300"}})
 	if r.status != http.StatusOK {
 		h.t.Fatalf("token PUT: status %d %q", r.status, r.body)
 	}

@@ -5,7 +5,7 @@ import (
 	"net/textproto"
 	"strings"
 
-	"github.com/imds-proxy/imds-proxy/token"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // hopByHopHeaders are meaningful only for one connection and are never
@@ -54,9 +54,9 @@ func removeForwarding(h http.Header) {
 // client's is sent (Range, conditionals, Accept-Encoding, its User-Agent), so
 // requests for one path are identical upstream and may share one answer.
 func upstreamHeader(proxyID, sessionToken string) http.Header {
-	h := http.Header{loopHeader: {proxyID}, "User-Agent": {userAgent}}
+	h := http.Header{imdsapi.LoopHeader: {proxyID}, "User-Agent": {imdsapi.UserAgent}}
 	if sessionToken != "" {
-		h.Set(token.Header, sessionToken)
+		h.Set(imdsapi.TokenHeader, sessionToken)
 	}
 	return h
 }

@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/imds-proxy/imds-proxy/token"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // TestUpstreamSeesOnlyTheProxysHeaders: whatever a client sends, the
@@ -17,23 +17,23 @@ func TestUpstreamSeesOnlyTheProxysHeaders(t *testing.T) {
 	h, tap := startBehindAEMM(t, nil, nil)
 	tok := h.token()
 	clientHeaders := []http.Header{
-		{token.Header: {tok}},
+		{imdsapi.TokenHeader: {tok}},
 		{}, // IMDSv1
 		{
-			token.Header:        {tok},
-			"User-Agent":        {"aws-sdk-go-v2/1.30.0 os/linux"},
-			"Accept":            {"text/plain"},
-			"Accept-Encoding":   {"gzip"},
-			"Accept-Language":   {"fr"},
-			"Range":             {"bytes=0-3"},
-			"If-None-Match":     {`"x"`},
-			"If-Modified-Since": {"Mon, 02 Jan 2006 15:04:05 GMT"},
-			"Cache-Control":     {"no-cache"},
-			"Authorization":     {"Basic c2VjcmV0"},
-			"Cookie":            {"a=b"},
-			"X-Custom":          {"client"},
-			token.TTLHeader:     {"300"},
-			"X-Forwarded-For":   {"10.9.8.7"},
+			imdsapi.TokenHeader:    {tok},
+			"User-Agent":           {"aws-sdk-go-v2/1.30.0 os/linux"},
+			"Accept":               {"text/plain"},
+			"Accept-Encoding":      {"gzip"},
+			"Accept-Language":      {"fr"},
+			"Range":                {"bytes=0-3"},
+			"If-None-Match":        {`"x"`},
+			"If-Modified-Since":    {"Mon, 02 Jan 2006 15:04:05 GMT"},
+			"Cache-Control":        {"no-cache"},
+			"Authorization":        {"Basic c2VjcmV0"},
+			"Cookie":               {"a=b"},
+			"X-Custom":             {"client"},
+			imdsapi.TokenTTLHeader: {"300"},
+			"X-Forwarded-For":      {"10.9.8.7"},
 		},
 	}
 	for i, header := range clientHeaders {
@@ -56,7 +56,7 @@ func TestUpstreamSeesOnlyTheProxysHeaders(t *testing.T) {
 		if ua := seen[0].Header.Get("User-Agent"); ua != "imds-proxy" {
 			t.Errorf("request %d: the upstream saw User-Agent %q, want the proxy's own", i, ua)
 		}
-		if got := seen[0].Header.Get(token.Header); got == tok || got == "" {
+		if got := seen[0].Header.Get(imdsapi.TokenHeader); got == tok || got == "" {
 			t.Errorf("request %d: the upstream saw token %q, want the proxy's session token", i, got)
 		}
 	}

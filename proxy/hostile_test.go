@@ -16,8 +16,8 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/proxy"
-	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // TestHostileInput sends malformed and adversarial requests, each with the
@@ -28,10 +28,10 @@ func TestHostileInput(t *testing.T) {
 	trap := newTrap(t)
 	tok := h.token()
 	other := h.tokenFrom(otherLoopback(t))
-	auth := token.Header + ": " + tok + "\r\n"
+	auth := imdsapi.TokenHeader + ": " + tok + "\r\n"
 	get := func(path string) string { return "GET " + path + " HTTP/1.1\r\nHost: x\r\n" + auth + "\r\n" }
 	ttlPut := func(ttl string) string {
-		return "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + token.TTLHeader + ": " + ttl + "\r\nContent-Length: 0\r\n\r\n"
+		return "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenTTLHeader + ": " + ttl + "\r\nContent-Length: 0\r\n\r\n"
 	}
 	cases := []struct {
 		name      string
@@ -51,21 +51,21 @@ func TestHostileInput(t *testing.T) {
 		{"Host elsewhere", fmt.Sprintf("GET /latest/meta-data/ HTTP/1.1\r\nHost: %s\r\n%s\r\n", trap.Addr(), auth), 200, true},
 		{"two Host headers", "GET /latest/meta-data/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n" + auth + "\r\n", 400, false},
 		{"X-Forwarded-Host game", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nX-Forwarded-Host: evil\r\n" + auth + "\r\n", 200, true},
-		{"token PUT with X-Forwarded-For", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n" + token.TTLHeader + ": 60\r\nContent-Length: 0\r\n\r\n", 403, false},
-		{"token PUT with x-forwarded-for lower case", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nx-forwarded-for: 1.2.3.4\r\n" + token.TTLHeader + ": 60\r\nContent-Length: 0\r\n\r\n", 403, false},
+		{"token PUT with X-Forwarded-For", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n" + imdsapi.TokenTTLHeader + ": 60\r\nContent-Length: 0\r\n\r\n", 403, false},
+		{"token PUT with x-forwarded-for lower case", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nx-forwarded-for: 1.2.3.4\r\n" + imdsapi.TokenTTLHeader + ": 60\r\nContent-Length: 0\r\n\r\n", 403, false},
 		{"TTL negative", ttlPut("-1"), 400, false},
 		{"TTL huge", ttlPut("99999999999999999999"), 400, false},
 		{"TTL float", ttlPut("60.0"), 400, false},
 		{"TTL hex", ttlPut("0x3c"), 400, false},
 		{"TTL with spaces inside", ttlPut("6 0"), 400, false},
-		{"TTL twice", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + token.TTLHeader + ": 60\r\n" + token.TTLHeader + ": 60\r\nContent-Length: 0\r\n\r\n", 400, false},
+		{"TTL twice", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenTTLHeader + ": 60\r\n" + imdsapi.TokenTTLHeader + ": 60\r\nContent-Length: 0\r\n\r\n", 400, false},
 		{"TTL oversized header", ttlPut(strings.Repeat("9", 20000)), 400, false}, // refused by the TTL parser, not echoed whole
-		{"chunked token PUT", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + token.TTLHeader + ": 60\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 200, false},
-		{"forged token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + token.Header + ": " + strings.Repeat("A", len(tok)) + "\r\n\r\n", 401, false},
-		{"truncated token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + token.Header + ": " + tok[:len(tok)-3] + "\r\n\r\n", 401, false},
-		{"token with trailing junk", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + token.Header + ": " + tok + "x\r\n\r\n", 401, false},
-		{"other caller's token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + token.Header + ": " + other + "\r\n\r\n", 401, false},
-		{"empty token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + token.Header + ": \r\n\r\n", 401, false},
+		{"chunked token PUT", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenTTLHeader + ": 60\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 200, false},
+		{"forged token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenHeader + ": " + strings.Repeat("A", len(tok)) + "\r\n\r\n", 401, false},
+		{"truncated token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenHeader + ": " + tok[:len(tok)-3] + "\r\n\r\n", 401, false},
+		{"token with trailing junk", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenHeader + ": " + tok + "x\r\n\r\n", 401, false},
+		{"other caller's token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenHeader + ": " + other + "\r\n\r\n", 401, false},
+		{"empty token", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenHeader + ": \r\n\r\n", 401, false},
 		{"two tokens", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n" + auth + auth + "\r\n", 400, false},
 		{"path traversal", get("/latest/meta-data/../../etc/passwd"), 404, true},
 		{"encoded traversal", get("/latest/meta-data/%2e%2e/%2e%2e/etc/passwd"), 404, true},
@@ -103,7 +103,7 @@ func TestHostileInput(t *testing.T) {
 				if s.Header.Get("Content-Length") != "" || s.Header.Get("Transfer-Encoding") != "" {
 					t.Errorf("upstream saw a request body framing header")
 				}
-				if s.Header.Get(token.Header) == tok || s.Host != tap.Addr() {
+				if s.Header.Get(imdsapi.TokenHeader) == tok || s.Host != tap.Addr() {
 					t.Errorf("upstream saw the client token or Host %q", s.Host)
 				}
 			}
@@ -134,7 +134,7 @@ func TestHostileInput(t *testing.T) {
 // each; another caller's first request is still logged on its own.
 func TestV1LogFloodIsBounded(t *testing.T) {
 	const window = 3 * time.Second
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block; c.V1LogInterval = window }, nil)
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block; c.V1LogInterval = window }, nil)
 	const flood = 500
 	pad := strings.Repeat("A", 16<<10-64)
 	long := "/latest/meta-data/" + strings.Repeat("p", 4000)

@@ -11,6 +11,7 @@ import (
 
 	"go.uber.org/zap/zapcore"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
@@ -47,22 +48,22 @@ func TestTokenEndpoint(t *testing.T) {
 		status  int
 		wantTTL string
 	}{
-		{"ttl 1", "PUT", http.Header{token.TTLHeader: {"1"}}, 200, "1"},
-		{"ttl 300 (Go SDK v2)", "PUT", http.Header{token.TTLHeader: {"300"}}, 200, "300"},
-		{"ttl 21600 (botocore, Java, JS)", "PUT", http.Header{token.TTLHeader: {"21600"}}, 200, "21600"},
+		{"ttl 1", "PUT", http.Header{imdsapi.TokenTTLHeader: {"1"}}, 200, "1"},
+		{"ttl 300 (Go SDK v2)", "PUT", http.Header{imdsapi.TokenTTLHeader: {"300"}}, 200, "300"},
+		{"ttl 21600 (botocore, Java, JS)", "PUT", http.Header{imdsapi.TokenTTLHeader: {"21600"}}, 200, "21600"},
 		{"ttl header lower case", "PUT", http.Header{"x-aws-ec2-metadata-token-ttl-seconds": {"60"}}, 200, "60"},
 		{"ttl missing", "PUT", nil, 400, ""},
-		{"ttl empty", "PUT", http.Header{token.TTLHeader: {""}}, 400, ""},
-		{"ttl non-numeric", "PUT", http.Header{token.TTLHeader: {"abc"}}, 400, ""},
-		{"ttl zero", "PUT", http.Header{token.TTLHeader: {"0"}}, 400, ""},
-		{"ttl above 21600", "PUT", http.Header{token.TTLHeader: {"21601"}}, 400, ""},
-		{"ttl negative", "PUT", http.Header{token.TTLHeader: {"-5"}}, 400, ""},
-		{"ttl float", "PUT", http.Header{token.TTLHeader: {"1.5"}}, 400, ""},
-		{"ttl repeated", "PUT", http.Header{token.TTLHeader: {"300", "60"}}, 400, ""},
-		{"x-forwarded-for", "PUT", http.Header{token.TTLHeader: {"300"}, "X-Forwarded-For": {"10.1.2.3"}}, 403, ""},
-		{"empty x-forwarded-for", "PUT", http.Header{token.TTLHeader: {"300"}, "X-Forwarded-For": {""}}, 403, ""},
-		{"GET", "GET", http.Header{token.TTLHeader: {"300"}}, 405, ""},
-		{"POST", "POST", http.Header{token.TTLHeader: {"300"}}, 405, ""},
+		{"ttl empty", "PUT", http.Header{imdsapi.TokenTTLHeader: {""}}, 400, ""},
+		{"ttl non-numeric", "PUT", http.Header{imdsapi.TokenTTLHeader: {"abc"}}, 400, ""},
+		{"ttl zero", "PUT", http.Header{imdsapi.TokenTTLHeader: {"0"}}, 400, ""},
+		{"ttl above 21600", "PUT", http.Header{imdsapi.TokenTTLHeader: {"21601"}}, 400, ""},
+		{"ttl negative", "PUT", http.Header{imdsapi.TokenTTLHeader: {"-5"}}, 400, ""},
+		{"ttl float", "PUT", http.Header{imdsapi.TokenTTLHeader: {"1.5"}}, 400, ""},
+		{"ttl repeated", "PUT", http.Header{imdsapi.TokenTTLHeader: {"300", "60"}}, 400, ""},
+		{"x-forwarded-for", "PUT", http.Header{imdsapi.TokenTTLHeader: {"300"}, "X-Forwarded-For": {"10.1.2.3"}}, 403, ""},
+		{"empty x-forwarded-for", "PUT", http.Header{imdsapi.TokenTTLHeader: {"300"}, "X-Forwarded-For": {""}}, 403, ""},
+		{"GET", "GET", http.Header{imdsapi.TokenTTLHeader: {"300"}}, 405, ""},
+		{"POST", "POST", http.Header{imdsapi.TokenTTLHeader: {"300"}}, 405, ""},
 		{"DELETE", "DELETE", nil, 405, ""},
 		{"HEAD", "HEAD", nil, 405, ""},
 	}
@@ -73,8 +74,8 @@ func TestTokenEndpoint(t *testing.T) {
 			if r.status != c.status {
 				t.Fatalf("status %d, want %d (body %q)", r.status, c.status, r.body)
 			}
-			if got := r.header.Get(token.TTLHeader); got != c.wantTTL {
-				t.Errorf("%s = %q, want %q", token.TTLHeader, got, c.wantTTL)
+			if got := r.header.Get(imdsapi.TokenTTLHeader); got != c.wantTTL {
+				t.Errorf("%s = %q, want %q", imdsapi.TokenTTLHeader, got, c.wantTTL)
 			}
 			if c.status == 200 && len(r.body) < 40 {
 				t.Errorf("token %q is too short to be unguessable", r.body)
@@ -101,7 +102,7 @@ func TestMetadataRequests(t *testing.T) {
 	sessionToken := upstreamSessionToken(t, h, tap)
 	valid := h.token()
 	fromOther := h.tokenFrom(otherLoopback(t))
-	shortLived := h.do("PUT", "/latest/api/token", http.Header{token.TTLHeader: {"1"}}).body
+	shortLived := h.do("PUT", "/latest/api/token", http.Header{imdsapi.TokenTTLHeader: {"1"}}).body
 	clock.advance(1500 * time.Millisecond) // shortLived is now expired; the others are not
 
 	const path = "/latest/meta-data/instance-id"
@@ -112,16 +113,16 @@ func TestMetadataRequests(t *testing.T) {
 		status    int
 		forwarded bool
 	}{
-		{"valid token", "GET", http.Header{token.Header: {valid}}, 200, true},
-		{"valid token HEAD", "HEAD", http.Header{token.Header: {valid}}, 200, true},
+		{"valid token", "GET", http.Header{imdsapi.TokenHeader: {valid}}, 200, true},
+		{"valid token HEAD", "HEAD", http.Header{imdsapi.TokenHeader: {valid}}, 200, true},
 		{"no token, v1 allowed", "GET", nil, 200, true},
-		{"garbage token", "GET", http.Header{token.Header: {"not-a-token"}}, 401, false},
-		{"expired token", "GET", http.Header{token.Header: {shortLived}}, 401, false},
-		{"token of another caller", "GET", http.Header{token.Header: {fromOther}}, 401, false},
-		{"upstream's own token", "GET", http.Header{token.Header: {sessionToken}}, 401, false},
-		{"two token headers", "GET", http.Header{token.Header: {valid, valid}}, 400, false},
-		{"POST", "POST", http.Header{token.Header: {valid}}, 405, false},
-		{"PUT elsewhere", "PUT", http.Header{token.Header: {valid}}, 405, false},
+		{"garbage token", "GET", http.Header{imdsapi.TokenHeader: {"not-a-token"}}, 401, false},
+		{"expired token", "GET", http.Header{imdsapi.TokenHeader: {shortLived}}, 401, false},
+		{"token of another caller", "GET", http.Header{imdsapi.TokenHeader: {fromOther}}, 401, false},
+		{"upstream's own token", "GET", http.Header{imdsapi.TokenHeader: {sessionToken}}, 401, false},
+		{"two token headers", "GET", http.Header{imdsapi.TokenHeader: {valid, valid}}, 400, false},
+		{"POST", "POST", http.Header{imdsapi.TokenHeader: {valid}}, 405, false},
+		{"PUT elsewhere", "PUT", http.Header{imdsapi.TokenHeader: {valid}}, 405, false},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -140,7 +141,7 @@ func TestMetadataRequests(t *testing.T) {
 			if len(seen) != 1 || seen[0].Method != c.method || seen[0].Path != path {
 				t.Fatalf("upstream saw %+v, want one %s %s", seen, c.method, path)
 			}
-			if got := seen[0].Header.Values(token.Header); len(got) != 1 || got[0] != sessionToken {
+			if got := seen[0].Header.Values(imdsapi.TokenHeader); len(got) != 1 || got[0] != sessionToken {
 				t.Errorf("upstream got token header %q, want only the proxy's session token", got)
 			}
 		})
@@ -149,7 +150,7 @@ func TestMetadataRequests(t *testing.T) {
 }
 
 func TestIMDSv1Block(t *testing.T) {
-	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block }, nil)
+	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block }, nil)
 	before := len(tap.Requests())
 	r := h.do("GET", "/latest/meta-data/iam/security-credentials/", http.Header{"User-Agent": {"Botocore/1.0 legacy"}})
 	if r.status != http.StatusUnauthorized {
@@ -177,7 +178,7 @@ func TestIMDSv1Block(t *testing.T) {
 		t.Errorf("a tokenless request without a User-Agent (as the JS SDK sends) counted as sdk=unknown %v times, want 1", got)
 	}
 	tok := h.token()
-	if r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {tok}}); r.status != 200 {
+	if r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}}); r.status != 200 {
 		t.Errorf("IMDSv2 request with --v1 block: status %d, want 200", r.status)
 	}
 }
@@ -191,10 +192,10 @@ func upstreamSessionToken(t *testing.T, h *harness, tap *testutil.Tap) string {
 		t.Fatalf("warm-up GET: status %d", r.status)
 	}
 	seen := tap.Requests()[before:]
-	if len(seen) != 1 || seen[0].Header.Get(token.Header) == "" {
+	if len(seen) != 1 || seen[0].Header.Get(imdsapi.TokenHeader) == "" {
 		t.Fatalf("warm-up GET: upstream saw %+v, want one request with a token", seen)
 	}
-	return seen[0].Header.Get(token.Header)
+	return seen[0].Header.Get(imdsapi.TokenHeader)
 }
 
 // otherLoopback is a second local address, so that a request comes from a
@@ -206,7 +207,7 @@ func otherLoopback(t *testing.T) net.Addr {
 
 func (h *harness) tokenFrom(local net.Addr) string {
 	h.t.Helper()
-	r := h.doFrom(local, "PUT", "/latest/api/token", http.Header{token.TTLHeader: {"300"}})
+	r := h.doFrom(local, "PUT", "/latest/api/token", http.Header{imdsapi.TokenTTLHeader: {"300"}})
 	if r.status != 200 {
 		h.t.Fatalf("token PUT from %v: status %d", local, r.status)
 	}
@@ -235,7 +236,7 @@ func (c *fakeClock) advance(d time.Duration) {
 // (AEMM -I, as HttpTokens=required), the auto policy refuses tokenless
 // requests as the upstream would, forwards nothing, and says so.
 func TestV1AutoFollowsTokensRequired(t *testing.T) {
-	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Auto }, nil)
+	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Auto }, nil)
 	probes := tokenlessSeen(tap)
 	if len(probes) != 1 || probes[0].Path != "/latest/meta-data/" || probes[0].Header.Get("X-Imds-Proxy-Probe") == "" {
 		t.Errorf("at start the upstream saw tokenless requests %+v, want the proxy's one probe of /latest/meta-data/", probes)
@@ -260,7 +261,7 @@ func TestV1AutoFollowsTokensRequired(t *testing.T) {
 		t.Errorf("want one log line saying auto follows the upstream, got %+v", l)
 	}
 	// A token still works: only IMDSv1 is refused.
-	if r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {h.token()}}); r.status != 200 {
+	if r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {h.token()}}); r.status != 200 {
 		t.Errorf("IMDSv2 under auto: status %d, want 200", r.status)
 	}
 }
@@ -268,7 +269,7 @@ func TestV1AutoFollowsTokensRequired(t *testing.T) {
 // TestV1AutoServesWhereTheUpstreamDoes: with IMDSv1 allowed upstream
 // (HttpTokens=optional), auto serves tokenless requests as allow does.
 func TestV1AutoServesWhereTheUpstreamDoes(t *testing.T) {
-	h, _ := startBehindAEMMWith(t, nil, func(c *proxy.Config) { c.V1 = proxy.V1Auto }, nil)
+	h, _ := startBehindAEMMWith(t, nil, func(c *proxy.Config) { c.V1 = imdsapi.V1Auto }, nil)
 	if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != 200 || r.body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET under auto, upstream serving IMDSv1: %d %q, want 200 and the instance id", r.status, r.body)
 	}
@@ -294,7 +295,7 @@ func TestV1AutoFollowsAChange(t *testing.T) {
 			aemm := testutil.StartAEMMAt(t, addr)
 			tap := testutil.NewTap(t, addr)
 			cfg := testConfig(tap.URL())
-			cfg.V1 = proxy.V1Auto
+			cfg.V1 = imdsapi.V1Auto
 			cfg.UpstreamRetryMin, cfg.UpstreamRetryMax = 100*time.Millisecond, 200*time.Millisecond
 			mutate(&cfg)
 			h := startProxy(t, cfg, nil)
@@ -327,7 +328,7 @@ func TestV1AutoFailsClosedUntilItKnows(t *testing.T) {
 	t.Cleanup(front.close)
 	front.set(garbage)
 	cfg := testConfig("http://" + front.addr)
-	cfg.V1 = proxy.V1Auto
+	cfg.V1 = imdsapi.V1Auto
 	cfg.UpstreamRetryMin, cfg.UpstreamRetryMax = 100*time.Millisecond, 200*time.Millisecond
 	h := startProxy(t, cfg, nil)
 	if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != http.StatusUnauthorized {
@@ -359,14 +360,14 @@ func TestV1AutoFailsClosedUntilItKnows(t *testing.T) {
 // the agent's.
 func TestV1AutoChained(t *testing.T) {
 	for _, c := range []struct {
-		agent  proxy.V1Policy
+		agent  imdsapi.V1Policy
 		status int
-	}{{proxy.V1Auto, 401}, {proxy.V1Allow, 200}} {
+	}{{imdsapi.V1Auto, 401}, {imdsapi.V1Allow, 200}} {
 		t.Run("node agent "+string(c.agent), func(t *testing.T) {
-			agent, imdsTap := startBehindAEMM(t, func(cfg *proxy.Config) { cfg.V1 = c.agent; cfg.Shape = "node" }, nil)
+			agent, imdsTap := startBehindAEMM(t, func(cfg *proxy.Config) { cfg.V1 = c.agent; cfg.Mode = imdsapi.ModeNode }, nil)
 			agentTap := testutil.NewTap(t, agent.srv.Listener.Addr().String())
 			cfg := testConfig(agentTap.URL())
-			cfg.V1, cfg.Shape = proxy.V1Auto, "sidecar"
+			cfg.V1, cfg.Mode = imdsapi.V1Auto, imdsapi.ModeSidecar
 			sidecar := startProxy(t, cfg, nil)
 			if got := tokenlessSeen(agentTap); len(got) != 1 || got[0].Header.Get("X-Imds-Proxy-Probe") == "" {
 				t.Errorf("the node agent saw tokenless requests %+v, want the sidecar's probe", got)
@@ -393,7 +394,7 @@ func TestV1AutoChained(t *testing.T) {
 func tokenlessSeen(tap *testutil.Tap) []testutil.SeenRequest {
 	var out []testutil.SeenRequest
 	for _, r := range tap.Requests() {
-		if r.Method != http.MethodPut && r.Header.Get(token.Header) == "" {
+		if r.Method != http.MethodPut && r.Header.Get(imdsapi.TokenHeader) == "" {
 			out = append(out, r)
 		}
 	}
@@ -420,7 +421,7 @@ func TestV1AllowOverTokensRequiredWarns(t *testing.T) {
 // TestV1BlockSendsNoProbe: block has no use for the upstream's IMDSv1
 // policy, and sends no tokenless request upstream at all.
 func TestV1BlockSendsNoProbe(t *testing.T) {
-	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block }, nil)
+	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block }, nil)
 	h.do("GET", "/latest/meta-data/", nil)
 	if got := tokenlessSeen(tap); len(got) != 0 {
 		t.Errorf("under block the upstream saw tokenless requests %+v", got)
@@ -451,7 +452,7 @@ func TestErrorAnswersAreIMDSs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Block; c.Paths = policy }, nil)
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block; c.Paths = policy }, nil)
 	tok := h.token()
 	cases := []struct {
 		name, method, path string
@@ -459,14 +460,14 @@ func TestErrorAnswersAreIMDSs(t *testing.T) {
 		status             int
 	}{
 		{"tokenless, --v1 block", "GET", "/latest/meta-data/", nil, 401},
-		{"bad token", "GET", "/latest/meta-data/", http.Header{token.Header: {"forged"}}, 401},
-		{"two tokens", "GET", "/latest/meta-data/", http.Header{token.Header: {tok, tok}}, 400},
-		{"undecodable path", "GET", "/latest/%252e%252e/", http.Header{token.Header: {tok}}, 400},
-		{"path denied", "GET", "/latest/user-data", http.Header{token.Header: {tok}}, 403},
-		{"POST", "POST", "/latest/meta-data/", http.Header{token.Header: {tok}}, 405},
+		{"bad token", "GET", "/latest/meta-data/", http.Header{imdsapi.TokenHeader: {"forged"}}, 401},
+		{"two tokens", "GET", "/latest/meta-data/", http.Header{imdsapi.TokenHeader: {tok, tok}}, 400},
+		{"undecodable path", "GET", "/latest/%252e%252e/", http.Header{imdsapi.TokenHeader: {tok}}, 400},
+		{"path denied", "GET", "/latest/user-data", http.Header{imdsapi.TokenHeader: {tok}}, 403},
+		{"POST", "POST", "/latest/meta-data/", http.Header{imdsapi.TokenHeader: {tok}}, 405},
 		{"token GET", "GET", "/latest/api/token", nil, 405},
 		{"token TTL missing", "PUT", "/latest/api/token", nil, 400},
-		{"token TTL out of range", "PUT", "/latest/api/token", http.Header{token.TTLHeader: {"21601"}}, 400},
+		{"token TTL out of range", "PUT", "/latest/api/token", http.Header{imdsapi.TokenTTLHeader: {"21601"}}, 400},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -483,7 +484,7 @@ func TestErrorAnswersAreIMDSs(t *testing.T) {
 		})
 	}
 	// A token request with X-Forwarded-For: IMDS answers 403 with no body.
-	r := h.do("PUT", "/latest/api/token", http.Header{token.TTLHeader: {"60"}, "X-Forwarded-For": {"10.0.0.1"}})
+	r := h.do("PUT", "/latest/api/token", http.Header{imdsapi.TokenTTLHeader: {"60"}, "X-Forwarded-For": {"10.0.0.1"}})
 	if r.status != 403 || r.body != "" || r.header.Get("Content-Type") != "text/plain" {
 		t.Errorf("token PUT with X-Forwarded-For: %d %q (%s), want 403 with an empty text/plain body", r.status, r.body, r.header.Get("Content-Type"))
 	}

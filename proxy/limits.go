@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"go.uber.org/zap"
 )
 
@@ -127,7 +128,7 @@ func (p *Proxy) enforceRequestLimits(w http.ResponseWriter, r *http.Request) boo
 func (p *Proxy) refuse(w http.ResponseWriter, r *http.Request, status int, outcome string) {
 	x := newExchange(r)
 	x.outcome = outcome
-	w.Header().Set(proxyHeader, p.shapeName()) // as on every answer: a chained proxy does not retry it
+	w.Header().Set(imdsapi.ProxyHeader, p.modeName()) // as on every answer: a chained proxy does not retry it
 	http.Error(w, http.StatusText(status), status)
 	p.record(x, r, status)
 }

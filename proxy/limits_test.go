@@ -15,8 +15,8 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/proxy"
-	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // limitedConfig is a proxy configuration with limits, in front of a healthy
@@ -55,7 +55,7 @@ func TestRequestSizeLimits(t *testing.T) {
 	defer up.srv.Close()
 	s := serveProxy(t, cfg)
 	defer s.stop()
-	put := "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + token.TTLHeader + ": 300\r\n"
+	put := "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenTTLHeader + ": 300\r\n"
 	cases := []struct {
 		name, request string
 		status        int
@@ -107,7 +107,7 @@ func TestConnectionLimit(t *testing.T) {
 			c.Close()
 		}
 		waitOpen(t, s, 0)
-		if status, _ := rawExchange(t, s.addr, "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n"+token.TTLHeader+": 60\r\n\r\n"); status != 200 {
+		if status, _ := rawExchange(t, s.addr, "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n"+imdsapi.TokenTTLHeader+": 60\r\n\r\n"); status != 200 {
 			t.Errorf("round %d: after the held connections closed: %d, want 200", round, status)
 		}
 	}
@@ -191,7 +191,7 @@ func TestSlowClientsCannotStarveTheProxy(t *testing.T) {
 	}
 	for i := 0; i < 5; i++ {
 		start := time.Now()
-		status, _ := rawExchangeFrom(t, loopbackAddr("127.0.0.2"), s.addr, "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n"+token.TTLHeader+": 60\r\n\r\n")
+		status, _ := rawExchangeFrom(t, loopbackAddr("127.0.0.2"), s.addr, "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n"+imdsapi.TokenTTLHeader+": 60\r\n\r\n")
 		if status != 200 || time.Since(start) > 200*time.Millisecond {
 			t.Errorf("another client during the slow ones: %d after %s", status, time.Since(start))
 		}
@@ -305,7 +305,7 @@ func TestGreedyClientsCannotStarveTheNode(t *testing.T) {
 	}
 }
 
-const tokenPUT = "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + token.TTLHeader + ": 60\r\n\r\n"
+const tokenPUT = "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenTTLHeader + ": 60\r\n\r\n"
 
 // keepAliveConnections opens n connections from the loopback address from,
 // one after another, sends one request on each, reads its answer and keeps

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -174,8 +175,8 @@ func (m *metrics) setUpstreamV1(u upstreamV1) {
 	}
 }
 
-func (m *metrics) setV1Policy(configured, effective V1Policy) {
-	for _, each := range []V1Policy{V1Allow, V1Warn, V1Block} {
+func (m *metrics) setV1Policy(configured, effective imdsapi.V1Policy) {
+	for _, each := range []imdsapi.V1Policy{imdsapi.V1Allow, imdsapi.V1Warn, imdsapi.V1Block} {
 		v := 0.0
 		if each == effective {
 			v = 1

@@ -4,8 +4,8 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/proxy"
-	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // TestPathPolicyResistsTricks: a workload denied user-data and IAM cannot
@@ -66,7 +66,7 @@ func TestPathPolicyResistsTricks(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.path, func(t *testing.T) {
 			before := len(tap.Requests())
-			r := h.raw(fmt.Sprintf("GET %s HTTP/1.1\r\nHost: x\r\n%s: %s\r\n\r\n", c.path, token.Header, tok))
+			r := h.raw(fmt.Sprintf("GET %s HTTP/1.1\r\nHost: x\r\n%s: %s\r\n\r\n", c.path, imdsapi.TokenHeader, tok))
 			if r.status != c.status {
 				t.Errorf("status %d, want %d", r.status, c.status)
 			}
@@ -104,7 +104,7 @@ func TestPathAllowList(t *testing.T) {
 		"/":                                      403,
 		"/latest/":                               403,
 	} {
-		if r := h.do("GET", path, map[string][]string{token.Header: {tok}}); r.status != want {
+		if r := h.do("GET", path, map[string][]string{imdsapi.TokenHeader: {tok}}); r.status != want {
 			t.Errorf("%s: %d, want %d", path, r.status, want)
 		}
 	}
@@ -143,7 +143,7 @@ func TestPathPolicyCoversEveryVersion(t *testing.T) {
 }
 
 func TestV1WarnServesAndCountsWhatBlockWouldRefuse(t *testing.T) {
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = proxy.V1Warn }, nil)
+	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Warn }, nil)
 	for i := 0; i < 3; i++ {
 		if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != 200 {
 			t.Fatalf("tokenless GET with --v1 warn: %d, want 200", r.status)

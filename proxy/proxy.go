@@ -32,51 +32,12 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/time/rate"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/token"
 )
 
-const (
-	// loopHeader carries a per-process id on the proxy's upstream requests:
-	// a request that comes back with our own id was redirected to us by a
-	// misconfigured exemption, and is refused instead of recursing.
-	loopHeader = "X-Imds-Proxy-Id"
-	// proxyHeader on an answer says an imds-proxy of that shape made it.
-	proxyHeader = "X-Imds-Proxy"
-	tokenPath   = "/latest/api/token"
-	userAgent   = "imds-proxy"
-	serverName  = "EC2ws" // what IMDS puts in its Server header
-
-	maxUpstreamTokenBytes = 4096
-)
-
-// V1Policy decides what happens to requests that carry no IMDSv2 token.
-type V1Policy string
-
-// IMDSv1 policies.
-const (
-	// V1Auto follows the upstream: it refuses tokenless requests while the
-	// upstream does (an instance with HttpTokens=required, or a node agent
-	// that blocks them) or while that is not known yet, and allows them
-	// otherwise. The proxy is then never weaker than what it stands in for.
-	V1Auto V1Policy = "auto"
-	// V1Allow forwards tokenless GET and HEAD requests (logged and counted),
-	// even where the upstream refuses them: it re-opens IMDSv1 there.
-	V1Allow V1Policy = "allow"
-	// V1Warn forwards them too, logging that --v1 block would refuse them:
-	// the "observe" stage of an IMDSv1 shutdown.
-	V1Warn V1Policy = "warn"
-	// V1Block answers them 401, as IMDS does when tokens are required.
-	V1Block V1Policy = "block"
-)
-
-// ParseV1Policy parses the value of --v1.
-func ParseV1Policy(s string) (V1Policy, error) {
-	switch p := V1Policy(s); p {
-	case V1Auto, V1Allow, V1Warn, V1Block:
-		return p, nil
-	}
-	return "", fmt.Errorf("unknown IMDSv1 policy %q: want auto, allow, warn or block", s)
-}
+// maxUpstreamTokenBytes bounds the upstream's token; IMDS's are 56 bytes.
+const maxUpstreamTokenBytes = 4096
 
 // Config is the proxy's whole configuration.
 type Config struct {
@@ -84,7 +45,7 @@ type Config struct {
 	// e.g. http://169.254.169.254. It must be http with no path.
 	Upstream *url.URL
 	// V1 is the policy for requests without a token.
-	V1 V1Policy
+	V1 imdsapi.V1Policy
 	// Paths decides which metadata paths may be forwarded at all.
 	Paths PathPolicy
 	// V1CallersMax bounds the /v1-callers table (0: 1024 entries). One
@@ -107,9 +68,9 @@ type Config struct {
 	// (0: 20 a second, in bursts of as many). Requests past the bound are
 	// logged and counted without the process.
 	V1AttributionsPerSecond float64
-	// Shape ("sidecar", "node") is announced in the X-Imds-Proxy header of
+	// Mode (sidecar or node) is announced in the X-Imds-Proxy header of
 	// token responses, so that `imds-proxy doctor` can tell who answered.
-	Shape string
+	Mode imdsapi.Mode
 	// UpstreamV1Fallback serves tokenless requests upstream while no upstream
 	// token can be had; when false, clients get 503 instead.
 	UpstreamV1Fallback bool
@@ -154,7 +115,7 @@ func (c *Config) Validate() error {
 	case c.Upstream.Path != "" && c.Upstream.Path != "/", c.Upstream.RawQuery != "", c.Upstream.User != nil:
 		return fmt.Errorf("upstream %q must be scheme://host[:port] only, with no path, query or credentials", c.Upstream.Redacted())
 	}
-	if _, err := ParseV1Policy(string(c.V1)); err != nil {
+	if _, err := imdsapi.ParseV1Policy(string(c.V1)); err != nil {
 		return err
 	}
 	if err := c.Cache.validate(); err != nil {
@@ -184,7 +145,7 @@ func (c *Config) Validate() error {
 // Proxy is the IMDS proxy. It is an http.Handler; call Run to keep its
 // upstream session alive.
 type Proxy struct {
-	id      string // this process's loopHeader value
+	id      string // this process's imdsapi.LoopHeader value
 	cfg     Config
 	log     *zap.Logger
 	metrics *metrics
@@ -319,11 +280,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.refuseForwardProxying(w, r)
 		return
 	}
-	if r.Header.Get(loopHeader) == p.id {
+	if r.Header.Get(imdsapi.LoopHeader) == p.id {
 		p.refuseLoop(w, r)
 		return
 	}
-	r.Header.Del(loopHeader) // a downstream proxy's id is not for the upstream
+	r.Header.Del(imdsapi.LoopHeader) // a downstream proxy's id is not for the upstream
 	r.URL.Scheme = p.cfg.Upstream.Scheme
 	r.URL.Host = p.cfg.Upstream.Host
 	r.Host = p.cfg.Upstream.Host
@@ -344,7 +305,7 @@ func (p *Proxy) refuseLoop(w http.ResponseWriter, r *http.Request) {
 func (p *Proxy) refuseForwardProxying(w http.ResponseWriter, r *http.Request) {
 	x := newExchange(r)
 	x.outcome = outcomeNotAProxy
-	w.Header().Set("Server", serverName)
+	w.Header().Set("Server", imdsapi.ServerName)
 	w.Header().Set("Content-Type", imdsErrorType)
 	w.WriteHeader(http.StatusForbidden)
 	_, _ = io.WriteString(w, imdsErrorPage(http.StatusForbidden))

@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"syscall"
 	"time"
+
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // RetryConfig bounds retries of upstream answers that say "try again":
@@ -61,7 +63,7 @@ func retryCause(resp *sharedResponse, err error) string {
 		return "" // a hang costs one timeout, not one per attempt; garbage stays garbage
 	case resp.unavailable:
 		return "" // the proxy's own answer: the session is down, retrying won't help
-	case resp.header.Get(proxyHeader) != "":
+	case resp.header.Get(imdsapi.ProxyHeader) != "":
 		return "" // a chained imds-proxy has retried already: retrying again multiplies
 	case resp.status == http.StatusTooManyRequests:
 		return "throttled"

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // TestRetryCause: what is worth another attempt. Refused, reset and cut
@@ -47,7 +49,7 @@ func TestRetryCause(t *testing.T) {
 		{"503", answer(503, http.Header{}), nil, "server_error"},
 		{"508 loop", answer(508, http.Header{}), nil, ""},
 		{"404", answer(404, http.Header{}), nil, ""},
-		{"chained proxy's 429", answer(429, http.Header{proxyHeader: {"node"}}), nil, ""},
+		{"chained proxy's 429", answer(429, http.Header{imdsapi.ProxyHeader: {"node"}}), nil, ""},
 		{"own 503", &sharedResponse{status: 503, header: http.Header{}, unavailable: true}, nil, ""},
 	}
 	for _, c := range cases {

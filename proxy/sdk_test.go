@@ -11,9 +11,9 @@ import (
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 	"github.com/imds-proxy/imds-proxy/proxy"
-	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // isolateSDK leaves the AWS SDK nothing to find but the instance role: no
@@ -43,7 +43,7 @@ func isolateSDK(t *testing.T) {
 // TestSDKThroughProxy runs the real AWS SDK for Go v2 against the proxy,
 // whose upstream is amazon-ec2-metadata-mock requiring IMDSv2.
 func TestSDKThroughProxy(t *testing.T) {
-	for _, policy := range []proxy.V1Policy{proxy.V1Allow, proxy.V1Block} {
+	for _, policy := range []imdsapi.V1Policy{imdsapi.V1Allow, imdsapi.V1Block} {
 		t.Run("v1 "+string(policy), func(t *testing.T) {
 			isolateSDK(t)
 			aemm := testutil.StartAEMM(t, "-I")
@@ -76,7 +76,7 @@ func TestSDKThroughProxy(t *testing.T) {
 			assertUpstreamSawOnlySessionToken(t, tap)
 			// Only the proxy's probe of the upstream's IMDSv1 policy may be tokenless: none under block.
 			probes := 1
-			if policy == proxy.V1Block {
+			if policy == imdsapi.V1Block {
 				probes = 0
 			}
 			if n := testutil.CountLines(aemm.Logs(), "No token provided"); n != probes {
@@ -90,7 +90,7 @@ func TestSDKThroughProxy(t *testing.T) {
 	}
 }
 
-func withPolicy(cfg proxy.Config, p proxy.V1Policy) proxy.Config {
+func withPolicy(cfg proxy.Config, p imdsapi.V1Policy) proxy.Config {
 	cfg.V1 = p
 	return cfg
 }
@@ -110,7 +110,7 @@ func assertUpstreamSawOnlySessionToken(t *testing.T, tap *testutil.Tap) {
 			}
 			continue
 		}
-		tok := r.Header.Get(token.Header)
+		tok := r.Header.Get(imdsapi.TokenHeader)
 		if r.Header.Get("X-Imds-Proxy-Probe") != "" {
 			continue // the proxy's own probe of the upstream's IMDSv1 policy
 		}

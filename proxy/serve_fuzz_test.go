@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
 )
@@ -138,9 +139,9 @@ func checkExchange(t *testing.T, ip *inProcess, raw, method string, flags uint8,
 		if err := ip.minter.Verify(string(body), caller); err != nil {
 			t.Fatalf("%q: the token answered does not verify for the caller: %v", raw, err)
 		}
-		ttl, _ := token.ParseTTL(parsed.Header.Values(token.TTLHeader))
-		if got := resp.Header.Get(token.TTLHeader); got != strconv.Itoa(int(ttl.Seconds())) {
-			t.Fatalf("%q: %s answered %q, want %d", raw, token.TTLHeader, got, int(ttl.Seconds()))
+		ttl, _ := token.ParseTTL(parsed.Header.Values(imdsapi.TokenTTLHeader))
+		if got := resp.Header.Get(imdsapi.TokenTTLHeader); got != strconv.Itoa(int(ttl.Seconds())) {
+			t.Fatalf("%q: %s answered %q, want %d", raw, imdsapi.TokenTTLHeader, got, int(ttl.Seconds()))
 		}
 	}
 }
@@ -159,21 +160,21 @@ func buildRequest(ip *inProcess, method, target, host, ttl, tok, extraName, extr
 	}
 	switch int(flags&flagTokenModes) % 6 {
 	case tokArbitrary:
-		header(token.Header, tok)
+		header(imdsapi.TokenHeader, tok)
 	case tokValid:
-		header(token.Header, mint(pipeCaller.Addr()))
+		header(imdsapi.TokenHeader, mint(pipeCaller.Addr()))
 	case tokValidTwice:
-		header(token.Header, mint(pipeCaller.Addr()))
-		header(token.Header, tok)
+		header(imdsapi.TokenHeader, mint(pipeCaller.Addr()))
+		header(imdsapi.TokenHeader, tok)
 	case tokOtherCall:
-		header(token.Header, mint(otherCaller))
+		header(imdsapi.TokenHeader, mint(otherCaller))
 	case tokValidJunk:
-		header(token.Header, mint(pipeCaller.Addr())+tok)
+		header(imdsapi.TokenHeader, mint(pipeCaller.Addr())+tok)
 	}
 	if flags&flagTTL != 0 {
-		header(token.TTLHeader, ttl)
+		header(imdsapi.TokenTTLHeader, ttl)
 		if flags&flagTTLTwice != 0 {
-			header(token.TTLHeader, ttl)
+			header(imdsapi.TokenTTLHeader, ttl)
 		}
 	}
 	if flags&flagForwarding != 0 {
@@ -211,14 +212,14 @@ func expectedOutcome(ip *inProcess, r *http.Request, caller netip.Addr) (status 
 		case len(r.Header.Values("X-Forwarded-For")) > 0:
 			return http.StatusForbidden, false
 		}
-		if _, err := token.ParseTTL(r.Header.Values(token.TTLHeader)); err != nil {
+		if _, err := token.ParseTTL(r.Header.Values(imdsapi.TokenTTLHeader)); err != nil {
 			return http.StatusBadRequest, false
 		}
 		return http.StatusOK, false
 	case r.Method != http.MethodGet && r.Method != http.MethodHead:
 		return http.StatusMethodNotAllowed, false
 	}
-	switch tokens := r.Header.Values(token.Header); len(tokens) {
+	switch tokens := r.Header.Values(imdsapi.TokenHeader); len(tokens) {
 	case 0: // IMDSv1, allowed by the fixture's policy
 		if r.Header.Get("X-Imds-Proxy-Probe") != "" {
 			return http.StatusOK, false // a chained proxy's probe: answered with the policy, empty
@@ -258,11 +259,11 @@ func checkUpstreamRequest(t *testing.T, ip *inProcess, raw string, r *http.Reque
 	if s.Host != ip.upstream.addr {
 		fail("Host %q, want its own address %q", s.Host, ip.upstream.addr)
 	}
-	got := s.Header.Values(token.Header)
+	got := s.Header.Values(imdsapi.TokenHeader)
 	if ip.sessionToken == "" && len(got) != 0 || ip.sessionToken != "" && (len(got) != 1 || got[0] != ip.sessionToken) {
 		fail("token headers %q, want only the proxy's session token %q", got, ip.sessionToken)
 	}
-	for _, name := range []string{token.TTLHeader, "X-Forwarded-For", "Forwarded", "Via", "Keep-Alive", "Proxy-Connection",
+	for _, name := range []string{imdsapi.TokenTTLHeader, "X-Forwarded-For", "Forwarded", "Via", "Keep-Alive", "Proxy-Connection",
 		"Proxy-Authorization", "Proxy-Authenticate", "Te", "Trailer", "Transfer-Encoding", "Upgrade"} {
 		if v, ok := s.Header[http.CanonicalHeaderKey(name)]; ok {
 			fail("%s: %q", name, v)
@@ -284,7 +285,7 @@ func checkUpstreamRequest(t *testing.T, ip *inProcess, raw string, r *http.Reque
 	if flags&flagConnNamesIt != 0 {
 		name := http.CanonicalHeaderKey(strings.TrimSpace(extraName))
 		switch name {
-		case "", "Host", "Connection", "X-Imds-Proxy-Id", token.Header: // the proxy sets these itself
+		case "", "Host", "Connection", "X-Imds-Proxy-Id", imdsapi.TokenHeader: // the proxy sets these itself
 		default:
 			if v, ok := s.Header[name]; ok {
 				fail("%s: %q, which the client's Connection header named", name, v)

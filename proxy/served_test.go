@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
 )
@@ -86,7 +87,7 @@ func (s *served) get(t *testing.T, path string, header http.Header) (int, time.D
 func (s *served) token(t *testing.T) string {
 	t.Helper()
 	req, _ := http.NewRequest(http.MethodPut, "http://"+s.addr+"/latest/api/token", nil)
-	req.Header.Set(token.TTLHeader, "300")
+	req.Header.Set(imdsapi.TokenTTLHeader, "300")
 	resp, err := s.client.Do(req)
 	if err != nil {
 		t.Fatal(err)

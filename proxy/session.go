@@ -11,10 +11,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
-
-	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // sessionState is what the proxy knows about its own IMDSv2 session upstream.
@@ -116,11 +115,6 @@ func (u upstreamV1) String() string {
 	return "unknown"
 }
 
-// probeHeader marks the proxy's own tokenless probe, so that a chained
-// imds-proxy answers it with its policy instead of logging it as an
-// IMDSv1 caller; IMDS ignores it.
-const probeHeader = "X-Imds-Proxy-Probe"
-
 // probePath is what the probe asks for: the metadata root, which every
 // IMDS serves and whose answer holds nothing secret. (A path IMDS does not
 // have would read nothing, but amazon-ec2-metadata-mock answers it 404
@@ -132,7 +126,7 @@ const probePath = "/latest/meta-data/"
 // client requests are forwarded. It also keeps track of whether the
 // upstream serves tokenless requests, which the auto policy follows.
 type session struct {
-	id        string // loopHeader value
+	id        string // imdsapi.LoopHeader value
 	cfg       *Config
 	transport http.RoundTripper
 	log       *zap.Logger
@@ -161,7 +155,7 @@ func newSession(cfg *Config, id string, transport http.RoundTripper, log *zap.Lo
 	m.setSessionState(statePending)
 	m.setUpstreamV1(upstreamV1Unknown)
 	return &session{id: id, cfg: cfg, transport: transport, log: log, metrics: m, decided: make(chan struct{}),
-		probes: cfg.V1 != V1Block}
+		probes: cfg.V1 != imdsapi.V1Block}
 }
 
 // run refreshes the session until ctx is cancelled: at half the token's
@@ -183,7 +177,7 @@ func (s *session) run(ctx context.Context) {
 			refreshed = time.Now()
 		}
 		wait := s.cfg.UpstreamTokenTTL / 2
-		reprobe = state == stateV2 && s.cfg.V1 == V1Auto && s.v1State() == upstreamV1Unknown
+		reprobe = state == stateV2 && s.cfg.V1 == imdsapi.V1Auto && s.v1State() == upstreamV1Unknown
 		// Under auto an unknown IMDSv1 answer is retried like a failed token
 		// request, since tokenless requests are refused until it is known.
 		if state != stateV2 || reprobe {
@@ -322,13 +316,13 @@ func (s *session) update(tok string, err error) {
 func (s *session) fetchToken() (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.UpstreamTokenTimeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, s.cfg.Upstream.JoinPath(tokenPath).String(), http.NoBody)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, s.cfg.Upstream.JoinPath(imdsapi.TokenPath).String(), http.NoBody)
 	if err != nil {
 		return "", &tokenError{cause: causeUnreachable, err: err}
 	}
-	req.Header.Set(token.TTLHeader, fmt.Sprint(int(s.cfg.UpstreamTokenTTL.Seconds())))
-	req.Header.Set("User-Agent", userAgent)
-	req.Header.Set(loopHeader, s.id)
+	req.Header.Set(imdsapi.TokenTTLHeader, fmt.Sprint(int(s.cfg.UpstreamTokenTTL.Seconds())))
+	req.Header.Set("User-Agent", imdsapi.UserAgent)
+	req.Header.Set(imdsapi.LoopHeader, s.id)
 	start := time.Now()
 	resp, err := s.transport.RoundTrip(req)
 	s.metrics.upstreamLatency.WithLabelValues("token").Observe(time.Since(start).Seconds())
@@ -392,9 +386,9 @@ func (s *session) askV1() (upstreamV1, error) {
 	if err != nil {
 		return upstreamV1Unknown, fmt.Errorf("upstream IMDSv1 probe: %w", err)
 	}
-	req.Header.Set("User-Agent", userAgent)
-	req.Header.Set(loopHeader, s.id)
-	req.Header.Set(probeHeader, "v1")
+	req.Header.Set("User-Agent", imdsapi.UserAgent)
+	req.Header.Set(imdsapi.LoopHeader, s.id)
+	req.Header.Set(imdsapi.ProbeHeader, "v1")
 	start := time.Now()
 	resp, err := s.transport.RoundTrip(req)
 	s.metrics.upstreamLatency.WithLabelValues("v1_probe").Observe(time.Since(start).Seconds())

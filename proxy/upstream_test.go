@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
@@ -47,7 +48,7 @@ func TestUpstreamTokenTimeout(t *testing.T) {
 	var slowest time.Duration
 	for i := 0; i < 100; i++ {
 		start := time.Now()
-		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {tok}})
+		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}})
 		elapsed := time.Since(start)
 		slowest = max(slowest, elapsed)
 		if r.status != 200 || r.body != "i-0123456789abcdef0" {
@@ -85,7 +86,7 @@ func TestUpstreamTokenTimeoutWithoutFallback(t *testing.T) {
 	tok := h.token()
 	for i := 0; i < 10; i++ {
 		start := time.Now()
-		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {tok}})
+		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}})
 		if r.status != http.StatusServiceUnavailable || !strings.Contains(r.body, "hop limit") {
 			t.Fatalf("status %d body %q, want 503 with an explanation", r.status, r.body)
 		}
@@ -107,14 +108,14 @@ func TestUpstream401RefreshesAndRetriesOnce(t *testing.T) {
 	tap := testutil.NewTap(t, addr)
 	h := startProxy(t, testConfig(tap.URL()), nil)
 	tok := h.token()
-	if r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {tok}}); r.status != 200 {
+	if r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}}); r.status != 200 {
 		t.Fatalf("before restart: status %d", r.status)
 	}
 	aemm.Stop()
 	testutil.StartAEMMAt(t, addr, "-I")
 
 	before := len(tap.Requests())
-	r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {tok}})
+	r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}})
 	if r.status != 200 || r.body != "i-1234567890abcdef0" {
 		t.Fatalf("after restart: status %d body %q, want 200 and the instance id", r.status, r.body)
 	}
@@ -136,7 +137,7 @@ func TestUpstreamFailuresAreShortAndOpaque(t *testing.T) {
 		h := startProxy(t, testConfig("http://"+addr), nil)
 		tok := h.token()
 		aemm.Stop()
-		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {tok}})
+		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}})
 		assertOpaqueFailure(t, r, http.StatusBadGateway, addr)
 	})
 	t.Run("slow upstream is 504", func(t *testing.T) {
@@ -156,7 +157,7 @@ func TestUpstreamFailuresAreShortAndOpaque(t *testing.T) {
 		cfg.UpstreamResponseTimeout = 300 * time.Millisecond
 		h := startProxy(t, cfg, nil)
 		tok := h.token()
-		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{token.Header: {tok}})
+		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}})
 		assertOpaqueFailure(t, r, http.StatusGatewayTimeout, slow.Listener.Addr().String())
 	})
 }

@@ -5,14 +5,9 @@ import (
 	"fmt"
 	"strconv"
 	"time"
+
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
-
-// TTLHeader is the request header in which a client asks for a token lifetime
-// in seconds, and the response header in which IMDS confirms it.
-const TTLHeader = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
-
-// Header is the request header that carries a token on metadata requests.
-const Header = "X-Aws-Ec2-Metadata-Token"
 
 // ErrBadTTL means the TTL header was missing, repeated, not a whole number of
 // seconds, or out of range. IMDS answers all of these with 400.
@@ -22,7 +17,7 @@ var ErrBadTTL = errors.New("bad token TTL")
 // of decimal digits between 1 and 21600.
 func ParseTTL(values []string) (time.Duration, error) {
 	if len(values) != 1 {
-		return 0, fmt.Errorf("%w: want exactly one %s header, got %d", ErrBadTTL, TTLHeader, len(values))
+		return 0, fmt.Errorf("%w: want exactly one %s header, got %d", ErrBadTTL, imdsapi.TokenTTLHeader, len(values))
 	}
 	v := values[0]
 	if v == "" || len(v) > 5 || !allDigits(v) {

@@ -33,8 +33,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	sigsyaml "sigs.k8s.io/yaml"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/inject"
-	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -404,7 +404,7 @@ func TestWebhookPolicy(t *testing.T) {
 	for _, on := range []inject.OnViolation{inject.Warn, inject.Deny} {
 		t.Run(string(on), func(t *testing.T) {
 			o := inject.DefaultOptions()
-			o.Policy = inject.Policy{V1Floor: proxy.V1Block, OnViolation: on, OptOutNamespaces: []string{"kube-system"}}
+			o.Policy = inject.Policy{V1Floor: imdsapi.V1Block, OnViolation: on, OptOutNamespaces: []string{"kube-system"}}
 			reg := prometheus.NewRegistry()
 			url, client, _, _ := startWebhook(t, reg, o)
 			counts := map[string]float64{}

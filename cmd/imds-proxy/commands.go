@@ -9,13 +9,14 @@ import (
 	"github.com/peterbourgon/ff/v3/ffcli"
 	"go.uber.org/zap"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/iptables"
 )
 
 const envHelp = "\n\nEvery flag can also be set as " + envPrefix + "_<FLAG> (e.g. " + envPrefix + "_UPSTREAM); flags win."
 
 func newSidecarCommand(stderr io.Writer) *ffcli.Command {
-	return newServeCommand(iptables.ModeSidecar, "127.0.0.1:8169",
+	return newServeCommand(imdsapi.ModeSidecar, "127.0.0.1:8169",
 		"serve IMDS to the workloads of this network namespace (task or pod)",
 		"Serves the IMDS API on --listen and forwards to --upstream. Inside a task's or pod's\n"+
 			"network namespace, nat OUTPUT redirects 169.254.169.254:80 (and [fd00:ec2::254]:80)\n"+
@@ -23,7 +24,7 @@ func newSidecarCommand(stderr io.Writer) *ffcli.Command {
 }
 
 func newNodeCommand(stderr io.Writer) *ffcli.Command {
-	return newServeCommand(iptables.ModeNode, ":8169",
+	return newServeCommand(imdsapi.ModeNode, ":8169",
 		"serve IMDS to the containers of this host (host network namespace)",
 		"Serves the IMDS API on --listen and forwards to --upstream. In the host network\n"+
 			"namespace, nat PREROUTING redirects IMDS traffic arriving on --interfaces to the\n"+
@@ -31,7 +32,7 @@ func newNodeCommand(stderr io.Writer) *ffcli.Command {
 			"interface, so it is never reachable from the VPC.", stderr)
 }
 
-func newServeCommand(mode iptables.Mode, defaultListen, short, long string, stderr io.Writer) *ffcli.Command {
+func newServeCommand(mode imdsapi.Mode, defaultListen, short, long string, stderr io.Writer) *ffcli.Command {
 	f, fs := newServeFlags(mode, defaultListen, stderr)
 	return &ffcli.Command{
 		Name:       string(mode),
@@ -50,7 +51,7 @@ func newServeCommand(mode iptables.Mode, defaultListen, short, long string, stde
 }
 
 // newServeFlags are the flags of the serving command of mode.
-func newServeFlags(mode iptables.Mode, defaultListen string, out io.Writer) (*serveFlags, *flag.FlagSet) {
+func newServeFlags(mode imdsapi.Mode, defaultListen string, out io.Writer) (*serveFlags, *flag.FlagSet) {
 	f := &serveFlags{ruleFlags: ruleFlags{mode: mode}}
 	fs := flag.NewFlagSet("imds-proxy "+string(mode), flag.ContinueOnError)
 	fs.SetOutput(out)
@@ -70,7 +71,7 @@ func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
 		var port int
 		fs := flag.NewFlagSet("imds-proxy rules "+name, flag.ContinueOnError)
 		fs.SetOutput(stderr)
-		fs.StringVar(&mode, "mode", string(iptables.ModeSidecar), "sidecar or node")
+		fs.StringVar(&mode, "mode", string(imdsapi.ModeSidecar), "sidecar or node")
 		fs.IntVar(&port, "port", 8169, "the proxy's listening port, the redirect target")
 		f.register(fs)
 		return &ffcli.Command{
@@ -84,7 +85,7 @@ func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
 				if len(args) > 0 {
 					return fmt.Errorf("unexpected arguments %q", args)
 				}
-				f.mode = iptables.Mode(mode)
+				f.mode = imdsapi.Mode(mode)
 				if name == "remove" && f.nodeAddress == iptables.NodeAddressAuto {
 					// Removal deletes the proxy's chains by name: it needs no
 					// node address, and must work where none can be found.
@@ -136,7 +137,7 @@ func runRules(action string, cfg iptables.Config, f *ruleFlags, stdout, stderr i
 		if err := m.Install(); err != nil {
 			return err
 		}
-		if cfg.Mode == iptables.ModeSidecar {
+		if cfg.Mode == imdsapi.ModeSidecar {
 			log.Warn("these rules exempt a socket mark or a UID, which an app container can take with NET_RAW (Linux 5.17+) "+
 				"or CAP_SETUID, default capabilities of Docker and containerd; a sidecar that installs its own rules "+
 				"exempts its cgroup instead", zap.Uint32("mark", cfg.ExemptMark), zap.Int("uid", cfg.ExemptUID))

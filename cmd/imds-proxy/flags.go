@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/iptables"
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
@@ -22,7 +23,7 @@ const defaultInterfaces = "docker0,br-+,cni+,eni+,cali+,lxc+,veth+"
 // ruleFlags describe the iptables redirect; `rules` and the serving
 // subcommands share them.
 type ruleFlags struct {
-	mode        iptables.Mode
+	mode        imdsapi.Mode
 	exemptMark  uint
 	exemptUID   int
 	interfaces  string
@@ -34,11 +35,11 @@ type ruleFlags struct {
 // register adds the flags of f.mode, or of both modes when f.mode is not
 // yet known (the rules command, whose --mode is itself a flag).
 func (f *ruleFlags) register(fs *flag.FlagSet) {
-	if f.mode != iptables.ModeSidecar {
+	if f.mode != imdsapi.ModeSidecar {
 		fs.StringVar(&f.interfaces, "interfaces", defaultInterfaces, "node mode: container-facing interfaces whose IMDS traffic is redirected (comma-separated, iptables wildcards with +); the listener is reachable only from these and lo")
 		fs.StringVar(&f.nodeAddress, "node-address", iptables.NodeAddressAuto, "node mode: IPv4 address of this node that IMDS traffic from containers is sent to (DNAT); auto: the --listen address if it names one, else the node's source address towards --upstream (on EC2 the primary ENI address)")
 	}
-	if f.mode != iptables.ModeNode {
+	if f.mode != imdsapi.ModeNode {
 		fs.UintVar(&f.exemptMark, "exempt-mark", iptables.DefaultExemptMark, "sidecar mode: socket mark on the proxy's upstream connections, exempting them from the redirect where --exempt-cgroup cannot (4457 = 0x1169; setting it needs NET_ADMIN, or only NET_RAW on Linux 5.17+, so app containers can forge it; 0 disables)")
 		fs.IntVar(&f.exemptUID, "exempt-uid", -1, "sidecar mode: exempt this UID's connections from the redirect instead, for a proxy without NET_ADMIN whose rules an init container installs; a root app container with CAP_SETUID can take the UID (-1 disables)")
 	}
@@ -50,7 +51,7 @@ func (f *ruleFlags) register(fs *flag.FlagSet) {
 // listenHost ("" for every address) and forwarding to upstreamHost.
 func (f *ruleFlags) config(port int, listenHost, upstreamHost string) (iptables.Config, error) {
 	cfg := iptables.Config{Mode: f.mode, ProxyPort: port, ExemptMark: uint32(f.exemptMark), ExemptUID: f.exemptUID}
-	if f.mode == iptables.ModeNode {
+	if f.mode == imdsapi.ModeNode {
 		cfg.ExemptUID = -1
 		for _, name := range strings.Split(f.interfaces, ",") {
 			if name = strings.TrimSpace(name); name != "" {
@@ -161,7 +162,7 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.listen, "listen", defaultListen, "address the IMDS API is served on (the redirect target)")
 	fs.StringVar(&f.metricsListen, "metrics-listen", defaultMetricsListen(f.mode), "address of /metrics, /healthz, /readyz and /v1-callers; empty disables it (a node agent's default keeps them off the VPC and the pods)")
 	fs.StringVar(&f.upstream, "upstream", "http://169.254.169.254", "IMDS, or a node agent, that requests are forwarded to (http://host[:port])")
-	fs.StringVar(&f.v1, "v1", string(proxy.V1Auto), "IMDSv1 (tokenless) requests: auto (follow the upstream: block while it requires tokens or cannot tell, else allow), allow (serve, log, count; where the upstream requires tokens this re-opens IMDSv1, and is logged at warn), warn (serve, and log that block would refuse them) or block (answer 401 as IMDS does when tokens are required); imds_proxy_v1_would_block_total counts what block refuses, under every policy")
+	fs.StringVar(&f.v1, "v1", string(imdsapi.V1Auto), "IMDSv1 (tokenless) requests: auto (follow the upstream: block while it requires tokens or cannot tell, else allow), allow (serve, log, count; where the upstream requires tokens this re-opens IMDSv1, and is logged at warn), warn (serve, and log that block would refuse them) or block (answer 401 as IMDS does when tokens are required); imds_proxy_v1_would_block_total counts what block refuses, under every policy")
 	fs.Var(&f.allowPaths, "allow-path", "only forward paths under these prefixes (comma-separated or repeated; others get 403)")
 	fs.Var(&f.denyPaths, "deny-path", "never forward paths under these prefixes, e.g. /latest/user-data,/latest/meta-data/iam/ (403; deny wins over allow)")
 	fs.StringVar(&f.tokenKeyFile, "token-key-file", "", "file holding the key that signs clients' tokens, so that they survive restarts and upgrades; created (mode 0600, random key) if absent, refused if open to group or others or owned by another user; its directory must exist (empty: a new random key per process, and a restart makes clients' tokens get 401 once)")
@@ -180,7 +181,7 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.DurationVar(&f.reconcile, "reconcile-interval", 30*time.Second, "how often to re-check the rules and restore any deleted")
 	fs.StringVar(&f.logFormat, "log-format", "json", "log format: json or console")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error (debug logs every request)")
-	if f.mode == iptables.ModeSidecar {
+	if f.mode == imdsapi.ModeSidecar {
 		fs.StringVar(&f.exemptCgroup, "exempt-cgroup", exemptCgroupAuto, "sidecar mode: auto exempts the proxy's own cgroup from the redirect instead of --exempt-mark/--exempt-uid, which app containers can forge (needs cgroup v2, and Linux 6.1+ in a cgroup namespace; falls back to the mark, with a warning, elsewhere); off always uses the mark or UID")
 	}
 	f.registerEconomy(fs)
@@ -205,7 +206,7 @@ func (f *serveFlags) registerEconomy(fs *flag.FlagSet) {
 // registerLimits adds the bounds on what clients can hold.
 func (f *serveFlags) registerLimits(fs *flag.FlagSet) {
 	l := proxy.DefaultServerLimits()
-	if f.mode == iptables.ModeNode {
+	if f.mode == imdsapi.ModeNode {
 		l = proxy.DefaultNodeServerLimits()
 	}
 	f.limits = l
@@ -221,7 +222,7 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 	if err != nil {
 		return proxy.Config{}, fmt.Errorf("--upstream: %w", err)
 	}
-	policy, err := proxy.ParseV1Policy(f.v1)
+	policy, err := imdsapi.ParseV1Policy(f.v1)
 	if err != nil {
 		return proxy.Config{}, fmt.Errorf("--v1: %w", err)
 	}
@@ -235,7 +236,7 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 		Upstream:                upstream,
 		V1:                      policy,
 		Paths:                   paths,
-		Shape:                   string(f.mode),
+		Mode:                    f.mode,
 		UpstreamV1Fallback:      f.v1Fallback,
 		UpstreamTokenTTL:        f.tokenTTL,
 		UpstreamTokenTimeout:    f.tokenTimeout,
@@ -261,8 +262,8 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 // would otherwise be open to the VPC and to every pod (/v1-callers lists
 // every pod's addresses); a sidecar's is on the pod IP for the kubelet's
 // probes.
-func defaultMetricsListen(mode iptables.Mode) string {
-	if mode == iptables.ModeNode {
+func defaultMetricsListen(mode imdsapi.Mode) string {
+	if mode == imdsapi.ModeNode {
 		return "127.0.0.1:9169"
 	}
 	return ":9169"
@@ -297,7 +298,7 @@ func (f *serveFlags) validate() error {
 	if _, err := f.proxyConfig(); err != nil {
 		return err
 	}
-	if f.mode == iptables.ModeSidecar && f.exemptCgroup != exemptCgroupAuto && f.exemptCgroup != exemptCgroupOff {
+	if f.mode == imdsapi.ModeSidecar && f.exemptCgroup != exemptCgroupAuto && f.exemptCgroup != exemptCgroupOff {
 		return fmt.Errorf("--exempt-cgroup %q: want auto or off", f.exemptCgroup)
 	}
 	if !f.rules {

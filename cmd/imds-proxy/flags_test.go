@@ -7,9 +7,8 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/peterbourgon/ff/v3"
-
-	"github.com/imds-proxy/imds-proxy/iptables"
 )
 
 // TestCacheUncachedList: --cache-uncached replaces its default list, from
@@ -37,7 +36,7 @@ func TestCacheUncachedList(t *testing.T) {
 			if c.env != "" {
 				t.Setenv("IMDS_PROXY_CACHE_UNCACHED", c.env)
 			}
-			f, fs := newServeFlags(iptables.ModeSidecar, "127.0.0.1:8169", io.Discard)
+			f, fs := newServeFlags(imdsapi.ModeSidecar, "127.0.0.1:8169", io.Discard)
 			if err := ff.Parse(fs, append([]string{"--upstream", "http://127.0.0.1:1"}, c.args...), parseOptions()...); err != nil {
 				t.Fatal(err)
 			}

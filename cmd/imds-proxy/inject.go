@@ -10,8 +10,8 @@ import (
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/inject"
-	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
 // injectFlags choose the sidecar that `inject` and `webhook` add, and the
@@ -66,8 +66,8 @@ func (f *injectFlags) register(fs *flag.FlagSet, forPods bool) {
 }
 
 func (f *injectFlags) options() (inject.Options, error) {
-	o := inject.Options{Image: f.image, Port: f.port, MetricsPort: f.metricsPort, V1: proxy.V1Policy(f.v1), Upstream: f.upstream,
-		ExemptUID: f.exemptUID, Policy: inject.Policy{V1Floor: proxy.V1Policy(f.v1Floor), OnViolation: inject.OnViolation(f.onViolation)}}
+	o := inject.Options{Image: f.image, Port: f.port, MetricsPort: f.metricsPort, V1: imdsapi.V1Policy(f.v1), Upstream: f.upstream,
+		ExemptUID: f.exemptUID, Policy: inject.Policy{V1Floor: imdsapi.V1Policy(f.v1Floor), OnViolation: inject.OnViolation(f.onViolation)}}
 	for _, ns := range strings.Split(f.optOutNamespaces, ",") {
 		if ns = strings.TrimSpace(ns); ns != "" {
 			o.Policy.OptOutNamespaces = append(o.Policy.OptOutNamespaces, ns)

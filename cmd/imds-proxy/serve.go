@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/iptables"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
@@ -204,7 +205,7 @@ func listenAPI(f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, log *zap.
 func wantsIPv6Loopback(f *serveFlags, rules *iptables.Manager) bool {
 	host, _, _ := net.SplitHostPort(f.listen)
 	ip := net.ParseIP(host)
-	if f.mode != iptables.ModeSidecar || !f.ipv6 || ip == nil || ip.To4() == nil {
+	if f.mode != imdsapi.ModeSidecar || !f.ipv6 || ip == nil || ip.To4() == nil {
 		return false
 	}
 	return rules == nil || rules.Manages(iptables.IPv6)
@@ -215,7 +216,7 @@ func wantsIPv6Loopback(f *serveFlags, rules *iptables.Manager) bool {
 func apiNetwork(f *serveFlags, rules *iptables.Manager) (string, error) {
 	host, _, _ := net.SplitHostPort(f.listen)
 	wildcard := host == "" || host == "0.0.0.0" || host == "::"
-	if f.mode != iptables.ModeNode || !wildcard {
+	if f.mode != imdsapi.ModeNode || !wildcard {
 		return "tcp", nil
 	}
 	if rules == nil {
@@ -334,7 +335,7 @@ func newLogger(format, level string, out io.Writer) (*zap.Logger, error) {
 // sidecarCgroup is the cgroup a redirecting sidecar exempts (see
 // iptables.ChooseOwnCgroup), or "" without a sidecar redirect.
 func sidecarCgroup(f *serveFlags, log *zap.Logger) string {
-	if f.mode != iptables.ModeSidecar || !f.rules {
+	if f.mode != imdsapi.ModeSidecar || !f.rules {
 		return ""
 	}
 	return iptables.ChooseOwnCgroup(f.exemptCgroup != exemptCgroupOff, log)
@@ -345,7 +346,7 @@ func sidecarCgroup(f *serveFlags, log *zap.Logger) string {
 func exemptionGauge(f *serveFlags) prometheus.Collector {
 	kind := "none"
 	switch {
-	case f.mode != iptables.ModeSidecar || !f.rules:
+	case f.mode != imdsapi.ModeSidecar || !f.rules:
 	case f.ownCgroup != "":
 		kind = "cgroup"
 	case f.exemptMark != 0:
@@ -364,7 +365,7 @@ func exemptionGauge(f *serveFlags) prometheus.Collector {
 // --exempt-uid instead, and the proxy must run as that UID. A sidecar that
 // exempts its own cgroup marks nothing.
 func exemptionControl(f *serveFlags, log *zap.Logger) (func(string, string, syscall.RawConn) error, error) {
-	if f.mode != iptables.ModeSidecar || f.ownCgroup != "" {
+	if f.mode != imdsapi.ModeSidecar || f.ownCgroup != "" {
 		return nil, nil // node mode redirects forwarded traffic only, never the node's own
 	}
 	mark := uint32(f.exemptMark)

@@ -1,0 +1,84 @@
+// Package imdsapi holds the vocabulary that the proxy, its rules, its doctor
+// and its injectors share: the Instance Metadata Service's addresses, paths
+// and headers, imds-proxy's own headers and ports, where it runs, and its
+// IMDSv1 policies. It has no behaviour and imports nothing of this module.
+package imdsapi
+
+import "fmt"
+
+// The IMDS endpoints.
+const (
+	AddrV4 = "169.254.169.254"
+	AddrV6 = "fd00:ec2::254"
+	// TokenPath is where IMDSv2 tokens are issued, to PUT requests only.
+	TokenPath = "/latest/api/token"
+	// TokenHeader carries a token on metadata requests.
+	TokenHeader = "X-Aws-Ec2-Metadata-Token"
+	// TokenTTLHeader asks for a token's lifetime, and carries it on the answer.
+	TokenTTLHeader = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
+	// ServerName is what IMDS puts in its Server header.
+	ServerName = "EC2ws"
+)
+
+// imds-proxy's own headers.
+const (
+	// ProxyHeader on an answer says that an imds-proxy made or passed it,
+	// and in which mode.
+	ProxyHeader = "X-Imds-Proxy"
+	// LoopHeader carries a per-process id on the proxy's upstream requests,
+	// so that a request redirected back to its sender is recognised.
+	LoopHeader = "X-Imds-Proxy-Id"
+	// ProbeHeader marks the proxy's tokenless probe of its upstream's
+	// IMDSv1 policy, which a chained imds-proxy answers with its own.
+	ProbeHeader = "X-Imds-Proxy-Probe"
+	// UserAgent is the User-Agent of the proxy's own upstream requests.
+	UserAgent = "imds-proxy"
+)
+
+// imds-proxy's default ports.
+const (
+	// ProxyPort serves the IMDS API, the redirect target.
+	ProxyPort = 8169
+	// AdminPort serves /metrics, /v1-callers, /healthz and /readyz.
+	AdminPort = 9169
+)
+
+// Mode is where an imds-proxy runs.
+type Mode string
+
+// Modes.
+const (
+	// ModeSidecar: inside the workload's network namespace.
+	ModeSidecar Mode = "sidecar"
+	// ModeNode: in the host's network namespace, for every container on it.
+	ModeNode Mode = "node"
+)
+
+// V1Policy decides what happens to requests that carry no IMDSv2 token.
+type V1Policy string
+
+// IMDSv1 policies.
+const (
+	// V1Auto follows the upstream: it refuses tokenless requests while the
+	// upstream does (an instance with HttpTokens=required, or a node agent
+	// that blocks them) or while that is not known yet, and allows them
+	// otherwise. The proxy is then never weaker than what it stands in for.
+	V1Auto V1Policy = "auto"
+	// V1Allow forwards tokenless GET and HEAD requests (logged and counted),
+	// even where the upstream refuses them: it re-opens IMDSv1 there.
+	V1Allow V1Policy = "allow"
+	// V1Warn forwards them too, logging that --v1 block would refuse them:
+	// the "observe" stage of an IMDSv1 shutdown.
+	V1Warn V1Policy = "warn"
+	// V1Block answers them 401, as IMDS does when tokens are required.
+	V1Block V1Policy = "block"
+)
+
+// ParseV1Policy parses the value of --v1.
+func ParseV1Policy(s string) (V1Policy, error) {
+	switch p := V1Policy(s); p {
+	case V1Auto, V1Allow, V1Warn, V1Block:
+		return p, nil
+	}
+	return "", fmt.Errorf("unknown IMDSv1 policy %q: want auto, allow, warn or block", s)
+}
