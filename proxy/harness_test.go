@@ -40,17 +40,13 @@ func testConfig(upstream string) proxy.Config {
 	if err != nil {
 		panic(err)
 	}
-	return proxy.Config{
-		Upstream:                u,
-		V1:                      imdsapi.V1Allow,
-		UpstreamV1Fallback:      true,
-		UpstreamTokenTTL:        token.MaxTTL,
-		UpstreamTokenTimeout:    2 * time.Second,
-		UpstreamRetryMin:        time.Hour,
-		UpstreamRetryMax:        time.Hour,
-		UpstreamDialTimeout:     time.Second,
-		UpstreamResponseTimeout: 5 * time.Second,
-	}
+	cfg := proxy.DefaultConfig()
+	cfg.Upstream, cfg.V1 = u, imdsapi.V1Allow
+	cfg.UpstreamTokenTimeout = 2 * time.Second
+	cfg.UpstreamRetryMin, cfg.UpstreamRetryMax = time.Hour, time.Hour
+	// Each test turns on the economy and limits it is about.
+	cfg.Cache, cfg.Retry, cfg.Limits = proxy.CacheConfig{}, proxy.RetryConfig{}, proxy.ServerLimits{}
+	return cfg
 }
 
 // startProxy starts a proxy with cfg and minter (nil: a random one) and waits

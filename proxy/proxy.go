@@ -103,6 +103,24 @@ type Config struct {
 	UpstreamDialControl func(network, address string, c syscall.RawConn) error
 }
 
+// DefaultConfig is the configuration of the serving commands, whose flags
+// start from it; only Upstream is left for the caller to set.
+func DefaultConfig() Config {
+	return Config{
+		V1:                      imdsapi.V1Auto,
+		UpstreamV1Fallback:      true,
+		UpstreamTokenTTL:        token.MaxTTL,
+		UpstreamTokenTimeout:    time.Second,
+		UpstreamRetryMin:        time.Second,
+		UpstreamRetryMax:        time.Minute,
+		UpstreamDialTimeout:     time.Second,
+		UpstreamResponseTimeout: 5 * time.Second,
+		Cache:                   DefaultCacheConfig(),
+		Retry:                   DefaultRetryConfig(),
+		Limits:                  DefaultServerLimits(),
+	}
+}
+
 // Validate checks the configuration and says what to fix.
 func (c *Config) Validate() error {
 	switch {
