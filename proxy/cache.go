@@ -64,7 +64,7 @@ type cache struct {
 
 type cacheEntry struct {
 	key        string
-	response   *sharedResponse
+	response   *upstreamAnswer
 	freshUntil time.Time // served as a hit until then
 	staleUntil time.Time // served instead of an upstream error until then
 }
@@ -93,16 +93,16 @@ func (c *cache) cacheable(path string) bool {
 }
 
 // fresh returns the answer for key if it is still fresh.
-func (c *cache) fresh(key string) *sharedResponse {
+func (c *cache) fresh(key string) *upstreamAnswer {
 	return c.lookup(key, func(e *cacheEntry, now time.Time) bool { return now.Before(e.freshUntil) })
 }
 
 // stale returns the answer for key if it may stand in for an error.
-func (c *cache) stale(key string) *sharedResponse {
+func (c *cache) stale(key string) *upstreamAnswer {
 	return c.lookup(key, func(e *cacheEntry, now time.Time) bool { return now.Before(e.staleUntil) })
 }
 
-func (c *cache) lookup(key string, usable func(*cacheEntry, time.Time) bool) *sharedResponse {
+func (c *cache) lookup(key string, usable func(*cacheEntry, time.Time) bool) *upstreamAnswer {
 	if c == nil {
 		return nil
 	}
@@ -127,8 +127,8 @@ func (c *cache) lookup(key string, usable func(*cacheEntry, time.Time) bool) *sh
 
 // store keeps a 200 answer for path under key, unless the answer is not
 // worth keeping: an error, too large, or credentials close to expiry.
-func (c *cache) store(key, path string, r *sharedResponse) {
-	if r.status != 200 || r.unavailable || !c.cacheable(path) || len(r.body) > c.cfg.MaxBytes/4 {
+func (c *cache) store(key, path string, r *upstreamAnswer) {
+	if r.status != 200 || !c.cacheable(path) || len(r.body) > c.cfg.MaxBytes/4 {
 		return
 	}
 	now := c.now()

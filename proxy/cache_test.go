@@ -24,8 +24,8 @@ func testCache(cfg CacheConfig) (*cache, *clock, *sizes) {
 	return c, clk, sz
 }
 
-func answer(status int, body string) *sharedResponse {
-	return &sharedResponse{status: status, header: http.Header{}, body: []byte(body)}
+func answer(status int, body string) *upstreamAnswer {
+	return &upstreamAnswer{status: status, header: http.Header{}, body: []byte(body)}
 }
 
 // TestCacheFreshThenStaleThenGone: an answer is fresh for TTL, may stand in
@@ -53,23 +53,21 @@ func TestCacheFreshThenStaleThenGone(t *testing.T) {
 }
 
 // TestCacheKeepsOnlyWhatItShould: errors, 401s, time-sensitive paths (spot,
-// events, rebalance, Auto Scaling lifecycle), proxy-made 503s and
-// credentials near or past expiry are never stored.
+// events, rebalance, Auto Scaling lifecycle) and credentials near or past
+// expiry are never stored. (The proxy's own answers never reach the cache:
+// they are ownAnswer errors, not upstream answers.)
 func TestCacheKeepsOnlyWhatItShould(t *testing.T) {
 	c, clk, _ := testCache(DefaultCacheConfig())
 	creds := func(expiry time.Time) string {
 		return fmt.Sprintf(`{"Code":"Success","AccessKeyId":"ASIA","SecretAccessKey":"s","Token":"t","Expiration":%q}`, expiry.Format(time.RFC3339))
 	}
-	unavailable := answer(503, "down")
-	unavailable.unavailable = true
 	never := map[string]struct {
 		path string
-		r    *sharedResponse
+		r    *upstreamAnswer
 	}{
 		"404":                   {"/latest/meta-data/nope", answer(404, "")},
 		"401":                   {"/latest/meta-data/instance-id", answer(401, "")},
 		"500":                   {"/latest/meta-data/instance-id", answer(500, "")},
-		"proxy 503":             {"/latest/meta-data/instance-id", unavailable},
 		"spot":                  {"/latest/meta-data/spot/instance-action", answer(200, "{}")},
 		"events":                {"/latest/meta-data/events/maintenance/scheduled", answer(200, "[]")},
 		"rebalance":             {"/latest/meta-data/events/recommendations/rebalance", answer(200, "{}")},

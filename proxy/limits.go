@@ -3,7 +3,6 @@ package proxy
 import (
 	"container/list"
 	"context"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -11,7 +10,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"go.uber.org/zap"
 )
 
@@ -90,47 +88,6 @@ func (p *Proxy) Server() (srv *http.Server, limit func(net.Listener) net.Listene
 		return &limitListener{Listener: ln, conns: conns, refusing: refusing, m: p.metrics}
 	}
 	return srv, limit
-}
-
-// enforceRequestLimits answers requests on connections past the connection
-// limits (503) and requests beyond the header and body limits, and reports
-// whether it did. On the way it marks the connection as having carried a
-// request, and reads any body there is.
-func (p *Proxy) enforceRequestLimits(w http.ResponseWriter, r *http.Request) bool {
-	if markServed(r) {
-		w.Header().Set("Connection", "close")
-		w.Header().Set("Retry-After", "1")
-		p.refuse(w, r, http.StatusServiceUnavailable, outcomeTooManyConnections)
-		return true
-	}
-	if p.cfg.Limits.MaxHeaderBytes > 0 && headerBytes(r) > p.cfg.Limits.MaxHeaderBytes {
-		p.refuse(w, r, http.StatusRequestHeaderFieldsTooLarge, outcomeHeaderTooLarge)
-		return true
-	}
-	if r.ContentLength == 0 {
-		return false
-	}
-	// IMDS requests carry no body; read any there is (up to the limit) now,
-	// inside the handler, so that net/http never finds it half read after.
-	limit := p.cfg.Limits.MaxBodyBytes
-	if limit <= 0 {
-		limit = DefaultServerLimits().MaxBodyBytes
-	}
-	n, _ := io.CopyN(io.Discard, r.Body, limit+1)
-	if n <= limit && r.ContentLength <= limit {
-		return false
-	}
-	w.Header().Set("Connection", "close") // the rest of the body is not read
-	p.refuse(w, r, http.StatusRequestEntityTooLarge, outcomeBodyTooLarge)
-	return true
-}
-
-func (p *Proxy) refuse(w http.ResponseWriter, r *http.Request, status int, outcome string) {
-	x := newExchange(r)
-	x.outcome = outcome
-	w.Header().Set(imdsapi.ProxyHeader, p.modeName()) // as on every answer: a chained proxy does not retry it
-	http.Error(w, http.StatusText(status), status)
-	p.record(x, r, status)
 }
 
 // headerBytes is the size of the request line and headers as sent.
@@ -448,12 +405,16 @@ func (w *connWatch) observe(c net.Conn, state http.ConnState) {
 	}
 }
 
-// markServed records that a request reached the proxy on its connection,
-// and says whether that connection is over the connection limits.
-func markServed(r *http.Request) (overLimit bool) {
+// markServed records that a request reached the proxy on its connection.
+func markServed(r *http.Request) {
 	if rec, ok := r.Context().Value(connRecordKey{}).(*connRecord); ok {
 		rec.served.Store(true)
-		return rec.overLimit
 	}
-	return false
+}
+
+// overConnectionLimit says whether r came on a connection past the
+// connection limits, which is answered 503 and closed.
+func overConnectionLimit(r *http.Request) bool {
+	rec, ok := r.Context().Value(connRecordKey{}).(*connRecord)
+	return ok && rec.overLimit
 }

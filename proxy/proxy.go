@@ -18,7 +18,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"net"
 	"net/http"
@@ -270,64 +269,6 @@ func newUpstreamTransport(cfg *Config) *http.Transport {
 		DisableCompression:     true,
 		MaxResponseHeaderBytes: 64 << 10,
 	}
-}
-
-// newEngine configures goproxy: request handlers decide, the forwarder
-// reaches the upstream, and the response handler maps errors and records.
-func (p *Proxy) newEngine() *goproxy.ProxyHttpServer {
-	engine := goproxy.NewProxyHttpServer()
-	engine.Logger = zapPrintf{p.log}
-	engine.Tr = nil // never used: every request gets the forwarder as its RoundTripper
-	engine.ConnectDial = nil
-	engine.KeepAcceptEncoding = true
-	engine.NonproxyHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		http.Error(w, "imds-proxy: internal routing error", http.StatusInternalServerError)
-	})
-	engine.OnRequest().DoFunc(p.handleRequest)
-	engine.OnResponse().DoFunc(p.handleResponse)
-	return engine
-}
-
-// ServeHTTP refuses anything but a relative-URI request, points that request
-// at the upstream, and hands it to goproxy.
-func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if p.enforceRequestLimits(w, r) {
-		return
-	}
-	if r.Method == http.MethodConnect || r.URL.IsAbs() || r.URL.Host != "" {
-		p.refuseForwardProxying(w, r)
-		return
-	}
-	if r.Header.Get(imdsapi.LoopHeader) == p.id {
-		p.refuseLoop(w, r)
-		return
-	}
-	r.Header.Del(imdsapi.LoopHeader) // a downstream proxy's id is not for the upstream
-	r.URL.Scheme = p.cfg.Upstream.Scheme
-	r.URL.Host = p.cfg.Upstream.Host
-	r.Host = p.cfg.Upstream.Host
-	p.engine.ServeHTTP(w, r)
-}
-
-func (p *Proxy) refuseLoop(w http.ResponseWriter, r *http.Request) {
-	x := newExchange(r)
-	x.outcome = outcomeLoop
-	p.log.Error("the proxy's own upstream request came back to it: the redirect exemption does not "+
-		"match its traffic; check which exemption the rules use (imds-proxy doctor in the pod): the proxy's own "+
-		"cgroup (--exempt-cgroup), --exempt-mark (needs NET_ADMIN or NET_RAW), or --exempt-uid against the UID it runs as",
-		zap.String("path", truncate(r.URL.Path)))
-	http.Error(w, http.StatusText(http.StatusLoopDetected), http.StatusLoopDetected)
-	p.record(x, r, http.StatusLoopDetected)
-}
-
-func (p *Proxy) refuseForwardProxying(w http.ResponseWriter, r *http.Request) {
-	x := newExchange(r)
-	x.outcome = outcomeNotAProxy
-	w.Header().Set("Server", imdsapi.ServerName)
-	w.Header().Set("Content-Type", imdsErrorType)
-	w.WriteHeader(http.StatusForbidden)
-	_, _ = io.WriteString(w, imdsErrorPage(http.StatusForbidden))
-	p.record(x, r, http.StatusForbidden)
 }
 
 // zapPrintf routes goproxy's own log lines to zap: its warnings at warn, the

@@ -28,12 +28,12 @@ func TestRetryCause(t *testing.T) {
 	_, refused := net.DialTimeout("tcp", addr, time.Second) // a real "connection refused"
 	reset := &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", syscall.ECONNRESET)}
 	timeout := &net.OpError{Op: "dial", Net: "tcp", Err: os.ErrDeadlineExceeded}
-	answer := func(status int, h http.Header) *sharedResponse {
-		return &sharedResponse{status: status, header: h}
+	answer := func(status int, h http.Header) *upstreamAnswer {
+		return &upstreamAnswer{status: status, header: h}
 	}
 	cases := []struct {
 		name string
-		resp *sharedResponse
+		resp *upstreamAnswer
 		err  error
 		want string
 	}{
@@ -50,7 +50,8 @@ func TestRetryCause(t *testing.T) {
 		{"508 loop", answer(508, http.Header{}), nil, ""},
 		{"404", answer(404, http.Header{}), nil, ""},
 		{"chained proxy's 429", answer(429, http.Header{imdsapi.ProxyHeader: {"node"}}), nil, ""},
-		{"own 503", &sharedResponse{status: 503, header: http.Header{}, unavailable: true}, nil, ""},
+		{"own 503", nil, noSession(), ""},
+		{"own 503, wrapped", nil, fmt.Errorf("x: %w", noSession()), ""},
 	}
 	for _, c := range cases {
 		if got := retryCause(c.resp, c.err); got != c.want {

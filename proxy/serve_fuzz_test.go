@@ -46,10 +46,11 @@ var otherCaller = netip.MustParseAddr("10.9.9.9")
 // which other headers are sent) through a real net/http server to two
 // proxies in front of fake IMDSs, one with an IMDSv2 session and one in
 // IMDSv1 fallback, and checks:
-//   - the proxy never panics, and the status is exactly the one the README's
-//     rules give for the request as net/http parsed it (or net/http's own 400);
-//   - a request is forwarded exactly when those rules say so, once, with the
-//     upstream's answer passed back;
+//   - the proxy never panics, and the status is exactly the one its decision
+//     gives for the request as net/http parsed it (or net/http's own 400);
+//   - a request is forwarded exactly when the decision says so, once, with
+//     the upstream's answer passed back, and an answer of the proxy's own
+//     reaches nothing upstream;
 //   - the upstream sees only GET or HEAD, no body, its own address as Host,
 //     the proxy's session token and no other (none in fallback), no TTL
 //     header, no X-Forwarded-For, Forwarded, Via or hop-by-hop header,
@@ -199,48 +200,15 @@ func buildRequest(ip *inProcess, method, target, host, ttl, tok, extraName, extr
 	return b.String()
 }
 
-// expectedOutcome applies the README's rules ("How it behaves") to r as the
-// handler receives it: the status, and whether the upstream is asked.
+// expectedOutcome is what the proxy's decision (decide, whose rules
+// TestDecide tabulates) says of r as the handler receives it: the status,
+// and whether the upstream is asked. The fake IMDS answers 200 to whatever
+// is forwarded.
 func expectedOutcome(ip *inProcess, r *http.Request, caller netip.Addr) (status int, forward bool) {
-	switch {
-	case r.Method == http.MethodConnect || r.URL.IsAbs() || r.URL.Host != "":
-		return http.StatusForbidden, false // not a forward proxy
-	case r.URL.Path == "/latest/api/token":
-		switch {
-		case r.Method != http.MethodPut:
-			return http.StatusMethodNotAllowed, false
-		case len(r.Header.Values("X-Forwarded-For")) > 0:
-			return http.StatusForbidden, false
-		}
-		if _, err := token.ParseTTL(r.Header.Values(imdsapi.TokenTTLHeader)); err != nil {
-			return http.StatusBadRequest, false
-		}
-		return http.StatusOK, false
-	case r.Method != http.MethodGet && r.Method != http.MethodHead:
-		return http.StatusMethodNotAllowed, false
+	if status, forward = ip.p.Decide(r, caller); forward {
+		return http.StatusOK, true
 	}
-	switch tokens := r.Header.Values(imdsapi.TokenHeader); len(tokens) {
-	case 0: // IMDSv1, allowed by the fixture's policy
-		if r.Header.Get("X-Imds-Proxy-Probe") != "" {
-			return http.StatusOK, false // a chained proxy's probe: answered with the policy, empty
-		}
-	case 1:
-		if ip.minter.Verify(tokens[0], caller) != nil {
-			return http.StatusUnauthorized, false
-		}
-	default:
-		return http.StatusBadRequest, false
-	}
-	clean, err := proxy.NormalisePath(r.URL.EscapedPath())
-	if err != nil {
-		return http.StatusBadRequest, false
-	}
-	for _, prefix := range fuzzDeny {
-		if segmentsUnder(prefix, clean) {
-			return http.StatusForbidden, false
-		}
-	}
-	return http.StatusOK, true
+	return status, false
 }
 
 var proxyIDSyntax = regexp.MustCompile(`^[0-9a-f]{16}$`)
