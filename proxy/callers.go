@@ -11,6 +11,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/imds-proxy/imds-proxy/internal/attribution"
 	"go.uber.org/zap"
 	"golang.org/x/time/rate"
 )
@@ -26,7 +27,7 @@ type V1Caller struct {
 	Caller    string `json:"caller"`
 	UserAgent string `json:"user_agent"`
 	SDK       string `json:"sdk"`
-	Process
+	attribution.Process
 	Count        uint64    `json:"count"`
 	FirstSeen    time.Time `json:"first_seen"`
 	LastSeen     time.Time `json:"last_seen"`
@@ -99,10 +100,10 @@ func newV1Callers(size int, evicted func(reason string)) *v1Callers {
 // recordUnattributed counts a request whose process was not looked up
 // against the row its caller and User-Agent last had, if any, and returns
 // that row's process.
-func (c *v1Callers) recordUnattributed(caller, userAgent, path string, now time.Time) Process {
+func (c *v1Callers) recordUnattributed(caller, userAgent, path string, now time.Time) attribution.Process {
 	c.mu.Lock()
 	key, ok := c.latest[[2]string{caller, truncate(userAgent)}]
-	var proc Process
+	var proc attribution.Process
 	if el, found := c.entries[key]; ok && found {
 		proc = el.Value.(*callerRow).Process
 	}
@@ -111,7 +112,7 @@ func (c *v1Callers) recordUnattributed(caller, userAgent, path string, now time.
 	return proc
 }
 
-func (c *v1Callers) record(caller, userAgent, path string, proc Process, now time.Time) {
+func (c *v1Callers) record(caller, userAgent, path string, proc attribution.Process, now time.Time) {
 	key := callerKey{caller, truncate(userAgent), proc.Executable, uidOf(proc), proc.Cgroup}
 	path = truncate(path)
 	c.mu.Lock()
@@ -254,7 +255,7 @@ func truncateN(s string, n int) string {
 }
 
 // uidOf is the socket UID attribution found, or -1.
-func uidOf(p Process) int {
+func uidOf(p attribution.Process) int {
 	if p.UID == nil {
 		return -1
 	}

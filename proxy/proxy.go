@@ -32,6 +32,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
+	"github.com/imds-proxy/imds-proxy/internal/attribution"
 	"github.com/imds-proxy/imds-proxy/token"
 )
 
@@ -173,7 +174,7 @@ type Proxy struct {
 	callers *v1Callers
 	// logs bounds the log lines one caller's requests can cause.
 	logs       *logLimiter
-	attributor attributor
+	attributor attribution.Attributor
 	// attributions bounds the attributor's rate.
 	attributions *rate.Limiter
 	// upstreamIdle closes idle upstream connections when Run ends.
@@ -215,7 +216,6 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 		logInterval = time.Minute
 	}
 	p.logs = newLogLimiter(logInterval)
-	p.attributor = attributor{proc: "/proc"}
 	perSecond := cfg.V1AttributionsPerSecond
 	if perSecond <= 0 {
 		perSecond = 20

@@ -8,6 +8,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
+	"github.com/imds-proxy/imds-proxy/internal/attribution"
 )
 
 // noteV1 keeps the books on a tokenless request, whatever the policy did
@@ -28,23 +29,27 @@ func (p *Proxy) noteV1(r *http.Request, x *exchange, policy imdsapi.V1Policy) {
 
 // attribute finds the process behind an IMDSv1 request where the mode lets
 // the proxy see it. attributed is false when the lookup was skipped, over
-// its rate bound.
-func (p *Proxy) attribute(r *http.Request) (proc Process, attributed bool) {
+// its rate bound. A process chooses its command, its executable's path and
+// its cgroup's name: they are cut like every client string that reaches
+// logs and the callers table.
+func (p *Proxy) attribute(r *http.Request) (proc attribution.Process, attributed bool) {
 	client, err := netip.ParseAddrPort(r.RemoteAddr)
 	if err != nil {
-		return Process{}, true
+		return attribution.Process{}, true
 	}
 	if !p.attributions.Allow() {
 		p.metrics.attributionsSkipped.Inc()
-		return Process{}, false
+		return attribution.Process{}, false
 	}
-	return p.attributor.lookup(client), true
+	proc = p.attributor.Lookup(client)
+	proc.Command, proc.Executable, proc.Cgroup = truncate(proc.Command), truncate(proc.Executable), truncate(proc.Cgroup)
+	return proc, true
 }
 
 // logV1 logs a tokenless request within the per-caller log limit: every
 // field a client chose is truncated, and a flood from one caller costs a
 // few lines and a summary, not a line per request.
-func (p *Proxy) logV1(r *http.Request, x *exchange, proc Process, policy imdsapi.V1Policy) {
+func (p *Proxy) logV1(r *http.Request, x *exchange, proc attribution.Process, policy imdsapi.V1Policy) {
 	key := logKey{kind: logKindV1, caller: x.caller.String(), uid: uidOf(proc)}
 	if !p.logs.allow(key, r.URL.Path, r.UserAgent()) {
 		return

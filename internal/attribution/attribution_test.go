@@ -1,4 +1,4 @@
-package proxy
+package attribution
 
 import (
 	"net"
@@ -15,7 +15,7 @@ func TestProcNetAddr(t *testing.T) {
 }
 
 // BenchmarkAttribution measures what an IMDSv1 request pays to be attributed
-// (IMDSv2 requests pay nothing): go test -bench Attribution ./proxy
+// (IMDSv2 requests pay nothing): go test -bench Attribution ./internal/attribution
 func BenchmarkAttribution(b *testing.B) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -28,12 +28,12 @@ func BenchmarkAttribution(b *testing.B) {
 	}
 	defer c.Close()
 	client := netip.MustParseAddrPort(c.LocalAddr().String())
-	a := attributor{proc: "/proc"}
-	if p := a.lookup(client); p.PID != os.Getpid() {
+	a := Attributor{}
+	if p := a.Lookup(client); p.PID != os.Getpid() {
 		b.Fatalf("lookup found %+v, want this process", p)
 	}
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		a.lookup(client)
+		a.Lookup(client)
 	}
 }

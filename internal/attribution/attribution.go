@@ -1,4 +1,8 @@
-package proxy
+// Package attribution tells which process is behind a TCP connection, from
+// a proc filesystem: the socket's owner UID, and where the proxy can see
+// the caller's PID namespace, the process, its executable and its cgroup.
+// It reads only; callers bound what it returns before logging it.
+package attribution
 
 import (
 	"bufio"
@@ -11,8 +15,8 @@ import (
 	"strings"
 )
 
-// Process is what the proxy can tell about the process behind a connection:
-// the socket's UID when the caller shares the proxy's network namespace
+// Process is what can be told about the process behind a connection: the
+// socket's UID when the caller shares the reader's network namespace
 // (sidecar), and the process itself when its PID namespace is visible too.
 type Process struct {
 	UID        *int   `json:"uid,omitempty"`
@@ -22,13 +26,17 @@ type Process struct {
 	Cgroup     string `json:"cgroup,omitempty"`
 }
 
-// attributor looks callers up in a proc filesystem. It runs only for IMDSv1
-// requests, so the IMDSv2 path never pays for it.
-type attributor struct{ proc string }
+// Attributor looks callers up in a proc filesystem.
+type Attributor struct {
+	// Proc is where the proc filesystem is mounted. If empty, /proc.
+	Proc string
+}
 
-// lookup finds the TCP socket whose local address is client (the caller's
-// end of the connection) and the process holding it.
-func (a attributor) lookup(client netip.AddrPort) Process {
+// Lookup finds the TCP socket whose local address is client (the caller's
+// end of the connection) and the process holding it. It scans the socket
+// tables and the processes' descriptors: about a millisecond or more, so
+// callers bound how often they ask.
+func (a Attributor) Lookup(client netip.AddrPort) Process {
 	uid, inode, ok := a.socket(client)
 	if !ok {
 		return Process{}
@@ -37,28 +45,32 @@ func (a attributor) lookup(client netip.AddrPort) Process {
 	if pid, ok := a.holder(inode); ok {
 		p.PID = pid
 		p.Command = a.read(pid, "comm")
-		// A process chooses its executable's path and its cgroup's name: cut
-		// like every client string that reaches logs and the callers table.
-		exe, _ := os.Readlink(filepath.Join(a.proc, strconv.Itoa(pid), "exe"))
-		p.Executable = truncate(exe)
-		p.Cgroup = truncate(a.read(pid, "cgroup"))
+		p.Executable, _ = os.Readlink(filepath.Join(a.root(), strconv.Itoa(pid), "exe"))
+		p.Cgroup = a.read(pid, "cgroup")
 	}
 	return p
 }
 
-func (a attributor) read(pid int, name string) string {
-	b, err := os.ReadFile(filepath.Join(a.proc, strconv.Itoa(pid), name))
+func (a Attributor) root() string {
+	if a.Proc == "" {
+		return "/proc"
+	}
+	return a.Proc
+}
+
+func (a Attributor) read(pid int, name string) string {
+	b, err := os.ReadFile(filepath.Join(a.root(), strconv.Itoa(pid), name))
 	if err != nil {
 		return ""
 	}
-	return truncate(strings.TrimSpace(string(b)))
+	return strings.TrimSpace(string(b))
 }
 
 // socket scans /proc/net/tcp and tcp6 for the socket bound to client.
-func (a attributor) socket(client netip.AddrPort) (uid int, inode uint64, ok bool) {
+func (a Attributor) socket(client netip.AddrPort) (uid int, inode uint64, ok bool) {
 	want := procNetAddr(client)
 	for _, table := range []string{"net/tcp", "net/tcp6"} {
-		f, err := os.Open(filepath.Join(a.proc, table))
+		f, err := os.Open(filepath.Join(a.root(), table))
 		if err != nil {
 			continue
 		}
@@ -107,10 +119,10 @@ func words(b [16]byte) string {
 
 // holder finds the process with a descriptor on the socket inode. It reads
 // at most maxScannedFDs descriptors, so a crowded namespace bounds its cost.
-func (a attributor) holder(inode uint64) (int, bool) {
+func (a Attributor) holder(inode uint64) (int, bool) {
 	const maxScannedFDs = 20000
 	target := "socket:[" + strconv.FormatUint(inode, 10) + "]"
-	pids, err := os.ReadDir(a.proc)
+	pids, err := os.ReadDir(a.root())
 	if err != nil {
 		return 0, false
 	}
@@ -120,7 +132,7 @@ func (a attributor) holder(inode uint64) (int, bool) {
 		if err != nil {
 			continue
 		}
-		fdDir := filepath.Join(a.proc, d.Name(), "fd")
+		fdDir := filepath.Join(a.root(), d.Name(), "fd")
 		fds, err := os.ReadDir(fdDir)
 		if err != nil {
 			continue
