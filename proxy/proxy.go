@@ -36,78 +36,95 @@ import (
 	"github.com/imds-proxy/imds-proxy/token"
 )
 
-// maxUpstreamTokenBytes bounds the upstream's token; IMDS's are 56 bytes.
+// maxUpstreamTokenBytes bounds the upstream's token, with room to spare.
 const maxUpstreamTokenBytes = 4096
 
-// Config is the proxy's whole configuration.
+// Config is the proxy's whole configuration. DefaultConfig is the serving
+// commands' one; the zero values of the fields documented "If zero" are
+// valid too.
 type Config struct {
-	// Upstream is the IMDS (or node agent) that every forwarded request goes to,
-	// e.g. http://169.254.169.254. It must be http with no path.
+	// Upstream is the IMDS (or node agent) that every forwarded request goes
+	// to, e.g. http://169.254.169.254: http, with no path. Required.
 	Upstream *url.URL
-	// V1 is the policy for requests without a token.
+	// V1 is the policy for requests without a token. Required.
 	V1 imdsapi.V1Policy
-	// Paths decides which metadata paths may be forwarded at all.
+	// Paths decides which metadata paths may be forwarded. If zero, all.
 	Paths PathPolicy
-	// V1CallersMax bounds the /v1-callers table (0: 1024 entries). One
-	// caller (see v1Callers) holds at most a sixteenth of it.
+	// Mode is announced in the X-Imds-Proxy header of every answer, so that
+	// `imds-proxy doctor` can tell who answered. If empty, "imds-proxy".
+	Mode imdsapi.Mode
+
+	// V1CallersMax bounds the /v1-callers table; one caller (see v1Callers)
+	// holds at most a sixteenth of it. If zero, 1024 entries.
 	V1CallersMax int
 	// V1LogInterval is the window of the per-caller log limit: each caller's
 	// first few tokenless (or path-denied) requests in a window are logged
-	// one by one, and the rest in one summary line when it ends (0: 1 minute).
+	// one by one, and the rest in one summary line when it ends. If zero,
+	// one minute.
 	V1LogInterval time.Duration
 	// V1ProbeInterval is how often, between session refreshes, the proxy
-	// asks the upstream whether it serves tokenless requests. If zero, it
-	// asks only at start and at each session refresh (every half token
-	// lifetime): each probe is a tokenless request, which an instance that
-	// still allows IMDSv1 may count in its MetadataNoToken metric.
-	// Only auto, allow and warn ask; block has no use for the answer.
+	// asks the upstream whether it serves tokenless requests. Each probe is
+	// a tokenless request, which an instance that still allows IMDSv1 may
+	// count in its MetadataNoToken metric. Only auto, allow and warn ask.
+	// If zero, only at start and at each session refresh.
 	V1ProbeInterval time.Duration
 	// V1AttributionsPerSecond bounds how often a tokenless request is
-	// attributed to a process (a /proc scan, about a millisecond or more),
-	// so that a flood of IMDSv1 requests cannot spend the proxy's CPU on it
-	// (0: 20 a second, in bursts of as many). Requests past the bound are
-	// logged and counted without the process.
+	// attributed to a process (a scan of /proc), so that a flood of IMDSv1
+	// requests cannot spend the proxy's CPU on it. Requests past the bound
+	// are logged and counted without the process. If zero, 20 a second, in
+	// bursts of as many.
 	V1AttributionsPerSecond float64
-	// Mode (sidecar or node) is announced in the X-Imds-Proxy header of
-	// token responses, so that `imds-proxy doctor` can tell who answered.
-	Mode imdsapi.Mode
+
 	// UpstreamV1Fallback serves tokenless requests upstream while no upstream
 	// token can be had; when false, clients get 503 instead.
 	UpstreamV1Fallback bool
-	// UpstreamTokenTTL is the lifetime requested for the upstream token; it is
-	// refreshed at half of it.
+	// UpstreamTokenTTL is the lifetime requested for the upstream token,
+	// which is refreshed at half of it. Required, within token.MinTTL..MaxTTL.
 	UpstreamTokenTTL time.Duration
-	// UpstreamTokenTimeout bounds one upstream token request.
+	// UpstreamTokenTimeout bounds one upstream token request. Required.
 	UpstreamTokenTimeout time.Duration
 	// UpstreamRetryMin and UpstreamRetryMax bound the backoff between token
-	// attempts while the upstream session is not IMDSv2.
+	// attempts while the upstream session is not IMDSv2. Required.
 	UpstreamRetryMin, UpstreamRetryMax time.Duration
-	// UpstreamDialTimeout bounds connecting to the upstream.
+	// UpstreamDialTimeout bounds connecting to the upstream. Required.
 	UpstreamDialTimeout time.Duration
 	// UpstreamResponseTimeout bounds the wait for upstream response headers.
+	// Required.
 	UpstreamResponseTimeout time.Duration
-	// Cache keeps upstream answers for a short while (zero: no cache).
-	Cache CacheConfig
-	// Retry bounds retries of throttled and failed upstream requests
-	// (zero: one attempt, no retries).
-	Retry RetryConfig
-	// Limits bound clients' connections and requests (zero values: no limit
-	// of the proxy's own beyond net/http's, except that request bodies, which
-	// IMDS requests never have, are refused past 4 KiB).
-	Limits ServerLimits
-	// DisableCoalescing sends every client request upstream on its own,
-	// even when an identical one is in flight (benchmarks use it).
-	DisableCoalescing bool
 	// UpstreamDialControl, if set, is applied to every upstream socket before
 	// it connects (the iptables exemption marks sockets with it).
 	UpstreamDialControl func(network, address string, c syscall.RawConn) error
+
+	// Cache keeps upstream answers for a short while. If zero, nothing is
+	// cached.
+	Cache CacheConfig
+	// Retry bounds retries of throttled and failed upstream requests. If
+	// zero, one attempt and no retries.
+	Retry RetryConfig
+	// DisableCoalescing sends every client request upstream on its own,
+	// even when an identical one is in flight (benchmarks use it).
+	DisableCoalescing bool
+	// Limits bound clients' connections and requests. If zero, no limit of
+	// the proxy's own beyond net/http's, except that request bodies, which
+	// IMDS requests never have, are refused past 4 KiB.
+	Limits ServerLimits
 }
+
+// The defaults of the fields documented "If zero".
+const (
+	defaultV1CallersMax            = 1024
+	defaultV1LogInterval           = time.Minute
+	defaultV1AttributionsPerSecond = 20
+)
 
 // DefaultConfig is the configuration of the serving commands, whose flags
 // start from it; only Upstream is left for the caller to set.
 func DefaultConfig() Config {
 	return Config{
 		V1:                      imdsapi.V1Auto,
+		V1CallersMax:            defaultV1CallersMax,
+		V1LogInterval:           defaultV1LogInterval,
+		V1AttributionsPerSecond: defaultV1AttributionsPerSecond,
 		UpstreamV1Fallback:      true,
 		UpstreamTokenTTL:        token.MaxTTL,
 		UpstreamTokenTimeout:    time.Second,
@@ -119,6 +136,22 @@ func DefaultConfig() Config {
 		Retry:                   DefaultRetryConfig(),
 		Limits:                  DefaultServerLimits(),
 	}
+}
+
+// withZeroDefaults is c with the fields documented "If zero" filled in.
+func (c Config) withZeroDefaults() Config {
+	if c.V1CallersMax <= 0 {
+		c.V1CallersMax = defaultV1CallersMax
+	}
+	if c.V1LogInterval <= 0 {
+		c.V1LogInterval = defaultV1LogInterval
+	}
+	if c.V1AttributionsPerSecond <= 0 {
+		c.V1AttributionsPerSecond = defaultV1AttributionsPerSecond
+	}
+	c.Retry.Attempts = max(c.Retry.Attempts, 1)
+	c.Retry.MaxDelay = max(c.Retry.MaxDelay, c.Retry.BaseDelay)
+	return c
 }
 
 // Validate checks the configuration and says what to fix.
@@ -195,32 +228,18 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 	if _, err := rand.Read(id); err != nil {
 		return nil, fmt.Errorf("reading random proxy id: %w", err)
 	}
+	cfg = cfg.withZeroDefaults()
 	transport := newUpstreamTransport(&cfg)
 	p := &Proxy{id: hex.EncodeToString(id), cfg: cfg, log: log, metrics: m, minter: minter, upstreamIdle: transport.CloseIdleConnections}
 	p.session = newSession(&p.cfg, p.id, transport, log, m)
 	p.session.v1Changed = p.v1StateChanged
 	m.setV1Policy(cfg.V1, effectiveV1(cfg.V1, upstreamV1Unknown))
-	retry := cfg.Retry
-	retry.Attempts = max(retry.Attempts, 1)
-	retry.MaxDelay = max(retry.MaxDelay, retry.BaseDelay)
 	p.fwd = &forwarder{id: p.id, upstream: p.cfg.Upstream, transport: transport, session: p.session, metrics: m,
-		bodyTimeout: cfg.UpstreamResponseTimeout, coalesce: !cfg.DisableCoalescing, cache: newCache(cfg.Cache, m.setCacheSize), retry: retry}
+		bodyTimeout: cfg.UpstreamResponseTimeout, coalesce: !cfg.DisableCoalescing, cache: newCache(cfg.Cache, m.setCacheSize), retry: cfg.Retry}
 	p.engine = p.newEngine()
-	max := cfg.V1CallersMax
-	if max <= 0 {
-		max = 1024
-	}
-	p.callers = newV1Callers(max, func(reason string) { m.v1CallersEvicted.WithLabelValues(reason).Inc() })
-	logInterval := cfg.V1LogInterval
-	if logInterval <= 0 {
-		logInterval = time.Minute
-	}
-	p.logs = newLogLimiter(logInterval)
-	perSecond := cfg.V1AttributionsPerSecond
-	if perSecond <= 0 {
-		perSecond = 20
-	}
-	p.attributions = rate.NewLimiter(rate.Limit(perSecond), int(math.Ceil(perSecond)))
+	p.callers = newV1Callers(cfg.V1CallersMax, func(reason string) { m.v1CallersEvicted.WithLabelValues(reason).Inc() })
+	p.logs = newLogLimiter(cfg.V1LogInterval)
+	p.attributions = rate.NewLimiter(rate.Limit(cfg.V1AttributionsPerSecond), int(math.Ceil(cfg.V1AttributionsPerSecond)))
 	return p, nil
 }
 

@@ -153,7 +153,7 @@ func (p *Proxy) tokenAnswer(r *http.Request, caller netip.Addr) *ownAnswer {
 	}
 	if len(r.Header.Values("X-Forwarded-For")) > 0 {
 		// IMDS refuses token requests with a 403 and no body at all
-		// (aws-beam/aws_credentials#47 quotes one), unlike its other errors.
+		// (the README cites one), unlike its other errors.
 		return plainAnswer(http.StatusForbidden, outcomeTokenRefused, "")
 	}
 	ttl, err := token.ParseTTL(r.Header.Values(imdsapi.TokenTTLHeader))

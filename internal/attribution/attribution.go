@@ -34,8 +34,8 @@ type Attributor struct {
 
 // Lookup finds the TCP socket whose local address is client (the caller's
 // end of the connection) and the process holding it. It scans the socket
-// tables and the processes' descriptors: about a millisecond or more, so
-// callers bound how often they ask.
+// tables and every process's descriptors, so callers bound how often they
+// ask.
 func (a Attributor) Lookup(client netip.AddrPort) Process {
 	uid, inode, ok := a.socket(client)
 	if !ok {
