@@ -28,13 +28,13 @@ func TestConcurrentRefreshesCoalesce(t *testing.T) {
 	}))
 	defer upstream.Close()
 	u, _ := url.Parse(upstream.URL)
-	cfg := &Config{Upstream: u, UpstreamV1Fallback: true, UpstreamTokenTTL: time.Hour,
-		UpstreamTokenTimeout: 2 * time.Second, UpstreamDialTimeout: time.Second, UpstreamResponseTimeout: time.Second}
+	cfg := DefaultConfig()
+	cfg.Upstream = u
 	m, err := newMetrics(prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newSession(cfg, "test", newUpstreamTransport(cfg), zap.NewNop(), m)
+	s := newSession(&cfg, "test", newUpstreamTransport(&cfg), zap.NewNop(), m)
 	if state, tok := s.refresh(""); state != stateV2 || tok != "token-1" {
 		t.Fatalf("first refresh: %v %q", state, tok)
 	}
