@@ -384,7 +384,7 @@ func (b *bench) tokenPUTs() {
 func (b *bench) mintMemory() {
 	p := b.plan
 	px := startProxy(b.t, b.proxyBin, b.up.URL)
-	pid := px.cmd.Process.Pid
+	pid := px.Cmd.Process.Pid
 	checkpoints := []int64{p.mints / 4, p.mints / 2, p.mints}
 	type sample struct {
 		mints  int64

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"testing"
 	"time"
 
@@ -118,16 +119,11 @@ func startProxyIn(t *testing.T, ns *testutil.Netns, args ...string) *testutil.Pr
 // startBinaryIn is startProxyIn with another imds-proxy binary.
 func startBinaryIn(t *testing.T, ns *testutil.Netns, binary string, args ...string) *testutil.Process {
 	t.Helper()
-	argv := append([]string{"netns", "exec", ns.Name, binary}, args...)
+	argv := append(slices.Clone(args), "--iptables-backend", "nft")
 	if args[0] == "sidecar" {
 		argv = append(argv, "--metrics-listen", "127.0.0.1:9169")
 	}
-	argv = append(argv, "--iptables-backend", "nft")
-	cmd := exec.Command("ip", argv...)
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	p := testutil.StartProcess(t, cmd)
-	ns.WaitReady(t, "127.0.0.1:9169")
-	return p
+	return testutil.StartProxy(t, ns, binary, argv)
 }
 
 // noTimeoutPaid is a coarse bound, far above a normal fetch (milliseconds)

@@ -66,7 +66,7 @@ func TestSidecarExemptionCannotBeForged(t *testing.T) {
 	sidecar := testutil.StartProcess(t, cgroups.Container(t, e.Task, "sidecar", false, bins.Proxy, "sidecar",
 		"--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254",
 		"--v1", "block", "--iptables-backend", "nft"))
-	e.Task.WaitReady(t, "127.0.0.1:9169")
+	sidecar.WaitReady(t, e.Task)
 	if !strings.Contains(sidecar.Logs.String(), "exempts the proxy's own cgroup") {
 		t.Fatalf("the sidecar does not exempt its cgroup:\n%s", sidecar.Logs.String())
 	}

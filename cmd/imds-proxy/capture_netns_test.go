@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
 // TestSidecarRestoresShadowedCapture: an ACCEPT inserted above the sidecar's
@@ -17,9 +19,7 @@ func TestSidecarRestoresShadowedCapture(t *testing.T) {
 	for _, backend := range []string{"nft", "legacy"} {
 		t.Run(backend, func(t *testing.T) {
 			top := newSidecarTopology(t)
-			proxy := startIn(t, top.task, nil, "sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
-				"--upstream", "http://169.254.169.254", "--reconcile-interval", "200ms", "--iptables-backend", backend)
-			top.task.WaitReady(t, "127.0.0.1:9169")
+			proxy := testutil.StartProxy(t, top.task, binary, sidecarArgs("--reconcile-interval", "200ms", "--iptables-backend", backend))
 			save := func() string { return top.task.IptablesSave(t, "iptables-"+backend+"-save") }
 			installed := save()
 

@@ -38,10 +38,10 @@ func TestSidecarFailsClosedOnIPv6(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			top := newSidecarTopology(t)
 			tc.setup(t, top.task)
-			proxy := startIn(t, top.task, tc.env, "sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
-				"--upstream", "http://169.254.169.254", "--iptables-backend", "nft", "--reconcile-interval", "200ms")
+			proxy := testutil.StartProxy(t, top.task, binary, sidecarArgs("--iptables-backend", "nft", "--reconcile-interval", "200ms"),
+				testutil.WithEnv(tc.env...), testutil.UntilServing())
 			if tc.reason == "" {
-				top.task.WaitReady(t, "127.0.0.1:9169")
+				proxy.WaitReady(t, top.task)
 				if status, _ := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != http.StatusOK {
 					t.Errorf("tokenless GET through the IPv4 redirect: %d, want 200\n%s", status, proxy.Logs.String())
 				}

@@ -54,9 +54,7 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 	before := top.save(t)
 
 	// The admin listener's default: a node agent must keep it off the VPC and the pods.
-	proxy := startIn(t, top.node, nil, "node", "--v1", "allow", "--listen", ":8169",
-		"--interfaces", "cveth+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft")
-	top.node.WaitReady(t, "127.0.0.1:9169")
+	proxy := testutil.StartProxy(t, top.node, binary, nodeArgs("--interfaces", "cveth+", "--iptables-backend", "nft"))
 
 	if status, body := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("container's tokenless GET through the node agent: %d %q, want 200 and the instance id", status, body)
@@ -116,10 +114,8 @@ func TestRulesShowMatchesGolden(t *testing.T) {
 // patterns that match nothing.
 func TestNodeReadyOnlyWhileDelivering(t *testing.T) {
 	top := newNodeTopology(t)
-	proxy := startIn(t, top.node, nil, "node", "--v1", "allow", "--listen", ":8169", "--node-address", "10.200.2.1",
-		"--interfaces", "cveth+,eni+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft",
-		"--reconcile-interval", "200ms")
-	top.node.WaitReady(t, "127.0.0.1:9169")
+	proxy := testutil.StartProxy(t, top.node, binary, nodeArgs("--node-address", "10.200.2.1", "--interfaces", "cveth+,eni+",
+		"--iptables-backend", "nft", "--reconcile-interval", "200ms"))
 	if !strings.Contains(proxy.Logs.String(), `"unmatched":["eni+"]`) {
 		t.Errorf("the pattern that matches no interface was not logged:\n%s", proxy.Logs.String())
 	}

@@ -26,13 +26,11 @@ var shutdownShapes = []struct {
 }{
 	{"sidecar", func(t *testing.T) shutdownShape {
 		top := newSidecarTopology(t)
-		return shutdownShape{"sidecar", top.task, top.task, []string{"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169",
-			"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft"}}
+		return shutdownShape{"sidecar", top.task, top.task, sidecarArgs("--iptables-backend", "nft")}
 	}},
 	{"node", func(t *testing.T) shutdownShape {
 		top := newNodeTopology(t)
-		return shutdownShape{"node", top.node, top.task, []string{"node", "--v1", "allow", "--listen", ":8169",
-			"--interfaces", "cveth+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft"}}
+		return shutdownShape{"node", top.node, top.task, nodeArgs("--interfaces", "cveth+", "--iptables-backend", "nft")}
 	}},
 }
 
@@ -58,8 +56,7 @@ func checkCleanClose(t *testing.T, s shutdownShape, keep bool) {
 	if keep {
 		args = append(append([]string(nil), args...), "--keep-rules-on-exit")
 	}
-	proxy := startIn(t, s.rulesNS, nil, args...)
-	s.rulesNS.WaitReady(t, "127.0.0.1:9169")
+	proxy := testutil.StartProxy(t, s.rulesNS, binary, args)
 	saved := s.rulesNS.Run(t, "iptables-nft-save", "-t", "nat")
 	if strings.Count(saved, "\n-A ") != strings.Count(saved, "imds-proxy: ") {
 		t.Fatalf("the namespace has NAT rules besides the proxy's:\n%s", saved)
@@ -130,10 +127,8 @@ func checkCleanClose(t *testing.T, s shutdownShape, keep bool) {
 // SIGTERM.
 func TestSIGKILLLeavesRulesTheSuccessorAdopts(t *testing.T) {
 	top := newSidecarTopology(t)
-	args := []string{"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
-		"--upstream", "http://169.254.169.254", "--iptables-backend", "nft"}
-	first := startIn(t, top.task, nil, args...)
-	top.task.WaitReady(t, "127.0.0.1:9169")
+	args := sidecarArgs("--iptables-backend", "nft")
+	first := testutil.StartProxy(t, top.task, binary, args)
 	installed := top.save(t)
 	if err := first.Cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
@@ -142,8 +137,7 @@ func TestSIGKILLLeavesRulesTheSuccessorAdopts(t *testing.T) {
 	if left := top.save(t); left != installed {
 		t.Fatalf("after SIGKILL the rules changed:\nwas:\n%s\nnow:\n%s", installed, left)
 	}
-	second := startIn(t, top.task, nil, args...)
-	top.task.WaitReady(t, "127.0.0.1:9169")
+	second := testutil.StartProxy(t, top.task, binary, args)
 	if adopted := top.save(t); adopted != installed {
 		t.Errorf("the successor's rules differ from its predecessor's (duplicates?):\nwas:\n%s\nnow:\n%s", installed, adopted)
 	}

@@ -58,9 +58,7 @@ func TestSidecarRedirectsAndCleansUp(t *testing.T) {
 		t.Fatalf("control: tokenless GET on the early connection got %d, want 401 from IMDS", status)
 	}
 
-	proxy := startIn(t, top.task, nil, "sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
-		"--upstream", "http://169.254.169.254", "--reconcile-interval", "200ms", "--iptables-backend", "nft", "--log-level", "debug")
-	top.task.WaitReady(t, "127.0.0.1:9169")
+	proxy := testutil.StartProxy(t, top.task, binary, sidecarArgs("--reconcile-interval", "200ms", "--iptables-backend", "nft", "--log-level", "debug"))
 	installed := top.save(t)
 	if !strings.Contains(installed, "IMDS_PROXY_OUTPUT") {
 		t.Fatalf("no rules after start:\n%s", installed)
@@ -152,6 +150,26 @@ func runSDK(t *testing.T, ns *testutil.Netns, endpoint string) {
 	}
 }
 
+// sidecarArgs is the command line of a sidecar that installs its rules in
+// its namespace and serves IMDSv1 from IMDS at 169.254.169.254, followed
+// by args.
+func sidecarArgs(args ...string) []string {
+	return append([]string{"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
+		"--upstream", "http://169.254.169.254"}, args...)
+}
+
+// nodeArgs is the command line of a node agent that serves IMDSv1 from
+// IMDS at 169.254.169.254, on every address of the node, followed by args.
+func nodeArgs(args ...string) []string {
+	return append([]string{"node", "--v1", "allow", "--listen", ":8169", "--upstream", "http://169.254.169.254"}, args...)
+}
+
+// unprivileged is the setpriv command line that runs a program as uid
+// (its group too) without capabilities.
+func unprivileged(uid string) []string {
+	return []string{"setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"}
+}
+
 func waitFor(t *testing.T, timeout time.Duration, cond func() bool, what string) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
@@ -174,12 +192,7 @@ func TestInitContainerShape(t *testing.T) {
 	const uid = "65534"
 	top.task.Run(t, binary, "rules", "install", "--mode", "sidecar", "--port", "8169", "--exempt-uid", uid, "--exempt-mark", "0", "--iptables-backend", "nft")
 
-	unprivileged := top.task.Command("setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all",
-		"--bounding-set=-all", binary, "sidecar", "--v1", "allow", "--rules=false", "--listen", "127.0.0.1:8169",
-		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254", "--exempt-uid", uid)
-	unprivileged.Env = []string{"PATH=" + os.Getenv("PATH")}
-	testutil.StartProcess(t, unprivileged)
-	top.task.WaitReady(t, "127.0.0.1:9169")
+	testutil.StartProxy(t, top.task, binary, sidecarArgs("--rules=false", "--exempt-uid", uid), testutil.Wrapped(unprivileged(uid)...))
 	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET through the init-container rules: %d %q, want 200 and the instance id", status, body)
 	}
@@ -203,15 +216,11 @@ func TestMisconfiguredExemptionIsDiagnosed(t *testing.T) {
 	t.Cleanup(func() {
 		_ = top.task.Command(binary, "rules", "remove", "--port", "8169", "--exempt-uid", "1234", "--exempt-mark", "0", "--iptables-backend", "nft").Run()
 	})
-	cmd := top.task.Command("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all",
-		"--bounding-set=-all", binary, "sidecar", "--v1", "allow", "--rules=false", "--listen", "127.0.0.1:8169",
-		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254")
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	proxy := testutil.StartProcess(t, cmd)
+	proxy := testutil.StartProxy(t, top.task, binary, sidecarArgs("--rules=false"), testutil.Wrapped(unprivileged("65534")...), testutil.UntilServing())
 	if _, err := proxy.Logs.WaitFor("redirected back to this proxy", 10*time.Second); err != nil {
 		t.Errorf("no loop diagnosis: %v\n%s", err, proxy.Logs.String())
 	}
-	top.task.WaitReady(t, "127.0.0.1:9169")
+	proxy.WaitReady(t, top.task)
 	start := time.Now()
 	status, _ := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil)
 	if status != http.StatusLoopDetected {
@@ -234,12 +243,8 @@ func TestSidecarRunsWithTheManifestCapabilities(t *testing.T) {
 	for _, backend := range []string{"nft", "legacy"} {
 		t.Run(backend, func(t *testing.T) {
 			top := newSidecarTopology(t)
-			cmd := top.task.Command("setpriv", "--inh-caps=-all", "--bounding-set=-all,"+strings.Join(caps, ","), binary,
-				"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
-				"--upstream", "http://169.254.169.254", "--iptables-backend", backend)
-			cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-			proxy := testutil.StartProcess(t, cmd)
-			top.task.WaitReady(t, "127.0.0.1:9169")
+			proxy := testutil.StartProxy(t, top.task, binary, sidecarArgs("--iptables-backend", backend),
+				testutil.Wrapped("setpriv", "--inh-caps=-all", "--bounding-set=-all,"+strings.Join(caps, ",")))
 			if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 				t.Errorf("tokenless GET through the redirect with capabilities %v: %d %q, want 200\n%s", caps, status, body, proxy.Logs.String())
 			}
