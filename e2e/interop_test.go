@@ -76,7 +76,7 @@ func TestInteropSDKs(t *testing.T) {
 	}
 	for _, shape := range shapes {
 		t.Run(shape.name, func(t *testing.T) {
-			e := testutil.NewEC2(t, shape.hopLimit, true)
+			e := testutil.NewEC2(t, testutil.HopLimit(shape.hopLimit))
 			shape.start(t, e)
 			for name, argv := range clients {
 				r, err := runClient(t, e.Task, argv)

@@ -47,7 +47,7 @@ func TestRestartKeepsLongLivedClients(t *testing.T) {
 		{"chained", 1, []restartable{node, sidecar("http://10.200.1.1:8169")}},
 	} {
 		t.Run(shape.name, func(t *testing.T) {
-			e := testutil.NewEC2(t, shape.hopLimit, true)
+			e := testutil.NewEC2(t, testutil.HopLimit(shape.hopLimit))
 			running := make([]*testutil.Process, len(shape.proxies))
 			for i, p := range shape.proxies {
 				running[i] = startProxyIn(t, p.ns(e), p.args...)

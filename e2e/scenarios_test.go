@@ -14,7 +14,7 @@ import (
 // required it gets no credentials. Meanwhile a client on the node is fast.
 func TestBaselineReproducesTheProblem(t *testing.T) {
 	t.Run("IMDSv1 allowed", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, false)
+		e := testutil.NewEC2(t, testutil.IMDSv1Allowed())
 		onNode, err := goSDK(t, e.Node)
 		if err != nil {
 			t.Fatalf("SDK on the node: %v", err)
@@ -36,7 +36,7 @@ func TestBaselineReproducesTheProblem(t *testing.T) {
 		t.Logf("in the task without proxy: credentials %.0fms, metadata call %.0fms", inTask.Credentials*1000, inTask.PerCall*1000)
 	})
 	t.Run("tokens required", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, true)
+		e := testutil.NewEC2(t)
 		if _, err := goSDK(t, e.Task); err == nil {
 			t.Error("the SDK in the task got credentials with hop limit 1 and tokens required")
 		}
@@ -46,7 +46,7 @@ func TestBaselineReproducesTheProblem(t *testing.T) {
 // TestNodeModeFixesHopLimit1: the node agent makes both clients in the task
 // work over IMDSv2 with tokens required, at node-local speed.
 func TestNodeModeFixesHopLimit1(t *testing.T) {
-	e := testutil.NewEC2(t, 1, true)
+	e := testutil.NewEC2(t)
 	agent := startNodeAgent(t, e)
 	r, err := goSDK(t, e.Task)
 	if err != nil {
@@ -74,7 +74,7 @@ func TestNodeModeFixesHopLimit1(t *testing.T) {
 // required, chained to a node agent.
 func TestSidecarShapes(t *testing.T) {
 	t.Run("hop limit 2", func(t *testing.T) {
-		e := testutil.NewEC2(t, 2, true)
+		e := testutil.NewEC2(t, testutil.HopLimit(2))
 		startSidecar(t, e, "--upstream", "http://169.254.169.254")
 		r, err := goSDK(t, e.Task)
 		if err != nil {
@@ -86,7 +86,7 @@ func TestSidecarShapes(t *testing.T) {
 		}
 	})
 	t.Run("hop limit 1, IMDSv1 allowed: fallback", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, false)
+		e := testutil.NewEC2(t, testutil.IMDSv1Allowed())
 		sidecar := startSidecar(t, e, "--upstream", "http://169.254.169.254")
 		if !strings.Contains(sidecar.Logs.String(), "hop-limit symptom") {
 			t.Errorf("no hop-limit diagnosis in the sidecar's log:\n%s", sidecar.Logs.String())
@@ -98,7 +98,7 @@ func TestSidecarShapes(t *testing.T) {
 		assertFast(t, "sidecar in fallback, hop limit 1", r)
 	})
 	t.Run("hop limit 1, tokens required, chained", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, true)
+		e := testutil.NewEC2(t)
 		before := saveAll(t, e)
 		agent := startNodeAgent(t, e)
 		sidecar := startSidecar(t, e, "--upstream", "http://10.200.1.1:8169")
@@ -121,7 +121,7 @@ func TestSidecarShapes(t *testing.T) {
 // TestV1BlockInTask: with --v1 block a tokenless GET from the task gets 401
 // and is logged with its User-Agent, while the SDK keeps working over IMDSv2.
 func TestV1BlockInTask(t *testing.T) {
-	e := testutil.NewEC2(t, 2, false)
+	e := testutil.NewEC2(t, testutil.HopLimit(2), testutil.IMDSv1Allowed())
 	sidecar := startSidecar(t, e, "--upstream", "http://169.254.169.254", "--v1", "block")
 	status, _ := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/iam/security-credentials/",
 		http.Header{"User-Agent": {"aws-cli/1.18 Python/2.7 legacy-cron"}})
@@ -144,10 +144,7 @@ func TestV1BlockInTask(t *testing.T) {
 // TestIPv6Endpoint: the SDK in IPv6 endpoint mode ([fd00:ec2::254]) is
 // redirected to the sidecar, which serves it from its IPv4 upstream session.
 func TestIPv6Endpoint(t *testing.T) {
-	e := testutil.NewEC2(t, 1, true)
-	e.Task.Run(t, "ip", "-6", "addr", "add", "fd00:200:1::2/64", "dev", "eth0", "nodad")
-	e.Node.Run(t, "ip", "-6", "addr", "add", "fd00:200:1::1/64", "dev", "cveth0", "nodad")
-	e.Task.Run(t, "ip", "-6", "route", "add", "default", "via", "fd00:200:1::1")
+	e := testutil.NewEC2(t, testutil.WithIPv6())
 	startNodeAgent(t, e)
 	sidecar := startSidecar(t, e, "--upstream", "http://10.200.1.1:8169", "--log-level", "debug")
 	r, err := goSDK(t, e.Task, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")

@@ -20,7 +20,7 @@ import (
 func TestNodeAgentOnEveryWiring(t *testing.T) {
 	for _, w := range []testutil.Wiring{testutil.DockerBridge, testutil.VPCCNI, testutil.Calico, testutil.Cilium} {
 		t.Run(w.Name, func(t *testing.T) {
-			e := testutil.NewEC2On(t, w, 1, true)
+			e := testutil.NewEC2(t, testutil.WiredBy(w))
 			checkNodeAgent(t, e)
 		})
 	}
@@ -31,7 +31,7 @@ func TestNodeAgentOnEveryWiring(t *testing.T) {
 // (a DNAT to the agent on 127.0.0.1:51679 with route_localnet on docker0).
 // The node agent must leave that endpoint working.
 func TestNodeAgentOnECSBridge(t *testing.T) {
-	e := testutil.NewEC2On(t, testutil.DockerBridge, 1, true)
+	e := testutil.NewEC2(t, testutil.WiredBy(testutil.DockerBridge))
 	testutil.StartECSAgentStandIn(t, e.Node)
 	credentials := func(when string) {
 		t.Helper()
@@ -151,7 +151,7 @@ func saveNode(t *testing.T, e *testutil.EC2) string {
 // packets to it, and the SDK pays its timeout), which AddVPCCNIIPv6 waits
 // for.
 func TestNodeAgentIPv6OnVPCCNI(t *testing.T) {
-	e := testutil.NewEC2On(t, testutil.VPCCNI, 1, true)
+	e := testutil.NewEC2(t, testutil.WiredBy(testutil.VPCCNI))
 	testutil.AddVPCCNIIPv6(t, e, "fd00:5::17")
 	agent := startNodeAgent(t, e, "--log-level", "debug")
 	r, err := goSDK(t, e.Task, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")

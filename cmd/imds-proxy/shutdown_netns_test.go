@@ -25,12 +25,12 @@ var shutdownShapes = []struct {
 	make func(t *testing.T) shutdownShape
 }{
 	{"sidecar", func(t *testing.T) shutdownShape {
-		top := newSidecarTopology(t)
-		return shutdownShape{"sidecar", top.task, top.task, sidecarArgs("--iptables-backend", "nft")}
+		e := newSidecarEC2(t)
+		return shutdownShape{"sidecar", e.Task, e.Task, sidecarArgs("--iptables-backend", "nft")}
 	}},
 	{"node", func(t *testing.T) shutdownShape {
-		top := newNodeTopology(t)
-		return shutdownShape{"node", top.node, top.task, nodeArgs("--interfaces", "cveth+", "--iptables-backend", "nft")}
+		e := testutil.NewEC2(t, testutil.WithVPC())
+		return shutdownShape{"node", e.Node, e.Task, nodeArgs("--interfaces", "cveth+", "--iptables-backend", "nft")}
 	}},
 }
 
@@ -103,7 +103,7 @@ func checkCleanClose(t *testing.T, s shutdownShape, keep bool) {
 	exited := time.Since(sent)
 	t.Logf("%s: SIGTERM to client EOF %s, to exit %s", s.name, closed.Round(10*time.Microsecond), exited.Round(10*time.Microsecond))
 
-	left := s.rulesNS.IptablesSave(t, "iptables-nft-save") + s.rulesNS.IptablesSave(t, "ip6tables-nft-save")
+	left := saveRules(t, s.rulesNS)
 	switch {
 	case keep && !strings.Contains(left, "IMDS_PROXY"):
 		t.Errorf("--keep-rules-on-exit: the rules are gone:\n%s", left)
@@ -126,26 +126,26 @@ func checkCleanClose(t *testing.T, s shutdownShape, keep bool) {
 // rules; the next one adopts them, serves through them, and removes them on
 // SIGTERM.
 func TestSIGKILLLeavesRulesTheSuccessorAdopts(t *testing.T) {
-	top := newSidecarTopology(t)
+	e := newSidecarEC2(t)
 	args := sidecarArgs("--iptables-backend", "nft")
-	first := testutil.StartProxy(t, top.task, binary, args)
-	installed := top.save(t)
+	first := testutil.StartProxy(t, e.Task, binary, args)
+	installed := saveRules(t, e.Task)
 	if err := first.Cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
 	<-first.Done
-	if left := top.save(t); left != installed {
+	if left := saveRules(t, e.Task); left != installed {
 		t.Fatalf("after SIGKILL the rules changed:\nwas:\n%s\nnow:\n%s", installed, left)
 	}
-	second := testutil.StartProxy(t, top.task, binary, args)
-	if adopted := top.save(t); adopted != installed {
+	second := testutil.StartProxy(t, e.Task, binary, args)
+	if adopted := saveRules(t, e.Task); adopted != installed {
 		t.Errorf("the successor's rules differ from its predecessor's (duplicates?):\nwas:\n%s\nnow:\n%s", installed, adopted)
 	}
-	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+	if status, body := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET through the adopted rules: %d %q, want 200", status, body)
 	}
 	second.Terminate(t)
-	if after := top.save(t); strings.Contains(after, "IMDS_PROXY") {
+	if after := saveRules(t, e.Task); strings.Contains(after, "IMDS_PROXY") {
 		t.Errorf("rules left after the successor's SIGTERM:\n%s", after)
 	}
 }
