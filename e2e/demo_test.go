@@ -18,7 +18,7 @@ type demoRow struct {
 	tokensRequired bool
 	// wiring connects the task to the node.
 	wiring testutil.Wiring
-	// start sets the shape up and returns the namespace the client runs in.
+	// start starts the setup's proxies and returns the namespace the client runs in.
 	start func(t *testing.T, e *testutil.EC2) *testutil.Netns
 	// slow: the row shows the problem, not the fix.
 	slow bool

@@ -1,5 +1,5 @@
 // Package e2e reproduces the IMDSv2 hop-limit problem with real AWS clients
-// in network namespaces, and shows imds-proxy fixing it in each shape.
+// in network namespaces, and shows imds-proxy fixing it in each mode.
 package e2e
 
 import (

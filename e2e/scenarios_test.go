@@ -69,10 +69,10 @@ func TestNodeModeFixesHopLimit1(t *testing.T) {
 	}
 }
 
-// TestSidecarShapes: hop limit 2 direct; hop limit 1 with IMDSv1 allowed
+// TestSidecarSetups: hop limit 2 direct; hop limit 1 with IMDSv1 allowed
 // (fallback: only the first request may wait); hop limit 1 with tokens
 // required, chained to a node agent.
-func TestSidecarShapes(t *testing.T) {
+func TestSidecarSetups(t *testing.T) {
 	t.Run("hop limit 2", func(t *testing.T) {
 		e := testutil.NewEC2(t, testutil.HopLimit(2))
 		startSidecar(t, e, "--upstream", "http://169.254.169.254")

@@ -11,26 +11,26 @@ import (
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
-// shutdownShape is a proxy in a namespace whose only NAT rules are its own
+// shutdownMode is a proxy in a namespace whose only NAT rules are its own
 // (iptables-nft), as in a pod's or an awsvpc task's namespace, or on a
 // node where nothing else NATs, and the namespace its clients dial IMDS from.
-type shutdownShape struct {
+type shutdownMode struct {
 	name              string
 	rulesNS, clientNS *testutil.Netns
 	args              []string
 }
 
-var shutdownShapes = []struct {
+var shutdownModes = []struct {
 	name string
-	make func(t *testing.T) shutdownShape
+	make func(t *testing.T) shutdownMode
 }{
-	{"sidecar", func(t *testing.T) shutdownShape {
+	{"sidecar", func(t *testing.T) shutdownMode {
 		e := newSidecarEC2(t)
-		return shutdownShape{"sidecar", e.Task, e.Task, sidecarArgs("--iptables-backend", "nft")}
+		return shutdownMode{"sidecar", e.Task, e.Task, sidecarArgs("--iptables-backend", "nft")}
 	}},
-	{"node", func(t *testing.T) shutdownShape {
+	{"node", func(t *testing.T) shutdownMode {
 		e := testutil.NewEC2(t, testutil.WithVPC())
-		return shutdownShape{"node", e.Node, e.Task, nodeArgs("--interfaces", "cveth+", "--iptables-backend", "nft")}
+		return shutdownMode{"node", e.Node, e.Task, nodeArgs("--interfaces", "cveth+", "--iptables-backend", "nft")}
 	}},
 }
 
@@ -41,15 +41,15 @@ var shutdownShapes = []struct {
 // so IMDS answers clients directly (fail open); with --keep-rules-on-exit
 // they stay, and new IMDS connections are refused (fail closed).
 func TestSIGTERMClosesKeepAliveConnectionsCleanly(t *testing.T) {
-	for _, shape := range shutdownShapes {
+	for _, mode := range shutdownModes {
 		for _, keep := range []bool{false, true} {
-			name := shape.name + map[bool]string{false: "/remove rules", true: "/keep rules"}[keep]
-			t.Run(name, func(t *testing.T) { checkCleanClose(t, shape.make(t), keep) })
+			name := mode.name + map[bool]string{false: "/remove rules", true: "/keep rules"}[keep]
+			t.Run(name, func(t *testing.T) { checkCleanClose(t, mode.make(t), keep) })
 		}
 	}
 }
 
-func checkCleanClose(t *testing.T, s shutdownShape, keep bool) {
+func checkCleanClose(t *testing.T, s shutdownMode, keep bool) {
 	t.Helper()
 	const imds = "169.254.169.254:80"
 	args := s.args

@@ -174,11 +174,11 @@ func waitFor(t *testing.T, timeout time.Duration, cond func() bool, what string)
 	}
 }
 
-// TestInitContainerShape: `rules install --exempt-uid` as an init container
+// TestInitContainerSetup: `rules install --exempt-uid` as an init container
 // would run it, then an unprivileged proxy (no capabilities, its own UID)
 // with --rules=false; the proxy's upstream traffic passes by its UID. Then
 // `rules remove` restores the namespace.
-func TestInitContainerShape(t *testing.T) {
+func TestInitContainerSetup(t *testing.T) {
 	e := newSidecarEC2(t)
 	addForeignNATRules(t, e.Task)
 	before := saveRules(t, e.Task)
