@@ -130,6 +130,23 @@ func startBinaryIn(t *testing.T, ns *testutil.Netns, binary string, args ...stri
 // and below the SDK's IMDSv2 timeout-and-fallback (a second or more).
 const noTimeoutPaid = time.Second
 
+// fastSDK runs the Go SDK in ns, as goSDK does, and asserts that it got
+// AEMM's credentials without paying a token timeout; what names the setup,
+// and proxy, when not nil, is the proxy whose log a failure shows.
+func fastSDK(t *testing.T, what string, ns *testutil.Netns, proxy *testutil.Process, env ...string) sdkResult {
+	t.Helper()
+	r, err := goSDK(t, ns, env...)
+	if err != nil {
+		var logs string
+		if proxy != nil {
+			logs = proxy.Logs.String()
+		}
+		t.Fatalf("%s: %v\n%s", what, err, logs)
+	}
+	assertFast(t, what, r)
+	return r
+}
+
 func assertFast(t *testing.T, what string, r sdkResult) {
 	t.Helper()
 	if r.AccessKeyID != "12345678901" || r.InstanceID != "i-1234567890abcdef0" {

@@ -15,11 +15,7 @@ import (
 func TestBaselineReproducesTheProblem(t *testing.T) {
 	t.Run("IMDSv1 allowed", func(t *testing.T) {
 		e := testutil.NewEC2(t, testutil.IMDSv1Allowed())
-		onNode, err := goSDK(t, e.Node)
-		if err != nil {
-			t.Fatalf("SDK on the node: %v", err)
-		}
-		assertFast(t, "on the node", onNode)
+		fastSDK(t, "on the node", e.Node, nil)
 		if n := e.TokenlessRequests(t); n != 0 {
 			t.Fatalf("the SDK on the node made %d IMDSv1 requests", n)
 		}
@@ -48,11 +44,7 @@ func TestBaselineReproducesTheProblem(t *testing.T) {
 func TestNodeModeFixesHopLimit1(t *testing.T) {
 	e := testutil.NewEC2(t)
 	agent := startNodeAgent(t, e)
-	r, err := goSDK(t, e.Task)
-	if err != nil {
-		t.Fatalf("Go SDK in the task through the node agent: %v\n%s", err, agent.Logs.String())
-	}
-	assertFast(t, "Go SDK, task via node agent", r)
+	fastSDK(t, "Go SDK, task via node agent", e.Task, agent)
 	key, seconds, ok, err := botocore(t, e.Task)
 	switch {
 	case !ok:
@@ -76,11 +68,7 @@ func TestSidecarSetups(t *testing.T) {
 	t.Run("hop limit 2", func(t *testing.T) {
 		e := testutil.NewEC2(t, testutil.HopLimit(2))
 		startSidecar(t, e, "--upstream", "http://169.254.169.254")
-		r, err := goSDK(t, e.Task)
-		if err != nil {
-			t.Fatal(err)
-		}
-		assertFast(t, "sidecar, hop limit 2", r)
+		fastSDK(t, "sidecar, hop limit 2", e.Task, nil)
 		if n := e.TokenlessRequests(t); n != 0 {
 			t.Errorf("IMDS saw %d tokenless requests", n)
 		}
@@ -91,22 +79,14 @@ func TestSidecarSetups(t *testing.T) {
 		if !strings.Contains(sidecar.Logs.String(), "hop-limit symptom") {
 			t.Errorf("no hop-limit diagnosis in the sidecar's log:\n%s", sidecar.Logs.String())
 		}
-		r, err := goSDK(t, e.Task)
-		if err != nil {
-			t.Fatal(err)
-		}
-		assertFast(t, "sidecar in fallback, hop limit 1", r)
+		fastSDK(t, "sidecar in fallback, hop limit 1", e.Task, sidecar)
 	})
 	t.Run("hop limit 1, tokens required, chained", func(t *testing.T) {
 		e := testutil.NewEC2(t)
 		before := saveAll(t, e)
 		agent := startNodeAgent(t, e)
 		sidecar := startSidecar(t, e, "--upstream", "http://10.200.1.1:8169")
-		r, err := goSDK(t, e.Task)
-		if err != nil {
-			t.Fatal(err)
-		}
-		assertFast(t, "sidecar chained to node agent, hop limit 1", r)
+		fastSDK(t, "sidecar chained to node agent, hop limit 1", e.Task, sidecar)
 		if n := e.TokenlessRequests(t); n != 0 {
 			t.Errorf("IMDS saw %d tokenless requests", n)
 		}
@@ -131,11 +111,7 @@ func TestV1BlockInTask(t *testing.T) {
 	if _, err := sidecar.Logs.WaitFor("legacy-cron", 5*time.Second); err != nil {
 		t.Errorf("the refused IMDSv1 call was not logged with its User-Agent: %v", err)
 	}
-	r, err := goSDK(t, e.Task)
-	if err != nil {
-		t.Fatal(err)
-	}
-	assertFast(t, "SDK with --v1 block", r)
+	fastSDK(t, "SDK with --v1 block", e.Task, sidecar)
 	if n := e.TokenlessRequests(t); n != 0 {
 		t.Errorf("IMDS saw %d tokenless requests", n)
 	}
@@ -147,11 +123,7 @@ func TestIPv6Endpoint(t *testing.T) {
 	e := testutil.NewEC2(t, testutil.WithIPv6())
 	startNodeAgent(t, e)
 	sidecar := startSidecar(t, e, "--upstream", "http://10.200.1.1:8169", "--log-level", "debug")
-	r, err := goSDK(t, e.Task, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")
-	if err != nil {
-		t.Fatalf("SDK in IPv6 mode: %v\n%s", err, sidecar.Logs.String())
-	}
-	assertFast(t, "SDK in IPv6 endpoint mode via sidecar", r)
+	fastSDK(t, "SDK in IPv6 endpoint mode via sidecar", e.Task, sidecar, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")
 	if !strings.Contains(sidecar.Logs.String(), `"caller":"fd00:200:1::2"`) {
 		t.Errorf("no request reached the sidecar over IPv6:\n%s", sidecar.Logs.String())
 	}

@@ -237,13 +237,8 @@ func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
 	if got := <-result; got != "200 i-1234567890abcdef0" {
 		t.Errorf("in-flight request during shutdown got %q, want 200 and the instance id\n%s", got, r.Logs.String())
 	}
-	select {
-	case err := <-r.Done:
-		if err != nil {
-			t.Errorf("exit after SIGTERM: %v, want status 0\n%s", err, r.Logs.String())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("imds-proxy did not exit after SIGTERM")
+	if err := r.WaitExit(t, 10*time.Second); err != nil {
+		t.Errorf("exit after SIGTERM: %v, want status 0\n%s", err, r.Logs.String())
 	}
 	if _, err := http.Get(r.API + "/"); err == nil {
 		t.Error("the listener still accepts connections after shutdown")

@@ -92,13 +92,8 @@ func checkCleanClose(t *testing.T, s shutdownMode, keep bool) {
 			t.Errorf("new IMDS connections were refused for %s after SIGTERM (0: never reached IMDS)", refusedFor)
 		}
 	}
-	select {
-	case err := <-proxy.Done:
-		if err != nil {
-			t.Fatalf("exit after SIGTERM: %v\n%s", err, proxy.Logs.String())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("no exit within 10s of SIGTERM")
+	if err := proxy.WaitExit(t, 10*time.Second); err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, proxy.Logs.String())
 	}
 	exited := time.Since(sent)
 	t.Logf("%s: SIGTERM to client EOF %s, to exit %s", s.name, closed.Round(10*time.Microsecond), exited.Round(10*time.Microsecond))

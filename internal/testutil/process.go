@@ -72,6 +72,19 @@ func (p *Process) Terminate(t testing.TB) {
 	}
 }
 
+// WaitExit waits up to timeout for the process to exit, and returns its
+// exit error; still running then fails the test.
+func (p *Process) WaitExit(t testing.TB, timeout time.Duration) error {
+	t.Helper()
+	select {
+	case err := <-p.Done:
+		return err
+	case <-time.After(timeout):
+		t.Fatalf("imds-proxy did not exit within %s\n%s", timeout, p.Logs.String())
+		return nil
+	}
+}
+
 // maxKeptLog bounds what a LineLog keeps, so that a proxy logging under a
 // benchmark's load cannot fill the test process's memory.
 const maxKeptLog = 8 << 20
