@@ -227,7 +227,8 @@ func (ts *targets) measure(b *testing.B, tg *target, l load) cell {
 
 // report reports the cell's figures as the benchmark's metrics; rateUnit
 // names its throughput. CPU and the load of other processes are left out
-// of a cell too short for /proc's ticks.
+// of a cell too short for /proc's ticks, and CPU and peak RSS of a target
+// in the benchmark process.
 func (c cell) report(b *testing.B, rateUnit string) {
 	b.ReportMetric(c.res.rate(), rateUnit)
 	b.ReportMetric(float64(c.res.p50.Microseconds()), "p50-us")
@@ -238,8 +239,10 @@ func (c cell) report(b *testing.B, rateUnit string) {
 	if c.peakKiB >= 0 {
 		b.ReportMetric(float64(c.peakKiB)/1024, "peak-RSS-MiB")
 	}
-	if c.sampled() {
+	if c.sampled() && c.cpu >= 0 {
 		b.ReportMetric(c.cpu/float64(c.res.ok)*10000, "CPU-s/10k-req")
+	}
+	if c.sampled() {
 		b.ReportMetric(c.other, "other-load-cores")
 	}
 }
