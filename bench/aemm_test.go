@@ -1,35 +1,15 @@
 package bench
 
 import (
-	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
-
-// aemmArgs makes amazon-ec2-metadata-mock serve role credentials that expire
-// in six hours, as IMDS's do (its built-in ones expired in 2020, and a proxy
-// must not cache expired credentials).
-func aemmArgs(t testing.TB) []string {
-	t.Helper()
-	now := time.Now().UTC()
-	config := fmt.Sprintf(`{"metadata":{"values":{"iam-security-credentials":{"Code":"Success",`+
-		`"LastUpdated":%q,"Type":"AWS-HMAC","AccessKeyId":"ASIABENCHFRESH","SecretAccessKey":"bench-secret",`+
-		`"Token":"bench-session-token","Expiration":%q}}}}`,
-		now.Format(time.RFC3339), now.Add(6*time.Hour).Format(time.RFC3339))
-	path := filepath.Join(t.TempDir(), "aemm-credentials.json")
-	if err := os.WriteFile(path, []byte(config), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return []string{"-c", path}
-}
 
 // aemmGuard sits between the tap and amazon-ec2-metadata-mock and never lets
 // a token PUT run beside another request: AEMM v1.13.0 keeps its tokens in
@@ -89,6 +69,7 @@ func (g *aemmGuard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // counts what reaches it: point clients (or the proxy) at the tap.
 func startCountedAEMM(t testing.TB) *testutil.Tap {
 	t.Helper()
-	aemm := testutil.StartAEMM(t, aemmArgs(t)...)
+	// Role credentials that expire in six hours, as IMDS's do: a proxy does not cache expired ones.
+	aemm := testutil.StartAEMM(t, testutil.AEMMCredentialsExpiring(t, time.Now().Add(6*time.Hour))...)
 	return testutil.NewTap(t, startAEMMGuard(t, aemm.Addr).Addr)
 }

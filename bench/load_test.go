@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // load is one bounded measurement: conc workers, each on its own keep-alive
@@ -275,11 +277,11 @@ func discardChunked(br *bufio.Reader) error {
 
 // fetchToken asks addr for an IMDSv2 token, as a client of that target would.
 func fetchToken(addr string) (string, error) {
-	req, err := http.NewRequest(http.MethodPut, "http://"+addr+tokenPath, nil)
+	req, err := http.NewRequest(http.MethodPut, "http://"+addr+imdsapi.TokenPath, nil)
 	if err != nil {
 		return "", err
 	}
-	req.Header.Set(ttlHeader, "21600")
+	req.Header.Set(imdsapi.TokenTTLHeader, "21600")
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{Proxy: nil}}
 	defer client.CloseIdleConnections()
 	resp, err := client.Do(req)
@@ -291,8 +293,8 @@ func fetchToken(addr string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if resp.StatusCode != http.StatusOK || resp.Header.Get(ttlHeader) != "21600" {
-		return "", fmt.Errorf("token PUT to %s: status %d, TTL header %q", addr, resp.StatusCode, resp.Header.Get(ttlHeader))
+	if resp.StatusCode != http.StatusOK || resp.Header.Get(imdsapi.TokenTTLHeader) != "21600" {
+		return "", fmt.Errorf("token PUT to %s: status %d, TTL header %q", addr, resp.StatusCode, resp.Header.Get(imdsapi.TokenTTLHeader))
 	}
 	return string(body), nil
 }

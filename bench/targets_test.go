@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,54 +31,19 @@ var passThroughFlags = []string{"--cache-ttl=0", "--coalesce=false"}
 
 // proxyProc is a running imds-proxy sidecar.
 type proxyProc struct {
-	addr, metrics string
-	cmd           *exec.Cmd
-	logs          *capBuffer
+	*testutil.Process
+	addr string
 }
 
-func (p *proxyProc) pids() []int { return []int{p.cmd.Process.Pid} }
+func (p *proxyProc) pids() []int { return []int{p.Cmd.Process.Pid} }
 
 // startProxy runs `imds-proxy sidecar --rules=false` on free loopback ports
 // in front of upstream (never IMDS: --upstream is always given), and waits
 // for /readyz, which passes once its upstream session is decided.
 func startProxy(t testing.TB, bin, upstream string, extra ...string) *proxyProc {
 	t.Helper()
-	p := &proxyProc{addr: testutil.FreeLoopbackAddr(t), metrics: testutil.FreeLoopbackAddr(t), logs: &capBuffer{max: 64 << 10}}
-	args := append([]string{"sidecar", "--rules=false", "--listen", p.addr, "--metrics-listen", p.metrics,
-		"--upstream", upstream, "--log-level", "warn"}, extra...)
-	p.cmd = exec.Command(bin, args...)
-	p.cmd.Env = cleanEnv()
-	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
-	startGroup(t, p.cmd, nil)
-	deadline := time.Now().Add(10 * time.Second)
-	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil}}
-	defer client.CloseIdleConnections()
-	for {
-		resp, err := client.Get("http://" + p.metrics + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return p
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("imds-proxy %s never became ready: %v\n%s", strings.Join(args, " "), err, p.logs)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// cleanEnv is the environment without IMDS_PROXY_* settings (which would
-// change the proxy's flags) or AWS endpoint overrides.
-func cleanEnv() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, "IMDS_PROXY_") || strings.HasPrefix(kv, "AWS_EC2_METADATA_") {
-			continue
-		}
-		env = append(env, kv)
-	}
-	return env
+	p := testutil.StartProxy(t, nil, bin, testutil.LoopbackSidecar(append([]string{"--upstream", upstream}, extra...)...))
+	return &proxyProc{Process: p, addr: strings.TrimPrefix(p.API, "http://")}
 }
 
 // startGroup starts cmd as the leader of a new process group and, when the

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // standIn is a small, fast IMDS on loopback, in the test process: token PUTs
@@ -38,12 +40,8 @@ var standInMetadata = map[string]string{
 	"/latest/meta-data/placement/":       "availability-zone\nregion\n",
 }
 
-const (
-	tokenPath   = "/latest/api/token"
-	tokenHeader = "X-Aws-Ec2-Metadata-Token"
-	ttlHeader   = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
-	metadataGET = "/latest/meta-data/instance-id"
-)
+// metadataGET is the path BenchmarkMetadataGET asks for.
+const metadataGET = "/latest/meta-data/instance-id"
 
 func startStandIn(t testing.TB) *standIn {
 	t.Helper()
@@ -68,9 +66,9 @@ func startStandIn(t testing.TB) *standIn {
 func (s *standIn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.requests.Add(1)
 	h := w.Header()
-	h["Server"] = []string{"EC2ws"}
+	h["Server"] = []string{imdsapi.ServerName}
 	h["Content-Type"] = []string{"text/plain"}
-	if r.URL.Path == tokenPath {
+	if r.URL.Path == imdsapi.TokenPath {
 		n := s.puts.Add(1)
 		if r.Method != http.MethodPut {
 			w.WriteHeader(http.StatusMethodNotAllowed)
@@ -80,12 +78,12 @@ func (s *standIn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusForbidden)
 			return
 		}
-		ttl := r.Header.Get(ttlHeader)
+		ttl := r.Header.Get(imdsapi.TokenTTLHeader)
 		if secs, err := strconv.Atoi(ttl); err != nil || secs < 1 || secs > 21600 {
 			w.WriteHeader(http.StatusBadRequest)
 			return
 		}
-		h[ttlHeader] = []string{ttl}
+		h[imdsapi.TokenTTLHeader] = []string{ttl}
 		_, _ = io.WriteString(w, s.prefix+strconv.FormatInt(n, 36))
 		return
 	}
@@ -94,7 +92,7 @@ func (s *standIn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusMethodNotAllowed)
 		return
 	}
-	if !strings.HasPrefix(r.Header.Get(tokenHeader), s.prefix) {
+	if !strings.HasPrefix(r.Header.Get(imdsapi.TokenHeader), s.prefix) {
 		s.unauthorized.Add(1)
 		w.WriteHeader(http.StatusUnauthorized)
 		return

@@ -16,9 +16,9 @@ type demoRow struct {
 	name           string
 	hopLimit       int
 	tokensRequired bool
-	// wiring connects the task to the node; zero: testutil.RoutedVeth.
+	// wiring connects the task to the node.
 	wiring testutil.Wiring
-	// start sets the shape up and returns the namespace the client runs in.
+	// start starts the setup's proxies and returns the namespace the client runs in.
 	start func(t *testing.T, e *testutil.EC2) *testutil.Netns
 	// slow: the row shows the problem, not the fix.
 	slow bool
@@ -67,7 +67,11 @@ func TestDemoTable(t *testing.T) {
 	fmt.Printf("%-36s %14s %16s %12s %9s\n", "setup", "credentials", "metadata call", "vs node", "v1 @IMDS")
 	var onNode time.Duration
 	for _, row := range demoRows {
-		e := testutil.NewEC2On(t, row.wiring, row.hopLimit, row.tokensRequired)
+		setup := []testutil.EC2Option{testutil.WiredBy(row.wiring), testutil.HopLimit(row.hopLimit)}
+		if !row.tokensRequired {
+			setup = append(setup, testutil.IMDSv1Allowed())
+		}
+		e := testutil.NewEC2(t, setup...)
 		ns := row.start(t, e)
 		cred, call, err := medianSDK(t, ns, runs)
 		if err != nil {

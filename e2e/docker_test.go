@@ -21,7 +21,7 @@ import (
 // 169.254.170.2 still answered, and the node's ruleset (Docker's rules
 // included) as before after SIGTERM.
 func TestNodeAgentWithRealDocker(t *testing.T) {
-	e := testutil.NewEC2On(t, testutil.DockerEngine, 1, true)
+	e := testutil.NewEC2(t, testutil.WiredBy(testutil.DockerEngine))
 	docker := testutil.StartDocker(t, e.Node)
 	testutil.StartECSAgentStandIn(t, e.Node)
 	docker.BuildBotocoreImage(t, "imds-proxy-test-clients", map[string]string{"/usr/local/bin/demo-client": bins.DemoClient})

@@ -43,7 +43,7 @@ func runDoctor(t *testing.T, ns *testutil.Netns) (doctor.Report, int) {
 
 func TestDoctorDiagnoses(t *testing.T) {
 	t.Run("hop limit 1 from a task, tokens required", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, true)
+		e := testutil.NewEC2(t)
 		r, code := runDoctor(t, e.Task)
 		if code != doctor.ExitHopLimit || !strings.Contains(r.Diagnosis, "hop-limit") || !r.TokensRequired {
 			t.Errorf("exit %d, report %+v; want the hop-limit diagnosis with tokens required", code, r)
@@ -53,14 +53,14 @@ func TestDoctorDiagnoses(t *testing.T) {
 		}
 	})
 	t.Run("healthy from the node", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, true)
+		e := testutil.NewEC2(t)
 		r, code := runDoctor(t, e.Node)
 		if code != doctor.ExitHealthy || !r.TokensRequired || r.Proxy != "" || r.Rules != "absent" {
 			t.Errorf("exit %d, report %+v; want healthy, tokens required, no proxy, no rules", code, r)
 		}
 	})
 	t.Run("IMDSv1 allowed, hop limit 1 from a task", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, false)
+		e := testutil.NewEC2(t, testutil.IMDSv1Allowed())
 		r, code := runDoctor(t, e.Task)
 		if code != doctor.ExitHopLimit || r.TokensRequired || r.V1Get.Status != 200 {
 			t.Errorf("exit %d, report %+v; want the hop-limit diagnosis with IMDSv1 answering", code, r)
@@ -73,7 +73,7 @@ func TestDoctorDiagnoses(t *testing.T) {
 		}
 	})
 	t.Run("behind the node agent", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, true)
+		e := testutil.NewEC2(t)
 		startNodeAgent(t, e)
 		r, code := runDoctor(t, e.Task)
 		if code != doctor.ExitHealthy || r.Proxy != "node" {
@@ -81,7 +81,7 @@ func TestDoctorDiagnoses(t *testing.T) {
 		}
 	})
 	t.Run("behind a sidecar", func(t *testing.T) {
-		e := testutil.NewEC2(t, 2, true)
+		e := testutil.NewEC2(t, testutil.HopLimit(2))
 		startSidecar(t, e, "--upstream", "http://169.254.169.254")
 		r, code := runDoctor(t, e.Task)
 		// This sidecar runs in the test's own (root) cgroup: it falls back to the mark, and doctor says so.
@@ -91,7 +91,7 @@ func TestDoctorDiagnoses(t *testing.T) {
 	})
 	t.Run("behind a sidecar denying the metadata path", func(t *testing.T) {
 		// The token works; the metadata GET with it is refused by the path policy.
-		e := testutil.NewEC2(t, 2, true)
+		e := testutil.NewEC2(t, testutil.HopLimit(2))
 		startSidecar(t, e, "--upstream", "http://169.254.169.254", "--deny-path", "/latest/meta-data/")
 		r, code := runDoctor(t, e.Task)
 		if code != doctor.ExitV2Refused || r.Token.Status != 200 || r.V2Get == nil || r.V2Get.Status != 403 ||
@@ -101,7 +101,7 @@ func TestDoctorDiagnoses(t *testing.T) {
 	})
 	t.Run("VPC CNI pod behind an address-less REDIRECT", func(t *testing.T) {
 		// The rule an imds-proxy before DNAT delivery installed, in its chain.
-		e := testutil.NewEC2On(t, testutil.VPCCNI, 1, true)
+		e := testutil.NewEC2(t, testutil.WiredBy(testutil.VPCCNI))
 		e.Node.Run(t, "iptables-nft", "-t", "nat", "-N", "IMDS_PROXY_PREROUTING")
 		e.Node.Run(t, "iptables-nft", "-t", "nat", "-A", "IMDS_PROXY_PREROUTING", "-i", "eni+", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "8169")
 		e.Node.Run(t, "iptables-nft", "-t", "nat", "-A", "PREROUTING", "-d", "169.254.169.254/32", "-p", "tcp", "--dport", "80", "-j", "IMDS_PROXY_PREROUTING")
@@ -116,7 +116,7 @@ func TestDoctorDiagnoses(t *testing.T) {
 		}
 	})
 	t.Run("node agent whose interfaces match nothing", func(t *testing.T) {
-		e := testutil.NewEC2On(t, testutil.VPCCNI, 1, true)
+		e := testutil.NewEC2(t, testutil.WiredBy(testutil.VPCCNI))
 		startProxyIn(t, e.Node, "node", "--interfaces", "cali+", "--upstream", "http://169.254.169.254")
 		r, code := runDoctor(t, e.Node)
 		if code != doctor.ExitNodeAgent || r.Node == nil || !slices.Contains(r.Node.Unmatched, "eni3f2a9c1d8e7") ||

@@ -1,5 +1,5 @@
 // Package e2e reproduces the IMDSv2 hop-limit problem with real AWS clients
-// in network namespaces, and shows imds-proxy fixing it in each shape.
+// in network namespaces, and shows imds-proxy fixing it in each mode.
 package e2e
 
 import (
@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"testing"
 	"time"
 
@@ -118,21 +119,33 @@ func startProxyIn(t *testing.T, ns *testutil.Netns, args ...string) *testutil.Pr
 // startBinaryIn is startProxyIn with another imds-proxy binary.
 func startBinaryIn(t *testing.T, ns *testutil.Netns, binary string, args ...string) *testutil.Process {
 	t.Helper()
-	argv := append([]string{"netns", "exec", ns.Name, binary}, args...)
+	argv := append(slices.Clone(args), "--iptables-backend", "nft")
 	if args[0] == "sidecar" {
 		argv = append(argv, "--metrics-listen", "127.0.0.1:9169")
 	}
-	argv = append(argv, "--iptables-backend", "nft")
-	cmd := exec.Command("ip", argv...)
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	p := testutil.StartProcess(t, cmd)
-	ns.WaitReady(t, "127.0.0.1:9169")
-	return p
+	return testutil.StartProxy(t, ns, binary, argv)
 }
 
 // noTimeoutPaid is a coarse bound, far above a normal fetch (milliseconds)
 // and below the SDK's IMDSv2 timeout-and-fallback (a second or more).
 const noTimeoutPaid = time.Second
+
+// fastSDK runs the Go SDK in ns, as goSDK does, and asserts that it got
+// AEMM's credentials without paying a token timeout; what names the setup,
+// and proxy, when not nil, is the proxy whose log a failure shows.
+func fastSDK(t *testing.T, what string, ns *testutil.Netns, proxy *testutil.Process, env ...string) sdkResult {
+	t.Helper()
+	r, err := goSDK(t, ns, env...)
+	if err != nil {
+		var logs string
+		if proxy != nil {
+			logs = proxy.Logs.String()
+		}
+		t.Fatalf("%s: %v\n%s", what, err, logs)
+	}
+	assertFast(t, what, r)
+	return r
+}
 
 func assertFast(t *testing.T, what string, r sdkResult) {
 	t.Helper()

@@ -59,14 +59,12 @@ print(head.split("\r\n")[0], *proxy)
 // Forged marks, the UID a --exempt-uid sidecar would exempt, both, and
 // IPv6 all meet the sidecar, while the Go SDK in an app gets credentials.
 func TestSidecarExemptionCannotBeForged(t *testing.T) {
-	e := testutil.NewEC2(t, 2, false)
-	e.Task.Run(t, "ip", "-6", "addr", "add", "fd00:200:1::2/64", "dev", "eth0", "nodad")
-	e.Task.Run(t, "ip", "-6", "route", "add", "default", "via", "fd00:200:1::1")
+	e := testutil.NewEC2(t, testutil.HopLimit(2), testutil.IMDSv1Allowed(), testutil.WithIPv6())
 	cgroups := testutil.NewCgroups(t)
 	sidecar := testutil.StartProcess(t, cgroups.Container(t, e.Task, "sidecar", false, bins.Proxy, "sidecar",
 		"--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254",
 		"--v1", "block", "--iptables-backend", "nft"))
-	e.Task.WaitReady(t, "127.0.0.1:9169")
+	sidecar.WaitReady(t, e.Task)
 	if !strings.Contains(sidecar.Logs.String(), "exempts the proxy's own cgroup") {
 		t.Fatalf("the sidecar does not exempt its cgroup:\n%s", sidecar.Logs.String())
 	}

@@ -57,12 +57,12 @@ func runClient(t *testing.T, ns *testutil.Netns, argv []string) (roundResult, er
 }
 
 // TestInteropSDKs runs the AWS SDK for Go v1 and the AWS SDK for
-// JavaScript v3 in the task behind each proxy shape, hop limit 1 (2 for
+// JavaScript v3 in the task behind each proxy mode, hop limit 1 (2 for
 // the lone sidecar) and tokens required: each gets the role's credentials
 // and the instance ID, and IMDS sees no tokenless request.
 func TestInteropSDKs(t *testing.T) {
 	clients := interopClients(t)
-	shapes := []struct {
+	modes := []struct {
 		name     string
 		hopLimit int
 		start    func(t *testing.T, e *testutil.EC2)
@@ -74,10 +74,10 @@ func TestInteropSDKs(t *testing.T) {
 			startSidecar(t, e, "--upstream", "http://"+testutil.NodeAddr+":8169")
 		}},
 	}
-	for _, shape := range shapes {
-		t.Run(shape.name, func(t *testing.T) {
-			e := testutil.NewEC2(t, shape.hopLimit, true)
-			shape.start(t, e)
+	for _, mode := range modes {
+		t.Run(mode.name, func(t *testing.T) {
+			e := testutil.NewEC2(t, testutil.HopLimit(mode.hopLimit))
+			mode.start(t, e)
 			for name, argv := range clients {
 				r, err := runClient(t, e.Task, argv)
 				if err != nil || !r.OK || r.AccessKeyID != "12345678901" || r.InstanceID != "i-1234567890abcdef0" {

@@ -37,7 +37,7 @@ func TestRestartKeepsLongLivedClients(t *testing.T) {
 	node := restartable{"node agent", func(e *testutil.EC2) *testutil.Netns { return e.Node },
 		[]string{"node", "--listen", ":8169", "--interfaces", testutil.RoutedVeth.Interfaces,
 			"--upstream", "http://169.254.169.254", "--v1", "block", "--token-key-file", nodeKey}}
-	for _, shape := range []struct {
+	for _, mode := range []struct {
 		name     string
 		hopLimit int
 		proxies  []restartable // started in this order; each is restarted in turn
@@ -46,17 +46,17 @@ func TestRestartKeepsLongLivedClients(t *testing.T) {
 		{"node agent", 1, []restartable{node}},
 		{"chained", 1, []restartable{node, sidecar("http://10.200.1.1:8169")}},
 	} {
-		t.Run(shape.name, func(t *testing.T) {
-			e := testutil.NewEC2(t, shape.hopLimit, true)
-			running := make([]*testutil.Process, len(shape.proxies))
-			for i, p := range shape.proxies {
+		t.Run(mode.name, func(t *testing.T) {
+			e := testutil.NewEC2(t, testutil.HopLimit(mode.hopLimit))
+			running := make([]*testutil.Process, len(mode.proxies))
+			for i, p := range mode.proxies {
 				running[i] = startProxyIn(t, p.ns(e), p.args...)
 			}
 			clients := startLongLivedClients(t, e.Task)
 			logs := func() string {
 				var b strings.Builder
 				for i, p := range running {
-					fmt.Fprintf(&b, "--- %s:\n%s", shape.proxies[i].name, p.Logs.String())
+					fmt.Fprintf(&b, "--- %s:\n%s", mode.proxies[i].name, p.Logs.String())
 				}
 				return b.String()
 			}
@@ -67,10 +67,10 @@ func TestRestartKeepsLongLivedClients(t *testing.T) {
 			}
 			// Each proxy is restarted, then replaced by the next version of
 			// itself, as a rollout does.
-			for step := 0; step < 2*len(shape.proxies); step++ {
-				i, p := step%len(shape.proxies), shape.proxies[step%len(shape.proxies)]
+			for step := 0; step < 2*len(mode.proxies); step++ {
+				i, p := step%len(mode.proxies), mode.proxies[step%len(mode.proxies)]
 				binary, how := bins.Proxy, "restarted"
-				if step >= len(shape.proxies) {
+				if step >= len(mode.proxies) {
 					binary, how = bins.ProxyNext, "replaced by its next version"
 				}
 				running[i].Terminate(t)

@@ -14,12 +14,8 @@ import (
 // required it gets no credentials. Meanwhile a client on the node is fast.
 func TestBaselineReproducesTheProblem(t *testing.T) {
 	t.Run("IMDSv1 allowed", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, false)
-		onNode, err := goSDK(t, e.Node)
-		if err != nil {
-			t.Fatalf("SDK on the node: %v", err)
-		}
-		assertFast(t, "on the node", onNode)
+		e := testutil.NewEC2(t, testutil.IMDSv1Allowed())
+		fastSDK(t, "on the node", e.Node, nil)
 		if n := e.TokenlessRequests(t); n != 0 {
 			t.Fatalf("the SDK on the node made %d IMDSv1 requests", n)
 		}
@@ -36,7 +32,7 @@ func TestBaselineReproducesTheProblem(t *testing.T) {
 		t.Logf("in the task without proxy: credentials %.0fms, metadata call %.0fms", inTask.Credentials*1000, inTask.PerCall*1000)
 	})
 	t.Run("tokens required", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, true)
+		e := testutil.NewEC2(t)
 		if _, err := goSDK(t, e.Task); err == nil {
 			t.Error("the SDK in the task got credentials with hop limit 1 and tokens required")
 		}
@@ -46,13 +42,9 @@ func TestBaselineReproducesTheProblem(t *testing.T) {
 // TestNodeModeFixesHopLimit1: the node agent makes both clients in the task
 // work over IMDSv2 with tokens required, at node-local speed.
 func TestNodeModeFixesHopLimit1(t *testing.T) {
-	e := testutil.NewEC2(t, 1, true)
+	e := testutil.NewEC2(t)
 	agent := startNodeAgent(t, e)
-	r, err := goSDK(t, e.Task)
-	if err != nil {
-		t.Fatalf("Go SDK in the task through the node agent: %v\n%s", err, agent.Logs.String())
-	}
-	assertFast(t, "Go SDK, task via node agent", r)
+	fastSDK(t, "Go SDK, task via node agent", e.Task, agent)
 	key, seconds, ok, err := botocore(t, e.Task)
 	switch {
 	case !ok:
@@ -69,44 +61,32 @@ func TestNodeModeFixesHopLimit1(t *testing.T) {
 	}
 }
 
-// TestSidecarShapes: hop limit 2 direct; hop limit 1 with IMDSv1 allowed
+// TestSidecarSetups: hop limit 2 direct; hop limit 1 with IMDSv1 allowed
 // (fallback: only the first request may wait); hop limit 1 with tokens
 // required, chained to a node agent.
-func TestSidecarShapes(t *testing.T) {
+func TestSidecarSetups(t *testing.T) {
 	t.Run("hop limit 2", func(t *testing.T) {
-		e := testutil.NewEC2(t, 2, true)
+		e := testutil.NewEC2(t, testutil.HopLimit(2))
 		startSidecar(t, e, "--upstream", "http://169.254.169.254")
-		r, err := goSDK(t, e.Task)
-		if err != nil {
-			t.Fatal(err)
-		}
-		assertFast(t, "sidecar, hop limit 2", r)
+		fastSDK(t, "sidecar, hop limit 2", e.Task, nil)
 		if n := e.TokenlessRequests(t); n != 0 {
 			t.Errorf("IMDS saw %d tokenless requests", n)
 		}
 	})
 	t.Run("hop limit 1, IMDSv1 allowed: fallback", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, false)
+		e := testutil.NewEC2(t, testutil.IMDSv1Allowed())
 		sidecar := startSidecar(t, e, "--upstream", "http://169.254.169.254")
 		if !strings.Contains(sidecar.Logs.String(), "hop-limit symptom") {
 			t.Errorf("no hop-limit diagnosis in the sidecar's log:\n%s", sidecar.Logs.String())
 		}
-		r, err := goSDK(t, e.Task)
-		if err != nil {
-			t.Fatal(err)
-		}
-		assertFast(t, "sidecar in fallback, hop limit 1", r)
+		fastSDK(t, "sidecar in fallback, hop limit 1", e.Task, sidecar)
 	})
 	t.Run("hop limit 1, tokens required, chained", func(t *testing.T) {
-		e := testutil.NewEC2(t, 1, true)
+		e := testutil.NewEC2(t)
 		before := saveAll(t, e)
 		agent := startNodeAgent(t, e)
 		sidecar := startSidecar(t, e, "--upstream", "http://10.200.1.1:8169")
-		r, err := goSDK(t, e.Task)
-		if err != nil {
-			t.Fatal(err)
-		}
-		assertFast(t, "sidecar chained to node agent, hop limit 1", r)
+		fastSDK(t, "sidecar chained to node agent, hop limit 1", e.Task, sidecar)
 		if n := e.TokenlessRequests(t); n != 0 {
 			t.Errorf("IMDS saw %d tokenless requests", n)
 		}
@@ -121,7 +101,7 @@ func TestSidecarShapes(t *testing.T) {
 // TestV1BlockInTask: with --v1 block a tokenless GET from the task gets 401
 // and is logged with its User-Agent, while the SDK keeps working over IMDSv2.
 func TestV1BlockInTask(t *testing.T) {
-	e := testutil.NewEC2(t, 2, false)
+	e := testutil.NewEC2(t, testutil.HopLimit(2), testutil.IMDSv1Allowed())
 	sidecar := startSidecar(t, e, "--upstream", "http://169.254.169.254", "--v1", "block")
 	status, _ := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/iam/security-credentials/",
 		http.Header{"User-Agent": {"aws-cli/1.18 Python/2.7 legacy-cron"}})
@@ -131,11 +111,7 @@ func TestV1BlockInTask(t *testing.T) {
 	if _, err := sidecar.Logs.WaitFor("legacy-cron", 5*time.Second); err != nil {
 		t.Errorf("the refused IMDSv1 call was not logged with its User-Agent: %v", err)
 	}
-	r, err := goSDK(t, e.Task)
-	if err != nil {
-		t.Fatal(err)
-	}
-	assertFast(t, "SDK with --v1 block", r)
+	fastSDK(t, "SDK with --v1 block", e.Task, sidecar)
 	if n := e.TokenlessRequests(t); n != 0 {
 		t.Errorf("IMDS saw %d tokenless requests", n)
 	}
@@ -144,17 +120,10 @@ func TestV1BlockInTask(t *testing.T) {
 // TestIPv6Endpoint: the SDK in IPv6 endpoint mode ([fd00:ec2::254]) is
 // redirected to the sidecar, which serves it from its IPv4 upstream session.
 func TestIPv6Endpoint(t *testing.T) {
-	e := testutil.NewEC2(t, 1, true)
-	e.Task.Run(t, "ip", "-6", "addr", "add", "fd00:200:1::2/64", "dev", "eth0", "nodad")
-	e.Node.Run(t, "ip", "-6", "addr", "add", "fd00:200:1::1/64", "dev", "cveth0", "nodad")
-	e.Task.Run(t, "ip", "-6", "route", "add", "default", "via", "fd00:200:1::1")
+	e := testutil.NewEC2(t, testutil.WithIPv6())
 	startNodeAgent(t, e)
 	sidecar := startSidecar(t, e, "--upstream", "http://10.200.1.1:8169", "--log-level", "debug")
-	r, err := goSDK(t, e.Task, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")
-	if err != nil {
-		t.Fatalf("SDK in IPv6 mode: %v\n%s", err, sidecar.Logs.String())
-	}
-	assertFast(t, "SDK in IPv6 endpoint mode via sidecar", r)
+	fastSDK(t, "SDK in IPv6 endpoint mode via sidecar", e.Task, sidecar, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")
 	if !strings.Contains(sidecar.Logs.String(), `"caller":"fd00:200:1::2"`) {
 		t.Errorf("no request reached the sidecar over IPv6:\n%s", sidecar.Logs.String())
 	}

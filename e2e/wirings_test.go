@@ -20,7 +20,7 @@ import (
 func TestNodeAgentOnEveryWiring(t *testing.T) {
 	for _, w := range []testutil.Wiring{testutil.DockerBridge, testutil.VPCCNI, testutil.Calico, testutil.Cilium} {
 		t.Run(w.Name, func(t *testing.T) {
-			e := testutil.NewEC2On(t, w, 1, true)
+			e := testutil.NewEC2(t, testutil.WiredBy(w))
 			checkNodeAgent(t, e)
 		})
 	}
@@ -31,7 +31,7 @@ func TestNodeAgentOnEveryWiring(t *testing.T) {
 // (a DNAT to the agent on 127.0.0.1:51679 with route_localnet on docker0).
 // The node agent must leave that endpoint working.
 func TestNodeAgentOnECSBridge(t *testing.T) {
-	e := testutil.NewEC2On(t, testutil.DockerBridge, 1, true)
+	e := testutil.NewEC2(t, testutil.WiredBy(testutil.DockerBridge))
 	testutil.StartECSAgentStandIn(t, e.Node)
 	credentials := func(when string) {
 		t.Helper()
@@ -95,11 +95,7 @@ func medianCredentials(t *testing.T, ns *testutil.Netns) time.Duration {
 	t.Helper()
 	var all []time.Duration
 	for range 5 {
-		r, err := goSDK(t, ns)
-		if err != nil {
-			t.Fatalf("Go SDK in %s: %v", ns, err)
-		}
-		assertFast(t, "Go SDK in "+ns.Name, r)
+		r := fastSDK(t, "Go SDK in "+ns.Name, ns, nil)
 		all = append(all, time.Duration(r.Credentials*float64(time.Second)))
 	}
 	slices.Sort(all)
@@ -151,14 +147,10 @@ func saveNode(t *testing.T, e *testutil.EC2) string {
 // packets to it, and the SDK pays its timeout), which AddVPCCNIIPv6 waits
 // for.
 func TestNodeAgentIPv6OnVPCCNI(t *testing.T) {
-	e := testutil.NewEC2On(t, testutil.VPCCNI, 1, true)
+	e := testutil.NewEC2(t, testutil.WiredBy(testutil.VPCCNI))
 	testutil.AddVPCCNIIPv6(t, e, "fd00:5::17")
 	agent := startNodeAgent(t, e, "--log-level", "debug")
-	r, err := goSDK(t, e.Task, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")
-	if err != nil {
-		t.Fatalf("Go SDK in IPv6 endpoint mode in a VPC CNI pod: %v\n%s", err, agent.Logs.String())
-	}
-	assertFast(t, "Go SDK, IPv6 VPC CNI pod via node agent", r)
+	fastSDK(t, "Go SDK, IPv6 VPC CNI pod via node agent", e.Task, agent, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")
 	if !strings.Contains(agent.Logs.String(), `"caller":"fd00:5::17"`) {
 		t.Errorf("no request reached the node agent over IPv6:\n%s", agent.Logs.String())
 	}

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
 // TestSidecarRestoresShadowedCapture: an ACCEPT inserted above the sidecar's
@@ -16,16 +18,14 @@ import (
 func TestSidecarRestoresShadowedCapture(t *testing.T) {
 	for _, backend := range []string{"nft", "legacy"} {
 		t.Run(backend, func(t *testing.T) {
-			top := newSidecarTopology(t)
-			proxy := startIn(t, top.task, nil, "sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
-				"--upstream", "http://169.254.169.254", "--reconcile-interval", "200ms", "--iptables-backend", backend)
-			top.task.WaitReady(t, "127.0.0.1:9169")
-			save := func() string { return top.task.IptablesSave(t, "iptables-"+backend+"-save") }
+			e := newSidecarEC2(t)
+			proxy := testutil.StartProxy(t, e.Task, binary, sidecarArgs("--reconcile-interval", "200ms", "--iptables-backend", backend))
+			save := func() string { return e.Task.IptablesSave(t, "iptables-"+backend+"-save") }
 			installed := save()
 
 			const accept = "-A OUTPUT -d 169.254.169.254/32 -j ACCEPT"
-			top.task.Run(t, "iptables-"+backend, "-t", "nat", "-I", "OUTPUT", "1", "-d", "169.254.169.254/32", "-j", "ACCEPT")
-			top.task.Run(t, "iptables-"+backend, "-t", "nat", "-I", "IMDS_PROXY_OUTPUT", "1", "-j", "RETURN")
+			e.Task.Run(t, "iptables-"+backend, "-t", "nat", "-I", "OUTPUT", "1", "-d", "169.254.169.254/32", "-j", "ACCEPT")
+			e.Task.Run(t, "iptables-"+backend, "-t", "nat", "-I", "IMDS_PROXY_OUTPUT", "1", "-j", "RETURN")
 			if _, err := proxy.Logs.WaitFor("restoring the capture", 10*time.Second); err != nil {
 				t.Errorf("the shadowed redirect was not noticed: %v\n%s", err, proxy.Logs.String())
 			}
@@ -38,10 +38,10 @@ func TestSidecarRestoresShadowedCapture(t *testing.T) {
 					t.Errorf("the log does not name %s:\n%s", found, proxy.Logs.String())
 				}
 			}
-			if status, _ := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != http.StatusOK {
+			if status, _ := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != http.StatusOK {
 				t.Errorf("tokenless GET after the repair: %d, want 200 through the proxy", status)
 			}
-			top.task.WaitReady(t, "127.0.0.1:9169")
+			e.Task.WaitReady(t, "127.0.0.1:9169")
 		})
 	}
 }

@@ -36,13 +36,13 @@ func TestSidecarFailsClosedOnIPv6(t *testing.T) {
 		{"IPv6 disabled", brokenIP6tables, disableIPv6, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			top := newSidecarTopology(t)
-			tc.setup(t, top.task)
-			proxy := startIn(t, top.task, tc.env, "sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
-				"--upstream", "http://169.254.169.254", "--iptables-backend", "nft", "--reconcile-interval", "200ms")
+			e := newSidecarEC2(t)
+			tc.setup(t, e.Task)
+			proxy := testutil.StartProxy(t, e.Task, binary, sidecarArgs("--iptables-backend", "nft", "--reconcile-interval", "200ms"),
+				testutil.WithEnv(tc.env...), testutil.UntilServing())
 			if tc.reason == "" {
-				top.task.WaitReady(t, "127.0.0.1:9169")
-				if status, _ := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != http.StatusOK {
+				proxy.WaitReady(t, e.Task)
+				if status, _ := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != http.StatusOK {
 					t.Errorf("tokenless GET through the IPv4 redirect: %d, want 200\n%s", status, proxy.Logs.String())
 				}
 				return
@@ -53,7 +53,7 @@ func TestSidecarFailsClosedOnIPv6(t *testing.T) {
 			var body string
 			deadline := time.Now().Add(5 * time.Second)
 			for time.Now().Before(deadline) && !strings.Contains(body, tc.reason) {
-				status, body = top.task.Get(t, "127.0.0.1:9169", "/readyz", nil)
+				status, body = e.Task.Get(t, "127.0.0.1:9169", "/readyz", nil)
 				if status == http.StatusOK {
 					break
 				}
@@ -66,7 +66,7 @@ func TestSidecarFailsClosedOnIPv6(t *testing.T) {
 				t.Errorf("the log does not name %s:\n%s", tc.reason, proxy.Logs.String())
 			}
 			// doctor, run where the app containers run, names the gap too.
-			doctor := top.task.Command(binary, "doctor", "--json")
+			doctor := e.Task.Command(binary, "doctor", "--json")
 			doctor.Env = append([]string{"PATH=" + os.Getenv("PATH")}, tc.env...)
 			out, _ := doctor.Output() // its exit status is the IMDS diagnosis
 			var report struct {

@@ -36,22 +36,12 @@ func TestMain(m *testing.M) {
 }
 
 // startBinary runs imds-proxy sidecar without rules on loopback, with args
-// and env on top of a clean environment, and waits for its "serving" line.
+// and env on top of a clean environment, and waits for its "serving" line
+// (not for /readyz: see waitReady).
 func startBinary(t *testing.T, env []string, args ...string) *testutil.Process {
 	t.Helper()
-	base := []string{"sidecar", "--rules=false", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-level", "debug"}
-	return startIn(t, nil, env, append(base, args...)...)
-}
-
-// startIn runs imds-proxy with exactly args, inside ns when it is not nil.
-func startIn(t *testing.T, ns *testutil.Netns, env []string, args ...string) *testutil.Process {
-	t.Helper()
-	cmd := exec.Command(binary, args...)
-	if ns != nil {
-		cmd = ns.Command(append([]string{binary}, args...)...)
-	}
-	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
-	return testutil.StartProcess(t, cmd)
+	return testutil.StartProxy(t, nil, binary, testutil.LoopbackSidecar(append([]string{"--log-level", "debug"}, args...)...),
+		testutil.WithEnv(env...), testutil.UntilServing())
 }
 
 // get sends a request with an http.Client that never uses a proxy.
@@ -71,18 +61,10 @@ func get(t *testing.T, method, rawURL string, header http.Header) (int, string) 
 	return resp.StatusCode, string(body)
 }
 
+// waitReady waits for a proxy startBinary started to answer /readyz with 200.
 func waitReady(t *testing.T, r *testutil.Process) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if status, _ := get(t, "GET", r.Metrics+"/readyz", nil); status == 200 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("/readyz never became ready\n%s", r.Logs.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	r.WaitReady(t, nil)
 }
 
 func TestHelpExplainsEveryFlag(t *testing.T) {
@@ -255,13 +237,8 @@ func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
 	if got := <-result; got != "200 i-1234567890abcdef0" {
 		t.Errorf("in-flight request during shutdown got %q, want 200 and the instance id\n%s", got, r.Logs.String())
 	}
-	select {
-	case err := <-r.Done:
-		if err != nil {
-			t.Errorf("exit after SIGTERM: %v, want status 0\n%s", err, r.Logs.String())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("imds-proxy did not exit after SIGTERM")
+	if err := r.WaitExit(t, 10*time.Second); err != nil {
+		t.Errorf("exit after SIGTERM: %v, want status 0\n%s", err, r.Logs.String())
 	}
 	if _, err := http.Get(r.API + "/"); err == nil {
 		t.Error("the listener still accepts connections after shutdown")

@@ -10,67 +10,37 @@ import (
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
-// nodeTopology is an EC2 host in miniature: a node namespace that forwards
-// between a container (task) on cveth0, IMDS on imdslink, and the VPC
-// (outside) on uplink0.
-type nodeTopology struct {
-	node, task, imds, outside *testutil.Netns
-	aemm                      *testutil.AEMM
-}
-
-func newNodeTopology(t *testing.T) *nodeTopology {
-	t.Helper()
-	top := &nodeTopology{node: testutil.NewNetns(t), task: testutil.NewNetns(t), imds: testutil.NewNetns(t), outside: testutil.NewNetns(t)}
-	testutil.Veth(t, top.node, "cveth0", "10.200.1.1/24", top.task, "eth0", "10.200.1.2/24")
-	testutil.Veth(t, top.node, "imdslink", "169.254.0.1/16", top.imds, "eth0", "169.254.169.254/16")
-	testutil.Veth(t, top.node, "uplink0", "10.200.2.1/24", top.outside, "eth0", "10.200.2.2/24")
-	top.task.Run(t, "ip", "route", "add", "default", "via", "10.200.1.1")
-	top.outside.Run(t, "ip", "route", "add", "default", "via", "10.200.2.1")
-	top.imds.Run(t, "ip", "route", "add", "default", "via", "169.254.0.1")
-	top.node.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-	top.node.Run(t, "ip", "-6", "addr", "add", "fd00:200:2::1/64", "dev", "uplink0", "nodad")
-	top.outside.Run(t, "ip", "-6", "addr", "add", "fd00:200:2::2/64", "dev", "eth0", "nodad")
-	top.aemm = testutil.StartAEMMIn(t, top.imds, "169.254.169.254:80", "-I")
-	return top
-}
-
-func (top *nodeTopology) save(t *testing.T) string {
-	return top.node.IptablesSave(t, "iptables-nft-save") + top.node.IptablesSave(t, "ip6tables-nft-save")
-}
-
 // TestNodeRedirectsContainersOnly runs `imds-proxy node` in the node
 // namespace: a container's IMDS traffic is redirected to it, the listener
 // cannot be reached from the VPC side, and SIGTERM leaves iptables as found.
 func TestNodeRedirectsContainersOnly(t *testing.T) {
-	top := newNodeTopology(t)
+	e := testutil.NewEC2(t, testutil.WithVPC())
 	const imds = "169.254.169.254:80"
-	if status, _ := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 401 {
+	if status, _ := e.Task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 401 {
 		t.Fatalf("control: the container reaches IMDS through the node and tokenless gets %d, want 401", status)
 	}
 	for _, table := range []string{"nat", "filter"} {
-		top.node.Run(t, "iptables-nft", "-t", table, "-A", "INPUT", "-p", "udp", "-j", "RETURN")
-		top.node.Run(t, "ip6tables-nft", "-t", table, "-A", "INPUT", "-p", "udp", "-j", "RETURN")
+		e.Node.Run(t, "iptables-nft", "-t", table, "-A", "INPUT", "-p", "udp", "-j", "RETURN")
+		e.Node.Run(t, "ip6tables-nft", "-t", table, "-A", "INPUT", "-p", "udp", "-j", "RETURN")
 	}
-	before := top.save(t)
+	before := saveRules(t, e.Node)
 
 	// The admin listener's default: a node agent must keep it off the VPC and the pods.
-	proxy := startIn(t, top.node, nil, "node", "--v1", "allow", "--listen", ":8169",
-		"--interfaces", "cveth+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft")
-	top.node.WaitReady(t, "127.0.0.1:9169")
+	proxy := testutil.StartProxy(t, e.Node, binary, nodeArgs("--interfaces", "cveth+", "--iptables-backend", "nft"))
 
-	if status, body := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+	if status, body := e.Task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("container's tokenless GET through the node agent: %d %q, want 200 and the instance id", status, body)
 	}
-	runSDK(t, top.task, "http://169.254.169.254")
+	runSDK(t, e.Task, "http://169.254.169.254")
 	for _, addr := range []string{"10.200.2.1:8169", "10.200.1.1:8169", "[fd00:200:2::1]:8169"} {
-		if err := top.outside.TryDial(t, addr); err == nil {
+		if err := e.VPC.TryDial(t, addr); err == nil {
 			t.Errorf("the node listener %s is reachable from the VPC side", addr)
 		}
 	}
-	if err := top.task.TryDial(t, "10.200.1.1:8169"); err != nil {
+	if err := e.Task.TryDial(t, "10.200.1.1:8169"); err != nil {
 		t.Errorf("a container cannot reach the node listener directly: %v", err)
 	}
-	for _, from := range []*testutil.Netns{top.task, top.outside} {
+	for _, from := range []*testutil.Netns{e.Task, e.VPC} {
 		for _, addr := range []string{"10.200.1.1:9169", "10.200.2.1:9169", "169.254.0.1:9169", "[fd00:200:2::1]:9169"} {
 			if err := from.TryDial(t, addr); err == nil {
 				t.Errorf("the node agent's admin listener (/v1-callers, /metrics) is reachable from %s at %s", from, addr)
@@ -79,7 +49,7 @@ func TestNodeRedirectsContainersOnly(t *testing.T) {
 	}
 
 	proxy.Terminate(t)
-	if after := top.save(t); after != before {
+	if after := saveRules(t, e.Node); after != before {
 		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
 }
@@ -115,28 +85,26 @@ func TestRulesShowMatchesGolden(t *testing.T) {
 // while traffic its rules send would reach it, and it logs interface
 // patterns that match nothing.
 func TestNodeReadyOnlyWhileDelivering(t *testing.T) {
-	top := newNodeTopology(t)
-	proxy := startIn(t, top.node, nil, "node", "--v1", "allow", "--listen", ":8169", "--node-address", "10.200.2.1",
-		"--interfaces", "cveth+,eni+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft",
-		"--reconcile-interval", "200ms")
-	top.node.WaitReady(t, "127.0.0.1:9169")
+	e := testutil.NewEC2(t, testutil.WithVPC())
+	proxy := testutil.StartProxy(t, e.Node, binary, nodeArgs("--node-address", "10.200.2.1", "--interfaces", "cveth+,eni+",
+		"--iptables-backend", "nft", "--reconcile-interval", "200ms"))
 	if !strings.Contains(proxy.Logs.String(), `"unmatched":["eni+"]`) {
 		t.Errorf("the pattern that matches no interface was not logged:\n%s", proxy.Logs.String())
 	}
-	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+	if status, body := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("through the node agent, sent to 10.200.2.1: %d %q, want the instance id", status, body)
 	}
 
-	top.node.Run(t, "ip", "addr", "del", "10.200.2.1/24", "dev", "uplink0")
+	e.Node.Run(t, "ip", "addr", "del", "10.200.2.1/24", "dev", "uplink0")
 	if _, err := proxy.Logs.WaitFor("would not reach the proxy", 5*time.Second); err != nil {
 		t.Errorf("losing the node address was not logged: %v\n%s", err, proxy.Logs.String())
 	}
-	status, body := top.node.Get(t, "127.0.0.1:9169", "/readyz", nil)
+	status, body := e.Node.Get(t, "127.0.0.1:9169", "/readyz", nil)
 	if status != 503 || !strings.Contains(body, "10.200.2.1 is not an address of this host") {
 		t.Errorf("/readyz after the node address went away: %d %q, want 503 naming the address", status, body)
 	}
-	top.node.Run(t, "ip", "addr", "add", "10.200.2.1/24", "dev", "uplink0")
-	top.node.WaitReady(t, "127.0.0.1:9169")
+	e.Node.Run(t, "ip", "addr", "add", "10.200.2.1/24", "dev", "uplink0")
+	e.Node.WaitReady(t, "127.0.0.1:9169")
 	proxy.Terminate(t)
 }
 

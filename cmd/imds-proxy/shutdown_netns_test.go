@@ -11,28 +11,26 @@ import (
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
-// shutdownShape is a proxy in a namespace whose only NAT rules are its own
+// shutdownMode is a proxy in a namespace whose only NAT rules are its own
 // (iptables-nft), as in a pod's or an awsvpc task's namespace, or on a
 // node where nothing else NATs, and the namespace its clients dial IMDS from.
-type shutdownShape struct {
+type shutdownMode struct {
 	name              string
 	rulesNS, clientNS *testutil.Netns
 	args              []string
 }
 
-var shutdownShapes = []struct {
+var shutdownModes = []struct {
 	name string
-	make func(t *testing.T) shutdownShape
+	make func(t *testing.T) shutdownMode
 }{
-	{"sidecar", func(t *testing.T) shutdownShape {
-		top := newSidecarTopology(t)
-		return shutdownShape{"sidecar", top.task, top.task, []string{"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169",
-			"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft"}}
+	{"sidecar", func(t *testing.T) shutdownMode {
+		e := newSidecarEC2(t)
+		return shutdownMode{"sidecar", e.Task, e.Task, sidecarArgs("--iptables-backend", "nft")}
 	}},
-	{"node", func(t *testing.T) shutdownShape {
-		top := newNodeTopology(t)
-		return shutdownShape{"node", top.node, top.task, []string{"node", "--v1", "allow", "--listen", ":8169",
-			"--interfaces", "cveth+", "--upstream", "http://169.254.169.254", "--iptables-backend", "nft"}}
+	{"node", func(t *testing.T) shutdownMode {
+		e := testutil.NewEC2(t, testutil.WithVPC())
+		return shutdownMode{"node", e.Node, e.Task, nodeArgs("--interfaces", "cveth+", "--iptables-backend", "nft")}
 	}},
 }
 
@@ -43,23 +41,22 @@ var shutdownShapes = []struct {
 // so IMDS answers clients directly (fail open); with --keep-rules-on-exit
 // they stay, and new IMDS connections are refused (fail closed).
 func TestSIGTERMClosesKeepAliveConnectionsCleanly(t *testing.T) {
-	for _, shape := range shutdownShapes {
+	for _, mode := range shutdownModes {
 		for _, keep := range []bool{false, true} {
-			name := shape.name + map[bool]string{false: "/remove rules", true: "/keep rules"}[keep]
-			t.Run(name, func(t *testing.T) { checkCleanClose(t, shape.make(t), keep) })
+			name := mode.name + map[bool]string{false: "/remove rules", true: "/keep rules"}[keep]
+			t.Run(name, func(t *testing.T) { checkCleanClose(t, mode.make(t), keep) })
 		}
 	}
 }
 
-func checkCleanClose(t *testing.T, s shutdownShape, keep bool) {
+func checkCleanClose(t *testing.T, s shutdownMode, keep bool) {
 	t.Helper()
 	const imds = "169.254.169.254:80"
 	args := s.args
 	if keep {
 		args = append(append([]string(nil), args...), "--keep-rules-on-exit")
 	}
-	proxy := startIn(t, s.rulesNS, nil, args...)
-	s.rulesNS.WaitReady(t, "127.0.0.1:9169")
+	proxy := testutil.StartProxy(t, s.rulesNS, binary, args)
 	saved := s.rulesNS.Run(t, "iptables-nft-save", "-t", "nat")
 	if strings.Count(saved, "\n-A ") != strings.Count(saved, "imds-proxy: ") {
 		t.Fatalf("the namespace has NAT rules besides the proxy's:\n%s", saved)
@@ -95,18 +92,13 @@ func checkCleanClose(t *testing.T, s shutdownShape, keep bool) {
 			t.Errorf("new IMDS connections were refused for %s after SIGTERM (0: never reached IMDS)", refusedFor)
 		}
 	}
-	select {
-	case err := <-proxy.Done:
-		if err != nil {
-			t.Fatalf("exit after SIGTERM: %v\n%s", err, proxy.Logs.String())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("no exit within 10s of SIGTERM")
+	if err := proxy.WaitExit(t, 10*time.Second); err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, proxy.Logs.String())
 	}
 	exited := time.Since(sent)
 	t.Logf("%s: SIGTERM to client EOF %s, to exit %s", s.name, closed.Round(10*time.Microsecond), exited.Round(10*time.Microsecond))
 
-	left := s.rulesNS.IptablesSave(t, "iptables-nft-save") + s.rulesNS.IptablesSave(t, "ip6tables-nft-save")
+	left := saveRules(t, s.rulesNS)
 	switch {
 	case keep && !strings.Contains(left, "IMDS_PROXY"):
 		t.Errorf("--keep-rules-on-exit: the rules are gone:\n%s", left)
@@ -129,29 +121,26 @@ func checkCleanClose(t *testing.T, s shutdownShape, keep bool) {
 // rules; the next one adopts them, serves through them, and removes them on
 // SIGTERM.
 func TestSIGKILLLeavesRulesTheSuccessorAdopts(t *testing.T) {
-	top := newSidecarTopology(t)
-	args := []string{"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
-		"--upstream", "http://169.254.169.254", "--iptables-backend", "nft"}
-	first := startIn(t, top.task, nil, args...)
-	top.task.WaitReady(t, "127.0.0.1:9169")
-	installed := top.save(t)
+	e := newSidecarEC2(t)
+	args := sidecarArgs("--iptables-backend", "nft")
+	first := testutil.StartProxy(t, e.Task, binary, args)
+	installed := saveRules(t, e.Task)
 	if err := first.Cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
 	<-first.Done
-	if left := top.save(t); left != installed {
+	if left := saveRules(t, e.Task); left != installed {
 		t.Fatalf("after SIGKILL the rules changed:\nwas:\n%s\nnow:\n%s", installed, left)
 	}
-	second := startIn(t, top.task, nil, args...)
-	top.task.WaitReady(t, "127.0.0.1:9169")
-	if adopted := top.save(t); adopted != installed {
+	second := testutil.StartProxy(t, e.Task, binary, args)
+	if adopted := saveRules(t, e.Task); adopted != installed {
 		t.Errorf("the successor's rules differ from its predecessor's (duplicates?):\nwas:\n%s\nnow:\n%s", installed, adopted)
 	}
-	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+	if status, body := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET through the adopted rules: %d %q, want 200", status, body)
 	}
 	second.Terminate(t)
-	if after := top.save(t); strings.Contains(after, "IMDS_PROXY") {
+	if after := saveRules(t, e.Task); strings.Contains(after, "IMDS_PROXY") {
 		t.Errorf("rules left after the successor's SIGTERM:\n%s", after)
 	}
 }

@@ -14,25 +14,18 @@ import (
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
-// sidecarTopology is a task namespace with a link to an imds namespace where
-// amazon-ec2-metadata-mock (IMDSv2 required) answers on 169.254.169.254:80.
-type sidecarTopology struct {
-	task, imds *testutil.Netns
-	aemm       *testutil.AEMM
-}
-
-func newSidecarTopology(t *testing.T) *sidecarTopology {
+// newSidecarEC2 is an instance whose task's sidecar reaches IMDS (tokens
+// required) directly, hop limit 2, and whose task reaches [fd00:ec2::254]
+// too: the IPv6 endpoint its rules must redirect.
+func newSidecarEC2(t *testing.T) *testutil.EC2 {
 	t.Helper()
-	top := &sidecarTopology{task: testutil.NewNetns(t), imds: testutil.NewNetns(t)}
-	testutil.Veth(t, top.task, "veth-task", "169.254.1.2/16", top.imds, "veth-imds", "169.254.169.254/16")
-	top.task.Run(t, "ip", "-6", "addr", "add", "fd00:ec2::2/64", "dev", "veth-task", "nodad")
-	top.imds.Run(t, "ip", "-6", "addr", "add", "fd00:ec2::254/64", "dev", "veth-imds", "nodad")
-	top.aemm = testutil.StartAEMMIn(t, top.imds, "169.254.169.254:80", "-I")
-	return top
+	return testutil.NewEC2(t, testutil.HopLimit(2), testutil.WithIPv6())
 }
 
-func (top *sidecarTopology) save(t *testing.T) string {
-	return top.task.IptablesSave(t, "iptables-nft-save") + top.task.IptablesSave(t, "ip6tables-nft-save")
+// saveRules is iptables-save of ns, both families.
+func saveRules(t *testing.T, ns *testutil.Netns) string {
+	t.Helper()
+	return ns.IptablesSave(t, "iptables-nft-save") + ns.IptablesSave(t, "ip6tables-nft-save")
 }
 
 // TestSidecarRedirectsAndCleansUp runs `imds-proxy sidecar` with its rules in
@@ -40,61 +33,59 @@ func (top *sidecarTopology) save(t *testing.T) string {
 // the proxy's own upstream connections reach IMDS (not itself), a deleted
 // rule comes back, and SIGTERM leaves iptables exactly as it found them.
 func TestSidecarRedirectsAndCleansUp(t *testing.T) {
-	top := newSidecarTopology(t)
+	e := newSidecarEC2(t)
 	const imds = "169.254.169.254:80"
 	// Without the proxy, IMDSv1 is refused: AEMM requires tokens.
-	if status, _ := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 401 {
+	if status, _ := e.Task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 401 {
 		t.Fatalf("control: tokenless GET straight to IMDS got %d, want 401", status)
 	}
 	// Someone else's nat rules (another sidecar's redirect), which must
 	// survive untouched. A NAT rule also turns on connection tracking, so the
 	// early connection below is tracked as not redirected. (Without any
 	// rules, iptables-nft would leave an empty nat table behind.)
-	addForeignNATRules(t, top.task)
-	before := top.save(t)
+	addForeignNATRules(t, e.Task)
+	before := saveRules(t, e.Task)
 	// A keep-alive connection opened before the redirect exists.
-	early := dialIn(t, top.task, imds)
+	early := dialIn(t, e.Task, imds)
 	if status := getOn(t, early, "/latest/meta-data/instance-id"); status != 401 {
 		t.Fatalf("control: tokenless GET on the early connection got %d, want 401 from IMDS", status)
 	}
 
-	proxy := startIn(t, top.task, nil, "sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
-		"--upstream", "http://169.254.169.254", "--reconcile-interval", "200ms", "--iptables-backend", "nft", "--log-level", "debug")
-	top.task.WaitReady(t, "127.0.0.1:9169")
-	installed := top.save(t)
+	proxy := testutil.StartProxy(t, e.Task, binary, sidecarArgs("--reconcile-interval", "200ms", "--iptables-backend", "nft", "--log-level", "debug"))
+	installed := saveRules(t, e.Task)
 	if !strings.Contains(installed, "IMDS_PROXY_OUTPUT") {
 		t.Fatalf("no rules after start:\n%s", installed)
 	}
 
 	// A tokenless GET now reaches the proxy, which serves it over its own
 	// IMDSv2 session: only a redirect to the proxy can turn 401 into 200.
-	if status, body := top.task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+	if status, body := e.Task.Get(t, imds, "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET through the redirect: %d %q, want 200 and the instance id", status, body)
 	}
 	// The IPv6 endpoint is redirected too (to the proxy's [::1] listener).
-	if status, body := top.task.Get(t, "[fd00:ec2::254]:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+	if status, body := e.Task.Get(t, "[fd00:ec2::254]:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET to [fd00:ec2::254] through the redirect: %d %q, want 200 and the instance id", status, body)
 	}
-	runSDK(t, top.task, "http://169.254.169.254")
+	runSDK(t, e.Task, "http://169.254.169.254")
 	// The early connection must not keep reaching IMDS past the proxy.
 	if status := getOn(t, early, "/latest/meta-data/instance-id"); status == 401 {
 		t.Error("a connection opened before the rules still reaches IMDS directly")
 	}
-	if n := testutil.CountLines(top.aemm.Logs(), "No token provided"); n != 3 { // both controls above, and the proxy's IMDSv1 probe
+	if n := testutil.CountLines(e.AEMM.Logs(), "No token provided"); n != 3 { // both controls above, and the proxy's IMDSv1 probe
 		t.Errorf("AEMM refused %d tokenless requests, want 3 (the two controls before the proxy started, and its probe)", n)
 	}
-	if n := testutil.CountLines(top.aemm.Logs(), "GenerateToken Received request"); n != 1 {
+	if n := testutil.CountLines(e.AEMM.Logs(), "GenerateToken Received request"); n != 1 {
 		t.Errorf("AEMM issued %d tokens, want exactly 1: the proxy's own (client PUTs must stay in the proxy)", n)
 	}
 
-	top.task.Run(t, "iptables-nft", "-t", "nat", "-F", "IMDS_PROXY_OUTPUT")
+	e.Task.Run(t, "iptables-nft", "-t", "nat", "-F", "IMDS_PROXY_OUTPUT")
 	if _, err := proxy.Logs.WaitFor("iptables rule missing; restoring it", 10*time.Second); err != nil {
 		t.Errorf("a flushed chain was not noticed: %v", err)
 	}
-	waitFor(t, 10*time.Second, func() bool { return top.save(t) == installed }, "the flushed rules to come back")
+	waitFor(t, 10*time.Second, func() bool { return saveRules(t, e.Task) == installed }, "the flushed rules to come back")
 
 	proxy.Terminate(t)
-	if after := top.save(t); after != before {
+	if after := saveRules(t, e.Task); after != before {
 		t.Errorf("iptables after SIGTERM differ from before start:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
 }
@@ -152,6 +143,26 @@ func runSDK(t *testing.T, ns *testutil.Netns, endpoint string) {
 	}
 }
 
+// sidecarArgs is the command line of a sidecar that installs its rules in
+// its namespace and serves IMDSv1 from IMDS at 169.254.169.254, followed
+// by args.
+func sidecarArgs(args ...string) []string {
+	return append([]string{"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
+		"--upstream", "http://169.254.169.254"}, args...)
+}
+
+// nodeArgs is the command line of a node agent that serves IMDSv1 from
+// IMDS at 169.254.169.254, on every address of the node, followed by args.
+func nodeArgs(args ...string) []string {
+	return append([]string{"node", "--v1", "allow", "--listen", ":8169", "--upstream", "http://169.254.169.254"}, args...)
+}
+
+// unprivileged is the setpriv command line that runs a program as uid
+// (its group too) without capabilities.
+func unprivileged(uid string) []string {
+	return []string{"setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"}
+}
+
 func waitFor(t *testing.T, timeout time.Duration, cond func() bool, what string) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
@@ -163,33 +174,28 @@ func waitFor(t *testing.T, timeout time.Duration, cond func() bool, what string)
 	}
 }
 
-// TestInitContainerShape: `rules install --exempt-uid` as an init container
+// TestInitContainerSetup: `rules install --exempt-uid` as an init container
 // would run it, then an unprivileged proxy (no capabilities, its own UID)
 // with --rules=false; the proxy's upstream traffic passes by its UID. Then
 // `rules remove` restores the namespace.
-func TestInitContainerShape(t *testing.T) {
-	top := newSidecarTopology(t)
-	addForeignNATRules(t, top.task)
-	before := top.save(t)
+func TestInitContainerSetup(t *testing.T) {
+	e := newSidecarEC2(t)
+	addForeignNATRules(t, e.Task)
+	before := saveRules(t, e.Task)
 	const uid = "65534"
-	top.task.Run(t, binary, "rules", "install", "--mode", "sidecar", "--port", "8169", "--exempt-uid", uid, "--exempt-mark", "0", "--iptables-backend", "nft")
+	e.Task.Run(t, binary, "rules", "install", "--mode", "sidecar", "--port", "8169", "--exempt-uid", uid, "--exempt-mark", "0", "--iptables-backend", "nft")
 
-	unprivileged := top.task.Command("setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all",
-		"--bounding-set=-all", binary, "sidecar", "--v1", "allow", "--rules=false", "--listen", "127.0.0.1:8169",
-		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254", "--exempt-uid", uid)
-	unprivileged.Env = []string{"PATH=" + os.Getenv("PATH")}
-	testutil.StartProcess(t, unprivileged)
-	top.task.WaitReady(t, "127.0.0.1:9169")
-	if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+	testutil.StartProxy(t, e.Task, binary, sidecarArgs("--rules=false", "--exempt-uid", uid), testutil.Wrapped(unprivileged(uid)...))
+	if status, body := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET through the init-container rules: %d %q, want 200 and the instance id", status, body)
 	}
 	// The init container's IPv6 rule redirects to [::1], where the
 	// unprivileged sidecar listens too.
-	if status, body := top.task.Get(t, "[fd00:ec2::254]:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+	if status, body := e.Task.Get(t, "[fd00:ec2::254]:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET to [fd00:ec2::254] through the init-container rules: %d %q, want 200 and the instance id", status, body)
 	}
-	top.task.Run(t, binary, "rules", "remove", "--mode", "sidecar", "--port", "8169", "--exempt-uid", uid, "--exempt-mark", "0", "--iptables-backend", "nft")
-	if after := top.save(t); after != before {
+	e.Task.Run(t, binary, "rules", "remove", "--mode", "sidecar", "--port", "8169", "--exempt-uid", uid, "--exempt-mark", "0", "--iptables-backend", "nft")
+	if after := saveRules(t, e.Task); after != before {
 		t.Errorf("rules remove did not restore the namespace:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
 }
@@ -198,22 +204,18 @@ func TestInitContainerShape(t *testing.T) {
 // not run as send its upstream requests back to itself; it must say so and
 // answer 508 rather than recurse.
 func TestMisconfiguredExemptionIsDiagnosed(t *testing.T) {
-	top := newSidecarTopology(t)
-	top.task.Run(t, binary, "rules", "install", "--port", "8169", "--exempt-uid", "1234", "--exempt-mark", "0", "--iptables-backend", "nft")
+	e := newSidecarEC2(t)
+	e.Task.Run(t, binary, "rules", "install", "--port", "8169", "--exempt-uid", "1234", "--exempt-mark", "0", "--iptables-backend", "nft")
 	t.Cleanup(func() {
-		_ = top.task.Command(binary, "rules", "remove", "--port", "8169", "--exempt-uid", "1234", "--exempt-mark", "0", "--iptables-backend", "nft").Run()
+		_ = e.Task.Command(binary, "rules", "remove", "--port", "8169", "--exempt-uid", "1234", "--exempt-mark", "0", "--iptables-backend", "nft").Run()
 	})
-	cmd := top.task.Command("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all",
-		"--bounding-set=-all", binary, "sidecar", "--v1", "allow", "--rules=false", "--listen", "127.0.0.1:8169",
-		"--metrics-listen", "127.0.0.1:9169", "--upstream", "http://169.254.169.254")
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	proxy := testutil.StartProcess(t, cmd)
+	proxy := testutil.StartProxy(t, e.Task, binary, sidecarArgs("--rules=false"), testutil.Wrapped(unprivileged("65534")...), testutil.UntilServing())
 	if _, err := proxy.Logs.WaitFor("redirected back to this proxy", 10*time.Second); err != nil {
 		t.Errorf("no loop diagnosis: %v\n%s", err, proxy.Logs.String())
 	}
-	top.task.WaitReady(t, "127.0.0.1:9169")
+	proxy.WaitReady(t, e.Task)
 	start := time.Now()
-	status, _ := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil)
+	status, _ := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil)
 	if status != http.StatusLoopDetected {
 		t.Errorf("tokenless GET through a looping proxy: %d, want 508", status)
 	}
@@ -233,21 +235,17 @@ func TestSidecarRunsWithTheManifestCapabilities(t *testing.T) {
 	}
 	for _, backend := range []string{"nft", "legacy"} {
 		t.Run(backend, func(t *testing.T) {
-			top := newSidecarTopology(t)
-			cmd := top.task.Command("setpriv", "--inh-caps=-all", "--bounding-set=-all,"+strings.Join(caps, ","), binary,
-				"sidecar", "--v1", "allow", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169",
-				"--upstream", "http://169.254.169.254", "--iptables-backend", backend)
-			cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-			proxy := testutil.StartProcess(t, cmd)
-			top.task.WaitReady(t, "127.0.0.1:9169")
-			if status, body := top.task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
+			e := newSidecarEC2(t)
+			proxy := testutil.StartProxy(t, e.Task, binary, sidecarArgs("--iptables-backend", backend),
+				testutil.Wrapped("setpriv", "--inh-caps=-all", "--bounding-set=-all,"+strings.Join(caps, ",")))
+			if status, body := e.Task.Get(t, "169.254.169.254:80", "/latest/meta-data/instance-id", nil); status != 200 || body != "i-1234567890abcdef0" {
 				t.Errorf("tokenless GET through the redirect with capabilities %v: %d %q, want 200\n%s", caps, status, body, proxy.Logs.String())
 			}
 			if strings.Contains(proxy.Logs.String(), "upstream connections are not marked") {
 				t.Errorf("the proxy could not mark its sockets with %v:\n%s", caps, proxy.Logs.String())
 			}
 			proxy.Terminate(t)
-			if saved := top.task.IptablesSave(t, "iptables-"+backend+"-save"); strings.Contains(saved, "IMDS_PROXY") {
+			if saved := e.Task.IptablesSave(t, "iptables-"+backend+"-save"); strings.Contains(saved, "IMDS_PROXY") {
 				t.Errorf("rules left after SIGTERM with capabilities %v:\n%s", caps, saved)
 			}
 		})

@@ -89,10 +89,7 @@ func startAEMM(t testing.TB, ns *Netns, addr string, args ...string) *AEMM {
 	}
 	logs := &SyncBuffer{}
 	argv := append([]string{"-n", host, "-p", port}, args...)
-	cmd := exec.Command(AEMMBinary(t), argv...)
-	if ns != nil {
-		cmd = ns.Command(append([]string{AEMMBinary(t)}, argv...)...)
-	}
+	cmd := commandIn(ns, append([]string{AEMMBinary(t)}, argv...)...)
 	cmd.Dir = t.TempDir() // AEMM looks for config files in its working directory and $HOME
 	cmd.Env = append(os.Environ(), "HOME="+cmd.Dir)
 	cmd.Stdout, cmd.Stderr = logs, logs

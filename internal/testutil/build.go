@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"testing"
 )
 
 // Binaries are the project's programs, built once by a test package's TestMain.
@@ -29,22 +30,46 @@ func BuildBinaries() (*Binaries, error) {
 	b := &Binaries{dir: dir, Proxy: filepath.Join(dir, "imds-proxy"), ProxyNext: filepath.Join(dir, "imds-proxy-next"),
 		DemoClient: filepath.Join(dir, "demo-client"), ClientV1: filepath.Join(dir, "demo-client-v1")}
 	for out, pkg := range map[string]string{
-		b.Proxy:      "github.com/imds-proxy/imds-proxy/cmd/imds-proxy",
-		b.ProxyNext:  "github.com/imds-proxy/imds-proxy/cmd/imds-proxy",
+		b.Proxy:      proxyPackage,
+		b.ProxyNext:  proxyPackage,
 		b.DemoClient: "github.com/imds-proxy/imds-proxy/demo/client",
 		b.ClientV1:   "github.com/imds-proxy/imds-proxy/demo/clientv1",
 	} {
-		build := exec.Command("go", "build", "-o", out, pkg)
+		var flags []string
 		if out == b.ProxyNext {
-			build.Args = []string{"go", "build", "-ldflags", "-X main.version=next", "-o", out, pkg}
+			flags = []string{"-ldflags", "-X main.version=next"}
 		}
-		build.Env = append(os.Environ(), "CGO_ENABLED=0") // static: they also run in containers' images
-		if msg, err := build.CombinedOutput(); err != nil {
+		if err := goBuild(out, pkg, flags...); err != nil {
 			os.RemoveAll(dir)
-			return nil, fmt.Errorf("building %s: %v\n%s", pkg, err, msg)
+			return nil, err
 		}
 	}
 	return b, nil
+}
+
+// BuildProxy builds imds-proxy alone into the test's temporary directory
+// and returns its path: for a test or benchmark that runs no other program
+// of the project.
+func BuildProxy(t testing.TB) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "imds-proxy")
+	if err := goBuild(out, proxyPackage); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+const proxyPackage = "github.com/imds-proxy/imds-proxy/cmd/imds-proxy"
+
+// goBuild builds pkg into out, statically: the binaries also run in
+// containers' images.
+func goBuild(out, pkg string, flags ...string) error {
+	build := exec.Command("go", append(append([]string{"build"}, flags...), "-o", out, pkg)...)
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if msg, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("building %s: %v\n%s", pkg, err, msg)
+	}
+	return nil
 }
 
 // Remove deletes the binaries.

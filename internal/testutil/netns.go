@@ -72,6 +72,15 @@ func (n *Netns) Command(args ...string) *exec.Cmd {
 	return exec.Command("ip", append([]string{"netns", "exec", n.Name}, args...)...)
 }
 
+// commandIn returns a command that will run argv inside ns, or in this
+// process's namespace when ns is nil.
+func commandIn(ns *Netns, argv ...string) *exec.Cmd {
+	if ns == nil {
+		return exec.Command(argv[0], argv[1:]...)
+	}
+	return ns.Command(argv...)
+}
+
 // Do runs fn with the calling goroutine's thread inside the namespace, so
 // that processes fn starts (such as iptables) run there too.
 func (n *Netns) Do(t testing.TB, fn func()) {
@@ -189,19 +198,4 @@ func Veth(t testing.TB, a *Netns, aName, aAddr string, b *Netns, bName, bAddr st
 	b.Run(t, "ip", "addr", "add", bAddr, "dev", bName)
 	a.Run(t, "ip", "link", "set", aName, "up")
 	b.Run(t, "ip", "link", "set", bName, "up")
-}
-
-// WaitReady waits for GET addr/readyz from inside the namespace to answer 200.
-func (n *Netns) WaitReady(t testing.TB, addr string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if status, _ := n.Get(t, addr, "/readyz", nil); status == http.StatusOK {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %s/readyz never ready", n, addr)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }

@@ -21,6 +21,8 @@ type Process struct {
 	Logs         *LineLog
 	// Done receives the exit error once.
 	Done chan error
+	// exited is closed when the process has exited.
+	exited chan struct{}
 }
 
 // StartProcess starts cmd, an imds-proxy serving command, kills it when the
@@ -34,8 +36,12 @@ func StartProcess(t testing.TB, cmd *exec.Cmd) *Process {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &Process{Cmd: cmd, Logs: newLineLog(stderr), Done: make(chan error, 1)}
-	go func() { p.Done <- cmd.Wait() }()
+	p := &Process{Cmd: cmd, Logs: newLineLog(stderr), Done: make(chan error, 1), exited: make(chan struct{})}
+	go func() {
+		err := cmd.Wait()
+		close(p.exited)
+		p.Done <- err
+	}()
 	t.Cleanup(func() {
 		_ = cmd.Process.Kill()
 		<-p.Logs.closed
@@ -66,7 +72,25 @@ func (p *Process) Terminate(t testing.TB) {
 	}
 }
 
-// LineLog collects a process's log lines and lets a test wait for one.
+// WaitExit waits up to timeout for the process to exit, and returns its
+// exit error; still running then fails the test.
+func (p *Process) WaitExit(t testing.TB, timeout time.Duration) error {
+	t.Helper()
+	select {
+	case err := <-p.Done:
+		return err
+	case <-time.After(timeout):
+		t.Fatalf("imds-proxy did not exit within %s\n%s", timeout, p.Logs.String())
+		return nil
+	}
+}
+
+// maxKeptLog bounds what a LineLog keeps, so that a proxy logging under a
+// benchmark's load cannot fill the test process's memory.
+const maxKeptLog = 8 << 20
+
+// LineLog collects a process's log lines (the first maxKeptLog bytes of
+// them) and lets a test wait for one.
 type LineLog struct {
 	lines  chan string
 	closed chan struct{}
@@ -81,7 +105,9 @@ func newLineLog(r io.Reader) *LineLog {
 		sc := bufio.NewScanner(r)
 		for sc.Scan() {
 			l.mu.Lock()
-			l.all.WriteString(sc.Text() + "\n")
+			if l.all.Len() < maxKeptLog {
+				l.all.WriteString(sc.Text() + "\n")
+			}
 			l.mu.Unlock()
 			select {
 			case l.lines <- sc.Text():
