@@ -117,7 +117,7 @@ func BenchmarkMetadataGET(b *testing.B) {
 }
 
 // getTable is BenchmarkMetadataGET's figures side by side, with the
-// issue 7 targets (logged, never asserted).
+// targets (logged, never asserted).
 func (ts *targets) getTable(results map[*target]map[int]cell) string {
 	var out strings.Builder
 	tb := newTable("target", "conc", "requests", "req/s", "vs nginx", "p50", "p99", "CPU s/10k req", "peak RSS MiB",
@@ -152,7 +152,7 @@ func (ts *targets) getTable(results map[*target]map[int]cell) string {
 		"CPU and other load: - when the cell was too short for /proc's 10 ms ticks")
 	fmt.Fprintln(&out, otherLoadNote)
 	noNginx := "n/a (" + errString(ts.nginxErr) + ")"
-	fmt.Fprintln(&out, "issue 7 targets (logged, not asserted):")
+	fmt.Fprintln(&out, "targets (logged, not asserted):")
 	fmt.Fprintf(&out, "  passthrough throughput >= nginx       measured: %s\n", orElse(strings.Join(thr, ", "), noNginx))
 	fmt.Fprintf(&out, "  passthrough p50 no worse than nginx   measured: %s\n", orElse(strings.Join(p50s, ", "), noNginx))
 	fmt.Fprintf(&out, "  with caching >= 5x nginx throughput   measured: %s\n", orElse(strings.Join(cached, ", "), noNginx))
@@ -337,7 +337,7 @@ func BenchmarkMintMemory(b *testing.B) {
 	}
 	var out strings.Builder
 	tb.print(&out)
-	b.Log("\n" + out.String() + "issue 7 target (logged, not asserted): memory flat after 1M mints")
+	b.Log("\n" + out.String() + "target (logged, not asserted): memory flat after 1M mints")
 }
 
 // mintSample is the proxy's RSS after it minted so many tokens.
@@ -397,7 +397,7 @@ func BenchmarkCredentialBurst(b *testing.B) {
 		})
 	}
 	b.Logf("upstream: requests that reached the mock during a burst of %s fetches; a token PUT is serialised in front of the mock, "+
-		"which crashes under concurrent ones (see aemm_test.go); issue 7 target (logged, not asserted): "+
+		"which crashes under concurrent ones (see aemm_test.go); target (logged, not asserted): "+
 		"<= 5 upstream requests for 1,000 credential fetches through the proxy (about 2,000 without)", count(burstSize))
 }
 

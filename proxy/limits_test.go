@@ -242,7 +242,7 @@ func metricOf(t *testing.T, s *served, name, label, value string) float64 {
 	return gatherValue(t, s.reg, name, labels)
 }
 
-// TestGreedyClientsCannotStarveTheNode is issue 11's finding: client
+// TestGreedyClientsCannotStarveTheNode: client
 // addresses holding idle keep-alive connections (one request served on
 // each) up to the node agent's limits must not keep a new address from
 // being served. With the limits of old (1,024 per address), four addresses
