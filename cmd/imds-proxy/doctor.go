@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"net/url"
@@ -22,8 +21,7 @@ type exitError struct{ code int }
 func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
 
 func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
-	fs := flag.NewFlagSet("imds-proxy doctor", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("imds-proxy doctor", stderr)
 	endpoint := fs.String("endpoint", "http://169.254.169.254", "IMDS endpoint to probe (http://host[:port])")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	return &ffcli.Command{
@@ -41,10 +39,7 @@ func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 			"  1  bad usage" + envHelp,
 		FlagSet: fs,
 		Options: parseOptions(),
-		Exec: func(ctx context.Context, args []string) error {
-			if len(args) > 0 {
-				return fmt.Errorf("unexpected arguments %q", args)
-			}
+		Exec: flagsOnly("imds-proxy doctor", func(ctx context.Context) error {
 			u, err := url.Parse(*endpoint)
 			if err != nil || u.Scheme != "http" || u.Host == "" {
 				return fmt.Errorf("--endpoint %q: want http://host[:port]", *endpoint)
@@ -60,7 +55,7 @@ func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 				return exitError{report.ExitCode}
 			}
 			return nil
-		},
+		}),
 	}
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -22,8 +21,7 @@ import (
 
 func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 	var f injectFlags
-	fs := flag.NewFlagSet("imds-proxy webhook", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("imds-proxy webhook", stderr)
 	f.register(fs, true)
 	listen := fs.String("listen", ":8443", "HTTPS address of "+webhook.InjectPath+" and /healthz")
 	certFile := fs.String("tls-cert", "", "TLS certificate file (PEM), re-read when it changes")
@@ -48,10 +46,7 @@ func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 			"UID), which get or keep the sidecar where they are admitted." + envHelp,
 		FlagSet: fs,
 		Options: parseOptions(),
-		Exec: func(ctx context.Context, args []string) error {
-			if len(args) > 0 {
-				return fmt.Errorf("unexpected arguments %q", args)
-			}
+		Exec: flagsOnly("imds-proxy webhook", func(ctx context.Context) error {
 			if *certFile == "" || *keyFile == "" {
 				return errors.New("--tls-cert and --tls-key are required: the API server calls webhooks over HTTPS only")
 			}
@@ -78,7 +73,7 @@ func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 				return err
 			}
 			return serveTLS(ctx, *listen, h, certs, servers, log)
-		},
+		}),
 	}
 }
 
