@@ -47,7 +47,7 @@ func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 			ctx, cancel := context.WithTimeout(ctx, 4500*time.Millisecond)
 			defer cancel()
 			report := doctor.Run(ctx, doctor.Config{Endpoint: u, ConnectTimeout: time.Second,
-				TokenTimeout: 1500 * time.Millisecond, GetTimeout: time.Second, Rules: rulesHere, Node: iptables.InspectNode})
+				TokenTimeout: 1500 * time.Millisecond, GetTimeout: time.Second, Rules: doctor.RulesHere, Node: iptables.InspectNode})
 			if err := printReport(stdout, report, *asJSON); err != nil {
 				return err
 			}
@@ -57,31 +57,6 @@ func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 			return nil
 		}),
 	}
-}
-
-// rulesHere says whether imds-proxy redirect rules exist in this namespace,
-// and whether IPv6 IMDS traffic gets past them.
-func rulesHere() string {
-	present, err := iptables.Present(iptables.IPv4)
-	switch {
-	case err != nil:
-		return "unknown (" + err.Error() + ")"
-	case !present:
-		return "absent"
-	}
-	if err := iptables.IPv6Uncovered(); err != nil {
-		return "present for IPv4 only: " + err.Error()
-	}
-	// A sidecar's exemption: only the cgroup one is out of app containers' reach.
-	switch kind, _ := iptables.InstalledExemption(); {
-	case kind == "":
-	case strings.Contains(kind, "mark") || strings.Contains(kind, "uid"):
-		return "present, exempting the proxy by " + kind + ": an app container with NET_RAW or CAP_SETUID " +
-			"(Docker and containerd defaults) can forge that and bypass the proxy"
-	default:
-		return "present, exempting the proxy's own cgroup"
-	}
-	return "present"
 }
 
 func printReport(w io.Writer, r doctor.Report, asJSON bool) error {
