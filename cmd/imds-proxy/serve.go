@@ -8,8 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"os"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,8 +33,10 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	if err := f.validate(); err != nil {
 		return err
 	}
-	f.ownCgroup = sidecarCgroup(f, log)
-	p, reg, err := newProxy(f, log)
+	exemption := iptables.Exemption{Mode: f.mode, Redirects: f.rules, Mark: uint32(f.exemptMark), UID: f.exemptUID}.
+		WithOwnCgroup(f.exemptCgroup != exemptCgroupOff, iptables.OwnCgroup, log)
+	f.ownCgroup = exemption.Cgroup
+	p, reg, err := newProxy(f, exemption, log)
 	if err != nil {
 		return err
 	}
@@ -122,16 +122,16 @@ func run(ctx context.Context, f *serveFlags, p *proxy.Proxy, rules *iptables.Man
 	return err
 }
 
-func newProxy(f *serveFlags, log *zap.Logger) (*proxy.Proxy, *prometheus.Registry, error) {
+func newProxy(f *serveFlags, exemption iptables.Exemption, log *zap.Logger) (*proxy.Proxy, *prometheus.Registry, error) {
 	cfg, err := f.proxyConfig()
 	if err != nil {
 		return nil, nil, err
 	}
-	if cfg.UpstreamDialControl, err = exemptionControl(f, log); err != nil {
+	if cfg.UpstreamDialControl, err = exemption.DialControl(log); err != nil {
 		return nil, nil, err
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), exemptionGauge(f))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), exemption.Gauge())
 	var minter *token.Minter
 	if f.tokenKeyFile == "" {
 		minter, err = token.NewRandomMinter()
@@ -330,60 +330,6 @@ func newLogger(format, level string, out io.Writer) (*zap.Logger, error) {
 		return nil, fmt.Errorf("--log-format %q: want json or console", format)
 	}
 	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(out)), lvl)), nil
-}
-
-// sidecarCgroup is the cgroup a redirecting sidecar exempts (see
-// iptables.ChooseOwnCgroup), or "" without a sidecar redirect.
-func sidecarCgroup(f *serveFlags, log *zap.Logger) string {
-	if f.mode != imdsapi.ModeSidecar || !f.rules {
-		return ""
-	}
-	return iptables.ChooseOwnCgroup(f.exemptCgroup != exemptCgroupOff, log)
-}
-
-// exemptionGauge is imds_proxy_redirect_exemption{kind}: 1 for the kind in
-// use (cgroup, mark, uid, or none without a sidecar redirect).
-func exemptionGauge(f *serveFlags) prometheus.Collector {
-	kind := "none"
-	switch {
-	case f.mode != imdsapi.ModeSidecar || !f.rules:
-	case f.ownCgroup != "":
-		kind = "cgroup"
-	case f.exemptMark != 0:
-		kind = "mark"
-	case f.exemptUID >= 0:
-		kind = "uid"
-	}
-	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "imds_proxy_redirect_exemption",
-		Help: "How the sidecar's redirect lets the proxy's own connections through: cgroup (unforgeable by app containers), mark or uid (forgeable), none."}, []string{"kind"})
-	g.WithLabelValues(kind).Set(1)
-	return g
-}
-
-// exemptionControl marks the proxy's upstream sockets when it may, so the
-// sidecar redirect lets them through. Without NET_ADMIN the rules need
-// --exempt-uid instead, and the proxy must run as that UID. A sidecar that
-// exempts its own cgroup marks nothing.
-func exemptionControl(f *serveFlags, log *zap.Logger) (func(string, string, syscall.RawConn) error, error) {
-	if f.mode != imdsapi.ModeSidecar || f.ownCgroup != "" {
-		return nil, nil // node mode redirects forwarded traffic only, never the node's own
-	}
-	mark := uint32(f.exemptMark)
-	markErr := errors.New("--exempt-mark is 0")
-	if mark != 0 {
-		markErr = iptables.CanMark(mark)
-	}
-	switch {
-	case markErr == nil:
-		return iptables.MarkControl(mark), nil
-	case f.exemptUID >= 0 && os.Geteuid() != f.exemptUID:
-		return nil, fmt.Errorf("--exempt-uid %d, but the proxy runs as UID %d and cannot mark its sockets (%v): "+
-			"its upstream connections would be redirected back to itself", f.exemptUID, os.Geteuid(), markErr)
-	case f.exemptUID < 0 && f.rules:
-		return nil, fmt.Errorf("--rules: %w; give the proxy NET_ADMIN, or run it as a dedicated UID with --exempt-uid", markErr)
-	}
-	log.Info("upstream connections are not marked", zap.Error(markErr))
-	return nil, nil
 }
 
 // newRules returns the rule manager for --rules, or nil without it.
