@@ -15,7 +15,6 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/iptables"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
@@ -172,7 +171,9 @@ type serverSet struct {
 // A node agent listening on a wildcard address binds only the families
 // whose filter guard is installed, so the VPC never reaches it.
 func listenAPI(f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, log *zap.Logger) (*serverSet, error) {
-	network, err := apiNetwork(f, rules)
+	api := iptables.APIListener{Mode: f.mode, Addr: f.listen, IPv6: f.ipv6, Redirects: rules != nil,
+		RedirectsIPv6: rules != nil && rules.Manages(iptables.IPv6)}
+	network, err := api.Network()
 	if err != nil {
 		return nil, err
 	}
@@ -181,7 +182,7 @@ func listenAPI(f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, log *zap.
 	if err := s.listen(network, f.listen, srv, limit); err != nil {
 		return nil, fmt.Errorf("--listen %s: %w", f.listen, err)
 	}
-	if !wantsIPv6Loopback(f, rules) {
+	if !api.WantsIPv6Loopback() {
 		return s, nil
 	}
 	_, port, _ := net.SplitHostPort(s.addr(0))
@@ -197,36 +198,6 @@ func listenAPI(f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, log *zap.
 			"or pass --ipv6=false to leave IPv6 IMDS unproxied", addr, err))
 	}
 	return s, nil
-}
-
-// wantsIPv6Loopback says whether a sidecar on an IPv4 address should also
-// listen on [::1]: when its own IPv6 rules redirect there, or, with
-// --rules=false, when an init container's `rules install` may have.
-func wantsIPv6Loopback(f *serveFlags, rules *iptables.Manager) bool {
-	host, _, _ := net.SplitHostPort(f.listen)
-	ip := net.ParseIP(host)
-	if f.mode != imdsapi.ModeSidecar || !f.ipv6 || ip == nil || ip.To4() == nil {
-		return false
-	}
-	return rules == nil || rules.Manages(iptables.IPv6)
-}
-
-// apiNetwork is "tcp", or "tcp4" for a node agent on a wildcard address
-// without IPv6 rules.
-func apiNetwork(f *serveFlags, rules *iptables.Manager) (string, error) {
-	host, _, _ := net.SplitHostPort(f.listen)
-	wildcard := host == "" || host == "0.0.0.0" || host == "::"
-	if f.mode != imdsapi.ModeNode || !wildcard {
-		return "tcp", nil
-	}
-	if rules == nil {
-		return "", fmt.Errorf("--listen %s: without --rules nothing keeps the VPC off a node agent on "+
-			"every address; listen on a container-facing address instead", f.listen)
-	}
-	if !rules.Manages(iptables.IPv6) {
-		return "tcp4", nil
-	}
-	return "tcp", nil
 }
 
 // listen binds addr and serves it with srv, through wrap if not nil.
