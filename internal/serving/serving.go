@@ -17,6 +17,9 @@ import (
 type listener struct {
 	srv *http.Server
 	ln  net.Listener
+	// tls is decided when bound: serving a server sets its TLSConfig for
+	// HTTP/2, and one server may serve several listeners.
+	tls bool
 }
 
 // Set is a command's listeners: the API listeners, then the admin listener
@@ -36,7 +39,7 @@ func (s *Set) Listen(network, addr string, srv *http.Server, wrap func(net.Liste
 	if wrap != nil {
 		ln = wrap(ln)
 	}
-	s.all = append(s.all, listener{srv: srv, ln: ln})
+	s.all = append(s.all, listener{srv: srv, ln: ln, tls: srv.TLSConfig != nil})
 	return nil
 }
 
@@ -138,7 +141,7 @@ func (s *Set) start() <-chan error {
 	for _, l := range s.all {
 		go func() {
 			var err error
-			if l.srv.TLSConfig != nil {
+			if l.tls {
 				err = l.srv.ServeTLS(l.ln, "", "")
 			} else {
 				err = l.srv.Serve(l.ln)

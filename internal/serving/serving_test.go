@@ -226,3 +226,31 @@ func TestAdminListener(t *testing.T) {
 		t.Errorf("an address in use: %v; want the flag named", err)
 	}
 }
+
+// TestOneServerOnTwoListeners: a server that serves two listeners, as the
+// proxy's does on 127.0.0.1 and [::1], serves plain HTTP on both.
+func TestOneServerOnTwoListeners(t *testing.T) {
+	s := &Set{}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok") })}
+	for range 2 {
+		if err := s.Listen("tcp", "127.0.0.1:0", srv, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx, Lifecycle{Timeout: time.Second}, zap.NewNop()) }()
+	client := &http.Client{Timeout: 5 * time.Second}
+	for i := range 2 {
+		resp, err := client.Get("http://" + s.Addr(i) + "/")
+		if err != nil {
+			t.Errorf("listener %d: %v", i, err)
+			continue
+		}
+		resp.Body.Close()
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run: %v", err)
+	}
+}
