@@ -64,11 +64,46 @@ type Config struct {
 	TokenTimeout   time.Duration
 	GetTimeout     time.Duration
 	// Rules reports whether imds-proxy redirect rules exist here:
-	// "present", "absent", or "unknown" with the reason.
+	// "present", "absent", or "unknown" with the reason (RulesHere).
 	Rules func() string
 	// Node inspects a node agent's rules in this namespace: nil without
 	// them, or an error when they cannot be read.
 	Node func() (*iptables.NodeInspection, error)
+}
+
+// RulesHere says whether imds-proxy redirect rules exist in this namespace,
+// whether IPv6 IMDS traffic gets past them, and whether an app container
+// could forge their exemption. It needs NET_ADMIN to tell.
+func RulesHere() string {
+	return describeRules(func() (bool, error) { return iptables.Present(iptables.IPv4) },
+		iptables.IPv6Uncovered, iptables.InstalledExemption)
+}
+
+// describeRules is RulesHere with its readers of the rules given: present
+// (iptables.Present), ipv6Uncovered (iptables.IPv6Uncovered) and
+// exemption (iptables.InstalledExemption). Each is read only when the
+// answer depends on it.
+func describeRules(present func() (bool, error), ipv6Uncovered func() error, exemption func() (string, error)) string {
+	ok, err := present()
+	switch {
+	case err != nil:
+		return "unknown (" + err.Error() + ")"
+	case !ok:
+		return "absent"
+	}
+	if err := ipv6Uncovered(); err != nil {
+		return "present for IPv4 only: " + err.Error()
+	}
+	// A sidecar's exemption: only the cgroup one is out of app containers' reach.
+	switch kind, _ := exemption(); {
+	case kind == "":
+	case strings.Contains(kind, "mark") || strings.Contains(kind, "uid"):
+		return "present, exempting the proxy by " + kind + ": an app container with NET_RAW or CAP_SETUID " +
+			"(Docker and containerd defaults) can forge that and bypass the proxy"
+	default:
+		return "present, exempting the proxy's own cgroup"
+	}
+	return "present"
 }
 
 // Run probes the endpoint and diagnoses what it found.

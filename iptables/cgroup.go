@@ -7,7 +7,6 @@ import (
 	"strconv"
 	"strings"
 
-	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
 
@@ -55,26 +54,6 @@ func OwnCgroup() (string, error) {
 			"cgroup namespace (Linux 6.1 and later do), so the proxy cannot name its own cgroup", release)
 	}
 	return path, nil
-}
-
-// ChooseOwnCgroup is the cgroup a redirecting sidecar's rules exempt: its
-// own (OwnCgroup) when wanted and usable, else "" and the rules fall back to
-// the socket mark or UID, which app containers can forge; the log says which
-// and why.
-func ChooseOwnCgroup(want bool, log *zap.Logger) string {
-	forgeable := "the redirect exempts the proxy by socket mark or UID, which an app container can forge with " +
-		"NET_RAW (Linux 5.17+) or CAP_SETUID, default capabilities of Docker and containerd"
-	if !want {
-		log.Warn(forgeable, zap.String("reason", "--exempt-cgroup off"))
-		return ""
-	}
-	path, err := OwnCgroup()
-	if err != nil {
-		log.Warn(forgeable, zap.String("reason", "the cgroup exemption is unavailable"), zap.Error(err))
-		return ""
-	}
-	log.Info("the redirect exempts the proxy's own cgroup, which app containers cannot join", zap.String("cgroup", path))
-	return path
 }
 
 // kernelVersion is the running kernel's major and minor version, and its

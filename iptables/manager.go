@@ -281,6 +281,20 @@ func (m *Manager) remove() error {
 	return errors.Join(errs...)
 }
 
+// RemoveOnExit removes the rules as the proxy exits, unless keep
+// (--keep-rules-on-exit) leaves them to fail closed; the log says which.
+func (m *Manager) RemoveOnExit(keep bool) {
+	if keep {
+		m.log.Info("leaving iptables rules in place (--keep-rules-on-exit)")
+		return
+	}
+	if err := m.Remove(); err != nil {
+		m.log.Error("removing iptables rules", zap.Error(err))
+		return
+	}
+	m.log.Info("iptables rules removed")
+}
+
 // Ready reports why the rules keep the proxy from being ready. The rules
 // must be installed. From the moment reconcile finds they no longer capture
 // IMDS traffic, Ready fails until a reinstall succeeds. IPv6 IMDS traffic

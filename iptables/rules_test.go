@@ -22,30 +22,71 @@ func nodeConfig() Config {
 		NodeAddress: netip.MustParseAddr("10.0.1.10")}
 }
 
-// TestRenderGolden pins the exact rules of every mode and family.
-func TestRenderGolden(t *testing.T) {
-	uid := sidecarConfig()
-	uid.ExemptMark, uid.ExemptUID = 0, 1337
-	cgroup := sidecarConfig()
-	cgroup.ExemptCgroup, cgroup.ExemptMark = "/", 0
-	configs := map[string]Config{"sidecar": sidecarConfig(), "sidecar-uid": uid, "sidecar-cgroup": cgroup, "node": nodeConfig()}
-	for name, cfg := range configs {
+// TestRulesGolden pins, for one base configuration of each mode and one
+// change to it per case, the rules as `rules show` prints them
+// (<case>-<family>.golden) and the iptables-restore input that installs
+// them (<case>-<family>.restore.golden). The restore input also depends on
+// what is in place: fresh (no jump yet), reinstall (every jump already
+// heads its chain) or repair (a jump is elsewhere, and restore deletes it
+// while inserting it first). go test ./iptables -update rewrites the files.
+func TestRulesGolden(t *testing.T) {
+	const fresh, reinstall, repair = "", "reinstall", "repair"
+	for _, c := range []struct {
+		name   string
+		base   func() Config
+		change func(*Config)
+		state  string
+	}{
+		{"sidecar", sidecarConfig, func(*Config) {}, fresh},
+		{"sidecar-uid", sidecarConfig, func(c *Config) { c.ExemptMark, c.ExemptUID = 0, 1337 }, fresh},
+		{"sidecar-cgroup", sidecarConfig, func(c *Config) { c.ExemptCgroup, c.ExemptMark = "/", 0 }, fresh},
+		{"sidecar-mark-uid", sidecarConfig, func(c *Config) { c.ExemptUID = 1337 }, fresh},
+		{"sidecar-port", sidecarConfig, func(c *Config) { c.ProxyPort = 18169 }, fresh},
+		{"node", nodeConfig, func(*Config) {}, fresh},
+		{"node-eni", nodeConfig, func(c *Config) {
+			c.Interfaces, c.NodeAddress = []string{"eni+"}, netip.MustParseAddr("10.0.2.20")
+		}, fresh},
+		{"sidecar-reinstall", sidecarConfig, func(*Config) {}, reinstall},
+		{"sidecar-repair", sidecarConfig, func(*Config) {}, repair},
+		{"node-repair", nodeConfig, func(*Config) {}, repair},
+	} {
+		cfg := c.base()
+		c.change(&cfg)
+		if err := cfg.Validate(); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
 		for _, family := range []Family{IPv4, IPv6} {
-			got := Build(cfg, family).Render()
-			file := filepath.Join("testdata", name+"-"+string(family)+".golden")
-			if *update {
-				if err := os.WriteFile(file, []byte(got), 0o644); err != nil {
-					t.Fatal(err)
+			rs := Build(cfg, family)
+			file := filepath.Join("testdata", c.name+"-"+string(family))
+			if c.state == fresh {
+				checkGolden(t, file+".golden", rs.Render())
+			}
+			deletes := map[string][]string{}
+			if c.state == repair {
+				for _, j := range rs.Jumps {
+					deletes[j.Table] = append(deletes[j.Table], "-D "+j.Chain+" "+quoteSpec(j.Spec))
 				}
 			}
-			want, err := os.ReadFile(file)
-			if err != nil {
-				t.Fatalf("%v (run go test ./iptables -update to create it)", err)
-			}
-			if got != string(want) {
-				t.Errorf("%s differs from the golden file:\n%s", file, got)
-			}
+			input := withDeletes(rs.restoreInput(func(Rule) bool { return c.state == reinstall }), deletes)
+			checkGolden(t, file+".restore.golden", input)
 		}
+	}
+}
+
+// checkGolden compares got with the golden file, or rewrites it under -update.
+func checkGolden(t *testing.T, file, got string) {
+	t.Helper()
+	if *update {
+		if err := os.WriteFile(file, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatalf("%v (run go test ./iptables -update to create it)", err)
+	}
+	if got != string(want) {
+		t.Errorf("%s differs from the golden file:\n%s", file, got)
 	}
 }
 

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"flag"
-	"fmt"
 	"io"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
@@ -41,20 +40,14 @@ func newServeCommand(mode imdsapi.Mode, defaultListen, short, long string, stder
 		LongHelp:   long + envHelp,
 		FlagSet:    fs,
 		Options:    parseOptions(),
-		Exec: func(ctx context.Context, args []string) error {
-			if len(args) > 0 {
-				return fmt.Errorf("unexpected arguments %q", args)
-			}
-			return serve(ctx, f, stderr)
-		},
+		Exec:       flagsOnly("imds-proxy "+string(mode), func(ctx context.Context) error { return serve(ctx, f, stderr) }),
 	}
 }
 
 // newServeFlags are the flags of the serving command of mode.
 func newServeFlags(mode imdsapi.Mode, defaultListen string, out io.Writer) (*serveFlags, *flag.FlagSet) {
 	f := &serveFlags{ruleFlags: ruleFlags{mode: mode}}
-	fs := flag.NewFlagSet("imds-proxy "+string(mode), flag.ContinueOnError)
-	fs.SetOutput(out)
+	fs := newFlagSet("imds-proxy "+string(mode), out)
 	f.register(fs, defaultListen)
 	return f, fs
 }
@@ -69,8 +62,7 @@ func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
 		var f ruleFlags
 		var mode string
 		var port int
-		fs := flag.NewFlagSet("imds-proxy rules "+name, flag.ContinueOnError)
-		fs.SetOutput(stderr)
+		fs := newFlagSet("imds-proxy rules "+name, stderr)
 		fs.StringVar(&mode, "mode", string(imdsapi.ModeSidecar), "sidecar or node")
 		fs.IntVar(&port, "port", 8169, "the proxy's listening port, the redirect target")
 		f.register(fs)
@@ -81,10 +73,7 @@ func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
 			LongHelp:   help + envHelp,
 			FlagSet:    fs,
 			Options:    parseOptions(),
-			Exec: func(_ context.Context, args []string) error {
-				if len(args) > 0 {
-					return fmt.Errorf("unexpected arguments %q", args)
-				}
+			Exec: flagsOnly("imds-proxy rules "+name, func(context.Context) error {
 				f.mode = imdsapi.Mode(mode)
 				if name == "remove" && f.nodeAddress == iptables.NodeAddressAuto {
 					// Removal deletes the proxy's chains by name: it needs no
@@ -96,19 +85,20 @@ func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
 					return err
 				}
 				return runRules(name, cfg, &f, stdout, stderr)
-			},
+			}),
 		}
 	}
 	return &ffcli.Command{
 		Name:       "rules",
 		ShortUsage: "imds-proxy rules <install|remove|show> [flags]",
 		ShortHelp:  "install, remove or show the iptables redirect rules",
+		FlagSet:    newFlagSet("imds-proxy rules", stderr),
 		Subcommands: []*ffcli.Command{
 			action("install", "install the redirect rules (needs NET_ADMIN); installing twice changes nothing"),
 			action("remove", "remove exactly what install added (needs NET_ADMIN)"),
 			action("show", "print the exact rules, iptables-save style (a dry run: needs no privileges)"),
 		},
-		Exec: func(context.Context, []string) error { return flag.ErrHelp },
+		Exec: subcommandsOnly("imds-proxy rules"),
 	}
 }
 

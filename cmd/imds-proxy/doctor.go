@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"net/url"
@@ -22,8 +21,7 @@ type exitError struct{ code int }
 func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
 
 func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
-	fs := flag.NewFlagSet("imds-proxy doctor", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("imds-proxy doctor", stderr)
 	endpoint := fs.String("endpoint", "http://169.254.169.254", "IMDS endpoint to probe (http://host[:port])")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	return &ffcli.Command{
@@ -41,10 +39,7 @@ func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 			"  1  bad usage" + envHelp,
 		FlagSet: fs,
 		Options: parseOptions(),
-		Exec: func(ctx context.Context, args []string) error {
-			if len(args) > 0 {
-				return fmt.Errorf("unexpected arguments %q", args)
-			}
+		Exec: flagsOnly("imds-proxy doctor", func(ctx context.Context) error {
 			u, err := url.Parse(*endpoint)
 			if err != nil || u.Scheme != "http" || u.Host == "" {
 				return fmt.Errorf("--endpoint %q: want http://host[:port]", *endpoint)
@@ -52,7 +47,7 @@ func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 			ctx, cancel := context.WithTimeout(ctx, 4500*time.Millisecond)
 			defer cancel()
 			report := doctor.Run(ctx, doctor.Config{Endpoint: u, ConnectTimeout: time.Second,
-				TokenTimeout: 1500 * time.Millisecond, GetTimeout: time.Second, Rules: rulesHere, Node: iptables.InspectNode})
+				TokenTimeout: 1500 * time.Millisecond, GetTimeout: time.Second, Rules: doctor.RulesHere, Node: iptables.InspectNode})
 			if err := printReport(stdout, report, *asJSON); err != nil {
 				return err
 			}
@@ -60,33 +55,8 @@ func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 				return exitError{report.ExitCode}
 			}
 			return nil
-		},
+		}),
 	}
-}
-
-// rulesHere says whether imds-proxy redirect rules exist in this namespace,
-// and whether IPv6 IMDS traffic gets past them.
-func rulesHere() string {
-	present, err := iptables.Present(iptables.IPv4)
-	switch {
-	case err != nil:
-		return "unknown (" + err.Error() + ")"
-	case !present:
-		return "absent"
-	}
-	if err := iptables.IPv6Uncovered(); err != nil {
-		return "present for IPv4 only: " + err.Error()
-	}
-	// A sidecar's exemption: only the cgroup one is out of app containers' reach.
-	switch kind, _ := iptables.InstalledExemption(); {
-	case kind == "":
-	case strings.Contains(kind, "mark") || strings.Contains(kind, "uid"):
-		return "present, exempting the proxy by " + kind + ": an app container with NET_RAW or CAP_SETUID " +
-			"(Docker and containerd defaults) can forge that and bypass the proxy"
-	default:
-		return "present, exempting the proxy's own cgroup"
-	}
-	return "present"
 }
 
 func printReport(w io.Writer, r doctor.Report, asJSON bool) error {

@@ -117,7 +117,7 @@ type serveFlags struct {
 	exemptCgroup    string
 	tokenKeyFile    string
 	// ownCgroup is the cgroup the sidecar's rules exempt, decided at start
-	// (sidecarCgroup); "" when they exempt a mark or UID.
+	// (iptables.Exemption.WithOwnCgroup); "" when they exempt a mark or UID.
 	ownCgroup string
 }
 

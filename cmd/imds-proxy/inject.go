@@ -81,6 +81,7 @@ func newInjectCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command 
 		Name:       "inject",
 		ShortUsage: "imds-proxy inject <k8s|ecs> [flags] [file]",
 		ShortHelp:  "add the sidecar to Kubernetes manifests or an ECS task definition",
+		FlagSet:    newFlagSet("imds-proxy inject", stderr),
 		Subcommands: []*ffcli.Command{
 			injectCommand("k8s", "add the native sidecar to every workload in a YAML stream",
 				"Reads a multi-document YAML stream (a file, or stdin with no file or -) and writes it\n"+
@@ -110,7 +111,7 @@ func newInjectCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command 
 					"on SIGTERM).",
 				false, stdin, stdout, stderr, injectECS),
 		},
-		Exec: func(context.Context, []string) error { return flag.ErrHelp },
+		Exec: subcommandsOnly("imds-proxy inject"),
 	}
 }
 
@@ -118,8 +119,7 @@ type injector func(in []byte, o inject.Options, stdout, stderr io.Writer) error
 
 func injectCommand(name, short, long string, forPods bool, stdin io.Reader, stdout, stderr io.Writer, run injector) *ffcli.Command {
 	var f injectFlags
-	fs := flag.NewFlagSet("imds-proxy inject "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("imds-proxy inject "+name, stderr)
 	f.register(fs, forPods)
 	return &ffcli.Command{
 		Name:       name,

@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/peterbourgon/ff/v3"
@@ -25,20 +26,28 @@ const envPrefix = "IMDS_PROXY"
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	if err := newRootCommand(os.Stdin, os.Stdout, os.Stderr).ParseAndRun(ctx, os.Args[1:]); err != nil {
-		var exit exitError
-		if !errors.Is(err, flag.ErrHelp) && !errors.As(err, &exit) {
-			fmt.Fprintln(os.Stderr, "imds-proxy:", err)
-		}
-		os.Exit(exitCode(err))
-	}
+	code := execute(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
 }
 
+// execute runs the command line args and returns the exit status; an
+// error is one line on stderr.
+func execute(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	err := newRootCommand(stdin, stdout, stderr).ParseAndRun(ctx, args)
+	var exit exitError
+	if err != nil && !errors.Is(err, flag.ErrHelp) && !errors.As(err, &exit) {
+		fmt.Fprintln(stderr, "imds-proxy:", err)
+	}
+	return exitCode(err)
+}
+
+// exitCode is 1 for every error without a status of its own, bad usage
+// included: doctor gives 2 and up their own meanings.
 func exitCode(err error) int {
 	var exit exitError
 	switch {
-	case errors.Is(err, flag.ErrHelp):
+	case err == nil, errors.Is(err, flag.ErrHelp):
 		return 0
 	case errors.As(err, &exit):
 		return exit.code
@@ -47,8 +56,6 @@ func exitCode(err error) int {
 }
 
 func newRootCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command {
-	fs := flag.NewFlagSet("imds-proxy", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	return &ffcli.Command{
 		Name:       "imds-proxy",
 		ShortUsage: "imds-proxy <sidecar|node|rules|doctor|ready|inject|webhook|version> [flags]",
@@ -58,7 +65,7 @@ func newRootCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command {
 			"and logs, counts and optionally blocks IMDSv1 (tokenless) requests.\n\n" +
 			"Every flag can also be set from the environment as " + envPrefix + "_<FLAG>, upper\n" +
 			"case with dashes as underscores (--log-level: " + envPrefix + "_LOG_LEVEL). Flags win.",
-		FlagSet: fs,
+		FlagSet: newFlagSet("imds-proxy", stderr),
 		Subcommands: []*ffcli.Command{
 			newSidecarCommand(stderr),
 			newNodeCommand(stderr),
@@ -67,21 +74,54 @@ func newRootCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command {
 			newReadyCommand(stderr),
 			newInjectCommand(stdin, stdout, stderr),
 			newWebhookCommand(stderr),
-			newVersionCommand(stdout),
+			newVersionCommand(stdout, stderr),
 		},
-		Exec: func(context.Context, []string) error { return flag.ErrHelp },
+		Exec: subcommandsOnly("imds-proxy"),
 	}
 }
 
-func newVersionCommand(stdout io.Writer) *ffcli.Command {
+func newVersionCommand(stdout, stderr io.Writer) *ffcli.Command {
 	return &ffcli.Command{
 		Name:       "version",
 		ShortUsage: "imds-proxy version",
 		ShortHelp:  "print the version",
-		Exec: func(context.Context, []string) error {
+		FlagSet:    newFlagSet("imds-proxy version", stderr),
+		Exec: flagsOnly("imds-proxy version", func(context.Context) error {
 			_, err := fmt.Fprintln(stdout, "imds-proxy", version)
 			return err
-		},
+		}),
+	}
+}
+
+// newFlagSet is a command's flag set, whose errors and usage go to stderr
+// and end in an error rather than in os.Exit.
+func newFlagSet(command string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(command, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
+// subcommandsOnly is the Exec of a command that only groups subcommands:
+// alone it prints its usage, and a word that names none of them fails, so
+// that a typo in a container's command is not a clean exit.
+func subcommandsOnly(command string) func(context.Context, []string) error {
+	return func(_ context.Context, args []string) error {
+		if len(args) == 0 {
+			return flag.ErrHelp
+		}
+		unknown := strings.TrimSpace(strings.TrimPrefix(command, "imds-proxy") + " " + args[0])
+		return fmt.Errorf("unknown command %q; see %s --help", unknown, command)
+	}
+}
+
+// flagsOnly is the Exec of a command that takes flags and no arguments: a
+// stray argument fails rather than being ignored.
+func flagsOnly(command string, run func(context.Context) error) func(context.Context, []string) error {
+	return func(ctx context.Context, args []string) error {
+		if len(args) > 0 {
+			return fmt.Errorf("unexpected arguments %q; see %s --help", args, command)
+		}
+		return run(ctx)
 	}
 }
 

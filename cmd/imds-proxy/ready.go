@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"flag"
-	"fmt"
 	"io"
 	"time"
 
@@ -15,8 +13,7 @@ import (
 // newReadyCommand is the container health check (ECS healthCheck, docker
 // run --health-cmd): the image has no curl.
 func newReadyCommand(stderr io.Writer) *ffcli.Command {
-	fs := flag.NewFlagSet("imds-proxy ready", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("imds-proxy ready", stderr)
 	url := fs.String("url", "http://127.0.0.1:9169/readyz", "the proxy's readiness endpoint (its --metrics-listen)")
 	timeout := fs.Duration("timeout", 2*time.Second, "give up after this long")
 	return &ffcli.Command{
@@ -26,13 +23,10 @@ func newReadyCommand(stderr io.Writer) *ffcli.Command {
 		LongHelp:   "Asks the proxy's /readyz; exit 0 if it answers 200, else 1 with the reason." + envHelp,
 		FlagSet:    fs,
 		Options:    parseOptions(),
-		Exec: func(ctx context.Context, args []string) error {
-			if len(args) > 0 {
-				return fmt.Errorf("unexpected arguments %q", args)
-			}
+		Exec: flagsOnly("imds-proxy ready", func(ctx context.Context) error {
 			ctx, cancel := context.WithTimeout(ctx, *timeout)
 			defer cancel()
 			return doctor.Ready(ctx, *url)
-		},
+		}),
 	}
 }

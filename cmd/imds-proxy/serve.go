@@ -2,30 +2,26 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"os"
-	"syscall"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/imds-proxy/imds-proxy/imdsapi"
+	"github.com/imds-proxy/imds-proxy/internal/serving"
 	"github.com/imds-proxy/imds-proxy/iptables"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
 )
 
 // serve wires the proxy, its listeners, its rules and its admin endpoints
-// together and runs them until ctx is cancelled (see run for the shutdown
-// order).
+// together and runs them until ctx is cancelled (see serving.Set.Run for
+// the shutdown order).
 func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	log, err := newLogger(f.logFormat, f.logLevel, logOut)
 	if err != nil {
@@ -35,8 +31,10 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	if err := f.validate(); err != nil {
 		return err
 	}
-	f.ownCgroup = sidecarCgroup(f, log)
-	p, reg, err := newProxy(f, log)
+	exemption := iptables.Exemption{Mode: f.mode, Redirects: f.rules, Mark: uint32(f.exemptMark), UID: f.exemptUID}.
+		WithOwnCgroup(f.exemptCgroup != exemptCgroupOff, iptables.OwnCgroup, log)
+	f.ownCgroup = exemption.Cgroup
+	p, reg, err := newProxy(f, exemption, log)
 	if err != nil {
 		return err
 	}
@@ -48,9 +46,9 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	if err != nil {
 		return err
 	}
-	err = servers.listenAdmin(f.metricsListen, proxy.NewAdminHandler(reg, p.V1Callers(), readiness(p, rules)...), log)
+	err = servers.ListenAdmin(f.metricsListen, proxy.NewAdminHandler(reg, p.V1Callers(), readiness(p, rules)...), log)
 	if err == nil && f.pprofListen != "" {
-		if err = servers.listen("tcp", f.pprofListen, newHTTPServer(pprofHandler(), log), nil); err != nil {
+		if err = servers.Listen("tcp", f.pprofListen, serving.NewHTTPServer(pprofHandler(), log), nil); err != nil {
 			err = fmt.Errorf("--pprof-listen %s: %w", f.pprofListen, err)
 		}
 	}
@@ -59,79 +57,32 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 		err = rules.Install()
 	}
 	if err != nil {
-		servers.close()
+		servers.Close()
 		return err
 	}
-	log.Info("serving", zap.String("listen", servers.addr(0)), zap.String("metrics_listen", servers.adminAddr()),
+	log.Info("serving", zap.String("listen", servers.Addr(0)), zap.String("metrics_listen", servers.AdminAddr()),
 		zap.String("upstream", f.upstream), zap.String("v1", f.v1), zap.String("version", version))
-	return run(ctx, f, p, rules, servers, log)
-}
-
-// run serves until ctx ends or a server fails. Then it shuts down in the
-// order clients never notice: it stops the reconcile loop, stops accepting,
-// closes idle keep-alive connections and lets the requests in flight finish
-// (each connection closed after its response), all while the rules still
-// translate the replies; only then does it remove the rules. Removed first,
-// the redirect may take the namespace's only NAT user with it: the closes
-// the proxy sends after that go out untranslated and never reach the
-// client, whose keep-alive socket stays open and whose next request is
-// reset.
-func run(ctx context.Context, f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, servers *serverSet, log *zap.Logger) error {
-	runCtx, cancelRun := context.WithCancel(context.Background())
-	defer cancelRun()
+	runCtx, stopProxy := context.WithCancel(context.Background())
+	defer stopProxy()
 	go p.Run(runCtx)
-	reconcileCtx, cancelReconcile := context.WithCancel(runCtx)
-	defer cancelReconcile()
-	reconciled := make(chan struct{})
-	go func() {
-		defer close(reconciled)
-		if rules != nil {
-			rules.Reconcile(reconcileCtx, f.reconcile)
-		}
-	}()
-	var err error
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down: finishing in-flight requests", zap.Duration("timeout", f.shutdownTimeout))
-	case err = <-servers.start():
-		log.Error("server failed", zap.Error(err))
-	}
-	start := time.Now()
-	// Reconcile first: it must not reinstall what is removed below, nor
-	// race the removal.
-	cancelReconcile()
-	<-reconciled
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
-	defer cancel()
-	if shutdownErr := servers.shutdown(shutdownCtx); shutdownErr != nil {
-		// Past --shutdown-timeout: close what is left while the rules
-		// still translate, so those clients see the close too.
-		for _, l := range servers.all {
-			_ = l.srv.Close()
-		}
-		if err == nil {
-			err = fmt.Errorf("shutting down: %w", shutdownErr)
-		}
-	}
-	log.Info("client connections closed", zap.Duration("after", time.Since(start)))
-	cancelRun()
+	lifecycle := serving.Lifecycle{Timeout: f.shutdownTimeout, Cleanup: stopProxy}
 	if rules != nil {
-		removeRules(rules, f.keepRules, log)
+		lifecycle.Reconcile = func(ctx context.Context) { rules.Reconcile(ctx, f.reconcile) }
+		lifecycle.Cleanup = func() { stopProxy(); rules.RemoveOnExit(f.keepRules) }
 	}
-	log.Info("stopped", zap.Duration("after", time.Since(start)))
-	return err
+	return servers.Run(ctx, lifecycle, log)
 }
 
-func newProxy(f *serveFlags, log *zap.Logger) (*proxy.Proxy, *prometheus.Registry, error) {
+func newProxy(f *serveFlags, exemption iptables.Exemption, log *zap.Logger) (*proxy.Proxy, *prometheus.Registry, error) {
 	cfg, err := f.proxyConfig()
 	if err != nil {
 		return nil, nil, err
 	}
-	if cfg.UpstreamDialControl, err = exemptionControl(f, log); err != nil {
+	if cfg.UpstreamDialControl, err = exemption.DialControl(log); err != nil {
 		return nil, nil, err
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), exemptionGauge(f))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), exemption.Gauge())
 	var minter *token.Minter
 	if f.tokenKeyFile == "" {
 		minter, err = token.NewRandomMinter()
@@ -154,39 +105,29 @@ func readiness(p *proxy.Proxy, rules *iptables.Manager) []func() error {
 	return []func() error{p.Ready, rules.Ready}
 }
 
-// listener is one bound HTTP server.
-type listener struct {
-	srv *http.Server
-	ln  net.Listener
-}
-
-// serverSet is the API listeners, then the admin listener if any.
-type serverSet struct {
-	all   []listener
-	admin int // 1 + the index of the admin listener; 0: none
-}
-
 // listenAPI binds --listen. A sidecar also listens on [::1] at the same
 // port, where ip6tables REDIRECT delivers. If it cannot, it gives up its
 // IPv6 rules, and it is not ready while the namespace routes IPv6 to IMDS.
 // A node agent listening on a wildcard address binds only the families
 // whose filter guard is installed, so the VPC never reaches it.
-func listenAPI(f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, log *zap.Logger) (*serverSet, error) {
-	network, err := apiNetwork(f, rules)
+func listenAPI(f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, log *zap.Logger) (*serving.Set, error) {
+	api := iptables.APIListener{Mode: f.mode, Addr: f.listen, IPv6: f.ipv6, Redirects: rules != nil,
+		RedirectsIPv6: rules != nil && rules.Manages(iptables.IPv6)}
+	network, err := api.Network()
 	if err != nil {
 		return nil, err
 	}
-	s := &serverSet{}
+	s := &serving.Set{}
 	srv, limit := p.Server()
-	if err := s.listen(network, f.listen, srv, limit); err != nil {
+	if err := s.Listen(network, f.listen, srv, limit); err != nil {
 		return nil, fmt.Errorf("--listen %s: %w", f.listen, err)
 	}
-	if !wantsIPv6Loopback(f, rules) {
+	if !api.WantsIPv6Loopback() {
 		return s, nil
 	}
-	_, port, _ := net.SplitHostPort(s.addr(0))
+	_, port, _ := net.SplitHostPort(s.Addr(0))
 	addr := net.JoinHostPort("::1", port)
-	if err := s.listen("tcp", addr, srv, limit); err != nil {
+	if err := s.Listen("tcp", addr, srv, limit); err != nil {
 		if rules == nil {
 			// An init container's IPv6 redirect sends to a port nobody
 			// listens on: IPv6 IMDS connections are refused, not leaked.
@@ -199,95 +140,6 @@ func listenAPI(f *serveFlags, p *proxy.Proxy, rules *iptables.Manager, log *zap.
 	return s, nil
 }
 
-// wantsIPv6Loopback says whether a sidecar on an IPv4 address should also
-// listen on [::1]: when its own IPv6 rules redirect there, or, with
-// --rules=false, when an init container's `rules install` may have.
-func wantsIPv6Loopback(f *serveFlags, rules *iptables.Manager) bool {
-	host, _, _ := net.SplitHostPort(f.listen)
-	ip := net.ParseIP(host)
-	if f.mode != imdsapi.ModeSidecar || !f.ipv6 || ip == nil || ip.To4() == nil {
-		return false
-	}
-	return rules == nil || rules.Manages(iptables.IPv6)
-}
-
-// apiNetwork is "tcp", or "tcp4" for a node agent on a wildcard address
-// without IPv6 rules.
-func apiNetwork(f *serveFlags, rules *iptables.Manager) (string, error) {
-	host, _, _ := net.SplitHostPort(f.listen)
-	wildcard := host == "" || host == "0.0.0.0" || host == "::"
-	if f.mode != imdsapi.ModeNode || !wildcard {
-		return "tcp", nil
-	}
-	if rules == nil {
-		return "", fmt.Errorf("--listen %s: without --rules nothing keeps the VPC off a node agent on "+
-			"every address; listen on a container-facing address instead", f.listen)
-	}
-	if !rules.Manages(iptables.IPv6) {
-		return "tcp4", nil
-	}
-	return "tcp", nil
-}
-
-// listen binds addr and serves it with srv, through wrap if not nil.
-func (s *serverSet) listen(network, addr string, srv *http.Server, wrap func(net.Listener) net.Listener) error {
-	ln, err := net.Listen(network, addr)
-	if err != nil {
-		return err
-	}
-	if wrap != nil {
-		ln = wrap(ln)
-	}
-	s.all = append(s.all, listener{srv: srv, ln: ln})
-	return nil
-}
-
-func (s *serverSet) listenAdmin(addr string, h http.Handler, log *zap.Logger) error {
-	if addr == "" {
-		return nil
-	}
-	if err := s.listen("tcp", addr, newHTTPServer(h, log), nil); err != nil {
-		return fmt.Errorf("--metrics-listen %s: %w", addr, err)
-	}
-	s.admin = len(s.all)
-	return nil
-}
-
-func (s *serverSet) addr(i int) string { return s.all[i].ln.Addr().String() }
-
-func (s *serverSet) adminAddr() string {
-	if s.admin == 0 {
-		return ""
-	}
-	return s.addr(s.admin - 1)
-}
-
-func (s *serverSet) close() {
-	for _, l := range s.all {
-		l.ln.Close()
-	}
-}
-
-func (s *serverSet) start() <-chan error {
-	errc := make(chan error, len(s.all))
-	for _, l := range s.all {
-		go func() {
-			if err := l.srv.Serve(l.ln); !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("serving %s: %w", l.ln.Addr(), err)
-			}
-		}()
-	}
-	return errc
-}
-
-func (s *serverSet) shutdown(ctx context.Context) error {
-	var errs []error
-	for _, l := range s.all {
-		errs = append(errs, l.srv.Shutdown(ctx))
-	}
-	return errors.Join(errs...)
-}
-
 // pprofHandler serves Go's profiles (--pprof-listen).
 func pprofHandler() http.Handler {
 	mux := http.NewServeMux()
@@ -296,19 +148,6 @@ func pprofHandler() http.Handler {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
-}
-
-// newHTTPServer is the server of the admin and webhook listeners.
-func newHTTPServer(h http.Handler, log *zap.Logger) *http.Server {
-	return &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       90 * time.Second,
-		MaxHeaderBytes:    16 << 10,
-		ErrorLog:          zap.NewStdLog(log.Named("http")),
-	}
 }
 
 // newLogger builds the zap logger for --log-format and --log-level.
@@ -332,60 +171,6 @@ func newLogger(format, level string, out io.Writer) (*zap.Logger, error) {
 	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(out)), lvl)), nil
 }
 
-// sidecarCgroup is the cgroup a redirecting sidecar exempts (see
-// iptables.ChooseOwnCgroup), or "" without a sidecar redirect.
-func sidecarCgroup(f *serveFlags, log *zap.Logger) string {
-	if f.mode != imdsapi.ModeSidecar || !f.rules {
-		return ""
-	}
-	return iptables.ChooseOwnCgroup(f.exemptCgroup != exemptCgroupOff, log)
-}
-
-// exemptionGauge is imds_proxy_redirect_exemption{kind}: 1 for the kind in
-// use (cgroup, mark, uid, or none without a sidecar redirect).
-func exemptionGauge(f *serveFlags) prometheus.Collector {
-	kind := "none"
-	switch {
-	case f.mode != imdsapi.ModeSidecar || !f.rules:
-	case f.ownCgroup != "":
-		kind = "cgroup"
-	case f.exemptMark != 0:
-		kind = "mark"
-	case f.exemptUID >= 0:
-		kind = "uid"
-	}
-	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "imds_proxy_redirect_exemption",
-		Help: "How the sidecar's redirect lets the proxy's own connections through: cgroup (unforgeable by app containers), mark or uid (forgeable), none."}, []string{"kind"})
-	g.WithLabelValues(kind).Set(1)
-	return g
-}
-
-// exemptionControl marks the proxy's upstream sockets when it may, so the
-// sidecar redirect lets them through. Without NET_ADMIN the rules need
-// --exempt-uid instead, and the proxy must run as that UID. A sidecar that
-// exempts its own cgroup marks nothing.
-func exemptionControl(f *serveFlags, log *zap.Logger) (func(string, string, syscall.RawConn) error, error) {
-	if f.mode != imdsapi.ModeSidecar || f.ownCgroup != "" {
-		return nil, nil // node mode redirects forwarded traffic only, never the node's own
-	}
-	mark := uint32(f.exemptMark)
-	markErr := errors.New("--exempt-mark is 0")
-	if mark != 0 {
-		markErr = iptables.CanMark(mark)
-	}
-	switch {
-	case markErr == nil:
-		return iptables.MarkControl(mark), nil
-	case f.exemptUID >= 0 && os.Geteuid() != f.exemptUID:
-		return nil, fmt.Errorf("--exempt-uid %d, but the proxy runs as UID %d and cannot mark its sockets (%v): "+
-			"its upstream connections would be redirected back to itself", f.exemptUID, os.Geteuid(), markErr)
-	case f.exemptUID < 0 && f.rules:
-		return nil, fmt.Errorf("--rules: %w; give the proxy NET_ADMIN, or run it as a dedicated UID with --exempt-uid", markErr)
-	}
-	log.Info("upstream connections are not marked", zap.Error(markErr))
-	return nil, nil
-}
-
 // newRules returns the rule manager for --rules, or nil without it.
 func newRules(f *serveFlags, reg prometheus.Registerer, log *zap.Logger) (*iptables.Manager, error) {
 	if !f.rules {
@@ -400,16 +185,4 @@ func newRules(f *serveFlags, reg prometheus.Registerer, log *zap.Logger) (*iptab
 		return nil, err
 	}
 	return iptables.NewManager(cfg, backend, f.families(), log, iptables.WithMetrics(reg))
-}
-
-func removeRules(rules *iptables.Manager, keep bool, log *zap.Logger) {
-	if keep {
-		log.Info("leaving iptables rules in place (--keep-rules-on-exit)")
-		return
-	}
-	if err := rules.Remove(); err != nil {
-		log.Error("removing iptables rules", zap.Error(err))
-		return
-	}
-	log.Info("iptables rules removed")
 }

@@ -4,11 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"time"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
@@ -17,13 +14,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 
+	"github.com/imds-proxy/imds-proxy/internal/serving"
 	"github.com/imds-proxy/imds-proxy/webhook"
 )
 
 func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 	var f injectFlags
-	fs := flag.NewFlagSet("imds-proxy webhook", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("imds-proxy webhook", stderr)
 	f.register(fs, true)
 	listen := fs.String("listen", ":8443", "HTTPS address of "+webhook.InjectPath+" and /healthz")
 	certFile := fs.String("tls-cert", "", "TLS certificate file (PEM), re-read when it changes")
@@ -48,10 +45,7 @@ func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 			"UID), which get or keep the sidecar where they are admitted." + envHelp,
 		FlagSet: fs,
 		Options: parseOptions(),
-		Exec: func(ctx context.Context, args []string) error {
-			if len(args) > 0 {
-				return fmt.Errorf("unexpected arguments %q", args)
-			}
+		Exec: flagsOnly("imds-proxy webhook", func(ctx context.Context) error {
 			if *certFile == "" || *keyFile == "" {
 				return errors.New("--tls-cert and --tls-key are required: the API server calls webhooks over HTTPS only")
 			}
@@ -73,43 +67,21 @@ func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 			if err != nil {
 				return err
 			}
-			servers := &serverSet{}
-			if err := servers.listenAdmin(*metricsListen, promhttp.HandlerFor(reg, promhttp.HandlerOpts{}), log); err != nil {
+			srv := serving.NewHTTPServer(h, log)
+			srv.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate}
+			servers := &serving.Set{}
+			if err := servers.Listen("tcp", *listen, srv, nil); err != nil {
+				return fmt.Errorf("--listen %s: %w", *listen, err)
+			}
+			if err := servers.ListenAdmin(*metricsListen, promhttp.HandlerFor(reg, promhttp.HandlerOpts{}), log); err != nil {
+				servers.Close()
 				return err
 			}
-			return serveTLS(ctx, *listen, h, certs, servers, log)
-		},
+			log.Info("serving", zap.String("listen", servers.Addr(0)), zap.String("path", webhook.InjectPath),
+				zap.String("metrics_listen", servers.AdminAddr()))
+			return servers.Run(ctx, serving.Lifecycle{Timeout: shutdownGrace}, log)
+		}),
 	}
-}
-
-// serveTLS serves h on addr, and the servers beside it, until ctx ends;
-// then it drains them all.
-func serveTLS(ctx context.Context, addr string, h http.Handler, certs *webhook.CertReloader, servers *serverSet, log *zap.Logger) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		servers.close()
-		return fmt.Errorf("--listen %s: %w", addr, err)
-	}
-	srv := newHTTPServer(h, log)
-	srv.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate}
-	log.Info("serving", zap.String("listen", ln.Addr().String()), zap.String("path", webhook.InjectPath),
-		zap.String("metrics_listen", servers.adminAddr()))
-	done := make(chan error, 1)
-	go func() { done <- srv.ServeTLS(ln, "", "") }()
-	var failed error
-	select {
-	case failed = <-done:
-	case failed = <-servers.start():
-	case <-ctx.Done():
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
-	defer cancel()
-	log.Info("webhook shutting down")
-	err = errors.Join(srv.Shutdown(shutdownCtx), servers.shutdown(shutdownCtx))
-	if failed != nil && !errors.Is(failed, http.ErrServerClosed) {
-		return failed
-	}
-	return err
 }
 
 // shutdownGrace is how long in-flight admission requests may take after
