@@ -88,17 +88,12 @@ func (f *ruleFlags) parseBackend() (iptables.Backend, error) {
 // serveFlags are the flags of the serving subcommands, sidecar and node.
 type serveFlags struct {
 	ruleFlags
-	listen          string
-	metricsListen   string
-	upstream        string
-	v1              string
-	v1Fallback      bool
-	tokenTTL        time.Duration
-	tokenTimeout    time.Duration
-	retryMin        time.Duration
-	retryMax        time.Duration
-	dialTimeout     time.Duration
-	responseTimeout time.Duration
+	listen        string
+	metricsListen string
+	upstream      string
+	v1            string
+	// proxy holds the flags that are proxy.Config fields, from DefaultConfig.
+	proxy           proxy.Config
 	shutdownTimeout time.Duration
 	rules           bool
 	keepRules       bool
@@ -108,11 +103,8 @@ type serveFlags struct {
 	allowPaths      listFlag
 	denyPaths       listFlag
 	configFile      string
-	cache           proxy.CacheConfig
 	cacheUncached   defaultedList
-	attempts        int
 	coalesce        bool
-	limits          proxy.ServerLimits
 	pprofListen     string
 	exemptCgroup    string
 	tokenKeyFile    string
@@ -168,13 +160,15 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.tokenKeyFile, "token-key-file", "", "file holding the key that signs clients' tokens, so that they survive restarts and upgrades; created (mode 0600, random key) if absent, refused if open to group or others or owned by another user; its directory must exist (empty: a new random key per process, and a restart makes clients' tokens get 401 once)")
 	fs.StringVar(&f.pprofListen, "pprof-listen", "", "address of Go's /debug/pprof/ profiles, for finding where CPU time goes (keep it on loopback; empty disables it)")
 	fs.StringVar(&f.configFile, "config", "", "YAML file of flag values (keys are flag names); flags and environment variables win over it")
-	fs.BoolVar(&f.v1Fallback, "upstream-v1-fallback", true, "while no upstream IMDSv2 token can be had, forward GETs without one (else answer 503)")
-	fs.DurationVar(&f.tokenTTL, "upstream-token-ttl", 6*time.Hour, "lifetime of the proxy's own upstream token (1s..6h); refreshed at half of it")
-	fs.DurationVar(&f.tokenTimeout, "upstream-token-timeout", time.Second, "how long to wait for an upstream token response before diagnosing the hop-limit symptom")
-	fs.DurationVar(&f.retryMin, "upstream-retry-min", time.Second, "first wait before retrying IMDSv2 upstream after a failure (doubles each time)")
-	fs.DurationVar(&f.retryMax, "upstream-retry-max", time.Minute, "longest wait between IMDSv2 retries upstream")
-	fs.DurationVar(&f.dialTimeout, "upstream-dial-timeout", time.Second, "bound on connecting to the upstream")
-	fs.DurationVar(&f.responseTimeout, "upstream-response-timeout", 5*time.Second, "bound on waiting for upstream response headers")
+	f.proxy = proxy.DefaultConfig()
+	d := &f.proxy
+	fs.BoolVar(&d.UpstreamV1Fallback, "upstream-v1-fallback", d.UpstreamV1Fallback, "while no upstream IMDSv2 token can be had, forward GETs without one (else answer 503)")
+	fs.DurationVar(&d.UpstreamTokenTTL, "upstream-token-ttl", d.UpstreamTokenTTL, "lifetime of the proxy's own upstream token (1s..6h); refreshed at half of it")
+	fs.DurationVar(&d.UpstreamTokenTimeout, "upstream-token-timeout", d.UpstreamTokenTimeout, "how long to wait for an upstream token response before diagnosing the hop-limit symptom")
+	fs.DurationVar(&d.UpstreamRetryMin, "upstream-retry-min", d.UpstreamRetryMin, "first wait before retrying IMDSv2 upstream after a failure (doubles each time)")
+	fs.DurationVar(&d.UpstreamRetryMax, "upstream-retry-max", d.UpstreamRetryMax, "longest wait between IMDSv2 retries upstream")
+	fs.DurationVar(&d.UpstreamDialTimeout, "upstream-dial-timeout", d.UpstreamDialTimeout, "bound on connecting to the upstream")
+	fs.DurationVar(&d.UpstreamResponseTimeout, "upstream-response-timeout", d.UpstreamResponseTimeout, "bound on waiting for upstream response headers")
 	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 10*time.Second, "on SIGTERM, how long in-flight requests may take to finish")
 	fs.BoolVar(&f.rules, "rules", true, "install the iptables redirect rules before becoming ready, and remove them on exit")
 	fs.BoolVar(&f.keepRules, "keep-rules-on-exit", false, "leave the rules in place on exit: IMDS stays unreachable until the proxy is back (fails closed) instead of reachable directly (fails open)")
@@ -191,30 +185,29 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 
 // registerEconomy adds the flags that spare IMDS's packet budget.
 func (f *serveFlags) registerEconomy(fs *flag.FlagSet) {
-	c, r := proxy.DefaultCacheConfig(), proxy.DefaultRetryConfig()
-	fs.DurationVar(&f.cache.TTL, "cache-ttl", c.TTL, "serve repeated GETs from memory for this long (0 disables the cache); errors and 401s are never cached")
-	fs.DurationVar(&f.cache.StaleTTL, "cache-stale-ttl", c.StaleTTL, "how long past --cache-ttl a cached answer may replace an upstream error (429, 5xx, unreachable)")
-	fs.IntVar(&f.cache.MaxEntries, "cache-max-entries", c.MaxEntries, "most answers the cache holds")
-	fs.IntVar(&f.cache.MaxBytes, "cache-max-bytes", c.MaxBytes, "most body bytes the cache holds")
-	fs.DurationVar(&f.cache.CredentialMargin, "cache-credential-margin", c.CredentialMargin, "never serve cached role credentials later than this before their Expiration")
+	c := &f.proxy.Cache
+	fs.DurationVar(&c.TTL, "cache-ttl", c.TTL, "serve repeated GETs from memory for this long (0 disables the cache); errors and 401s are never cached")
+	fs.DurationVar(&c.StaleTTL, "cache-stale-ttl", c.StaleTTL, "how long past --cache-ttl a cached answer may replace an upstream error (429, 5xx, unreachable)")
+	fs.IntVar(&c.MaxEntries, "cache-max-entries", c.MaxEntries, "most answers the cache holds")
+	fs.IntVar(&c.MaxBytes, "cache-max-bytes", c.MaxBytes, "most body bytes the cache holds")
+	fs.DurationVar(&c.CredentialMargin, "cache-credential-margin", c.CredentialMargin, "never serve cached role credentials later than this before their Expiration")
 	f.cacheUncached = defaultedList{values: c.Uncached}
 	fs.Var(&f.cacheUncached, "cache-uncached", "path segments whose paths are never cached (comma-separated or repeated; a YAML list in --config): answers that change without notice")
-	fs.IntVar(&f.attempts, "upstream-attempts", r.Attempts, "most upstream requests per client request: 429, 5xx, refused and reset connections are retried with jittered backoff (1: no retries)")
+	fs.IntVar(&f.proxy.Retry.Attempts, "upstream-attempts", f.proxy.Retry.Attempts, "most upstream requests per client request: 429, 5xx, refused and reset connections are retried with jittered backoff (1: no retries)")
 	fs.BoolVar(&f.coalesce, "coalesce", true, "identical GETs in flight at the same time share one upstream request")
 }
 
 // registerLimits adds the bounds on what clients can hold.
 func (f *serveFlags) registerLimits(fs *flag.FlagSet) {
-	l := proxy.DefaultServerLimits()
 	if f.mode == imdsapi.ModeNode {
-		l = proxy.DefaultNodeServerLimits()
+		f.proxy.Limits = proxy.DefaultNodeServerLimits()
 	}
-	f.limits = l
-	fs.IntVar(&f.limits.MaxConnections, "max-connections", l.MaxConnections, "client connections held at once; more are answered 503 and closed (0: no limit)")
-	fs.IntVar(&f.limits.MaxConnectionsPerClient, "max-connections-per-client", l.MaxConnectionsPerClient, "node mode: client connections held at once from one address (one container), so that none can take them all; past it, or past --max-connections, the longest-idle keep-alive connection is closed first (0: no limit; a sidecar's clients all come from 127.0.0.1)")
-	fs.DurationVar(&f.limits.ReadHeaderTimeout, "read-header-timeout", l.ReadHeaderTimeout, "close a connection whose request headers take longer (slow clients)")
-	fs.DurationVar(&f.limits.IdleTimeout, "idle-timeout", l.IdleTimeout, "close keep-alive connections idle for longer")
-	fs.IntVar(&f.limits.MaxHeaderBytes, "max-header-bytes", l.MaxHeaderBytes, "larger request headers are answered 431")
+	l := &f.proxy.Limits
+	fs.IntVar(&l.MaxConnections, "max-connections", l.MaxConnections, "client connections held at once; more are answered 503 and closed (0: no limit)")
+	fs.IntVar(&l.MaxConnectionsPerClient, "max-connections-per-client", l.MaxConnectionsPerClient, "node mode: client connections held at once from one address (one container), so that none can take them all; past it, or past --max-connections, the longest-idle keep-alive connection is closed first (0: no limit; a sidecar's clients all come from 127.0.0.1)")
+	fs.DurationVar(&l.ReadHeaderTimeout, "read-header-timeout", l.ReadHeaderTimeout, "close a connection whose request headers take longer (slow clients)")
+	fs.DurationVar(&l.IdleTimeout, "idle-timeout", l.IdleTimeout, "close keep-alive connections idle for longer")
+	fs.IntVar(&l.MaxHeaderBytes, "max-header-bytes", l.MaxHeaderBytes, "larger request headers are answered 431")
 }
 
 func (f *serveFlags) proxyConfig() (proxy.Config, error) {
@@ -230,25 +223,9 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 	if err != nil {
 		return proxy.Config{}, fmt.Errorf("--allow-path/--deny-path: %w", err)
 	}
-	retry := proxy.DefaultRetryConfig()
-	retry.Attempts = f.attempts
-	cfg := proxy.Config{
-		Upstream:                upstream,
-		V1:                      policy,
-		Paths:                   paths,
-		Mode:                    f.mode,
-		UpstreamV1Fallback:      f.v1Fallback,
-		UpstreamTokenTTL:        f.tokenTTL,
-		UpstreamTokenTimeout:    f.tokenTimeout,
-		UpstreamRetryMin:        f.retryMin,
-		UpstreamRetryMax:        f.retryMax,
-		UpstreamDialTimeout:     f.dialTimeout,
-		UpstreamResponseTimeout: f.responseTimeout,
-		Cache:                   f.cache,
-		Retry:                   retry,
-		DisableCoalescing:       !f.coalesce,
-		Limits:                  f.limits,
-	}
+	cfg := f.proxy
+	cfg.Upstream, cfg.V1, cfg.Paths, cfg.Mode = upstream, policy, paths, f.mode
+	cfg.DisableCoalescing = !f.coalesce
 	cfg.Cache.Uncached = nil
 	for _, segment := range f.cacheUncached.values {
 		if segment = strings.Trim(segment, "/"); segment != "" {

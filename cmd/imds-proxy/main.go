@@ -1,6 +1,6 @@
 // Command imds-proxy is a transparent proxy for the EC2 Instance Metadata
 // Service that makes the IMDSv2 hop limit irrelevant for containers and gives
-// operators control over IMDSv1. See the README for the deployment shapes.
+// operators control over IMDSv1. See the README for the deployments.
 package main
 
 import (
