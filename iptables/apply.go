@@ -69,9 +69,6 @@ func Open(family Family, backend Backend) (*Table, error) {
 	return &Table{ipt: ipt, family: family, backend: backend, restorePath: restorePath}, nil
 }
 
-// Backend is the backend in use.
-func (t *Table) Backend() Backend { return t.backend }
-
 func command(family Family) string {
 	if family == IPv6 {
 		return "ip6tables"
