@@ -3,7 +3,6 @@ package proxy_test
 import (
 	"fmt"
 	"io"
-	"log"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -126,7 +125,7 @@ func inFrontOf(addr string) fakeOption {
 				r.Out.Host = r.In.Host
 			},
 			Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true},
-			ErrorLog:  log.New(io.Discard, "", 0),
+			ErrorLog:  discardLog,
 		}
 	}
 }
@@ -145,7 +144,7 @@ func newFakeIMDS(tb testing.TB, opts ...fakeOption) *fakeIMDS {
 	f.ln = ln
 	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
 	f.srv.Listener = ln
-	f.srv.Config.ErrorLog = log.New(io.Discard, "", 0)
+	f.srv.Config.ErrorLog = discardLog
 	f.srv.Start()
 	f.url, f.addr = f.srv.URL, ln.Addr().String()
 	tb.Cleanup(f.close)

@@ -84,14 +84,10 @@ func (c *faultClient) get(t *testing.T, path string) (int, time.Duration) {
 
 // recovers polls until a GET succeeds or the time is up.
 func (c *faultClient) recovers(t *testing.T, path string, within time.Duration) bool {
-	deadline := time.Now().Add(within)
-	for time.Now().Before(deadline) {
-		if status, _ := c.get(t, path); status == 200 {
-			return true
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return false
+	return eventually(within, 50*time.Millisecond, func() bool {
+		status, _ := c.get(t, path)
+		return status == 200
+	})
 }
 
 // flap switches the upstream between refusing and healthy every 30 ms for a

@@ -173,6 +173,10 @@ func serveOnHTTPTest(h *harness) (stop func()) {
 	return srv.Close
 }
 
+// discardLog drops what net/http logs on the servers of fixtures whose
+// answers the tests check themselves.
+var discardLog = log.New(io.Discard, "", 0)
+
 // panicFailer fails the test when net/http reports a panic in a handler:
 // it recovers them, and the proxy must not cause any.
 type panicFailer struct{ t testing.TB }
@@ -208,13 +212,22 @@ func serveAsTheBinary(h *harness) (stop func()) {
 // waitReady waits until the proxy has decided its upstream session.
 func (h *harness) waitReady() {
 	h.t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for h.p.Ready() != nil {
-		if time.Now().After(deadline) {
-			h.t.Fatal("proxy never decided its upstream session")
-		}
-		time.Sleep(time.Millisecond)
+	if !eventually(10*time.Second, time.Millisecond, func() bool { return h.p.Ready() == nil }) {
+		h.t.Fatal("proxy never decided its upstream session")
 	}
+}
+
+// eventually checks cond every interval until it holds or within has
+// passed, and says whether it held.
+func eventually(within, interval time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(interval)
+	}
+	return true
 }
 
 // dial opens a connection to the proxy from local (nil: any).

@@ -150,17 +150,15 @@ func TestV1LogFloodIsBounded(t *testing.T) {
 	// summary at the end of a window.
 	var lines, summaries []observer.LoggedEntry
 	var summarized uint64
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+	eventually(10*time.Second, 50*time.Millisecond, func() bool {
 		lines = h.logsContaining("IMDSv1 request (no token)")
 		summaries = h.logsContaining("IMDSv1 requests (no token) not logged one by one")
 		summarized = 0
 		for _, s := range summaries {
 			summarized += s.ContextMap()["count"].(uint64)
 		}
-		if uint64(len(lines))+summarized == flood+1 || time.Now().After(deadline) {
-			break
-		}
-	}
+		return uint64(len(lines))+summarized == flood+1
+	})
 	if uint64(len(lines))+summarized != flood+1 || len(summaries) == 0 || len(lines) > 20*windows {
 		t.Errorf("%d lines and %d summaries counting %d requests, want a few lines and summaries accounting for all %d", len(lines), len(summaries), summarized, flood+1)
 	}

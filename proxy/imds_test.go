@@ -279,12 +279,10 @@ func TestV1AutoFollowsAChange(t *testing.T) {
 			}
 			aemm.Stop()
 			testutil.StartAEMMAt(t, addr, "-I")
-			deadline := time.Now().Add(10 * time.Second)
-			for h.do("GET", "/latest/meta-data/instance-id", nil).status != http.StatusUnauthorized {
-				if time.Now().After(deadline) {
-					t.Fatal("auto still serves tokenless requests 10s after the upstream began to require tokens")
-				}
-				time.Sleep(50 * time.Millisecond)
+			if !eventually(10*time.Second, 50*time.Millisecond, func() bool {
+				return h.do("GET", "/latest/meta-data/instance-id", nil).status == http.StatusUnauthorized
+			}) {
+				t.Fatal("auto still serves tokenless requests 10s after the upstream began to require tokens")
 			}
 			if l := h.logsContaining("--v1 auto refuses them here too"); len(l) != 1 {
 				t.Errorf("want one log line for the switch, got %+v", l)
@@ -312,12 +310,10 @@ func TestV1AutoFailsClosedUntilItKnows(t *testing.T) {
 		t.Errorf("imds_proxy_upstream_v1_state{state=unknown} = %v, want 1", n)
 	}
 	front.fail(healthy)
-	deadline := time.Now().Add(10 * time.Second)
-	for h.do("GET", "/latest/meta-data/instance-id", nil).status != http.StatusOK {
-		if time.Now().After(deadline) {
-			t.Fatal("auto still refuses tokenless requests 10s after the upstream answered that it serves them")
-		}
-		time.Sleep(50 * time.Millisecond)
+	if !eventually(10*time.Second, 50*time.Millisecond, func() bool {
+		return h.do("GET", "/latest/meta-data/instance-id", nil).status == http.StatusOK
+	}) {
+		t.Fatal("auto still refuses tokenless requests 10s after the upstream answered that it serves them")
 	}
 	if l := h.logsContaining("cannot tell whether"); len(l) != 1 {
 		t.Errorf("the unknown policy was logged %d times, want once (not on every retry)", len(l))

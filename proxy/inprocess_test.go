@@ -1,8 +1,6 @@
 package proxy_test
 
 import (
-	"io"
-	"log"
 	"net"
 	"net/http"
 	"net/netip"
@@ -27,7 +25,7 @@ func overPipes(caller netip.AddrPort) harnessOption {
 		s.serve = func(h *harness) (stop func()) {
 			h.pipe = newPipeListener(caller)
 			h.addr = pipeLocal.String()
-			srv := &http.Server{Handler: h.p, ErrorLog: log.New(io.Discard, "", 0), ReadHeaderTimeout: 10 * time.Second}
+			srv := &http.Server{Handler: h.p, ErrorLog: discardLog, ReadHeaderTimeout: 10 * time.Second}
 			go func() { _ = srv.Serve(h.pipe) }()
 			return func() { _ = srv.Close() }
 		}

@@ -133,12 +133,8 @@ func waitIdle(t *testing.T, s *harness, n float64) {
 
 func waitGauge(t *testing.T, s *harness, name string, n float64) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for s.metric(name, nil) != n {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s is %v, never %v", name, s.metric(name, nil), n)
-		}
-		time.Sleep(5 * time.Millisecond)
+	if !eventually(5*time.Second, 5*time.Millisecond, func() bool { return s.metric(name, nil) == n }) {
+		t.Fatalf("%s is %v, never %v", name, s.metric(name, nil), n)
 	}
 }
 
@@ -464,12 +460,8 @@ func sendSlow(t *testing.T, up *fakeIMDS, conn net.Conn, slow *int) {
 	if _, err := io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for up.count(path) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("GET %s never reached the upstream", path)
-		}
-		time.Sleep(time.Millisecond)
+	if !eventually(5*time.Second, time.Millisecond, func() bool { return up.count(path) > 0 }) {
+		t.Fatalf("GET %s never reached the upstream", path)
 	}
 }
 
