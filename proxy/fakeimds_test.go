@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -56,6 +55,7 @@ const (
 // and conditional headers as an HTTP server may, so a client header that
 // reaches it can change its answer. It counts the requests of each path.
 type fakeIMDS struct {
+	tb        testing.TB
 	url, addr string
 
 	tokens         tokenAnswer
@@ -133,7 +133,7 @@ func inFrontOf(addr string) fakeOption {
 // newFakeIMDS starts a fake IMDS on loopback, closed when the test ends.
 func newFakeIMDS(tb testing.TB, opts ...fakeOption) *fakeIMDS {
 	tb.Helper()
-	f := &fakeIMDS{perPath: map[string]int{}, stopping: make(chan struct{})}
+	f := &fakeIMDS{tb: tb, perPath: map[string]int{}, stopping: make(chan struct{})}
 	for _, opt := range opts {
 		opt(f)
 	}
@@ -172,7 +172,7 @@ func (f *fakeIMDS) fail(m fault) {
 		f.srv.CloseClientConnections()
 	case m != refuse && old == refuse:
 		if err := f.ln.up(); err != nil {
-			panic(fmt.Sprintf("fake IMDS re-listening on %s: %v", f.addr, err))
+			f.tb.Errorf("fake IMDS re-listening on %s: %v", f.addr, err)
 		}
 	}
 }
@@ -290,7 +290,8 @@ func (f *fakeIMDS) wait(r *http.Request, release <-chan struct{}) {
 func (f *fakeIMDS) hijacked(w http.ResponseWriter, raw string, reset bool) {
 	c, _, err := http.NewResponseController(w).Hijack()
 	if err != nil {
-		panic(err)
+		f.tb.Errorf("fake IMDS: %v", err)
+		return
 	}
 	defer c.Close()
 	_, _ = io.WriteString(c, raw)
@@ -303,8 +304,7 @@ func (f *fakeIMDS) hijacked(w http.ResponseWriter, raw string, reset bool) {
 // dials are refused, and brought back up at the same address; Accept waits
 // meanwhile rather than fail, so that the server on it keeps serving.
 type downableListener struct {
-	addr   string
-	bound  net.Addr
+	bound  net.Addr // where it listens, down or up
 	closed chan struct{}
 	once   sync.Once
 
@@ -318,7 +318,7 @@ func listenDownable(addr string) (*downableListener, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &downableListener{addr: ln.Addr().String(), bound: ln.Addr(), ln: ln, closed: make(chan struct{})}, nil
+	return &downableListener{bound: ln.Addr(), ln: ln, closed: make(chan struct{})}, nil
 }
 
 func (l *downableListener) Accept() (net.Conn, error) {
@@ -367,7 +367,7 @@ func (l *downableListener) up() error {
 	if l.ln != nil {
 		return nil
 	}
-	ln, err := net.Listen("tcp", l.addr)
+	ln, err := net.Listen("tcp", l.bound.String())
 	if err != nil {
 		return err
 	}

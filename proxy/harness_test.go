@@ -108,12 +108,12 @@ func cachingDefaults() harnessOption {
 	return configured(func(c *proxy.Config) { c.Cache = proxy.DefaultCacheConfig() })
 }
 
-// economical turns on the cache and quick retries.
+// economical turns on the cache, as cachingDefaults does, and quick retries.
 func economical() harnessOption {
-	return configured(func(c *proxy.Config) {
-		c.Cache = proxy.DefaultCacheConfig()
+	quickRetries := configured(func(c *proxy.Config) {
 		c.Retry = proxy.RetryConfig{Attempts: 3, BaseDelay: 5 * time.Millisecond, MaxDelay: 20 * time.Millisecond}
 	})
+	return func(s *harnessSetup) { cachingDefaults()(s); quickRetries(s) }
 }
 
 // startProxy starts a proxy with testConfig(upstream), changed by opts, and
@@ -149,12 +149,13 @@ func startProxy(tb testing.TB, upstream string, opts ...harnessOption) *harness 
 	ctx, cancel := context.WithCancel(context.Background())
 	ran := make(chan struct{})
 	go func() { p.Run(ctx); close(ran) }()
+	stopRunning := func() { cancel(); <-ran }
+	tb.Cleanup(stopRunning) // should serving fail to start
 	stopServing := setup.serve(h)
 	h.url = "http://" + h.addr
 	h.stop = sync.OnceFunc(func() {
 		stopServing()
-		cancel()
-		<-ran
+		stopRunning()
 	})
 	tb.Cleanup(h.stop)
 	if setup.waitDecision {
