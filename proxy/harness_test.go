@@ -249,6 +249,10 @@ type response struct {
 	body   string
 }
 
+func responseOf(resp *http.Response, body []byte) response {
+	return response{status: resp.StatusCode, header: resp.Header, body: string(body)}
+}
+
 // send makes one request with client and reads the whole answer.
 func send(client *http.Client, method, url string, header http.Header) (response, error) {
 	req, err := http.NewRequest(method, url, nil)
@@ -264,7 +268,7 @@ func send(client *http.Client, method, url string, header http.Header) (response
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
-	return response{status: resp.StatusCode, header: resp.Header, body: string(body)}, err
+	return responseOf(resp, body), err
 }
 
 // keepAliveClient is a client that keeps its connections open, as an SDK
@@ -273,8 +277,8 @@ func keepAliveClient() *http.Client {
 	return &http.Client{Transport: &http.Transport{Proxy: nil, MaxIdleConnsPerHost: 256}, Timeout: 20 * time.Second}
 }
 
-// do sends one request from 127.0.0.1 with the given headers, on a
-// connection of its own.
+// do sends one request from 127.0.0.1 (over pipes, from their caller) with
+// the given headers, on a connection of its own.
 func (h *harness) do(method, path string, header http.Header) response {
 	h.t.Helper()
 	return h.doFrom(nil, method, path, header)
@@ -367,7 +371,7 @@ func (h *harness) rawFrom(local net.Addr, request string) response {
 	if err != nil {
 		h.t.Fatalf("%.60q from %v: %v", request, local, err)
 	}
-	return response{status: resp.StatusCode, header: resp.Header, body: string(body)}
+	return responseOf(resp, body)
 }
 
 // exchangeOn writes request on the open connection c, reads one response,
@@ -381,7 +385,7 @@ func exchangeOn(tb testing.TB, c net.Conn, request string) response {
 	if err != nil {
 		tb.Fatalf("%.60q on a connection from %s: %v", request, c.LocalAddr(), err)
 	}
-	return response{status: resp.StatusCode, header: resp.Header, body: string(body)}
+	return responseOf(resp, body)
 }
 
 // readResponse reads one response, to a request already written, from c.
