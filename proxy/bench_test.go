@@ -2,7 +2,6 @@ package proxy_test
 
 import (
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -98,32 +97,17 @@ func serveRecorded(p http.Handler, r *http.Request) *httptest.ResponseRecorder {
 	return w
 }
 
-// loopbackClient is a keep-alive client of a loopback server, as an SDK is.
-func loopbackClient() *http.Client {
-	return &http.Client{Transport: &http.Transport{Proxy: nil, MaxIdleConnsPerHost: 256, DisableCompression: true}}
-}
-
-// loopbackDo sends one request and reads the whole answer.
-func loopbackDo(c *http.Client, method, url string, header http.Header) (int, error) {
-	req, err := http.NewRequest(method, url, nil)
-	if err != nil {
-		return 0, err
-	}
-	req.Header = header.Clone()
-	resp, err := c.Do(req)
-	if err != nil {
-		return 0, err
-	}
-	_, err = io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
-	return resp.StatusCode, err
+// benchProxy is a proxy with paths in front of a fake IMDS, served on
+// loopback, logging nothing.
+func benchProxy(b *testing.B, paths proxy.PathPolicy) *harness {
+	return startProxy(b, newFakeIMDS(b).url, unlogged(), withPaths(paths))
 }
 
 // BenchmarkTokenPUT: the proxy answering PUT /latest/api/token, through its
 // handler in-process (httptest recorder) and through a real server on
 // loopback with a keep-alive client.
 func BenchmarkTokenPUT(b *testing.B) {
-	ip := newInProcess(b, proxy.PathPolicy{}, false, false)
+	h := benchProxy(b, proxy.PathPolicy{})
 	header := http.Header{imdsapi.TokenTTLHeader: {"21600"}, "User-Agent": {"aws-sdk-go-v2/1.30.0"}}
 	check := func(status int) error {
 		if status != http.StatusOK {
@@ -134,7 +118,7 @@ func BenchmarkTokenPUT(b *testing.B) {
 	b.Run("handler/serial", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			if err := check(serveRecorded(ip.p, handlerRequest(http.MethodPut, "/latest/api/token", header)).Code); err != nil {
+			if err := check(serveRecorded(h.p, handlerRequest(http.MethodPut, "/latest/api/token", header)).Code); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -144,7 +128,7 @@ func BenchmarkTokenPUT(b *testing.B) {
 		b.ReportAllocs()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				if err := check(serveRecorded(ip.p, handlerRequest(http.MethodPut, "/latest/api/token", header)).Code); err != nil {
+				if err := check(serveRecorded(h.p, handlerRequest(http.MethodPut, "/latest/api/token", header)).Code); err != nil {
 					b.Error(err)
 					return
 				}
@@ -152,16 +136,14 @@ func BenchmarkTokenPUT(b *testing.B) {
 		})
 		reportRate(b, "tokens")
 	})
-	srv := httptest.NewServer(ip.p)
-	b.Cleanup(srv.Close)
-	client := loopbackClient()
+	client := keepAliveClient()
 	b.Cleanup(client.CloseIdleConnections)
 	b.Run("loopback/serial", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			status, err := loopbackDo(client, http.MethodPut, srv.URL+"/latest/api/token", header)
+			r, err := send(client, http.MethodPut, h.url+"/latest/api/token", header)
 			if err == nil {
-				err = check(status)
+				err = check(r.status)
 			}
 			if err != nil {
 				b.Fatal(err)
@@ -173,9 +155,9 @@ func BenchmarkTokenPUT(b *testing.B) {
 		b.ReportAllocs()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				status, err := loopbackDo(client, http.MethodPut, srv.URL+"/latest/api/token", header)
+				r, err := send(client, http.MethodPut, h.url+"/latest/api/token", header)
 				if err == nil {
-					err = check(status)
+					err = check(r.status)
 				}
 				if err != nil {
 					b.Error(err)
@@ -198,8 +180,8 @@ func BenchmarkGETPassThrough(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	ip := newInProcess(b, policy, false, false)
-	tok, _, err := ip.minter.Mint(pipeCaller.Addr(), token.MaxTTL)
+	h := benchProxy(b, policy)
+	tok, _, err := h.minter.Mint(pipeCaller.Addr(), token.MaxTTL)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -214,7 +196,7 @@ func BenchmarkGETPassThrough(b *testing.B) {
 	b.Run("handler/serial", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			if err := check(serveRecorded(ip.p, handlerRequest(http.MethodGet, path, header))); err != nil {
+			if err := check(serveRecorded(h.p, handlerRequest(http.MethodGet, path, header))); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -226,7 +208,7 @@ func BenchmarkGETPassThrough(b *testing.B) {
 		b.RunParallel(func(pb *testing.PB) {
 			own := fmt.Sprintf("%s/%d", path, goroutines.Add(1))
 			for pb.Next() {
-				if err := check(serveRecorded(ip.p, handlerRequest(http.MethodGet, own, header))); err != nil {
+				if err := check(serveRecorded(h.p, handlerRequest(http.MethodGet, own, header))); err != nil {
 					b.Error(err)
 					return
 				}
@@ -235,11 +217,9 @@ func BenchmarkGETPassThrough(b *testing.B) {
 		reportRate(b, "requests")
 	})
 
-	srv := httptest.NewServer(ip.p)
-	b.Cleanup(srv.Close)
-	client := loopbackClient()
+	client := keepAliveClient()
 	b.Cleanup(client.CloseIdleConnections)
-	loopTok, _, err := ip.minter.Mint(netip.MustParseAddr("127.0.0.1"), token.MaxTTL)
+	loopTok, _, err := h.minter.Mint(netip.MustParseAddr("127.0.0.1"), token.MaxTTL)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -253,9 +233,9 @@ func BenchmarkGETPassThrough(b *testing.B) {
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				status, err := loopbackDo(client, http.MethodGet, srv.URL+path, c.header)
-				if err == nil && status != http.StatusOK {
-					err = fmt.Errorf("status %d", status)
+				r, err := send(client, http.MethodGet, h.url+path, c.header)
+				if err == nil && r.status != http.StatusOK {
+					err = fmt.Errorf("status %d", r.status)
 				}
 				if err != nil {
 					b.Fatal(err)

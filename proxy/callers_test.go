@@ -25,12 +25,12 @@ func (h *harness) v1Callers() []proxy.V1Caller {
 }
 
 func TestV1CallersTable(t *testing.T) {
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block }, nil)
+	h, _ := startBehindAEMM(t, withV1(imdsapi.V1Block))
 	cli := http.Header{"User-Agent": {"aws-cli/1.18.69 Python/2.7.18 Linux/5.10 botocore/1.17.44"}}
 	for _, path := range []string{"/latest/meta-data/iam/security-credentials/", "/latest/meta-data/instance-id", "/latest/meta-data/instance-id"} {
 		h.do("GET", path, cli)
 	}
-	h.doFrom(otherLoopback(t), "GET", "/latest/meta-data/", http.Header{"User-Agent": {"aws-sdk-java/1.11.0"}})
+	h.doFrom(loopbackAddr("127.0.0.2"), "GET", "/latest/meta-data/", http.Header{"User-Agent": {"aws-sdk-java/1.11.0"}})
 	h.token() // IMDSv2 traffic is not an IMDSv1 caller
 
 	callers := h.v1Callers()
@@ -54,7 +54,7 @@ func TestV1CallersTable(t *testing.T) {
 
 // TestV1CallersTableIsBounded: distinct hostile User-Agents cannot grow it.
 func TestV1CallersTableIsBounded(t *testing.T) {
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1CallersMax = 3 }, nil)
+	h, _ := startBehindAEMM(t, configured(func(c *proxy.Config) { c.V1CallersMax = 3 }))
 	for i := 0; i < 5; i++ {
 		h.do("GET", "/latest/meta-data/", http.Header{"User-Agent": {fmt.Sprintf("attacker-%d/%0300d", i, 0)}})
 	}
@@ -79,7 +79,7 @@ func TestV1CallersTableIsBounded(t *testing.T) {
 // over loopback, sharing the proxy's network and PID namespaces as a
 // sidecar's neighbours do; the table names its UID, PID and executable.
 func TestV1CallerAttribution(t *testing.T) {
-	h, _ := startBehindAEMM(t, nil, nil)
+	h, _ := startBehindAEMM(t)
 	h.do("GET", "/latest/meta-data/", http.Header{"User-Agent": {"legacy-script/1.0"}})
 	callers := h.v1Callers()
 	if len(callers) != 1 {
@@ -95,7 +95,7 @@ func TestV1CallerAttribution(t *testing.T) {
 // TestV1AttributionIsRateBounded: a flood of tokenless requests is served,
 // logged and counted, but only the first few pay for a /proc scan.
 func TestV1AttributionIsRateBounded(t *testing.T) {
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1AttributionsPerSecond = 2; c.V1 = imdsapi.V1Block }, nil)
+	h, _ := startBehindAEMM(t, withV1(imdsapi.V1Block), configured(func(c *proxy.Config) { c.V1AttributionsPerSecond = 2 }))
 	const flood = 12
 	for i := 0; i < flood; i++ {
 		h.do("GET", "/latest/meta-data/", http.Header{"User-Agent": {"flood/1.0"}})
@@ -115,14 +115,14 @@ func TestV1AttributionIsRateBounded(t *testing.T) {
 // TestV1CallersSurviveAFlood: one address sending a thousand distinct
 // User-Agents cannot push the callers already in the table out of it.
 func TestV1CallersSurviveAFlood(t *testing.T) {
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block }, nil)
+	h, _ := startBehindAEMM(t, withV1(imdsapi.V1Block))
 	real := []string{"aws-cli/1.18.69 Python/2.7.18", "aws-sdk-java/1.11.0", "legacy-script/1.0"}
 	for _, ua := range real {
 		h.do("GET", "/latest/meta-data/instance-id", http.Header{"User-Agent": {ua}})
 	}
 	const flood = 1100
 	for i := 0; i < flood; i++ {
-		h.doFrom(otherLoopback(t), "GET", "/latest/meta-data/", http.Header{"User-Agent": {fmt.Sprintf("flood-%d/1.0", i)}})
+		h.doFrom(loopbackAddr("127.0.0.2"), "GET", "/latest/meta-data/", http.Header{"User-Agent": {fmt.Sprintf("flood-%d/1.0", i)}})
 	}
 	callers := h.v1Callers()
 	flooder := 0

@@ -1,7 +1,7 @@
 package proxy_test
 
 import (
-	"io"
+	"fmt"
 	"net/http"
 	"sync"
 	"testing"
@@ -17,9 +17,11 @@ import (
 func TestConcurrentIdenticalGETsShareOneUpstreamRequest(t *testing.T) {
 	aemm := testutil.StartAEMM(t, "-I")
 	slow := testutil.NewDelayingTap(t, aemm.Addr, 300*time.Millisecond)
-	h := startProxy(t, testConfig(slow.URL()), nil)
+	h := startProxy(t, slow.URL())
 	tok := h.token()
 	before := len(slow.Requests())
+	client := keepAliveClient()
+	defer client.CloseIdleConnections()
 
 	const clients = 200
 	paths := []string{"/latest/meta-data/instance-id", "/latest/meta-data/placement/region"}
@@ -31,18 +33,13 @@ func TestConcurrentIdenticalGETsShareOneUpstreamRequest(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			req, _ := http.NewRequest("GET", h.srv.URL+path, nil)
-			req.Header.Set(imdsapi.TokenHeader, tok)
-			resp, err := h.srv.Client().Do(req)
+			r, err := send(client, http.MethodGet, h.url+path, http.Header{imdsapi.TokenHeader: {tok}})
 			if err != nil {
 				errs <- err.Error()
 				return
 			}
-			defer resp.Body.Close()
-			body := make([]byte, 64)
-			n, _ := resp.Body.Read(body)
-			if resp.StatusCode != 200 || string(body[:n]) != want[path] {
-				errs <- resp.Status + " " + string(body[:n])
+			if r.status != 200 || r.body != want[path] {
+				errs <- fmt.Sprintf("%d %s", r.status, r.body)
 			}
 		}()
 	}
@@ -76,31 +73,24 @@ func TestConcurrentIdenticalGETsShareOneUpstreamRequest(t *testing.T) {
 // Accept-Encoding: identity, as botocore does, so that net/http's client adds
 // nothing that tells them apart.
 func TestCoalescedCallersShareOnlyWhatBothAskedFor(t *testing.T) {
-	up := newScriptedIMDS(t, func(string, int) int { return 200 })
-	slow := testutil.NewDelayingTap(t, up.srv.Listener.Addr().String(), 300*time.Millisecond)
-	h := startProxy(t, testConfig(slow.URL()), nil) // no cache: only coalescing can share
+	up := newFakeIMDS(t, requiringTokens(), numberedAnswers())
+	slow := testutil.NewDelayingTap(t, up.addr, 300*time.Millisecond)
+	h := startProxy(t, slow.URL()) // no cache: only coalescing can share
 	tok := h.token()
+	client := keepAliveClient()
+	defer client.CloseIdleConnections()
 	const path = "/latest/user-data"
 	const whole = "answer /latest/user-data #1"
 	before := len(slow.Requests())
 
 	type result struct {
-		status int
-		body   string
-		err    error
+		response
+		err error
 	}
 	ranged := make(chan result, 1)
 	go func() {
-		req, _ := http.NewRequest("GET", h.srv.URL+path, nil)
-		req.Header = http.Header{imdsapi.TokenHeader: {tok}, "Range": {"bytes=0-5"}, "Accept-Encoding": {"identity"}}
-		resp, err := h.srv.Client().Do(req)
-		if err != nil {
-			ranged <- result{err: err}
-			return
-		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(resp.Body)
-		ranged <- result{resp.StatusCode, string(body), err}
+		r, err := send(client, http.MethodGet, h.url+path, http.Header{imdsapi.TokenHeader: {tok}, "Range": {"bytes=0-5"}, "Accept-Encoding": {"identity"}})
+		ranged <- result{r, err}
 	}()
 	if err := slow.WaitRequests(before+1, 5*time.Second); err != nil { // the ranged request is upstream, held by the tap
 		t.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,68 +18,11 @@ import (
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
-// scriptedIMDS is an upstream whose metadata answers a test scripts, to
-// produce what the real IMDS does only under load or failure (429, 5xx).
-// It issues session tokens like IMDS and counts the GETs of each path. Its
-// 200 answers go through http.ServeContent, which honours Range and
-// conditional headers as an HTTP server may: a client header that reaches it
-// can change its answer.
-type scriptedIMDS struct {
-	srv    *httptest.Server
-	mu     sync.Mutex
-	gets   map[string]int
-	status func(path string, n int) int // status of the nth GET of path (from 1)
-}
-
-func newScriptedIMDS(t *testing.T, status func(path string, n int) int) *scriptedIMDS {
-	s := &scriptedIMDS{gets: map[string]int{}, status: status}
-	s.srv = httptest.NewServer(http.HandlerFunc(s.serve))
-	t.Cleanup(s.srv.Close)
-	return s
-}
-
-func (s *scriptedIMDS) serve(w http.ResponseWriter, r *http.Request) {
-	if r.Method == http.MethodPut && r.URL.Path == "/latest/api/token" {
-		w.Header().Set(imdsapi.TokenTTLHeader, r.Header.Get(imdsapi.TokenTTLHeader))
-		_, _ = w.Write([]byte("upstream-session-token"))
-		return
-	}
-	if r.Header.Get(imdsapi.TokenHeader) != "upstream-session-token" {
-		http.Error(w, "", http.StatusUnauthorized)
-		return
-	}
-	s.mu.Lock()
-	s.gets[r.URL.Path]++
-	n := s.gets[r.URL.Path]
-	s.mu.Unlock()
-	status := s.status(r.URL.Path, n)
-	body := "answer " + r.URL.Path + " #" + string(rune('0'+n%10))
-	if status == http.StatusOK {
-		http.ServeContent(w, r, "", time.Time{}, strings.NewReader(body))
-		return
-	}
-	w.WriteHeader(status)
-	_, _ = w.Write([]byte(body))
-}
-
-func (s *scriptedIMDS) count(path string) int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.gets[path]
-}
-
-func economyConfig(upstream string) proxy.Config {
-	cfg := testConfig(upstream)
-	cfg.Cache = proxy.DefaultCacheConfig()
-	cfg.Retry = proxy.RetryConfig{Attempts: 3, BaseDelay: 5 * time.Millisecond, MaxDelay: 20 * time.Millisecond}
-	return cfg
-}
-
 // TestCacheSparesTheUpstream: repeats of a path within the TTL cost one
 // upstream request; fast-changing paths are fetched every time.
 func TestCacheSparesTheUpstream(t *testing.T) {
-	up := newScriptedIMDS(t, func(string, int) int { return 200 })
-	h := startProxy(t, economyConfig(up.srv.URL), nil)
+	up := newFakeIMDS(t, requiringTokens(), numberedAnswers())
+	h := startProxy(t, up.url, economical())
 	auth := http.Header{imdsapi.TokenHeader: {h.token()}}
 	for i := 0; i < 10; i++ {
 		if r := h.do("GET", "/latest/meta-data/instance-id", auth); r.status != 200 || r.body != "answer /latest/meta-data/instance-id #1" {
@@ -103,7 +45,7 @@ func TestCacheSparesTheUpstream(t *testing.T) {
 // backoff up to the attempt limit, and counted; past it the client gets
 // the upstream's answer.
 func TestThrottledAndFailedAnswersAreRetried(t *testing.T) {
-	up := newScriptedIMDS(t, func(path string, n int) int {
+	up := newFakeIMDS(t, requiringTokens(), numberedAnswers(), answeringStatus(func(path string, n int) int {
 		switch {
 		case strings.HasSuffix(path, "/throttled-twice") && n <= 2:
 			return http.StatusTooManyRequests
@@ -111,8 +53,8 @@ func TestThrottledAndFailedAnswersAreRetried(t *testing.T) {
 			return http.StatusServiceUnavailable
 		}
 		return 200
-	})
-	h := startProxy(t, economyConfig(up.srv.URL), nil)
+	}))
+	h := startProxy(t, up.url, economical())
 	auth := http.Header{imdsapi.TokenHeader: {h.token()}}
 	if r := h.do("GET", "/latest/meta-data/throttled-twice", auth); r.status != 200 {
 		t.Errorf("throttled twice: client got %d, want 200 from the third attempt", r.status)
@@ -136,15 +78,13 @@ func TestThrottledAndFailedAnswersAreRetried(t *testing.T) {
 // StaleTTL; a path never fetched gets the error.
 func TestStaleCopyStandsInForUpstreamErrors(t *testing.T) {
 	var failing atomic.Bool
-	up := newScriptedIMDS(t, func(string, int) int {
+	up := newFakeIMDS(t, requiringTokens(), numberedAnswers(), answeringStatus(func(string, int) int {
 		if failing.Load() {
 			return http.StatusInternalServerError
 		}
 		return 200
-	})
-	cfg := economyConfig(up.srv.URL)
-	cfg.Cache.TTL = 20 * time.Millisecond
-	h := startProxy(t, cfg, nil)
+	}))
+	h := startProxy(t, up.url, economical(), configured(func(c *proxy.Config) { c.Cache.TTL = 20 * time.Millisecond }))
 	auth := http.Header{imdsapi.TokenHeader: {h.token()}}
 	first := h.do("GET", "/latest/meta-data/local-ipv4", auth)
 	time.Sleep(30 * time.Millisecond)
@@ -168,9 +108,7 @@ func TestCredentialBurstCostsIMDSAFewRequests(t *testing.T) {
 	isolateSDK(t)
 	aemm := testutil.StartAEMM(t, append([]string{"-I"}, testutil.AEMMCredentialsExpiring(t, time.Now().Add(6*time.Hour))...)...)
 	tap := testutil.NewTap(t, aemm.Addr)
-	cfg := testConfig(tap.URL())
-	cfg.Cache = proxy.DefaultCacheConfig()
-	h := startProxy(t, cfg, nil)
+	h := startProxy(t, tap.URL(), cachingDefaults())
 	before := len(tap.Requests())
 
 	// The SDK gives up after 500 ms per attempt; 100 clients keep a loaded
@@ -186,7 +124,7 @@ func TestCredentialBurstCostsIMDSAFewRequests(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			provider := ec2rolecreds.New(func(o *ec2rolecreds.Options) { o.Client = imds.New(imds.Options{Endpoint: h.srv.URL}) })
+			provider := ec2rolecreds.New(func(o *ec2rolecreds.Options) { o.Client = imds.New(imds.Options{Endpoint: h.url}) })
 			creds, err := provider.Retrieve(ctx)
 			if err != nil || creds.AccessKeyID != "ASIATESTFRESH" {
 				failures.Add(1)
@@ -209,11 +147,9 @@ func TestCredentialBurstCostsIMDSAFewRequests(t *testing.T) {
 // agent in front of a throttling IMDS sends IMDS the node agent's attempts
 // only, not the product of both proxies' attempts.
 func TestChainedProxiesDoNotMultiplyRetries(t *testing.T) {
-	up := newScriptedIMDS(t, func(string, int) int { return http.StatusTooManyRequests })
-	nodeCfg := economyConfig(up.srv.URL)
-	nodeCfg.Mode = imdsapi.ModeNode
-	node := startProxy(t, nodeCfg, nil)
-	sidecar := startProxy(t, economyConfig(node.srv.URL), nil)
+	up := newFakeIMDS(t, requiringTokens(), numberedAnswers(), answeringStatus(func(string, int) int { return http.StatusTooManyRequests }))
+	node := startProxy(t, up.url, economical(), configured(func(c *proxy.Config) { c.Mode = imdsapi.ModeNode }))
+	sidecar := startProxy(t, node.url, economical())
 	r := sidecar.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {sidecar.token()}})
 	if r.status != http.StatusTooManyRequests || r.header.Get("X-Imds-Proxy") == "" {
 		t.Errorf("client got %d (X-Imds-Proxy %q), want IMDS's 429 from a proxy", r.status, r.header.Get("X-Imds-Proxy"))
@@ -233,9 +169,7 @@ func TestLifecycleStateIsNeverCached(t *testing.T) {
 	aemm := testutil.StartAEMM(t, "-I", "--asg-termination-delay-sec", fmt.Sprint(int(flipAfter.Seconds())))
 	listening := time.Now() // AEMM counts its delay from its start, which was before this
 	tap := testutil.NewTap(t, aemm.Addr)
-	cfg := testConfig(tap.URL())
-	cfg.Cache = proxy.DefaultCacheConfig()
-	h := startProxy(t, cfg, nil)
+	h := startProxy(t, tap.URL(), cachingDefaults())
 	auth := http.Header{imdsapi.TokenHeader: {h.token()}}
 
 	var answers []string

@@ -14,7 +14,7 @@ import (
 // User-Agent, and nothing else, so requests for the same path are identical
 // upstream and may share one answer.
 func TestUpstreamSeesOnlyTheProxysHeaders(t *testing.T) {
-	h, tap := startBehindAEMM(t, nil, nil)
+	h, tap := startBehindAEMM(t)
 	tok := h.token()
 	clientHeaders := []http.Header{
 		{imdsapi.TokenHeader: {tok}},

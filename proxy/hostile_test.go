@@ -24,10 +24,10 @@ import (
 // status it must get and whether anything may reach the upstream; afterwards
 // the real AWS SDK must still be served.
 func TestHostileInput(t *testing.T) {
-	h, tap := startBehindAEMM(t, nil, nil)
+	h, tap := startBehindAEMM(t)
 	trap := newTrap(t)
 	tok := h.token()
-	other := h.tokenFrom(otherLoopback(t))
+	other := h.tokenFrom(loopbackAddr("127.0.0.2"))
 	auth := imdsapi.TokenHeader + ": " + tok + "\r\n"
 	get := func(path string) string { return "GET " + path + " HTTP/1.1\r\nHost: x\r\n" + auth + "\r\n" }
 	ttlPut := func(ttl string) string {
@@ -118,7 +118,7 @@ func TestHostileInput(t *testing.T) {
 	// And the real AWS SDK still gets its answer.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	out, err := imds.New(imds.Options{Endpoint: h.srv.URL}).GetMetadata(ctx, &imds.GetMetadataInput{Path: "instance-id"})
+	out, err := imds.New(imds.Options{Endpoint: h.url}).GetMetadata(ctx, &imds.GetMetadataInput{Path: "instance-id"})
 	if err != nil {
 		t.Fatalf("after the hostile table, the SDK got %v", err)
 	}
@@ -134,7 +134,7 @@ func TestHostileInput(t *testing.T) {
 // each; another caller's first request is still logged on its own.
 func TestV1LogFloodIsBounded(t *testing.T) {
 	const window = 3 * time.Second
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block; c.V1LogInterval = window }, nil)
+	h, _ := startBehindAEMM(t, withV1(imdsapi.V1Block), configured(func(c *proxy.Config) { c.V1LogInterval = window }))
 	const flood = 500
 	pad := strings.Repeat("A", 16<<10-64)
 	long := "/latest/meta-data/" + strings.Repeat("p", 4000)
@@ -142,7 +142,7 @@ func TestV1LogFloodIsBounded(t *testing.T) {
 	for i := 0; i < flood; i++ {
 		h.do("GET", long+strconv.Itoa(i), http.Header{"User-Agent": {fmt.Sprintf("hostile-%d/%s", i, pad)}})
 	}
-	h.doFrom(otherLoopback(t), "GET", "/latest/meta-data/", http.Header{"User-Agent": {"legacy-script/1.0"}})
+	h.doFrom(loopbackAddr("127.0.0.2"), "GET", "/latest/meta-data/", http.Header{"User-Agent": {"legacy-script/1.0"}})
 	// The limit is per window: a flood slowed down by a loaded machine
 	// spans more of them, and may cost more lines.
 	windows := int(time.Since(start)/window) + 1
@@ -150,17 +150,15 @@ func TestV1LogFloodIsBounded(t *testing.T) {
 	// summary at the end of a window.
 	var lines, summaries []observer.LoggedEntry
 	var summarized uint64
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+	eventually(10*time.Second, 50*time.Millisecond, func() bool {
 		lines = h.logsContaining("IMDSv1 request (no token)")
 		summaries = h.logsContaining("IMDSv1 requests (no token) not logged one by one")
 		summarized = 0
 		for _, s := range summaries {
 			summarized += s.ContextMap()["count"].(uint64)
 		}
-		if uint64(len(lines))+summarized == flood+1 || time.Now().After(deadline) {
-			break
-		}
-	}
+		return uint64(len(lines))+summarized == flood+1
+	})
 	if uint64(len(lines))+summarized != flood+1 || len(summaries) == 0 || len(lines) > 20*windows {
 		t.Errorf("%d lines and %d summaries counting %d requests, want a few lines and summaries accounting for all %d", len(lines), len(summaries), summarized, flood+1)
 	}

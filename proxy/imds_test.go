@@ -3,7 +3,6 @@ package proxy_test
 import (
 	"bytes"
 	"fmt"
-	"net"
 	"net/http"
 	"sync"
 	"testing"
@@ -19,28 +18,24 @@ import (
 
 // startBehindAEMM starts AEMM with IMDSv2 required, a tap in front of it, and
 // a proxy whose upstream is the tap.
-func startBehindAEMM(t *testing.T, mutate func(*proxy.Config), minter *token.Minter) (*harness, *testutil.Tap) {
+func startBehindAEMM(t *testing.T, opts ...harnessOption) (*harness, *testutil.Tap) {
 	t.Helper()
-	return startBehindAEMMWith(t, []string{"-I"}, mutate, minter)
+	return startBehindAEMMWith(t, []string{"-I"}, opts...)
 }
 
 // startBehindAEMMWith is startBehindAEMM with AEMM started with args
 // (none: IMDSv1 allowed, as HttpTokens=optional).
-func startBehindAEMMWith(t *testing.T, args []string, mutate func(*proxy.Config), minter *token.Minter) (*harness, *testutil.Tap) {
+func startBehindAEMMWith(t *testing.T, args []string, opts ...harnessOption) (*harness, *testutil.Tap) {
 	t.Helper()
 	aemm := testutil.StartAEMM(t, args...)
 	tap := testutil.NewTap(t, aemm.Addr)
-	cfg := testConfig(tap.URL())
-	if mutate != nil {
-		mutate(&cfg)
-	}
-	return startProxy(t, cfg, minter), tap
+	return startProxy(t, tap.URL(), opts...), tap
 }
 
 // TestTokenEndpoint covers every row of the IMDS table that the proxy
 // answers itself: none of these requests may reach the upstream.
 func TestTokenEndpoint(t *testing.T) {
-	h, tap := startBehindAEMM(t, nil, nil)
+	h, tap := startBehindAEMM(t)
 	cases := []struct {
 		name    string
 		method  string
@@ -98,10 +93,10 @@ func TestMetadataRequests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, tap := startBehindAEMM(t, nil, minter)
+	h, tap := startBehindAEMM(t, withMinter(minter))
 	sessionToken := upstreamSessionToken(t, h, tap)
 	valid := h.token()
-	fromOther := h.tokenFrom(otherLoopback(t))
+	fromOther := h.tokenFrom(loopbackAddr("127.0.0.2"))
 	shortLived := h.do("PUT", "/latest/api/token", http.Header{imdsapi.TokenTTLHeader: {"1"}}).body
 	clock.advance(1500 * time.Millisecond) // shortLived is now expired; the others are not
 
@@ -150,7 +145,7 @@ func TestMetadataRequests(t *testing.T) {
 }
 
 func TestIMDSv1Block(t *testing.T) {
-	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block }, nil)
+	h, tap := startBehindAEMM(t, withV1(imdsapi.V1Block))
 	before := len(tap.Requests())
 	r := h.do("GET", "/latest/meta-data/iam/security-credentials/", http.Header{"User-Agent": {"Botocore/1.0 legacy"}})
 	if r.status != http.StatusUnauthorized {
@@ -198,22 +193,6 @@ func upstreamSessionToken(t *testing.T, h *harness, tap *testutil.Tap) string {
 	return seen[0].Header.Get(imdsapi.TokenHeader)
 }
 
-// otherLoopback is a second local address, so that a request comes from a
-// different caller than 127.0.0.1.
-func otherLoopback(t *testing.T) net.Addr {
-	t.Helper()
-	return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}
-}
-
-func (h *harness) tokenFrom(local net.Addr) string {
-	h.t.Helper()
-	r := h.doFrom(local, "PUT", "/latest/api/token", http.Header{imdsapi.TokenTTLHeader: {"300"}})
-	if r.status != 200 {
-		h.t.Fatalf("token PUT from %v: status %d", local, r.status)
-	}
-	return r.body
-}
-
 // fakeClock is a clock the test moves forward; the proxy reads it concurrently.
 type fakeClock struct {
 	mu sync.Mutex
@@ -236,7 +215,7 @@ func (c *fakeClock) advance(d time.Duration) {
 // (AEMM -I, as HttpTokens=required), the auto policy refuses tokenless
 // requests as the upstream would, forwards nothing, and says so.
 func TestV1AutoFollowsTokensRequired(t *testing.T) {
-	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Auto }, nil)
+	h, tap := startBehindAEMM(t, withV1(imdsapi.V1Auto))
 	probes := tokenlessSeen(tap)
 	if len(probes) != 1 || probes[0].Path != "/latest/meta-data/" || probes[0].Header.Get("X-Imds-Proxy-Probe") == "" {
 		t.Errorf("at start the upstream saw tokenless requests %+v, want the proxy's one probe of /latest/meta-data/", probes)
@@ -269,7 +248,7 @@ func TestV1AutoFollowsTokensRequired(t *testing.T) {
 // TestV1AutoServesWhereTheUpstreamDoes: with IMDSv1 allowed upstream
 // (HttpTokens=optional), auto serves tokenless requests as allow does.
 func TestV1AutoServesWhereTheUpstreamDoes(t *testing.T) {
-	h, _ := startBehindAEMMWith(t, nil, func(c *proxy.Config) { c.V1 = imdsapi.V1Auto }, nil)
+	h, _ := startBehindAEMMWith(t, nil, withV1(imdsapi.V1Auto))
 	if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != 200 || r.body != "i-1234567890abcdef0" {
 		t.Errorf("tokenless GET under auto, upstream serving IMDSv1: %d %q, want 200 and the instance id", r.status, r.body)
 	}
@@ -294,22 +273,16 @@ func TestV1AutoFollowsAChange(t *testing.T) {
 			addr := testutil.FreeLoopbackAddr(t)
 			aemm := testutil.StartAEMMAt(t, addr)
 			tap := testutil.NewTap(t, addr)
-			cfg := testConfig(tap.URL())
-			cfg.V1 = imdsapi.V1Auto
-			cfg.UpstreamRetryMin, cfg.UpstreamRetryMax = 100*time.Millisecond, 200*time.Millisecond
-			mutate(&cfg)
-			h := startProxy(t, cfg, nil)
+			h := startProxy(t, tap.URL(), quickV1Auto(), configured(mutate))
 			if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != 200 {
 				t.Fatalf("tokenless GET before the switch: status %d, want 200", r.status)
 			}
 			aemm.Stop()
 			testutil.StartAEMMAt(t, addr, "-I")
-			deadline := time.Now().Add(10 * time.Second)
-			for h.do("GET", "/latest/meta-data/instance-id", nil).status != http.StatusUnauthorized {
-				if time.Now().After(deadline) {
-					t.Fatal("auto still serves tokenless requests 10s after the upstream began to require tokens")
-				}
-				time.Sleep(50 * time.Millisecond)
+			if !eventually(10*time.Second, 50*time.Millisecond, func() bool {
+				return h.do("GET", "/latest/meta-data/instance-id", nil).status == http.StatusUnauthorized
+			}) {
+				t.Fatal("auto still serves tokenless requests 10s after the upstream began to require tokens")
 			}
 			if l := h.logsContaining("--v1 auto refuses them here too"); len(l) != 1 {
 				t.Errorf("want one log line for the switch, got %+v", l)
@@ -324,13 +297,9 @@ func TestV1AutoFollowsAChange(t *testing.T) {
 // it (AEMM here allows IMDSv1).
 func TestV1AutoFailsClosedUntilItKnows(t *testing.T) {
 	aemm := testutil.StartAEMM(t)
-	front := newFaultyFront(t, aemm.Addr)
-	t.Cleanup(front.close)
-	front.set(garbage)
-	cfg := testConfig("http://" + front.addr)
-	cfg.V1 = imdsapi.V1Auto
-	cfg.UpstreamRetryMin, cfg.UpstreamRetryMax = 100*time.Millisecond, 200*time.Millisecond
-	h := startProxy(t, cfg, nil)
+	front := newFakeIMDS(t, inFrontOf(aemm.Addr))
+	front.fail(garbage)
+	h := startProxy(t, front.url, quickV1Auto())
 	if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != http.StatusUnauthorized {
 		t.Errorf("tokenless GET while the upstream's IMDSv1 policy is unknown: %d, want 401", r.status)
 	}
@@ -340,13 +309,11 @@ func TestV1AutoFailsClosedUntilItKnows(t *testing.T) {
 	if n := h.metric("imds_proxy_upstream_v1_state", map[string]string{"state": "unknown"}); n != 1 {
 		t.Errorf("imds_proxy_upstream_v1_state{state=unknown} = %v, want 1", n)
 	}
-	front.set(healthy)
-	deadline := time.Now().Add(10 * time.Second)
-	for h.do("GET", "/latest/meta-data/instance-id", nil).status != http.StatusOK {
-		if time.Now().After(deadline) {
-			t.Fatal("auto still refuses tokenless requests 10s after the upstream answered that it serves them")
-		}
-		time.Sleep(50 * time.Millisecond)
+	front.fail(healthy)
+	if !eventually(10*time.Second, 50*time.Millisecond, func() bool {
+		return h.do("GET", "/latest/meta-data/instance-id", nil).status == http.StatusOK
+	}) {
+		t.Fatal("auto still refuses tokenless requests 10s after the upstream answered that it serves them")
 	}
 	if l := h.logsContaining("cannot tell whether"); len(l) != 1 {
 		t.Errorf("the unknown policy was logged %d times, want once (not on every retry)", len(l))
@@ -364,11 +331,9 @@ func TestV1AutoChained(t *testing.T) {
 		status int
 	}{{imdsapi.V1Auto, 401}, {imdsapi.V1Allow, 200}} {
 		t.Run("node agent "+string(c.agent), func(t *testing.T) {
-			agent, imdsTap := startBehindAEMM(t, func(cfg *proxy.Config) { cfg.V1 = c.agent; cfg.Mode = imdsapi.ModeNode }, nil)
-			agentTap := testutil.NewTap(t, agent.srv.Listener.Addr().String())
-			cfg := testConfig(agentTap.URL())
-			cfg.V1, cfg.Mode = imdsapi.V1Auto, imdsapi.ModeSidecar
-			sidecar := startProxy(t, cfg, nil)
+			agent, imdsTap := startBehindAEMM(t, configured(func(cfg *proxy.Config) { cfg.V1 = c.agent; cfg.Mode = imdsapi.ModeNode }))
+			agentTap := testutil.NewTap(t, agent.addr)
+			sidecar := startProxy(t, agentTap.URL(), configured(func(cfg *proxy.Config) { cfg.V1, cfg.Mode = imdsapi.V1Auto, imdsapi.ModeSidecar }))
 			if got := tokenlessSeen(agentTap); len(got) != 1 || got[0].Header.Get("X-Imds-Proxy-Probe") == "" {
 				t.Errorf("the node agent saw tokenless requests %+v, want the sidecar's probe", got)
 			}
@@ -390,6 +355,14 @@ func TestV1AutoChained(t *testing.T) {
 	}
 }
 
+// quickV1Auto is --v1 auto, with the session retried within 200 ms.
+func quickV1Auto() harnessOption {
+	return configured(func(c *proxy.Config) {
+		c.V1 = imdsapi.V1Auto
+		c.UpstreamRetryMin, c.UpstreamRetryMax = 100*time.Millisecond, 200*time.Millisecond
+	})
+}
+
 // tokenlessSeen is what the upstream behind tap received without a token.
 func tokenlessSeen(tap *testutil.Tap) []testutil.SeenRequest {
 	var out []testutil.SeenRequest
@@ -404,7 +377,7 @@ func tokenlessSeen(tap *testutil.Tap) []testutil.SeenRequest {
 // TestV1AllowOverTokensRequiredWarns: an explicit --v1 allow on such an
 // upstream serves tokenless requests, and says once what it re-opens.
 func TestV1AllowOverTokensRequiredWarns(t *testing.T) {
-	h, _ := startBehindAEMM(t, nil, nil) // testConfig: allow
+	h, _ := startBehindAEMM(t) // testConfig: allow
 	for i := 0; i < 3; i++ {
 		if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != http.StatusOK {
 			t.Fatalf("tokenless GET under explicit allow: status %d, want 200", r.status)
@@ -421,7 +394,7 @@ func TestV1AllowOverTokensRequiredWarns(t *testing.T) {
 // TestV1BlockSendsNoProbe: block has no use for the upstream's IMDSv1
 // policy, and sends no tokenless request upstream at all.
 func TestV1BlockSendsNoProbe(t *testing.T) {
-	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block }, nil)
+	h, tap := startBehindAEMM(t, withV1(imdsapi.V1Block))
 	h.do("GET", "/latest/meta-data/", nil)
 	if got := tokenlessSeen(tap); len(got) != 0 {
 		t.Errorf("under block the upstream saw tokenless requests %+v", got)
@@ -452,7 +425,7 @@ func TestErrorAnswersAreIMDSs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Block; c.Paths = policy }, nil)
+	h, _ := startBehindAEMM(t, withV1(imdsapi.V1Block), withPaths(policy))
 	tok := h.token()
 	cases := []struct {
 		name, method, path string

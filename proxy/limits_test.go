@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -19,13 +18,11 @@ import (
 	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
-// limitedConfig is a proxy configuration with limits, in front of a healthy
-// upstream that the caller closes.
-func limitedConfig(t *testing.T, limits proxy.ServerLimits) (proxy.Config, *scriptedIMDS) {
-	up := newScriptedIMDS(t, func(string, int) int { return 200 })
-	cfg := testConfig(up.srv.URL)
-	cfg.Limits = limits
-	return cfg, up
+// limitedProxy serves a proxy with limits as the binary does, in front of a
+// healthy fake IMDS; the test stops both.
+func limitedProxy(t *testing.T, limits proxy.ServerLimits) (*harness, *fakeIMDS) {
+	up := newFakeIMDS(t, requiringTokens(), numberedAnswers())
+	return startProxy(t, up.url, servedAsTheBinary(), configured(func(c *proxy.Config) { c.Limits = limits })), up
 }
 
 func testLimits() proxy.ServerLimits {
@@ -35,25 +32,11 @@ func testLimits() proxy.ServerLimits {
 	return l
 }
 
-// rawExchange writes request on a new connection and reads one response.
-func rawExchange(t *testing.T, addr, request string) (int, string) {
-	t.Helper()
-	return rawExchangeFrom(t, nil, addr, request)
-}
-
-// rawExchangeFrom is rawExchange from a given local address (nil: any).
-func rawExchangeFrom(t *testing.T, local net.Addr, addr, request string) (int, string) {
-	t.Helper()
-	r := rawResponse(t, local, addr, request)
-	return r.status, r.body
-}
-
 // TestRequestSizeLimits: oversized headers get 431 and oversized bodies 413,
 // however they are framed, each counted; requests within the limits pass.
 func TestRequestSizeLimits(t *testing.T) {
-	cfg, up := limitedConfig(t, testLimits())
-	defer up.srv.Close()
-	s := serveProxy(t, cfg)
+	s, up := limitedProxy(t, testLimits())
+	defer up.close()
 	defer s.stop()
 	put := "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + imdsapi.TokenTTLHeader + ": 300\r\n"
 	cases := []struct {
@@ -69,12 +52,12 @@ func TestRequestSizeLimits(t *testing.T) {
 		{"chunked small body", put + "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 200},
 	}
 	for _, c := range cases {
-		if status, _ := rawExchange(t, s.addr, c.request); status != c.status {
+		if status := s.raw(c.request).status; status != c.status {
 			t.Errorf("%s: %d, want %d", c.name, status, c.status)
 		}
 	}
 	for outcome, want := range map[string]float64{"header_too_large": 2, "body_too_large": 2} {
-		if got := metricOf(t, s, "imds_proxy_requests_total", "outcome", outcome); got != want {
+		if got := s.metric("imds_proxy_requests_total", map[string]string{"outcome": outcome}); got != want {
 			t.Errorf("outcome %s counted %v, want %v", outcome, got, want)
 		}
 	}
@@ -87,32 +70,31 @@ func TestConnectionLimit(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	limits := testLimits()
 	limits.ReadHeaderTimeout = 10 * time.Second
-	cfg, up := limitedConfig(t, limits)
-	defer up.srv.Close()
-	s := serveProxy(t, cfg)
+	s, up := limitedProxy(t, limits)
+	defer up.close()
 	defer s.stop()
 	get := "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n\r\n"
 	for round := 1; round <= 2; round++ {
 		waitOpen(t, s, 0)
 		held := holdConnections(t, s, limits.MaxConnectionsPerClient, "127.0.0.1")
-		if status, _ := rawExchangeFrom(t, loopbackAddr("127.0.0.1"), s.addr, get); status != http.StatusServiceUnavailable {
+		if status := s.rawFrom(loopbackAddr("127.0.0.1"), get).status; status != http.StatusServiceUnavailable {
 			t.Errorf("round %d: one connection past the per-client limit: %d, want 503", round, status)
 		}
 		held = append(held, holdConnections(t, s, limits.MaxConnections-limits.MaxConnectionsPerClient, "127.0.0.2")...)
 		start := time.Now()
-		if status, _ := rawExchangeFrom(t, loopbackAddr("127.0.0.3"), s.addr, get); status != http.StatusServiceUnavailable || time.Since(start) > time.Second {
+		if status := s.rawFrom(loopbackAddr("127.0.0.3"), get).status; status != http.StatusServiceUnavailable || time.Since(start) > time.Second {
 			t.Errorf("round %d: connection %d from a new address: %d after %s, want 503 at once", round, limits.MaxConnections+1, status, time.Since(start))
 		}
 		for _, c := range held {
 			c.Close()
 		}
 		waitOpen(t, s, 0)
-		if status, _ := rawExchange(t, s.addr, "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n"+imdsapi.TokenTTLHeader+": 60\r\n\r\n"); status != 200 {
+		if status := s.raw(tokenPUT).status; status != 200 {
 			t.Errorf("round %d: after the held connections closed: %d, want 200", round, status)
 		}
 	}
 	for limit, want := range map[string]float64{"per_client": 2, "total": 2} {
-		if got := metricOf(t, s, "imds_proxy_connections_rejected_total", "limit", limit); got != want {
+		if got := s.metric("imds_proxy_connections_rejected_total", map[string]string{"limit": limit}); got != want {
 			t.Errorf("rejected connections counted %v for limit=%s, want %v", got, limit, want)
 		}
 	}
@@ -120,13 +102,13 @@ func TestConnectionLimit(t *testing.T) {
 
 // holdConnections opens n idle connections from the loopback address from,
 // and waits until the proxy counts them.
-func holdConnections(t *testing.T, s *served, n int, from string) []net.Conn {
+func holdConnections(t *testing.T, s *harness, n int, from string) []net.Conn {
 	t.Helper()
-	open := metricOf(t, s, "imds_proxy_connections_open", "", "")
+	open := s.metric("imds_proxy_connections_open", nil)
 	defer waitOpen(t, s, open+float64(n))
 	var held []net.Conn
 	for i := 0; i < n; i++ {
-		c, err := (&net.Dialer{LocalAddr: loopbackAddr(from)}).Dial("tcp", s.addr)
+		c, err := s.dial(loopbackAddr(from))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -136,7 +118,7 @@ func holdConnections(t *testing.T, s *served, n int, from string) []net.Conn {
 }
 
 // waitOpen waits until the proxy holds exactly n client connections.
-func waitOpen(t *testing.T, s *served, n float64) {
+func waitOpen(t *testing.T, s *harness, n float64) {
 	t.Helper()
 	waitGauge(t, s, "imds_proxy_connections_open", n)
 }
@@ -144,23 +126,17 @@ func waitOpen(t *testing.T, s *served, n float64) {
 // waitIdle waits until exactly n client connections are idle between
 // requests: net/http marks one so a little after its client has read the
 // response, and only then may it be reclaimed.
-func waitIdle(t *testing.T, s *served, n float64) {
+func waitIdle(t *testing.T, s *harness, n float64) {
 	t.Helper()
 	waitGauge(t, s, "imds_proxy_connections_idle", n)
 }
 
-func waitGauge(t *testing.T, s *served, name string, n float64) {
+func waitGauge(t *testing.T, s *harness, name string, n float64) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for metricOf(t, s, name, "", "") != n {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s is %v, never %v", name, metricOf(t, s, name, "", ""), n)
-		}
-		time.Sleep(5 * time.Millisecond)
+	if !eventually(5*time.Second, 5*time.Millisecond, func() bool { return s.metric(name, nil) == n }) {
+		t.Fatalf("%s is %v, never %v", name, s.metric(name, nil), n)
 	}
 }
-
-func loopbackAddr(ip string) net.Addr { return &net.TCPAddr{IP: net.ParseIP(ip)} }
 
 // TestSlowClientsCannotStarveTheProxy: clients dribbling their headers a
 // byte at a time from one address, more of them than that address may hold,
@@ -170,15 +146,14 @@ func loopbackAddr(ip string) net.Addr { return &net.TCPAddr{IP: net.ParseIP(ip)}
 func TestSlowClientsCannotStarveTheProxy(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	limits := testLimits()
-	cfg, up := limitedConfig(t, limits)
-	defer up.srv.Close()
-	s := serveProxy(t, cfg)
+	s, up := limitedProxy(t, limits)
+	defer up.close()
 	defer s.stop()
 	slow := limits.MaxConnectionsPerClient + 5
 	var wg sync.WaitGroup
 	cut := make(chan time.Duration, slow)
 	for i := 0; i < slow; i++ {
-		c, err := (&net.Dialer{LocalAddr: loopbackAddr("127.0.0.1")}).Dial("tcp", s.addr)
+		c, err := s.dial(loopbackAddr("127.0.0.1"))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -191,7 +166,7 @@ func TestSlowClientsCannotStarveTheProxy(t *testing.T) {
 	}
 	for i := 0; i < 5; i++ {
 		start := time.Now()
-		status, _ := rawExchangeFrom(t, loopbackAddr("127.0.0.2"), s.addr, "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n"+imdsapi.TokenTTLHeader+": 60\r\n\r\n")
+		status := s.rawFrom(loopbackAddr("127.0.0.2"), tokenPUT).status
 		if status != 200 || time.Since(start) > 200*time.Millisecond {
 			t.Errorf("another client during the slow ones: %d after %s", status, time.Since(start))
 		}
@@ -204,13 +179,13 @@ func TestSlowClientsCannotStarveTheProxy(t *testing.T) {
 			t.Errorf("a slow client held its connection for %s; the read-header timeout is %s", d, limits.ReadHeaderTimeout)
 		}
 	}
-	if got := metricOf(t, s, "imds_proxy_connections_rejected_total", "limit", "per_client"); got != 5 {
+	if got := s.metric("imds_proxy_connections_rejected_total", map[string]string{"limit": "per_client"}); got != 5 {
 		t.Errorf("rejected connections counted %v for limit=per_client, want 5", got)
 	}
-	if got := metricOf(t, s, "imds_proxy_connections_reclaimed_total", "", ""); got != 0 {
+	if got := s.metric("imds_proxy_connections_reclaimed_total", nil); got != 0 {
 		t.Errorf("reclaimed %v connections that never carried a request, want none", got)
 	}
-	if got := metricOf(t, s, "imds_proxy_connections_closed_without_request_total", "", ""); got < float64(limits.MaxConnectionsPerClient) {
+	if got := s.metric("imds_proxy_connections_closed_without_request_total", nil); got < float64(limits.MaxConnectionsPerClient) {
 		t.Errorf("connections closed without a request counted %v, want at least %d", got, limits.MaxConnectionsPerClient)
 	}
 }
@@ -230,16 +205,6 @@ func dribble(c net.Conn) time.Duration {
 		}
 	}
 	return time.Since(start)
-}
-
-// metricOf reads a counter or gauge of s's registry, optionally by one label.
-func metricOf(t *testing.T, s *served, name, label, value string) float64 {
-	t.Helper()
-	var labels map[string]string
-	if label != "" {
-		labels = map[string]string{label: value}
-	}
-	return gatherValue(t, s.reg, name, labels)
 }
 
 // TestGreedyClientsCannotStarveTheNode: client
@@ -266,9 +231,8 @@ func TestGreedyClientsCannotStarveTheNode(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
-			cfg, up := limitedConfig(t, c.limits)
-			defer up.srv.Close()
-			s := serveProxy(t, cfg)
+			s, up := limitedProxy(t, c.limits)
+			defer up.close()
 			defer s.stop()
 			var held []net.Conn
 			defer func() {
@@ -283,22 +247,22 @@ func TestGreedyClientsCannotStarveTheNode(t *testing.T) {
 			waitOpen(t, s, float64(c.open))
 			waitIdle(t, s, float64(c.open))
 			t.Logf("%d x %d keep-alive connections in %s", c.greedy, c.each, time.Since(start))
-			if got := metricOf(t, s, "imds_proxy_connections_reclaimed_total", "", ""); got != c.reclaimedWhileOpen {
+			if got := s.metric("imds_proxy_connections_reclaimed_total", nil); got != c.reclaimedWhileOpen {
 				t.Errorf("reclaimed %v while the greedy clients opened theirs, want %v", got, c.reclaimedWhileOpen)
 			}
 			newcomer := fmt.Sprintf("127.0.0.%d", 2+c.greedy)
 			start = time.Now()
-			if status, _ := rawExchangeFrom(t, loopbackAddr(newcomer), s.addr, tokenPUT); status != 200 || time.Since(start) > time.Second {
+			if status := s.rawFrom(loopbackAddr(newcomer), tokenPUT).status; status != 200 || time.Since(start) > time.Second {
 				t.Errorf("a new client while %d hold %d idle connections each: %d after %s, want 200 at once", c.greedy, c.each, status, time.Since(start))
 			}
 			want := c.reclaimedWhileOpen
 			if c.open == c.limits.MaxConnections {
 				want++ // the newcomer's connection took one of theirs
 			}
-			if got := metricOf(t, s, "imds_proxy_connections_reclaimed_total", "", ""); got != want {
+			if got := s.metric("imds_proxy_connections_reclaimed_total", nil); got != want {
 				t.Errorf("reclaimed %v, want %v", got, want)
 			}
-			if got := metricOf(t, s, "imds_proxy_connections_rejected_total", "", ""); got != 0 {
+			if got := s.metric("imds_proxy_connections_rejected_total", nil); got != 0 {
 				t.Errorf("rejected %v, want none", got)
 			}
 		})
@@ -310,11 +274,11 @@ const tokenPUT = "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n" + imdsapi.Token
 // keepAliveConnections opens n connections from the loopback address from,
 // one after another, sends one request on each, reads its answer and keeps
 // the connection open and idle, as an HTTP client's connection pool does.
-func keepAliveConnections(t *testing.T, s *served, n int, from string) []net.Conn {
+func keepAliveConnections(t *testing.T, s *harness, n int, from string) []net.Conn {
 	t.Helper()
 	var held []net.Conn
 	for i := 0; i < n; i++ {
-		c, err := (&net.Dialer{LocalAddr: loopbackAddr(from)}).Dial("tcp", s.addr)
+		c, err := s.dial(loopbackAddr(from))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -369,7 +333,7 @@ func TestIdleConnectionsAreReclaimed(t *testing.T) {
 		defer closeAll(busiest)
 		defer closeAll(keepAliveConnections(t, s, 1, c))
 		waitIdle(t, s, 8)
-		if status, _ := rawExchangeFrom(t, loopbackAddr(d), s.addr, tokenPUT); status != 200 {
+		if status := s.rawFrom(loopbackAddr(d), tokenPUT).status; status != 200 {
 			t.Errorf("a new client with every slot held idle: %d, want 200", status)
 		}
 		expectClosed(t, busiest[0], "the longest idle of the client holding the most")
@@ -412,13 +376,13 @@ func TestInFlightConnectionsAreNeverReclaimed(t *testing.T) {
 	inFlight = append(inFlight, younger[0])
 	sendSlow(t, up, younger[0], &slow)
 	waitIdle(t, s, 0)
-	if status, _ := rawExchangeFrom(t, loopbackAddr(a), s.addr, tokenPUT); status != http.StatusServiceUnavailable {
+	if status := s.rawFrom(loopbackAddr(a), tokenPUT).status; status != http.StatusServiceUnavailable {
 		t.Errorf("past the client's cap with its every connection in flight: %d, want 503", status)
 	}
 	for i := 0; i < 4; i++ {
 		hold(b)
 	}
-	if status, _ := rawExchangeFrom(t, loopbackAddr(c), s.addr, tokenPUT); status != http.StatusServiceUnavailable {
+	if status := s.rawFrom(loopbackAddr(c), tokenPUT).status; status != http.StatusServiceUnavailable {
 		t.Errorf("past the total with every connection in flight: %d, want 503", status)
 	}
 	close(release)
@@ -444,12 +408,13 @@ func TestReclaimedClientRetries(t *testing.T) {
 	get := func() (status int, reused bool) {
 		t.Helper()
 		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused }}
-		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), http.MethodGet, "http://"+s.addr+"/latest/meta-data/instance-id", nil)
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), http.MethodGet, s.url+"/latest/meta-data/instance-id", nil)
 		resp, err := client.Do(req)
 		if err != nil {
 			t.Fatalf("GET after its connection was reclaimed: %v", err)
 		}
-		_, _ = readBody(resp)
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
 		return resp.StatusCode, reused
 	}
 	if status, _ := get(); status != 200 {
@@ -469,17 +434,10 @@ func TestReclaimedClientRetries(t *testing.T) {
 
 // reclaimProxy serves a proxy with reclaimLimits. Paths under
 // /latest/meta-data/slow wait at the upstream until release is closed.
-func reclaimProxy(t *testing.T, release chan struct{}) (*served, *scriptedIMDS, func()) {
+func reclaimProxy(t *testing.T, release chan struct{}) (*harness, *fakeIMDS, func()) {
 	t.Helper()
-	up := newScriptedIMDS(t, func(path string, _ int) int {
-		if release != nil && strings.HasPrefix(path, "/latest/meta-data/slow") {
-			<-release
-		}
-		return 200
-	})
-	cfg := testConfig(up.srv.URL)
-	cfg.Limits = reclaimLimits()
-	s := serveProxy(t, cfg)
+	up := newFakeIMDS(t, requiringTokens(), numberedAnswers(), holding("/latest/meta-data/slow", release))
+	s := startProxy(t, up.url, servedAsTheBinary(), configured(func(c *proxy.Config) { c.Limits = reclaimLimits() }))
 	return s, up, func() {
 		if release != nil {
 			select {
@@ -489,48 +447,22 @@ func reclaimProxy(t *testing.T, release chan struct{}) (*served, *scriptedIMDS, 
 			}
 		}
 		s.stop()
-		up.srv.Close()
+		up.close()
 	}
 }
 
 // sendSlow sends a GET of the next slow path on conn and waits until the
 // upstream holds it: the request is in the proxy's handler.
-func sendSlow(t *testing.T, up *scriptedIMDS, conn net.Conn, slow *int) {
+func sendSlow(t *testing.T, up *fakeIMDS, conn net.Conn, slow *int) {
 	t.Helper()
 	*slow++
 	path := fmt.Sprintf("/latest/meta-data/slow-%d", *slow)
 	if _, err := io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for up.count(path) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("GET %s never reached the upstream", path)
-		}
-		time.Sleep(time.Millisecond)
+	if !eventually(5*time.Second, time.Millisecond, func() bool { return up.count(path) > 0 }) {
+		t.Fatalf("GET %s never reached the upstream", path)
 	}
-}
-
-// exchangeOn writes request on the open connection c and reads the response.
-func exchangeOn(t *testing.T, c net.Conn, request string) response {
-	t.Helper()
-	if _, err := io.WriteString(c, request); err != nil {
-		t.Fatal(err)
-	}
-	return readResponse(t, c)
-}
-
-// readResponse reads one whole response from c, which stays open.
-func readResponse(t *testing.T, c net.Conn) response {
-	t.Helper()
-	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	defer c.SetReadDeadline(time.Time{})
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatalf("reading a response from %s: %v", c.LocalAddr(), err)
-	}
-	body, _ := readBody(resp)
-	return response{status: resp.StatusCode, header: resp.Header, body: body}
 }
 
 // expectClosed fails unless the proxy has closed c cleanly (EOF, not a
@@ -544,13 +476,13 @@ func expectClosed(t *testing.T, c net.Conn, what string) {
 }
 
 // expectCounts checks the reclaimed and rejected connection counters.
-func expectCounts(t *testing.T, s *served, reclaimed, perClient, total float64) {
+func expectCounts(t *testing.T, s *harness, reclaimed, perClient, total float64) {
 	t.Helper()
-	if got := metricOf(t, s, "imds_proxy_connections_reclaimed_total", "", ""); got != reclaimed {
+	if got := s.metric("imds_proxy_connections_reclaimed_total", nil); got != reclaimed {
 		t.Errorf("reclaimed %v, want %v", got, reclaimed)
 	}
 	for limit, want := range map[string]float64{"per_client": perClient, "total": total} {
-		if got := metricOf(t, s, "imds_proxy_connections_rejected_total", "limit", limit); got != want {
+		if got := s.metric("imds_proxy_connections_rejected_total", map[string]string{"limit": limit}); got != want {
 			t.Errorf("rejected %v for limit=%s, want %v", got, limit, want)
 		}
 	}

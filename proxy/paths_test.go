@@ -17,7 +17,7 @@ func TestPathPolicyResistsTricks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, tap := startBehindAEMM(t, func(c *proxy.Config) { c.Paths = policy }, nil)
+	h, tap := startBehindAEMM(t, withPaths(policy))
 	tok := h.token()
 	cases := []struct {
 		path     string
@@ -92,7 +92,7 @@ func TestPathAllowList(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.Paths = policy }, nil)
+	h, _ := startBehindAEMM(t, withPaths(policy))
 	tok := h.token() // the token endpoint is never subject to the path policy
 	for path, want := range map[string]int{
 		"/latest/meta-data/placement/region":     200,
@@ -143,7 +143,7 @@ func TestPathPolicyCoversEveryVersion(t *testing.T) {
 }
 
 func TestV1WarnServesAndCountsWhatBlockWouldRefuse(t *testing.T) {
-	h, _ := startBehindAEMM(t, func(c *proxy.Config) { c.V1 = imdsapi.V1Warn }, nil)
+	h, _ := startBehindAEMM(t, withV1(imdsapi.V1Warn))
 	for i := 0; i < 3; i++ {
 		if r := h.do("GET", "/latest/meta-data/instance-id", nil); r.status != 200 {
 			t.Fatalf("tokenless GET with --v1 warn: %d, want 200", r.status)

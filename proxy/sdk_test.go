@@ -13,7 +13,6 @@ import (
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
-	"github.com/imds-proxy/imds-proxy/proxy"
 )
 
 // isolateSDK leaves the AWS SDK nothing to find but the instance role: no
@@ -48,11 +47,11 @@ func TestSDKThroughProxy(t *testing.T) {
 			isolateSDK(t)
 			aemm := testutil.StartAEMM(t, "-I")
 			tap := testutil.NewTap(t, aemm.Addr)
-			h := startProxy(t, withPolicy(testConfig(tap.URL()), policy), nil)
+			h := startProxy(t, tap.URL(), withV1(policy))
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 
-			cfg, err := config.LoadDefaultConfig(ctx, config.WithEC2IMDSEndpoint(h.srv.URL))
+			cfg, err := config.LoadDefaultConfig(ctx, config.WithEC2IMDSEndpoint(h.url))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -63,7 +62,7 @@ func TestSDKThroughProxy(t *testing.T) {
 			if creds.AccessKeyID != "12345678901" || creds.SecretAccessKey == "" || creds.SessionToken == "" {
 				t.Errorf("credentials %q/%t/%t are not AEMM's role credentials", creds.AccessKeyID, creds.SecretAccessKey != "", creds.SessionToken != "")
 			}
-			client := imds.NewFromConfig(cfg, func(o *imds.Options) { o.Endpoint = h.srv.URL })
+			client := imds.NewFromConfig(cfg, func(o *imds.Options) { o.Endpoint = h.url })
 			out, err := client.GetMetadata(ctx, &imds.GetMetadataInput{Path: "instance-id"})
 			if err != nil {
 				t.Fatalf("GetMetadata through the proxy: %v", err)
@@ -88,11 +87,6 @@ func TestSDKThroughProxy(t *testing.T) {
 			h.assertNoSecretsLogged(creds.SecretAccessKey, creds.SessionToken)
 		})
 	}
-}
-
-func withPolicy(cfg proxy.Config, p imdsapi.V1Policy) proxy.Config {
-	cfg.V1 = p
-	return cfg
 }
 
 // assertUpstreamSawOnlySessionToken: the proxy's own PUT is the only token

@@ -13,7 +13,7 @@ import (
 // an open one. The trap is a listener elsewhere on loopback: nothing may ever
 // reach it, and nothing refused may reach the upstream.
 func TestNotAnOpenProxy(t *testing.T) {
-	h, tap := startBehindAEMM(t, nil, nil)
+	h, tap := startBehindAEMM(t)
 	trap := newTrap(t)
 	tok := h.token()
 	cases := []struct {
@@ -60,7 +60,7 @@ func TestNotAnOpenProxy(t *testing.T) {
 // TestForwardedHeaders checks hop-by-hop handling and that the proxy never
 // adds or passes on X-Forwarded-For, Forwarded or Via.
 func TestForwardedHeaders(t *testing.T) {
-	h, tap := startBehindAEMM(t, nil, nil)
+	h, tap := startBehindAEMM(t)
 	tok := h.token()
 	before := len(tap.Requests())
 	r := h.do("GET", "/latest/meta-data/instance-id", http.Header{

@@ -1,49 +1,23 @@
 package proxy_test
 
 import (
-	"context"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 	"github.com/imds-proxy/imds-proxy/proxy"
-	"github.com/imds-proxy/imds-proxy/token"
 )
-
-// stallingUpstream answers GETs at once and never answers token PUTs: what a
-// process behind the hop limit sees (the connection opens, the PUT's answer
-// never arrives).
-func stallingUpstream(t *testing.T, puts *atomic.Int32) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPut {
-			puts.Add(1)
-			<-r.Context().Done()
-			return
-		}
-		_, _ = w.Write([]byte("i-0123456789abcdef0"))
-	}))
-	t.Cleanup(func() { srv.CloseClientConnections(); srv.Close() })
-	return srv
-}
 
 // TestUpstreamTokenTimeout: after the first token request times out, client
 // requests fall back to IMDSv1 upstream and never wait on that timeout again.
 func TestUpstreamTokenTimeout(t *testing.T) {
-	var puts atomic.Int32
-	upstream := stallingUpstream(t, &puts)
-	cfg := testConfig(upstream.URL)
-	cfg.UpstreamTokenTimeout = 2 * time.Second
-	h := startProxy(t, cfg, nil) // waits for the session to be decided: one timeout
-	tok := h.token()
+	upstream := newFakeIMDS(t, answeringTokens(stallTokens))
+	h := startProxy(t, upstream.url, configured(func(c *proxy.Config) { c.UpstreamTokenTimeout = 2 * time.Second })) // waits for the session to be decided: one timeout
+	cfg, tok := h.cfg, h.token()
 
 	var slowest time.Duration
 	for i := 0; i < 100; i++ {
@@ -61,7 +35,7 @@ func TestUpstreamTokenTimeout(t *testing.T) {
 		}
 	}
 	t.Logf("100 requests after the token timeout: slowest %s", slowest)
-	if n := puts.Load(); n != 1 {
+	if n := upstream.count(imdsapi.TokenPath); n != 1 {
 		t.Errorf("upstream saw %d token PUTs, want 1 (retries belong in the background)", n)
 	}
 	diagnoses := h.logsContaining("hop-limit symptom")
@@ -77,13 +51,12 @@ func TestUpstreamTokenTimeout(t *testing.T) {
 }
 
 func TestUpstreamTokenTimeoutWithoutFallback(t *testing.T) {
-	var puts atomic.Int32
-	upstream := stallingUpstream(t, &puts)
-	cfg := testConfig(upstream.URL)
-	cfg.UpstreamTokenTimeout = 500 * time.Millisecond
-	cfg.UpstreamV1Fallback = false
-	h := startProxy(t, cfg, nil)
-	tok := h.token()
+	upstream := newFakeIMDS(t, answeringTokens(stallTokens))
+	h := startProxy(t, upstream.url, configured(func(c *proxy.Config) {
+		c.UpstreamTokenTimeout = 500 * time.Millisecond
+		c.UpstreamV1Fallback = false
+	}))
+	cfg, tok := h.cfg, h.token()
 	for i := 0; i < 10; i++ {
 		start := time.Now()
 		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}})
@@ -106,7 +79,7 @@ func TestUpstream401RefreshesAndRetriesOnce(t *testing.T) {
 	addr := testutil.FreeLoopbackAddr(t)
 	aemm := testutil.StartAEMMAt(t, addr, "-I")
 	tap := testutil.NewTap(t, addr)
-	h := startProxy(t, testConfig(tap.URL()), nil)
+	h := startProxy(t, tap.URL())
 	tok := h.token()
 	if r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}}); r.status != 200 {
 		t.Fatalf("before restart: status %d", r.status)
@@ -134,31 +107,19 @@ func TestUpstreamFailuresAreShortAndOpaque(t *testing.T) {
 	t.Run("connection refused is 502", func(t *testing.T) {
 		addr := testutil.FreeLoopbackAddr(t)
 		aemm := testutil.StartAEMMAt(t, addr)
-		h := startProxy(t, testConfig("http://"+addr), nil)
+		h := startProxy(t, "http://"+addr)
 		tok := h.token()
 		aemm.Stop()
 		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}})
 		assertOpaqueFailure(t, r, http.StatusBadGateway, addr)
 	})
 	t.Run("slow upstream is 504", func(t *testing.T) {
-		release := make(chan struct{})
-		slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if r.Method == http.MethodPut {
-				_, _ = w.Write([]byte("upstream-token"))
-				return
-			}
-			select {
-			case <-release:
-			case <-r.Context().Done():
-			}
-		}))
-		t.Cleanup(func() { close(release); slow.Close() })
-		cfg := testConfig(slow.URL)
-		cfg.UpstreamResponseTimeout = 300 * time.Millisecond
-		h := startProxy(t, cfg, nil)
+		slow := newFakeIMDS(t)
+		slow.fail(hang)
+		h := startProxy(t, slow.url, configured(func(c *proxy.Config) { c.UpstreamResponseTimeout = 300 * time.Millisecond }))
 		tok := h.token()
 		r := h.do("GET", "/latest/meta-data/instance-id", http.Header{imdsapi.TokenHeader: {tok}})
-		assertOpaqueFailure(t, r, http.StatusGatewayTimeout, slow.Listener.Addr().String())
+		assertOpaqueFailure(t, r, http.StatusGatewayTimeout, slow.addr)
 	})
 }
 
@@ -201,34 +162,10 @@ func TestConfigValidation(t *testing.T) {
 // TestNotReadyUntilSessionDecided: /readyz must not pass while the first
 // upstream token request is still outstanding.
 func TestNotReadyUntilSessionDecided(t *testing.T) {
-	var puts atomic.Int32
-	upstream := stallingUpstream(t, &puts)
-	cfg := testConfig(upstream.URL)
-	cfg.UpstreamTokenTimeout = time.Second
-	p, err := proxy.New(cfg, zap.NewNop(), prometheus.NewRegistry(), mustMinter(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go p.Run(ctx)
-	if err := p.Ready(); err == nil {
+	upstream := newFakeIMDS(t, answeringTokens(stallTokens))
+	h := startProxy(t, upstream.url, beforeSessionDecided(), configured(func(c *proxy.Config) { c.UpstreamTokenTimeout = time.Second }))
+	if err := h.p.Ready(); err == nil {
 		t.Fatal("ready before the upstream session was decided")
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for p.Ready() != nil {
-		if time.Now().After(deadline) {
-			t.Fatal("never ready after the token timeout")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-func mustMinter(t *testing.T) *token.Minter {
-	t.Helper()
-	m, err := token.NewRandomMinter()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return m
+	h.waitReady()
 }
