@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"fmt"
 	"net/http"
+	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -401,21 +403,15 @@ func TestV1BlockSendsNoProbe(t *testing.T) {
 	}
 }
 
-// imdsErrorPage is the body IMDS sends with an error status, as the AWS SDK
-// for Go's tests quote it (aws/aws-sdk-go aws/ec2metadata/api_test.go).
+// imdsErrorPage is the body IMDS sends with an error status: its 404 page,
+// as the AWS SDK for Go's tests quote it (aws/aws-sdk-go
+// aws/ec2metadata/api_test.go), kept in testdata, with the status's title.
 func imdsErrorPage(status int) string {
-	title := fmt.Sprintf("%d - %s", status, http.StatusText(status))
-	return `<?xml version="1.0" encoding="iso-8859-1"?>
-<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"
-         "http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">
-<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">
- <head>
-  <title>` + title + `</title>
- </head>
- <body>
-  <h1>` + title + `</h1>
- </body>
-</html>`
+	page, err := os.ReadFile("testdata/imds-404.html")
+	if err != nil {
+		panic(err)
+	}
+	return strings.ReplaceAll(string(page), "404 - Not Found", fmt.Sprintf("%d - %s", status, http.StatusText(status)))
 }
 
 // TestErrorAnswersAreIMDSs: the answers the proxy makes itself carry the
