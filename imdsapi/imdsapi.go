@@ -10,6 +10,8 @@ import "fmt"
 const (
 	AddrV4 = "169.254.169.254"
 	AddrV6 = "fd00:ec2::254"
+	// Endpoint is where SDKs find IMDS by default.
+	Endpoint = "http://" + AddrV4
 	// TokenPath is where IMDSv2 tokens are issued, to PUT requests only.
 	TokenPath = "/latest/api/token"
 	// TokenHeader carries a token on metadata requests.

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"flag"
+	"fmt"
 	"io"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
@@ -15,7 +16,7 @@ import (
 const envHelp = "\n\nEvery flag can also be set as " + envPrefix + "_<FLAG> (e.g. " + envPrefix + "_UPSTREAM); flags win."
 
 func newSidecarCommand(stderr io.Writer) *ffcli.Command {
-	return newServeCommand(imdsapi.ModeSidecar, "127.0.0.1:8169",
+	return newServeCommand(imdsapi.ModeSidecar, fmt.Sprintf("127.0.0.1:%d", imdsapi.ProxyPort),
 		"serve IMDS to the workloads of this network namespace (task or pod)",
 		"Serves the IMDS API on --listen and forwards to --upstream. Inside a task's or pod's\n"+
 			"network namespace, nat OUTPUT redirects 169.254.169.254:80 (and [fd00:ec2::254]:80)\n"+
@@ -23,7 +24,7 @@ func newSidecarCommand(stderr io.Writer) *ffcli.Command {
 }
 
 func newNodeCommand(stderr io.Writer) *ffcli.Command {
-	return newServeCommand(imdsapi.ModeNode, ":8169",
+	return newServeCommand(imdsapi.ModeNode, fmt.Sprintf(":%d", imdsapi.ProxyPort),
 		"serve IMDS to the containers of this host (host network namespace)",
 		"Serves the IMDS API on --listen and forwards to --upstream. In the host network\n"+
 			"namespace, nat PREROUTING redirects IMDS traffic arriving on --interfaces to the\n"+
@@ -64,7 +65,7 @@ func newRulesCommand(stdout, stderr io.Writer) *ffcli.Command {
 		var port int
 		fs := newFlagSet("imds-proxy rules "+name, stderr)
 		fs.StringVar(&mode, "mode", string(imdsapi.ModeSidecar), "sidecar or node")
-		fs.IntVar(&port, "port", 8169, "the proxy's listening port, the redirect target")
+		fs.IntVar(&port, "port", imdsapi.ProxyPort, "the proxy's listening port, the redirect target")
 		f.register(fs)
 		return &ffcli.Command{
 			Name:       name,

@@ -12,6 +12,7 @@ import (
 	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"github.com/imds-proxy/imds-proxy/doctor"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/iptables"
 )
 
@@ -22,7 +23,7 @@ func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code)
 
 func newDoctorCommand(stdout, stderr io.Writer) *ffcli.Command {
 	fs := newFlagSet("imds-proxy doctor", stderr)
-	endpoint := fs.String("endpoint", "http://169.254.169.254", "IMDS endpoint to probe (http://host[:port])")
+	endpoint := fs.String("endpoint", imdsapi.Endpoint, "IMDS endpoint to probe (http://host[:port])")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	return &ffcli.Command{
 		Name:       "doctor",

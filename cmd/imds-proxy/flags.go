@@ -153,7 +153,7 @@ func (d *defaultedList) Set(value string) error {
 func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.listen, "listen", defaultListen, "address the IMDS API is served on (the redirect target)")
 	fs.StringVar(&f.metricsListen, "metrics-listen", defaultMetricsListen(f.mode), "address of /metrics, /healthz, /readyz and /v1-callers; empty disables it (a node agent's default keeps them off the VPC and the pods)")
-	fs.StringVar(&f.upstream, "upstream", "http://169.254.169.254", "IMDS, or a node agent, that requests are forwarded to (http://host[:port])")
+	fs.StringVar(&f.upstream, "upstream", imdsapi.Endpoint, "IMDS, or a node agent, that requests are forwarded to (http://host[:port])")
 	fs.StringVar(&f.v1, "v1", string(imdsapi.V1Auto), "IMDSv1 (tokenless) requests: auto (follow the upstream: block while it requires tokens or cannot tell, else allow), allow (serve, log, count; where the upstream requires tokens this re-opens IMDSv1, and is logged at warn), warn (serve, and log that block would refuse them) or block (answer 401 as IMDS does when tokens are required); imds_proxy_v1_would_block_total counts what block refuses, under every policy")
 	fs.Var(&f.allowPaths, "allow-path", "only forward paths under these prefixes (comma-separated or repeated; others get 403)")
 	fs.Var(&f.denyPaths, "deny-path", "never forward paths under these prefixes, e.g. /latest/user-data,/latest/meta-data/iam/ (403; deny wins over allow)")
@@ -241,9 +241,9 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 // probes.
 func defaultMetricsListen(mode imdsapi.Mode) string {
 	if mode == imdsapi.ModeNode {
-		return "127.0.0.1:9169"
+		return fmt.Sprintf("127.0.0.1:%d", imdsapi.AdminPort)
 	}
-	return ":9169"
+	return fmt.Sprintf(":%d", imdsapi.AdminPort)
 }
 
 // rulesConfig is the ruleset for a proxy listening on --listen. A sidecar

@@ -2,19 +2,21 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"time"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"github.com/imds-proxy/imds-proxy/doctor"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // newReadyCommand is the container health check (ECS healthCheck, docker
 // run --health-cmd): the image has no curl.
 func newReadyCommand(stderr io.Writer) *ffcli.Command {
 	fs := newFlagSet("imds-proxy ready", stderr)
-	url := fs.String("url", "http://127.0.0.1:9169/readyz", "the proxy's readiness endpoint (its --metrics-listen)")
+	url := fs.String("url", fmt.Sprintf("http://127.0.0.1:%d/readyz", imdsapi.AdminPort), "the proxy's readiness endpoint (its --metrics-listen)")
 	timeout := fs.Duration("timeout", 2*time.Second, "give up after this long")
 	return &ffcli.Command{
 		Name:       "ready",

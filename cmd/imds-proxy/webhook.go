@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/serving"
 	"github.com/imds-proxy/imds-proxy/webhook"
 )
@@ -25,7 +26,7 @@ func newWebhookCommand(stderr io.Writer) *ffcli.Command {
 	listen := fs.String("listen", ":8443", "HTTPS address of "+webhook.InjectPath+" and /healthz")
 	certFile := fs.String("tls-cert", "", "TLS certificate file (PEM), re-read when it changes")
 	keyFile := fs.String("tls-key", "", "TLS private key file (PEM), re-read when it changes")
-	metricsListen := fs.String("metrics-listen", ":9169", "plain-HTTP address of /metrics (imds_proxy_webhook_admissions_total by result); empty disables it")
+	metricsListen := fs.String("metrics-listen", fmt.Sprintf(":%d", imdsapi.AdminPort), "plain-HTTP address of /metrics (imds_proxy_webhook_admissions_total by result); empty disables it")
 	logFormat := fs.String("log-format", "json", "log format: json or console")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	return &ffcli.Command{
