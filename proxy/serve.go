@@ -184,11 +184,10 @@ func (p *Proxy) probeAnswer(ctx context.Context) *ownAnswer {
 	return plainAnswer(http.StatusOK, outcomeV1Probe, "")
 }
 
-// forward hands the request to goproxy, pointed at the upstream with the
-// normalised path and none of the client's own headers but what the
-// upstream needs to know nothing about. The forwarder builds the upstream
-// request itself (upstreamHeader); what is cleared here keeps goproxy from
-// acting on the client's headers.
+// forward hands the request to goproxy, pointed at the upstream, with the
+// normalised path and without the client's token, body and hop headers.
+// The forwarder writes the upstream request's header itself
+// (upstreamHeader); clearing these here keeps goproxy from acting on them.
 func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, x *exchange, path string) {
 	removeHopByHop(r.Header)
 	removeForwarding(r.Header)
