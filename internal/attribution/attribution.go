@@ -1,6 +1,9 @@
 // Package attribution tells which process is behind a TCP connection, from
 // a proc filesystem: the socket's owner UID, and where the proxy can see
-// the caller's PID namespace, the process, its executable and its cgroup.
+// the caller's PID namespace, the process, its executable, its cgroup and
+// the container that cgroup names. A sidecar finds the socket in its own
+// network namespace; a node agent, which sees the host's processes, finds
+// the namespace the connection came from first (Callers).
 // It reads only; callers bound what it returns before logging it.
 package attribution
 
@@ -24,6 +27,7 @@ type Process struct {
 	Command    string `json:"command,omitempty"`
 	Executable string `json:"executable,omitempty"`
 	Cgroup     string `json:"cgroup,omitempty"`
+	Container
 }
 
 // Attributor looks callers up in a proc filesystem.
@@ -33,20 +37,36 @@ type Attributor struct {
 }
 
 // Lookup finds the TCP socket whose local address is client (the caller's
-// end of the connection) and the process holding it. It scans the socket
-// tables and every process's descriptors, so callers bound how often they
-// ask.
+// end of the connection) in the reader's own network namespace, and the
+// process holding it. It scans the socket tables and every process's
+// descriptors, so callers bound how often they ask.
 func (a Attributor) Lookup(client netip.AddrPort) Process {
-	uid, inode, ok := a.socket(client)
+	uid, inode, ok := a.socket(a.root(), client)
 	if !ok {
 		return Process{}
 	}
+	return a.process(uid, inode, nil)
+}
+
+// LookupIn is Lookup in the network namespace of ns: the socket is looked
+// for in that namespace's tables, and its holder among its processes.
+func (a Attributor) LookupIn(ns Namespace, client netip.AddrPort) Process {
+	uid, inode, ok := a.socket(filepath.Join(a.root(), strconv.Itoa(ns.pids[0])), client)
+	if !ok {
+		return Process{}
+	}
+	return a.process(uid, inode, ns.pids)
+}
+
+// process is the holder of the socket inode, among pids (nil: all).
+func (a Attributor) process(uid int, inode uint64, pids []int) Process {
 	p := Process{UID: &uid}
-	if pid, ok := a.holder(inode); ok {
+	if pid, ok := a.holder(inode, pids); ok {
 		p.PID = pid
 		p.Command = a.read(pid, "comm")
 		p.Executable, _ = os.Readlink(filepath.Join(a.root(), strconv.Itoa(pid), "exe"))
 		p.Cgroup = a.read(pid, "cgroup")
+		p.Container = ParseCgroup(p.Cgroup)
 	}
 	return p
 }
@@ -66,11 +86,13 @@ func (a Attributor) read(pid int, name string) string {
 	return strings.TrimSpace(string(b))
 }
 
-// socket scans /proc/net/tcp and tcp6 for the socket bound to client.
-func (a Attributor) socket(client netip.AddrPort) (uid int, inode uint64, ok bool) {
+// socket scans dir's net/tcp and net/tcp6 (dir is /proc for the reader's
+// network namespace, /proc/<pid> for that process's) for the socket bound
+// to client.
+func (a Attributor) socket(dir string, client netip.AddrPort) (uid int, inode uint64, ok bool) {
 	want := procNetAddr(client)
 	for _, table := range []string{"net/tcp", "net/tcp6"} {
-		f, err := os.Open(filepath.Join(a.root(), table))
+		f, err := os.Open(filepath.Join(dir, table))
 		if err != nil {
 			continue
 		}
@@ -117,22 +139,18 @@ func words(b [16]byte) string {
 	return s.String()
 }
 
-// holder finds the process with a descriptor on the socket inode. It reads
-// at most maxScannedFDs descriptors, so a crowded namespace bounds its cost.
-func (a Attributor) holder(inode uint64) (int, bool) {
+// holder finds the process with a descriptor on the socket inode, among
+// pids (nil: every process). It reads at most maxScannedFDs descriptors, so
+// a crowded namespace bounds its cost.
+func (a Attributor) holder(inode uint64, pids []int) (int, bool) {
 	const maxScannedFDs = 20000
 	target := "socket:[" + strconv.FormatUint(inode, 10) + "]"
-	pids, err := os.ReadDir(a.root())
-	if err != nil {
-		return 0, false
+	if pids == nil {
+		pids = a.pids()
 	}
 	scanned := 0
-	for _, d := range pids {
-		pid, err := strconv.Atoi(d.Name())
-		if err != nil {
-			continue
-		}
-		fdDir := filepath.Join(a.root(), d.Name(), "fd")
+	for _, pid := range pids {
+		fdDir := filepath.Join(a.root(), strconv.Itoa(pid), "fd")
 		fds, err := os.ReadDir(fdDir)
 		if err != nil {
 			continue
@@ -147,4 +165,66 @@ func (a Attributor) holder(inode uint64) (int, bool) {
 		}
 	}
 	return 0, false
+}
+
+// pids lists the processes of the proc filesystem.
+func (a Attributor) pids() []int {
+	entries, err := os.ReadDir(a.root())
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// Namespace is one network namespace and the processes in it.
+type Namespace struct {
+	// ID is the namespace's inode: the same as long as the namespace lives.
+	ID   uint64
+	pids []int
+}
+
+// Namespaces lists the network namespaces that have processes in them,
+// with those processes. It reads one link per process.
+func (a Attributor) Namespaces() []Namespace {
+	byID := map[uint64]*Namespace{}
+	var order []uint64
+	for _, pid := range a.pids() {
+		link, err := os.Readlink(filepath.Join(a.root(), strconv.Itoa(pid), "ns", "net"))
+		if err != nil {
+			continue
+		}
+		id, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "net:["), "]"), 10, 64)
+		if err != nil {
+			continue
+		}
+		ns := byID[id]
+		if ns == nil {
+			ns = &Namespace{ID: id}
+			byID[id] = ns
+			order = append(order, id)
+		}
+		ns.pids = append(ns.pids, pid)
+	}
+	out := make([]Namespace, 0, len(order))
+	for _, id := range order {
+		out = append(out, *byID[id])
+	}
+	return out
+}
+
+// FindNamespace finds the network namespace whose socket tables hold a
+// socket bound to client, reading each namespace's tables once.
+func (a Attributor) FindNamespace(client netip.AddrPort) (Namespace, bool) {
+	for _, ns := range a.Namespaces() {
+		if _, _, ok := a.socket(filepath.Join(a.root(), strconv.Itoa(ns.pids[0])), client); ok {
+			return ns, true
+		}
+	}
+	return Namespace{}, false
 }

@@ -62,13 +62,14 @@ func cgroup2Mount(t testing.TB) string {
 
 // Container returns cmd (argv) set up to start as a container of the
 // runtime starts it: in ns's network namespace, in a cgroup of its own
-// named name, with a cgroup namespace rooted there. An app container
+// named name, with a cgroup namespace rooted there. name may be a path,
+// shaped like a runtime's ("kubepods/besteffort/pod<uid>/<container id>"). An app container
 // (app true) also gets PID and mount namespaces of its own, cgroupfs
 // read-only, and exactly Docker's default capabilities.
 func (c *Cgroups) Container(t testing.TB, ns *Netns, name string, app bool, argv ...string) *exec.Cmd {
 	t.Helper()
 	dir := filepath.Join(c.parent, name)
-	if err := os.Mkdir(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatalf("making cgroup %s: %v", name, err)
 	}
 	group, err := os.Open(dir)
@@ -92,21 +93,24 @@ func (c *Cgroups) Container(t testing.TB, ns *Netns, name string, app bool, argv
 	return cmd
 }
 
-// remove kills what is left in the test's groups and removes them.
+// remove kills what is left in the test's groups and removes them, the
+// deepest first.
 func (c *Cgroups) remove(t testing.TB) {
-	entries, _ := os.ReadDir(c.parent)
-	for _, e := range entries {
-		if !e.IsDir() {
-			continue
+	_ = os.WriteFile(filepath.Join(c.parent, "cgroup.kill"), []byte("1"), 0o644)
+	var dirs []string
+	_ = filepath.WalkDir(c.parent, func(path string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, path)
 		}
-		dir := filepath.Join(c.parent, e.Name())
-		_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644)
+		return nil
+	})
+	for i := len(dirs) - 1; i >= 0; i-- {
 		deadline := time.Now().Add(5 * time.Second)
-		for os.Remove(dir) != nil && time.Now().Before(deadline) {
+		for os.Remove(dirs[i]) != nil && time.Now().Before(deadline) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	if err := os.Remove(c.parent); err != nil {
-		t.Errorf("removing the test's cgroup %s: %v", c.parent, err)
+	if _, err := os.Stat(c.parent); err == nil {
+		t.Errorf("removing the test's cgroup %s: still there", c.parent)
 	}
 }
