@@ -84,3 +84,34 @@ func ParseV1Policy(s string) (V1Policy, error) {
 	}
 	return "", fmt.Errorf("unknown IMDSv1 policy %q: want auto, allow, warn or block", s)
 }
+
+// Rank orders IMDSv1 policies by what they refuse. allow and warn refuse
+// nothing (warn only logs more), auto refuses what the instance refuses,
+// block refuses every tokenless request. So allow < warn < auto < block. An
+// auto floor must not accept warn: a proxy answers tokenless requests with
+// a token of its own, so warn serves them even where the instance requires
+// tokens. A warn floor accepts auto, which loses only warn's "block would
+// refuse it" log on instances that allow IMDSv1. ok is false for a value
+// that is no policy.
+func (p V1Policy) Rank() (rank int, ok bool) {
+	switch p {
+	case V1Allow:
+		return 0, true
+	case V1Warn:
+		return 1, true
+	case V1Auto:
+		return 2, true
+	case V1Block:
+		return 3, true
+	}
+	return 0, false
+}
+
+// AtLeast is p, or floor where p refuses less than floor (or is no policy).
+func AtLeast(p, floor V1Policy) V1Policy {
+	rank, ok := p.Rank()
+	if floorRank, _ := floor.Rank(); !ok || rank < floorRank {
+		return floor
+	}
+	return p
+}

@@ -35,37 +35,11 @@ type Policy struct {
 	OptOutNamespaces []string
 }
 
-// v1Rank orders IMDSv1 policies by what they refuse. allow and warn refuse
-// nothing (warn only logs more), auto refuses what the instance refuses,
-// block refuses every tokenless request. So allow < warn < auto < block. An
-// auto floor must not accept warn: the sidecar answers tokenless requests
-// with a token of its own, so warn serves them even where the instance
-// requires tokens. A warn floor accepts auto, which loses only warn's
-// "block would refuse it" log on instances that allow IMDSv1.
-func v1Rank(p imdsapi.V1Policy) (int, bool) {
-	switch p {
-	case imdsapi.V1Allow:
-		return 0, true
-	case imdsapi.V1Warn:
-		return 1, true
-	case imdsapi.V1Auto:
-		return 2, true
-	case imdsapi.V1Block:
-		return 3, true
-	}
-	return 0, false
-}
-
 // looser says whether p refuses less than the floor. Without a floor
 // (Options.withFloor gives every decision one) nothing is looser; a policy
 // without a rank counts as looser.
 func (pol Policy) looser(p imdsapi.V1Policy) bool {
-	if pol.V1Floor == "" {
-		return false
-	}
-	rank, ok := v1Rank(p)
-	floor, _ := v1Rank(pol.V1Floor)
-	return !ok || rank < floor
+	return pol.V1Floor != "" && imdsapi.AtLeast(p, pol.V1Floor) != p
 }
 
 // raise is p, or the floor where p is looser.
@@ -90,7 +64,7 @@ func (pol Policy) validate() error {
 		if _, err := imdsapi.ParseV1Policy(string(pol.V1Floor)); err != nil {
 			return fmt.Errorf("--v1-floor: %w", err)
 		}
-		if _, ok := v1Rank(pol.V1Floor); !ok {
+		if _, ok := pol.V1Floor.Rank(); !ok {
 			return fmt.Errorf("--v1-floor %s: imds-proxy inject cannot tell how strict it is", pol.V1Floor)
 		}
 	}
