@@ -12,6 +12,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/imds-proxy/imds-proxy/internal/attribution"
+	"github.com/imds-proxy/imds-proxy/workload"
 	"go.uber.org/zap"
 	"golang.org/x/time/rate"
 )
@@ -28,6 +29,8 @@ type V1Caller struct {
 	UserAgent string `json:"user_agent"`
 	SDK       string `json:"sdk"`
 	attribution.Process
+	// Workload is the caller's workload, where a node agent knows it.
+	workload.Workload
 	Count        uint64    `json:"count"`
 	FirstSeen    time.Time `json:"first_seen"`
 	LastSeen     time.Time `json:"last_seen"`
@@ -39,6 +42,7 @@ type callerKey struct {
 	caller, userAgent, executable string
 	uid                           int // -1: not seen
 	cgroup                        string
+	workload                      string // namespace/workload/container, where known
 }
 
 // quotaKey is whom a row counts against: an address and, within it, the
@@ -100,7 +104,7 @@ func newV1Callers(size int, evicted func(reason string)) *v1Callers {
 // recordUnattributed counts a request whose process was not looked up
 // against the row its caller and User-Agent last had, if any, and returns
 // that row's process.
-func (c *v1Callers) recordUnattributed(caller, userAgent, path string, now time.Time) attribution.Process {
+func (c *v1Callers) recordUnattributed(caller, userAgent, path string, w workload.Workload, now time.Time) attribution.Process {
 	c.mu.Lock()
 	key, ok := c.latest[[2]string{caller, truncate(userAgent)}]
 	var proc attribution.Process
@@ -108,12 +112,12 @@ func (c *v1Callers) recordUnattributed(caller, userAgent, path string, now time.
 		proc = el.Value.(*callerRow).Process
 	}
 	c.mu.Unlock()
-	c.record(caller, userAgent, path, proc, now)
+	c.record(caller, userAgent, path, proc, w, now)
 	return proc
 }
 
-func (c *v1Callers) record(caller, userAgent, path string, proc attribution.Process, now time.Time) {
-	key := callerKey{caller, truncate(userAgent), proc.Executable, uidOf(proc), proc.Cgroup}
+func (c *v1Callers) record(caller, userAgent, path string, proc attribution.Process, w workload.Workload, now time.Time) {
+	key := callerKey{caller, truncate(userAgent), proc.Executable, uidOf(proc), proc.Cgroup, w.Namespace + "/" + w.Name + "/" + w.Container}
 	path = truncate(path)
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -142,7 +146,7 @@ func (c *v1Callers) record(caller, userAgent, path string, proc attribution.Proc
 		mine = list.New()
 		c.held[quota] = mine
 	}
-	e := &callerRow{V1Caller: V1Caller{Caller: caller, UserAgent: key.userAgent, SDK: sdkFamily(userAgent), Process: proc,
+	e := &callerRow{V1Caller: V1Caller{Caller: caller, UserAgent: key.userAgent, SDK: sdkFamily(userAgent), Process: proc, Workload: w,
 		Count: 1, FirstSeen: now, LastSeen: now, ExamplePaths: []string{path}}, key: key, quota: quota}
 	el := c.order.PushFront(e)
 	e.own = mine.PushFront(el)
@@ -264,9 +268,19 @@ func uidOf(p attribution.Process) int {
 
 // Kinds of log line the log limit counts apart.
 const (
-	logKindV1         = "v1"
-	logKindPathDenied = "path_denied"
+	logKindV1              = "v1"
+	logKindPathDenied      = "path_denied"
+	logKindIdentityGuarded = "identity_guarded"
+	logKindBadSetting      = "bad_setting"
 )
+
+// logSummaries is the summary line of each kind.
+var logSummaries = map[string]string{
+	logKindV1:              "IMDSv1 requests (no token) not logged one by one",
+	logKindPathDenied:      "requests denied by the path policy not logged one by one",
+	logKindIdentityGuarded: "refusals of the node role's credentials not logged one by one",
+	logKindBadSetting:      "requests of a workload whose IMDSv1 setting is no policy not logged one by one",
+}
 
 // logKey is one caller's share of the log limit, for one kind of line.
 type logKey struct {
@@ -360,10 +374,7 @@ func (l *logLimiter) flush(log *zap.Logger) {
 		if t.suppressed == 0 {
 			continue
 		}
-		msg := "IMDSv1 requests (no token) not logged one by one"
-		if key.kind == logKindPathDenied {
-			msg = "requests denied by the path policy not logged one by one"
-		}
+		msg := logSummaries[key.kind]
 		uid := &key.uid
 		if key.uid < 0 {
 			uid = nil

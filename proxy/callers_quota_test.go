@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/imds-proxy/imds-proxy/internal/attribution"
+	"github.com/imds-proxy/imds-proxy/workload"
 )
 
 // TestV1CallersQuotaInASidecar: in a sidecar every app shares one address;
@@ -17,11 +18,11 @@ func TestV1CallersQuotaInASidecar(t *testing.T) {
 	c := newV1Callers(64, func(reason string) { evicted[reason]++ })
 	app, hostile := 1000, 0
 	now := time.Now()
-	c.record("10.0.1.23", "aws-cli/1.18.69", "/latest/meta-data/", attribution.Process{UID: &app, Executable: "/usr/bin/python3", Cgroup: "0::/kubepods/pod1/app"}, now)
-	c.record("10.0.1.23", "curl/7.61.1", "/latest/meta-data/", attribution.Process{UID: &app, Executable: "/usr/bin/curl", Cgroup: "0::/kubepods/pod1/app"}, now)
+	c.record("10.0.1.23", "aws-cli/1.18.69", "/latest/meta-data/", attribution.Process{UID: &app, Executable: "/usr/bin/python3", Cgroup: "0::/kubepods/pod1/app"}, workload.Workload{}, now)
+	c.record("10.0.1.23", "curl/7.61.1", "/latest/meta-data/", attribution.Process{UID: &app, Executable: "/usr/bin/curl", Cgroup: "0::/kubepods/pod1/app"}, workload.Workload{}, now)
 	for i := 0; i < 500; i++ {
 		now = now.Add(time.Millisecond)
-		c.record("10.0.1.23", fmt.Sprintf("x/%d", i), "/latest/meta-data/", attribution.Process{UID: &hostile, Executable: fmt.Sprintf("/tmp/curl%d", i), Cgroup: "0::/kubepods/pod1/sidecar"}, now)
+		c.record("10.0.1.23", fmt.Sprintf("x/%d", i), "/latest/meta-data/", attribution.Process{UID: &hostile, Executable: fmt.Sprintf("/tmp/curl%d", i), Cgroup: "0::/kubepods/pod1/sidecar"}, workload.Workload{}, now)
 	}
 	held := map[int]int{}
 	for _, row := range c.snapshot() {
@@ -42,16 +43,16 @@ func TestV1CallersFullTableTakesFromTheGreediest(t *testing.T) {
 	evicted := map[string]int{}
 	c := newV1Callers(8, func(reason string) { evicted[reason]++ })
 	now := time.Now()
-	c.record("10.0.0.1", "quiet/1.0", "/", attribution.Process{}, now) // the oldest row of all
+	c.record("10.0.0.1", "quiet/1.0", "/", attribution.Process{}, workload.Workload{}, now) // the oldest row of all
 	for i := 0; i < 4; i++ {
 		now = now.Add(time.Second)
-		c.record("10.0.0.2", fmt.Sprintf("busy/%d", i), "/", attribution.Process{}, now)
+		c.record("10.0.0.2", fmt.Sprintf("busy/%d", i), "/", attribution.Process{}, workload.Workload{}, now)
 	}
 	for i := 0; i < 3; i++ {
 		now = now.Add(time.Second)
-		c.record(fmt.Sprintf("10.0.1.%d", i), "one/1.0", "/", attribution.Process{}, now)
+		c.record(fmt.Sprintf("10.0.1.%d", i), "one/1.0", "/", attribution.Process{}, workload.Workload{}, now)
 	}
-	c.record("10.0.2.1", "new/1.0", "/", attribution.Process{}, now.Add(time.Second))
+	c.record("10.0.2.1", "new/1.0", "/", attribution.Process{}, workload.Workload{}, now.Add(time.Second))
 	rows := c.snapshot()
 	has := func(caller, ua string) bool {
 		for _, r := range rows {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/token"
+	"github.com/imds-proxy/imds-proxy/workload"
 )
 
 // decided is what TestDecide compares: the answer's status, outcome and
@@ -109,6 +110,33 @@ func TestDecide(t *testing.T) {
 			decided{status: 400, outcome: outcomeBadRequest}},
 		{"path", "a backslash", strings.Replace(ok, "instance-id", `..\user-data`, 1), nil,
 			decided{status: 400, outcome: outcomeBadRequest}},
+		{"IMDSv1", "the workload's own block over the configured allow", "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n",
+			from(workloadWith(workload.V1Key, "block"), nil),
+			decided{status: 401, outcome: outcomeV1Blocked, v1: true}},
+		{"IMDSv1", "the workload's own allow raised to the floor", "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n",
+			from(workloadWith(workload.V1Key, "allow"), func(c *Config) { c.V1 = imdsapi.V1Block }),
+			decided{status: 401, outcome: outcomeV1Blocked, v1: true}},
+		{"IMDSv1", "the workload's own warn, at the floor", "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n",
+			from(workloadWith(workload.V1Key, "warn"), func(c *Config) { c.V1, c.V1Floor = imdsapi.V1Block, imdsapi.V1Warn }),
+			decided{forward: "/latest/meta-data/instance-id", v1: true}},
+		{"IMDSv1", "a workload setting that is no policy: the configured one", "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n",
+			from(workloadWith(workload.V1Key, "sometimes"), func(c *Config) { c.V1 = imdsapi.V1Block }),
+			decided{status: 401, outcome: outcomeV1Blocked, v1: true}},
+		{"IMDSv1", "a chained proxy's probe answers its workload's policy", "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nX-Imds-Proxy-Probe: v1\r\n",
+			from(workloadWith(workload.V1Key, "block"), nil),
+			decided{status: 401, outcome: outcomeV1Probe}},
+		{"path", "the node role's credentials, to a workload with its own identity", strings.Replace(ok, "instance-id", "iam/security-credentials/", 1),
+			from(workloadWith("", ""), func(c *Config) { c.GuardOwnIdentity = true }),
+			decided{status: 404, outcome: outcomeIdentityGuarded}},
+		{"path", "the node role's credentials under another version, tokenless", "GET /2021-07-15/meta-data/iam/security-credentials/node-role HTTP/1.1\r\nHost: x\r\n",
+			from(workloadWith("", ""), func(c *Config) { c.GuardOwnIdentity = true }),
+			decided{status: 404, outcome: outcomeIdentityGuarded, v1: true}},
+		{"path", "the rest of IMDS, to a workload with its own identity", strings.Replace(ok, "instance-id", "iam/info", 1),
+			from(workloadWith("", ""), func(c *Config) { c.GuardOwnIdentity = true }),
+			decided{forward: "/latest/meta-data/iam/info"}},
+		{"path", "the node role's credentials, without the guard", strings.Replace(ok, "instance-id", "iam/security-credentials/", 1),
+			from(workloadWith("", ""), nil),
+			decided{forward: "/latest/meta-data/iam/security-credentials/"}},
 		{"forward", "the normalised path, without the query", strings.Replace(ok, "/latest/meta-data/instance-id", "/latest//meta-data/./iam/../instance-id?x=1", 1), nil,
 			decided{forward: "/latest/meta-data/instance-id"}},
 		{"forward", "a trailing slash is kept", strings.Replace(ok, "instance-id", "", 1), nil,
@@ -160,7 +188,8 @@ func TestDecide(t *testing.T) {
 			p.session.v1.Store(int32(upstream))
 			p.session.update("session-token", nil)
 
-			v := p.decide(r, caller)
+			origin, _ := r.Context().Value(testWorkloadKey{}).(workload.Workload)
+			v := p.decide(r, caller, origin)
 			got := decided{forward: v.path, v1: v.v1}
 			if v.answer != nil {
 				got = decided{status: v.answer.status, outcome: v.answer.outcome, v1: v.v1}
@@ -173,6 +202,9 @@ func TestDecide(t *testing.T) {
 			}
 			if got != row.want {
 				t.Errorf("%q:\n got %+v\nwant %+v", raw, got, row.want)
+			}
+			if origin.Known() {
+				return // served, the request would have no workload
 			}
 
 			// Served, an answer of the proxy's own carries the same headers
@@ -192,6 +224,26 @@ func TestDecide(t *testing.T) {
 			}
 		})
 	}
+}
+
+// testWorkloadKey carries a TestDecide row's workload to decide.
+type testWorkloadKey struct{}
+
+// from has a TestDecide row's request come from workload w, and changes
+// the configuration with configure, if not nil.
+func from(w workload.Workload, configure func(*Config)) func(*Config, *http.Request) {
+	return func(c *Config, r *http.Request) {
+		*r = *r.WithContext(context.WithValue(r.Context(), testWorkloadKey{}, w))
+		if configure != nil {
+			configure(c)
+		}
+	}
+}
+
+// workloadWith is a pod with an IRSA role whose setting key is value.
+func workloadWith(key, value string) workload.Workload {
+	return workload.Workload{Platform: "kubernetes", Namespace: "team-a", Name: "Deployment/web",
+		OwnIdentity: workload.IdentityIRSA, Settings: map[string]string{key: value}}
 }
 
 func mint(t *testing.T, m *token.Minter, caller netip.Addr) string {

@@ -70,6 +70,16 @@ const maxSharedBody = 1 << 20
 
 // RoundTrip answers req from the cache when it can, else from the upstream.
 func (f *forwarder) RoundTrip(req *http.Request) (*http.Response, error) {
+	if sentTokenless(req.Context()) {
+		// The instance counts a request as IMDSv1 only if it arrives as
+		// one: past the cache and coalescing, and without a session token
+		// (withSession).
+		answer, err := f.retried(req)
+		if err != nil {
+			return nil, err
+		}
+		return answer.response(req), nil
+	}
 	// The key is the whole upstream request: send adds only the proxy's own
 	// headers (upstreamHeader), the same for every client.
 	key := req.Method + " " + req.URL.Path
@@ -150,6 +160,9 @@ func (f *forwarder) retried(req *http.Request) (*upstreamAnswer, error) {
 // the session is refreshed once (shared with concurrent callers) and the
 // request sent once more.
 func (f *forwarder) withSession(req *http.Request) (*http.Response, error) {
+	if sentTokenless(req.Context()) {
+		return f.send(req, "")
+	}
 	state, tok, err := f.session.current(req.Context())
 	if err != nil {
 		return nil, err

@@ -1,8 +1,13 @@
 package proxy
 
 import (
-	"github.com/imds-proxy/imds-proxy/imdsapi"
+	"strconv"
+	"sync"
+
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/imds-proxy/imds-proxy/imdsapi"
+	"github.com/imds-proxy/imds-proxy/workload"
 )
 
 // Request outcomes, the values of the "outcome" label. The set is fixed so
@@ -25,6 +30,7 @@ const (
 	outcomeBodyTooLarge        = "body_too_large"
 	outcomeTooManyConnections  = "too_many_connections"
 	outcomeV1Probe             = "v1_policy_probe"
+	outcomeIdentityGuarded     = "identity_guarded"
 )
 
 // metrics holds the proxy's Prometheus collectors.
@@ -43,6 +49,9 @@ type metrics struct {
 	cacheEntries     prometheus.Gauge
 	cacheBytes       prometheus.Gauge
 	upstreamRetries  *prometheus.CounterVec
+
+	workloadRequests *prometheus.CounterVec
+	workloads        *boundedSet
 
 	attributionsSkipped       prometheus.Counter
 	connectionsOpen           prometheus.Gauge
@@ -114,6 +123,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "imds_proxy_upstream_retries_total",
 			Help: "Upstream metadata requests sent again, by cause: throttled (429), server_error (5xx), connection (refused or reset).",
 		}, []string{"cause"}),
+		workloadRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imds_proxy_workload_requests_total",
+			Help: "Client requests by the caller's workload (Kubernetes namespace and top owner, ECS cluster and task definition, " +
+				"or Docker container name), IMDS version, and for IMDSv1 the policy applied to them. A node agent knows the workload; " +
+				"the first " + strconv.Itoa(maxWorkloadSeries) + " workloads get series of their own, later ones count as namespace=\"other\", workload=\"other\"; " +
+				"callers no source knows count as workload=\"unknown\".",
+		}, []string{"namespace", "workload", "imds_version", "v1_policy"}),
+		workloads: newBoundedSet(maxWorkloadSeries),
 		attributionsSkipped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imds_proxy_v1_attributions_skipped_total",
 			Help: "Tokenless requests logged without their process because attribution (a /proc scan) was over its rate bound.",
@@ -141,7 +158,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 	}
 	for _, c := range []prometheus.Collector{m.attributionsSkipped, m.connectionsOpen, m.connectionsIdle, m.connectionsRejected, m.connectionsReclaimed, m.connectionsWithoutRequest, m.requests, m.tokensMinted, m.upstreamLatency, m.sessionState, m.upstreamTokenErr,
-		m.v1WouldBlock, m.v1BySDK, m.v1CallersEvicted, m.v1Policy, m.upstreamV1, m.cache, m.cacheEntries, m.cacheBytes, m.upstreamRetries} {
+		m.v1WouldBlock, m.v1BySDK, m.v1CallersEvicted, m.v1Policy, m.upstreamV1, m.cache, m.cacheEntries, m.cacheBytes, m.upstreamRetries, m.workloadRequests} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -188,6 +205,48 @@ func (m *metrics) setV1Policy(configured, effective imdsapi.V1Policy) {
 func (m *metrics) setCacheSize(entries, bytes int) {
 	m.cacheEntries.Set(float64(entries))
 	m.cacheBytes.Set(float64(bytes))
+}
+
+// maxWorkloadSeries bounds the workloads imds_proxy_workload_requests_total
+// names: workloads, not pods, so that a node's churn does not grow it.
+const maxWorkloadSeries = 256
+
+// countWorkload counts one request of workload w, with the IMDSv1 policy
+// applied to it ("" for IMDSv2).
+func (m *metrics) countWorkload(w workload.Workload, version string, policy imdsapi.V1Policy) {
+	namespace, name := w.Namespace, w.Name
+	switch {
+	case !w.Known():
+		namespace, name = "", "unknown"
+	case !m.workloads.admit(namespace + "/" + name):
+		namespace, name = "other", "other"
+	}
+	m.workloadRequests.WithLabelValues(namespace, name, version, string(policy)).Inc()
+}
+
+// boundedSet admits its first max members, and those again.
+type boundedSet struct {
+	mu      sync.Mutex
+	max     int
+	members map[string]struct{}
+}
+
+func newBoundedSet(max int) *boundedSet {
+	return &boundedSet{max: max, members: map[string]struct{}{}}
+}
+
+// admit says whether key is a member, making it one while there is room.
+func (s *boundedSet) admit(key string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.members[key]; ok {
+		return true
+	}
+	if len(s.members) >= s.max {
+		return false
+	}
+	s.members[key] = struct{}{}
+	return true
 }
 
 // methodLabel bounds the method label to the methods IMDS knows.

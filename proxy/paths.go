@@ -83,6 +83,14 @@ func (pp PathPolicy) Allows(p string) bool {
 	return false
 }
 
+// roleCredentialsPath says whether the normalised path p is the node
+// role's credentials (meta-data/iam/security-credentials), in any API
+// version.
+func roleCredentialsPath(p string) bool {
+	below, versioned := belowVersion(p)
+	return versioned && underPrefix(below, "/meta-data/iam/security-credentials")
+}
+
 func underPrefix(p, prefix string) bool {
 	return prefix == "" || p == prefix || strings.HasPrefix(p, prefix+"/")
 }

@@ -34,6 +34,7 @@ import (
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/attribution"
 	"github.com/imds-proxy/imds-proxy/token"
+	"github.com/imds-proxy/imds-proxy/workload"
 )
 
 // maxUpstreamTokenBytes bounds the upstream's token, with room to spare.
@@ -46,8 +47,26 @@ type Config struct {
 	// Upstream is the IMDS (or node agent) that every forwarded request goes
 	// to, e.g. http://169.254.169.254: http, with no path. Required.
 	Upstream *url.URL
-	// V1 is the policy for requests without a token. Required.
+	// V1 is the policy for requests without a token, for callers whose
+	// workload sets none. Required.
 	V1 imdsapi.V1Policy
+	// V1Floor is the loosest IMDSv1 policy a workload's own setting
+	// (workload.V1Key) can choose: a workload can only tighten it. If
+	// empty, V1 is the floor.
+	V1Floor imdsapi.V1Policy
+	// V1Tokenless forwards the tokenless requests the policy lets through
+	// as they came, without the proxy's session token, and past the cache
+	// and coalescing: the instance then counts each of them as IMDSv1 (its
+	// MetadataNoToken metric). If false, they are upgraded to IMDSv2.
+	V1Tokenless bool
+	// Workloads names the workload behind each caller, for the outputs
+	// and, in a node agent, for the workload's own policy. If nil,
+	// callers are known by address and process only.
+	Workloads *workload.Resolver
+	// GuardOwnIdentity refuses the node role's credentials (404, as IMDS
+	// answers where no role is attached) to workloads that have an AWS
+	// identity of their own (workload.Workload.OwnIdentity).
+	GuardOwnIdentity bool
 	// Paths decides which metadata paths may be forwarded. If zero, all.
 	Paths PathPolicy
 	// Mode is announced in the X-Imds-Proxy header of every answer, so that
@@ -149,6 +168,9 @@ func (c Config) withZeroDefaults() Config {
 	if c.V1AttributionsPerSecond <= 0 {
 		c.V1AttributionsPerSecond = defaultV1AttributionsPerSecond
 	}
+	if c.V1Floor == "" {
+		c.V1Floor = c.V1
+	}
 	c.Retry.Attempts = max(c.Retry.Attempts, 1)
 	c.Retry.MaxDelay = max(c.Retry.MaxDelay, c.Retry.BaseDelay)
 	return c
@@ -168,6 +190,14 @@ func (c *Config) Validate() error {
 	}
 	if _, err := imdsapi.ParseV1Policy(string(c.V1)); err != nil {
 		return err
+	}
+	if c.V1Floor != "" {
+		if _, err := imdsapi.ParseV1Policy(string(c.V1Floor)); err != nil {
+			return fmt.Errorf("IMDSv1 floor: %w", err)
+		}
+		if imdsapi.AtLeast(c.V1, c.V1Floor) != c.V1 {
+			return fmt.Errorf("the IMDSv1 policy %s is looser than the floor %s that workloads are held to", c.V1, c.V1Floor)
+		}
 	}
 	if err := c.Cache.validate(); err != nil {
 		return err

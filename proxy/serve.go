@@ -15,6 +15,7 @@ import (
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/token"
+	"github.com/imds-proxy/imds-proxy/workload"
 )
 
 // How one client request is served. ServeHTTP marks the connection as
@@ -31,9 +32,14 @@ import (
 //	5. method          anything but GET and HEAD 405
 //	6. token or v1     one valid token goes on (else 401; two tokens 400); without
 //	                   one, a chained proxy's probe is answered with the IMDSv1
-//	                   policy, and the policy applies (block: 401)
-//	7. path policy     a path that cannot be normalised 400; a denied path 403
+//	                   policy, and the policy applies (block: 401); the policy
+//	                   is the caller's workload's own, raised to the floor, or
+//	                   the configured one
+//	7. path policy     a path that cannot be normalised 400; a denied path 403;
+//	                   the node role's credentials, to a workload with an
+//	                   identity of its own, 404 (GuardOwnIdentity)
 //	8. forward         the normalised path, with the proxy's own headers only
+//	                   (a tokenless request as it came, with V1Tokenless)
 //
 // Bookkeeping (metrics, the log, /v1-callers) follows the decision, in
 // ServeHTTP: deciding has no side effects beyond reading the request.
@@ -44,12 +50,14 @@ import (
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	markServed(r)
 	x := newExchange(r)
-	v := p.decide(r, x.caller)
+	x.who = p.cfg.Workloads.Of(x.client)
+	x.workload = x.who.Workload
+	v := p.decide(r, x.caller, x.who.Workload)
 	if v.v1 {
 		p.noteV1(r, x, v.policy)
 	}
 	if v.answer == nil {
-		p.forward(w, r, x, v.path)
+		p.forward(w, r, x, v.path, v.v1 && p.cfg.V1Tokenless)
 		return
 	}
 	p.noteRefusal(r, x, v)
@@ -68,10 +76,11 @@ type verdict struct {
 	policy imdsapi.V1Policy
 }
 
-// decide applies the rules above to r from caller. It reads the request
-// (and discards any body); its only other effects are log lines about a
-// token that is refused or cannot be bound.
-func (p *Proxy) decide(r *http.Request, caller netip.Addr) verdict {
+// decide applies the rules above to r from caller, whose workload is w (or
+// unknown). It reads the request (and discards any body); its only other
+// effects are log lines about a token that is refused or cannot be bound,
+// or a workload setting that is no policy.
+func (p *Proxy) decide(r *http.Request, caller netip.Addr, w workload.Workload) verdict {
 	if a := p.checkLimits(r); a != nil {
 		return verdict{answer: a}
 	}
@@ -97,9 +106,9 @@ func (p *Proxy) decide(r *http.Request, caller netip.Addr) verdict {
 			return verdict{answer: imdsRefusal(http.StatusUnauthorized, outcomeUnauthorized)}
 		}
 	case r.Header.Get(imdsapi.ProbeHeader) != "":
-		return verdict{answer: p.probeAnswer(r.Context())}
+		return verdict{answer: p.probeAnswer(r.Context(), w)}
 	default:
-		v.v1, v.policy = true, p.v1Policy(r.Context())
+		v.v1, v.policy = true, p.v1Policy(r.Context(), w)
 		if v.policy == imdsapi.V1Block {
 			v.answer = imdsRefusal(http.StatusUnauthorized, outcomeV1Blocked)
 			return v
@@ -111,8 +120,11 @@ func (p *Proxy) decide(r *http.Request, caller netip.Addr) verdict {
 		return v
 	}
 	v.path = clean
-	if !p.cfg.Paths.Allows(clean) {
+	switch {
+	case !p.cfg.Paths.Allows(clean):
 		v.answer = imdsRefusal(http.StatusForbidden, outcomePathDenied)
+	case p.cfg.GuardOwnIdentity && w.OwnIdentity != "" && roleCredentialsPath(clean):
+		v.answer = imdsRefusal(http.StatusNotFound, outcomeIdentityGuarded)
 	}
 	return v
 }
@@ -174,11 +186,12 @@ func (p *Proxy) tokenAnswer(r *http.Request, caller netip.Addr) *ownAnswer {
 }
 
 // probeAnswer answers a chained imds-proxy's probe (see
-// imdsapi.ProbeHeader) with this proxy's own policy: 401 where it refuses
-// tokenless requests, an empty 200 where it serves them. The probe is not
-// an IMDSv1 caller: nothing is forwarded, logged or entered in /v1-callers.
-func (p *Proxy) probeAnswer(ctx context.Context) *ownAnswer {
-	if p.v1Policy(ctx) == imdsapi.V1Block {
+// imdsapi.ProbeHeader) with the policy for its workload w: 401 where it
+// refuses tokenless requests, an empty 200 where it serves them. The probe
+// is not an IMDSv1 caller: nothing is forwarded, logged or entered in
+// /v1-callers.
+func (p *Proxy) probeAnswer(ctx context.Context, w workload.Workload) *ownAnswer {
+	if p.v1Policy(ctx, w) == imdsapi.V1Block {
 		return imdsRefusal(http.StatusUnauthorized, outcomeV1Probe)
 	}
 	return plainAnswer(http.StatusOK, outcomeV1Probe, "")
@@ -188,7 +201,8 @@ func (p *Proxy) probeAnswer(ctx context.Context) *ownAnswer {
 // normalised path and without the client's token, body and hop headers.
 // The forwarder writes the upstream request's header itself
 // (upstreamHeader); clearing these here keeps goproxy from acting on them.
-func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, x *exchange, path string) {
+// tokenless has the forwarder send it without the session token.
+func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, x *exchange, path string, tokenless bool) {
 	removeHopByHop(r.Header)
 	removeForwarding(r.Header)
 	r.Header.Del(imdsapi.LoopHeader) // a downstream proxy's id is not for the upstream
@@ -199,7 +213,11 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, x *exchange, pat
 	// what the cache keys on) is exactly what the upstream is sent.
 	r.URL.Path, r.URL.RawPath, r.URL.RawQuery, r.URL.ForceQuery = path, "", "", false
 	r.URL.Scheme, r.URL.Host, r.Host = p.cfg.Upstream.Scheme, p.cfg.Upstream.Host, p.cfg.Upstream.Host
-	p.engine.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x)))
+	ctx := context.WithValue(r.Context(), exchangeKey{}, x)
+	if tokenless {
+		ctx = context.WithValue(ctx, tokenlessKey{}, true)
+	}
+	p.engine.ServeHTTP(w, r.WithContext(ctx))
 }
 
 // newEngine configures goproxy for requests that decide forwards: the
@@ -282,21 +300,40 @@ func (p *Proxy) noteRefusal(r *http.Request, x *exchange, v verdict) {
 			p.log.Info("path denied by policy", zap.String("path", truncate(v.path)), zap.String("caller", x.caller.String()),
 				zap.String("user_agent", truncate(r.UserAgent())))
 		}
+	case outcomeIdentityGuarded:
+		if p.logs.allow(logKey{kind: logKindIdentityGuarded, caller: x.caller.String(), uid: -1}, v.path, r.UserAgent()) {
+			p.log.Info("the node role's credentials refused: the workload has an AWS identity of its own",
+				append(workloadFields(x.workload), zap.String("own_identity", x.workload.OwnIdentity),
+					zap.String("path", truncate(v.path)), zap.String("caller", x.caller.String()))...)
+		}
 	}
 }
 
 // exchange is what the proxy knows about one client request, for its
 // metrics and its debug log.
 type exchange struct {
-	start   time.Time
-	caller  netip.Addr
-	version string // "v1" (no token) or "v2"
-	outcome string
-	ttl     int // seconds a token request asked for: a client fingerprint (SDKs differ)
+	start  time.Time
+	client netip.AddrPort // the caller's end of the connection, unmapped
+	caller netip.Addr
+	// who is the caller's connection as a node agent traced it.
+	who workload.Caller
+	// workload is the caller's workload: who's, or the one of the
+	// process that made a tokenless request, where that is known better.
+	workload workload.Workload
+	version  string           // "v1" (no token) or "v2"
+	policy   imdsapi.V1Policy // the IMDSv1 policy applied to a tokenless request
+	outcome  string
+	ttl      int // seconds a token request asked for: a client fingerprint (SDKs differ)
 }
 
 // exchangeKey carries a forwarded request's exchange to goproxy's handlers.
 type exchangeKey struct{}
+
+// tokenlessKey marks a forwarded request to be sent without the session
+// token (Config.V1Tokenless).
+type tokenlessKey struct{}
+
+func sentTokenless(ctx context.Context) bool { return ctx.Value(tokenlessKey{}) != nil }
 
 func newExchange(r *http.Request) *exchange {
 	x := &exchange{start: time.Now(), version: "v2"}
@@ -304,7 +341,8 @@ func newExchange(r *http.Request) *exchange {
 		x.version = "v1"
 	}
 	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
-		x.caller = ap.Addr().Unmap()
+		x.client = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		x.caller = x.client.Addr()
 	}
 	return x
 }
@@ -325,6 +363,9 @@ func (p *Proxy) writeOwn(w http.ResponseWriter, r *http.Request, x *exchange, a 
 // record counts the exchange and logs it at debug.
 func (p *Proxy) record(x *exchange, r *http.Request, status int) {
 	p.metrics.requests.WithLabelValues(methodLabel(r.Method), x.outcome, x.version).Inc()
+	if p.cfg.Workloads != nil {
+		p.metrics.countWorkload(x.workload, x.version, x.policy)
+	}
 	if x.outcome == outcomeTokenIssued {
 		p.metrics.tokensMinted.Inc()
 	}

@@ -3,22 +3,28 @@ package proxy
 import (
 	"context"
 	"net/http"
-	"net/netip"
 
 	"go.uber.org/zap"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/attribution"
+	"github.com/imds-proxy/imds-proxy/workload"
 )
 
 // noteV1 keeps the books on a tokenless request, whatever the policy did
 // with it: /v1-callers, the per-caller log, and the IMDSv1 metrics.
 func (p *Proxy) noteV1(r *http.Request, x *exchange, policy imdsapi.V1Policy) {
-	proc, attributed := p.attribute(r)
+	x.policy = policy
+	proc, attributed := p.attribute(x)
+	if own := p.cfg.Workloads.Workload(proc.Container); own.Known() {
+		// The process's own container, where the connection's namespace
+		// holds several (a pod's, a task's).
+		x.workload = own
+	}
 	if attributed {
-		p.callers.record(x.caller.String(), r.UserAgent(), r.URL.Path, proc, x.start)
+		p.callers.record(x.caller.String(), r.UserAgent(), r.URL.Path, proc, x.workload, x.start)
 	} else {
-		proc = p.callers.recordUnattributed(x.caller.String(), r.UserAgent(), r.URL.Path, x.start)
+		proc = p.callers.recordUnattributed(x.caller.String(), r.UserAgent(), r.URL.Path, x.workload, x.start)
 	}
 	p.logV1(r, x, proc, policy)
 	p.metrics.v1BySDK.WithLabelValues(sdkFamily(r.UserAgent())).Inc()
@@ -27,21 +33,25 @@ func (p *Proxy) noteV1(r *http.Request, x *exchange, policy imdsapi.V1Policy) {
 	p.metrics.v1WouldBlock.Inc()
 }
 
-// attribute finds the process behind an IMDSv1 request where the mode lets
-// the proxy see it. attributed is false when the lookup was skipped, over
-// its rate bound. A process chooses its command, its executable's path and
-// its cgroup's name: they are cut like every client string that reaches
-// logs and the callers table.
-func (p *Proxy) attribute(r *http.Request) (proc attribution.Process, attributed bool) {
-	client, err := netip.ParseAddrPort(r.RemoteAddr)
-	if err != nil {
+// attribute finds the process behind an IMDSv1 request where the proxy can
+// see it: in its own network namespace (a sidecar), or in the namespace a
+// node agent traced the connection to. attributed is false when the lookup
+// was skipped, over its rate bound. A process chooses its command, its
+// executable's path and its cgroup's name: they are cut like every client
+// string that reaches logs and the callers table.
+func (p *Proxy) attribute(x *exchange) (proc attribution.Process, attributed bool) {
+	if !x.client.IsValid() {
 		return attribution.Process{}, true
 	}
 	if !p.attributions.Allow() {
 		p.metrics.attributionsSkipped.Inc()
 		return attribution.Process{}, false
 	}
-	proc = p.attributor.Lookup(client)
+	if x.who.Traced {
+		proc = p.attributor.LookupIn(x.who.Namespace, x.client)
+	} else {
+		proc = p.attributor.Lookup(x.client)
+	}
 	proc.Command, proc.Executable, proc.Cgroup = truncate(proc.Command), truncate(proc.Executable), truncate(proc.Cgroup)
 	return proc, true
 }
@@ -58,24 +68,44 @@ func (p *Proxy) logV1(r *http.Request, x *exchange, proc attribution.Process, po
 	if policy == imdsapi.V1Warn {
 		msg = "IMDSv1 request (no token): --v1 block would refuse it"
 	}
-	p.log.Warn(msg, zap.String("method", r.Method), zap.String("path", truncate(r.URL.Path)),
+	p.log.Warn(msg, append(workloadFields(x.workload), zap.String("method", r.Method), zap.String("path", truncate(r.URL.Path)),
 		zap.String("user_agent", truncate(r.UserAgent())), zap.String("caller", x.caller.String()),
 		zap.String("policy", string(policy)), zap.String("configured_policy", string(p.cfg.V1)),
 		zap.Intp("uid", proc.UID), zap.Int("pid", proc.PID),
-		zap.String("command", proc.Command), zap.String("executable", proc.Executable))
+		zap.String("command", proc.Command), zap.String("executable", proc.Executable),
+		zap.String("container_id", proc.ID))...)
 }
 
-// v1Policy is the IMDSv1 policy in force now: the configured one, or for
-// auto, block while the upstream refuses tokenless requests or nobody knows
-// yet whether it does, and allow once it is known to serve them.
-func (p *Proxy) v1Policy(ctx context.Context) imdsapi.V1Policy {
-	if p.cfg.V1 != imdsapi.V1Auto {
-		return p.cfg.V1
+// workloadFields name w in a log line, where it is known.
+func workloadFields(w workload.Workload) []zap.Field {
+	if !w.Known() {
+		return nil
+	}
+	return []zap.Field{zap.String("platform", w.Platform), zap.String("namespace", w.Namespace),
+		zap.String("workload", w.Name), zap.String("pod", w.Pod), zap.String("container", w.Container)}
+}
+
+// v1Policy is the IMDSv1 policy in force now for workload w: w's own
+// setting raised to the floor, or else the configured one. auto is block
+// while the upstream refuses tokenless requests or nobody knows yet whether
+// it does, and allow once it is known to serve them.
+func (p *Proxy) v1Policy(ctx context.Context, w workload.Workload) imdsapi.V1Policy {
+	policy := p.cfg.V1
+	own, set, err := w.V1Policy()
+	switch {
+	case set:
+		policy = imdsapi.AtLeast(own, p.cfg.V1Floor)
+	case err != nil && p.logs.allow(logKey{kind: logKindBadSetting, caller: w.String(), uid: -1}, "", ""):
+		p.log.Warn("a workload's IMDSv1 setting is no policy: the configured one applies to it",
+			append(workloadFields(w), zap.Error(err), zap.String("policy", string(p.cfg.V1)))...)
+	}
+	if policy != imdsapi.V1Auto {
+		return policy
 	}
 	// A request that arrives before the first probe has answered waits for
 	// it, rather than being refused for want of an answer.
 	p.session.waitDecided(ctx)
-	return effectiveV1(p.cfg.V1, p.session.v1State())
+	return effectiveV1(policy, p.session.v1State())
 }
 
 func effectiveV1(configured imdsapi.V1Policy, upstream upstreamV1) imdsapi.V1Policy {
