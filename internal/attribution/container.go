@@ -25,10 +25,13 @@ type Container struct {
 //	/kubepods.slice/kubepods-pod<uid_>.slice/crio-<id>.scope
 //	/ecs/<task-id>/<id>
 //	/system.slice/docker-<id>.scope, /docker/<id>
+//
+// A reader in a cgroup namespace of its own (a node agent's container, on
+// cgroup v2) sees them below "/..", so none is anchored at the root.
 var (
 	podUIDPattern    = regexp.MustCompile(`pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?/`)
 	containerPattern = regexp.MustCompile(`(?:^|/)(?:(cri-containerd|crio|docker)-)?([0-9a-f]{64})(?:\.scope)?$`)
-	ecsTaskPattern   = regexp.MustCompile(`^/ecs/([0-9a-f]{32}|[0-9a-f-]{36})/`)
+	ecsTaskPattern   = regexp.MustCompile(`(?:^|/)ecs/([0-9a-f]{32}|[0-9a-f-]{36})/`)
 )
 
 // ParseCgroup reads the container from a process's /proc/<pid>/cgroup:
@@ -58,7 +61,7 @@ func parseCgroupPath(path string) Container {
 		c.Runtime = "containerd"
 	case prefix == "crio":
 		c.Runtime = "cri-o"
-	case prefix == "docker" || strings.HasPrefix(path, "/docker/") || strings.HasPrefix(path, "/ecs/"):
+	case prefix == "docker" || strings.Contains(path, "/docker/") || ecsTaskPattern.MatchString(path):
 		c.Runtime = "docker"
 	case strings.Contains(path, "kubepods"):
 		c.Runtime = "containerd" // the cgroupfs driver names no runtime; containerd is EKS's
