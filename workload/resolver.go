@@ -46,6 +46,16 @@ func NewResolver(sources ...Source) *Resolver {
 	return &Resolver{sources: sources}
 }
 
+// A node agent's defaults for NewNodeResolver.
+const (
+	// DefaultCallerTTL bounds how long a caller address's namespace is
+	// trusted without a rescan; a namespace that loses the process it was
+	// found through is rescanned before that.
+	DefaultCallerTTL = time.Minute
+	// DefaultScansPerSecond bounds the /proc scans for new addresses.
+	DefaultScansPerSecond = 20
+)
+
 // NewNodeResolver is a node agent's resolver: Of traces each new caller
 // address to its namespace in a's proc filesystem, remembers it for ttl,
 // and scans for at most scansPerSecond new addresses a second.
@@ -85,6 +95,9 @@ func (r *Resolver) Workload(container attribution.Container) Workload {
 
 // Run runs every source until ctx ends.
 func (r *Resolver) Run(ctx context.Context) {
+	if r == nil {
+		return
+	}
 	var wg sync.WaitGroup
 	for _, s := range r.sources {
 		wg.Go(func() { s.Run(ctx) })

@@ -13,6 +13,7 @@ import (
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/iptables"
 	"github.com/imds-proxy/imds-proxy/proxy"
+	"github.com/imds-proxy/imds-proxy/workload"
 )
 
 // defaultInterfaces are the container-facing interfaces of common setups:
@@ -92,6 +93,7 @@ type serveFlags struct {
 	metricsListen string
 	upstream      string
 	v1            string
+	v1Floor       string
 	// proxy holds the flags that are proxy.Config fields, from DefaultConfig.
 	proxy           proxy.Config
 	shutdownTimeout time.Duration
@@ -155,6 +157,11 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.metricsListen, "metrics-listen", defaultMetricsListen(f.mode), "address of /metrics, /healthz, /readyz and /v1-callers; empty disables it (a node agent's default keeps them off the VPC and the pods)")
 	fs.StringVar(&f.upstream, "upstream", imdsapi.Endpoint, "IMDS, or a node agent, that requests are forwarded to (http://host[:port])")
 	fs.StringVar(&f.v1, "v1", string(imdsapi.V1Auto), "IMDSv1 (tokenless) requests: auto (follow the upstream: block while it requires tokens or cannot tell, else allow), allow (serve, log, count; where the upstream requires tokens this re-opens IMDSv1, and is logged at warn), warn (serve, and log that block would refuse them) or block (answer 401 as IMDS does when tokens are required); imds_proxy_v1_would_block_total counts what block refuses, under every policy")
+	fs.BoolVar(&f.proxy.V1Tokenless, "v1-tokenless", false, "forward the tokenless requests the policy lets through as they came, without the proxy's session token and past the cache, so that the instance counts them in its MetadataNoToken metric (observing before a shutdown); by default they are upgraded to IMDSv2, which works where the instance already requires tokens")
+	if f.mode == imdsapi.ModeNode {
+		fs.StringVar(&f.v1Floor, "v1-floor", "", "node mode: the loosest IMDSv1 policy a workload may choose for itself (its "+workload.V1Key+" pod or namespace annotation, or container label), in the order allow < warn < auto < block; a workload can only tighten it (default: --v1)")
+		fs.BoolVar(&f.proxy.GuardOwnIdentity, "guard-own-identity", false, "node mode: answer 404 for the node role's credentials (meta-data/iam/security-credentials/) to workloads with an AWS identity of their own: pods with an IRSA role or EKS Pod Identity, ECS tasks with a task role; the rest of IMDS stays served")
+	}
 	fs.Var(&f.allowPaths, "allow-path", "only forward paths under these prefixes (comma-separated or repeated; others get 403)")
 	fs.Var(&f.denyPaths, "deny-path", "never forward paths under these prefixes, e.g. /latest/user-data,/latest/meta-data/iam/ (403; deny wins over allow)")
 	fs.StringVar(&f.tokenKeyFile, "token-key-file", "", "file holding the key that signs clients' tokens, so that they survive restarts and upgrades; created (mode 0600, random key) if absent, refused if open to group or others or owned by another user; its directory must exist (empty: a new random key per process, and a restart makes clients' tokens get 401 once)")
@@ -225,6 +232,11 @@ func (f *serveFlags) proxyConfig() (proxy.Config, error) {
 	}
 	cfg := f.proxy
 	cfg.Upstream, cfg.V1, cfg.Paths, cfg.Mode = upstream, policy, paths, f.mode
+	if f.v1Floor != "" {
+		if cfg.V1Floor, err = imdsapi.ParseV1Policy(f.v1Floor); err != nil {
+			return proxy.Config{}, fmt.Errorf("--v1-floor: %w", err)
+		}
+	}
 	cfg.DisableCoalescing = !f.coalesce
 	cfg.Cache.Uncached = nil
 	for _, segment := range f.cacheUncached.values {

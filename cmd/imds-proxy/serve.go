@@ -13,10 +13,13 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
+	"github.com/imds-proxy/imds-proxy/internal/attribution"
 	"github.com/imds-proxy/imds-proxy/internal/serving"
 	"github.com/imds-proxy/imds-proxy/iptables"
 	"github.com/imds-proxy/imds-proxy/proxy"
 	"github.com/imds-proxy/imds-proxy/token"
+	"github.com/imds-proxy/imds-proxy/workload"
 )
 
 // serve wires the proxy, its listeners, its rules and its admin endpoints
@@ -34,7 +37,8 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	exemption := iptables.Exemption{Mode: f.mode, Redirects: f.rules, Mark: uint32(f.exemptMark), UID: f.exemptUID}.
 		WithOwnCgroup(f.exemptCgroup != exemptCgroupOff, iptables.OwnCgroup, log)
 	f.ownCgroup = exemption.Cgroup
-	p, reg, err := newProxy(f, exemption, log)
+	workloads := workloadResolver(f)
+	p, reg, err := newProxy(f, exemption, workloads, log)
 	if err != nil {
 		return err
 	}
@@ -65,6 +69,7 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	runCtx, stopProxy := context.WithCancel(context.Background())
 	defer stopProxy()
 	go p.Run(runCtx)
+	go workloads.Run(runCtx)
 	lifecycle := serving.Lifecycle{Timeout: f.shutdownTimeout, Cleanup: stopProxy}
 	if rules != nil {
 		lifecycle.Reconcile = func(ctx context.Context) { rules.Reconcile(ctx, f.reconcile) }
@@ -73,11 +78,21 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	return servers.Run(ctx, lifecycle, log)
 }
 
-func newProxy(f *serveFlags, exemption iptables.Exemption, log *zap.Logger) (*proxy.Proxy, *prometheus.Registry, error) {
+// workloadResolver names the workloads behind a node agent's callers,
+// from the platforms' sources that the flags name.
+func workloadResolver(f *serveFlags) *workload.Resolver {
+	if f.mode != imdsapi.ModeNode {
+		return nil
+	}
+	return workload.NewNodeResolver(attribution.Attributor{}, workload.DefaultCallerTTL, workload.DefaultScansPerSecond)
+}
+
+func newProxy(f *serveFlags, exemption iptables.Exemption, workloads *workload.Resolver, log *zap.Logger) (*proxy.Proxy, *prometheus.Registry, error) {
 	cfg, err := f.proxyConfig()
 	if err != nil {
 		return nil, nil, err
 	}
+	cfg.Workloads = workloads
 	if cfg.UpstreamDialControl, err = exemption.DialControl(log); err != nil {
 		return nil, nil, err
 	}

@@ -99,6 +99,16 @@ func addressless(t testing.TB, node *Netns, hostIf string, task *Netns, addr, gw
 	task.Run(t, "ip", "route", "add", "default", "via", gw, "dev", "eth0")
 }
 
+// AddVPCCNIPod wires one more pod to e's node as the VPC CNI does (see
+// VPCCNI): addr on the pod's eth0, hostIf (eni…) on the node.
+func AddVPCCNIPod(t testing.TB, e *EC2, hostIf, addr string) *Netns {
+	t.Helper()
+	pod := NewNetns(t)
+	addressless(t, e.Node, hostIf, pod, addr, "169.254.1.1")
+	pod.Run(t, "ip", "neigh", "add", "169.254.1.1", "dev", "eth0", "lladdr", mac(t, e.Node, hostIf), "nud", "permanent")
+	return pod
+}
+
 // mac is the MAC address of a link in ns.
 func mac(t testing.TB, ns *Netns, link string) string {
 	t.Helper()
