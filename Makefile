@@ -81,7 +81,7 @@ bench: deps $(BIN)/ec2-metadata-mock
 BENCH_NOISE := '^(goos|goarch|pkg|cpu):|^Benchmark[^ ]*$$|^(PASS$$|ok )'
 BENCH_LOAD  := AEMM_BIN=$(BIN)/ec2-metadata-mock $(GO) test -run '^$$' -v -timeout 10m ./bench
 
-## bench-load: direct vs nginx vs imds-proxy under load, token PUTs, memory over a million mints, SDK credential bursts (about 3 minutes; as root it installs nginx)
+## bench-load: direct vs nginx vs imds-proxy under load, token PUTs, memory over a million mints, SDK credential bursts, the binary size and idle RSS (about 3 minutes; as root it installs nginx)
 bench-load: $(BIN)/ec2-metadata-mock
 	@if [ "$$(id -u)" = 0 ] && ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then \
 		echo "installing nginx (the load benchmark compares against it)"; \
@@ -90,6 +90,7 @@ bench-load: $(BIN)/ec2-metadata-mock
 	$(BENCH_LOAD) -bench 'MetadataGET|TokenPUT' -benchtime 4s | grep -vE $(BENCH_NOISE)
 	$(BENCH_LOAD) -bench MintMemory -benchtime 1000000x | grep -vE $(BENCH_NOISE)
 	$(BENCH_LOAD) -bench CredentialBurst -benchtime 1x | grep -vE $(BENCH_NOISE)
+	$(BENCH_LOAD) -bench Footprint -benchtime 1x | grep -vE $(BENCH_NOISE)
 
 ## image: the container image, with docker (engine running) or buildah
 IMAGE ?= imds-proxy:$(VERSION)
