@@ -42,7 +42,8 @@ const (
 // inspected once when it appears. Its Settings are the container's
 // imds-proxy.io/* labels; a container the ECS agent started (its
 // com.amazonaws.ecs.* labels) is an ECS workload. Access to the Engine API
-// is root-equivalent on the host; Docker reads only.
+// is root-equivalent on the host; this source only lists, inspects and
+// follows events.
 type Docker struct {
 	socket string
 	log    *zap.Logger
