@@ -130,7 +130,9 @@ func TestECSDecodeStrictly(t *testing.T) {
 	}
 	var names []string
 	for _, e := range entries {
-		names = append(names, e.Name())
+		if e.Name() != "README.md" {
+			names = append(names, e.Name())
+		}
 	}
 	if want := keys(ecsFiles); !slices.Equal(names, want) {
 		t.Fatalf("%s holds %v; the test knows %v", ecsDir, names, want)
@@ -298,6 +300,8 @@ func TestECSNodeDaemon(t *testing.T) {
 		t.Error("read-only root filesystem without a tmpfs at /run for the xtables lock")
 	}
 
+	checkECSNodeWorkloads(t, &task, c)
+
 	var svc ecs.CreateServiceInput
 	readECS(t, "node-daemon-service.json", &svc)
 	if deref(svc.ServiceName) != "imds-proxy-node" || deref(svc.TaskDefinition) != deref(task.Family) {
@@ -310,5 +314,49 @@ func TestECSNodeDaemon(t *testing.T) {
 	if deref(dc.MaximumPercent) != 100 || dc.MinimumHealthyPercent == nil || *dc.MinimumHealthyPercent != 0 {
 		t.Errorf("deploymentConfiguration maximumPercent %v, minimumHealthyPercent %v: want 100 and 0 (stop the old task, then start the new)",
 			deref(dc.MaximumPercent), deref(dc.MinimumHealthyPercent))
+	}
+}
+
+// checkECSNodeWorkloads: the node agent can tell which task a connection
+// came from: it sees the host's processes (pidMode host), asks the ECS
+// agent's introspection API on the instance, and reads the containers'
+// labels (the task definitions' dockerLabels, where imds-proxy.io/v1 goes)
+// from the Docker socket, a root-equivalent grant the README says so of.
+// No other host path is mounted.
+func checkECSNodeWorkloads(t *testing.T, task *ecs.RegisterTaskDefinitionInput, c ecstypes.ContainerDefinition) {
+	t.Helper()
+	if task.PidMode != ecstypes.PidModeHost {
+		t.Errorf("pidMode %q, want host: the agent finds the process behind a connection through the host's /proc", task.PidMode)
+	}
+	if u := mustFlag(t, "node agent", c.Command, "ecs-introspection"); u != "http://localhost:51678" {
+		t.Errorf("--ecs-introspection=%s, want the ECS agent's introspection API, http://localhost:51678", u)
+	}
+	socket := mustFlag(t, "node agent", c.Command, "docker-socket")
+	hostPaths := map[string]string{} // volume name → host path
+	for _, v := range task.Volumes {
+		if v.Host != nil {
+			hostPaths[deref(v.Name)] = deref(v.Host.SourcePath)
+		}
+	}
+	mounted := map[string]string{} // container path → host path
+	for _, m := range c.MountPoints {
+		mounted[deref(m.ContainerPath)] = hostPaths[deref(m.SourceVolume)]
+	}
+	if src := mounted[socket]; src != "/var/run/docker.sock" {
+		t.Errorf("--docker-socket=%s, but %s is mounted from %q, not the host's /var/run/docker.sock", socket, socket, src)
+	}
+	for dest, src := range mounted {
+		if src != "/var/run/docker.sock" && src != "/var/lib/imds-proxy" {
+			t.Errorf("%s is mounted from the host's %q: only the token key's directory and the Docker socket are", dest, src)
+		}
+	}
+	readme, err := os.ReadFile(filepath.Join(ecsDir, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, says := range []string{"root-equivalent", "`pidMode` `host`", "dockerLabels"} {
+		if !strings.Contains(string(readme), says) {
+			t.Errorf("%s/README.md does not say %q: why the node daemon has the host's PIDs and the Docker socket, and what that grants", ecsDir, says)
+		}
 	}
 }
