@@ -203,17 +203,17 @@ func deref[T any](p *T) T {
 	return *p
 }
 
-// checkECSProxy: the container runs imds-proxy as root with only NET_ADMIN
-// and NET_RAW, and its health check asks the proxy's own admin listener.
-func checkECSProxy(t *testing.T, where string, c ecstypes.ContainerDefinition) {
+// checkECSProxy: the container runs imds-proxy as root with only caps
+// (sorted), and its health check asks the proxy's own admin listener.
+func checkECSProxy(t *testing.T, where string, c ecstypes.ContainerDefinition, caps ...string) {
 	t.Helper()
 	checkImage(t, where, deref(c.Image))
 	if !deref(c.Essential) || deref(c.User) != "0" {
 		t.Errorf("%s: essential %v, user %q: want essential, root", where, deref(c.Essential), deref(c.User))
 	}
-	caps := deref(deref(c.LinuxParameters).Capabilities)
-	if got := slices.Sorted(slices.Values(caps.Add)); !slices.Equal(got, []string{"NET_ADMIN", "NET_RAW"}) || !slices.Equal(caps.Drop, []string{"ALL"}) {
-		t.Errorf("%s: capabilities add %v drop %v: want NET_ADMIN, NET_RAW; ALL", where, caps.Add, caps.Drop)
+	given := deref(deref(c.LinuxParameters).Capabilities)
+	if got := slices.Sorted(slices.Values(given.Add)); !slices.Equal(got, caps) || !slices.Equal(given.Drop, []string{"ALL"}) {
+		t.Errorf("%s: capabilities add %v drop %v: want %v; ALL", where, given.Add, given.Drop, caps)
 	}
 	if deref(c.Privileged) {
 		t.Errorf("%s: privileged", where)
@@ -249,7 +249,7 @@ func TestECSSidecarTaskDefinition(t *testing.T) {
 		t.Fatalf("%d containers, first %q: want the sidecar first, then the app", len(task.ContainerDefinitions), deref(task.ContainerDefinitions[0].Name))
 	}
 	sidecar := container(t, &task, inject.ContainerName)
-	checkECSProxy(t, "sidecar", sidecar)
+	checkECSProxy(t, "sidecar", sidecar, "NET_ADMIN", "NET_RAW")
 	if len(sidecar.Command) == 0 || sidecar.Command[0] != "sidecar" {
 		t.Errorf("sidecar command %q: want sidecar ...", sidecar.Command)
 	}
@@ -279,7 +279,8 @@ func TestECSNodeDaemon(t *testing.T) {
 		t.Fatalf("%d containers, want 1", len(task.ContainerDefinitions))
 	}
 	c := container(t, &task, "imds-proxy")
-	checkECSProxy(t, "node agent", c)
+	// SYS_PTRACE: reading other processes' namespace and descriptor links.
+	checkECSProxy(t, "node agent", c, "NET_ADMIN", "NET_RAW", "SYS_PTRACE")
 	if len(c.Command) == 0 || c.Command[0] != "node" {
 		t.Errorf("command %q: want node ...", c.Command)
 	}

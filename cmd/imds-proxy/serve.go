@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"os"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -37,7 +38,7 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	exemption := iptables.Exemption{Mode: f.mode, Redirects: f.rules, Mark: uint32(f.exemptMark), UID: f.exemptUID}.
 		WithOwnCgroup(f.exemptCgroup != exemptCgroupOff, iptables.OwnCgroup, log)
 	f.ownCgroup = exemption.Cgroup
-	workloads := workloadResolver(f)
+	workloads := workloadResolver(f, log)
 	p, reg, err := newProxy(f, exemption, workloads, log)
 	if err != nil {
 		return err
@@ -78,14 +79,37 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	return servers.Run(ctx, lifecycle, log)
 }
 
-// workloadResolver names the workloads behind a node agent's callers,
-// from the platforms' sources that the flags name.
-func workloadResolver(f *serveFlags) *workload.Resolver {
+// workloadResolver names the workloads behind the proxy's callers, from
+// the platforms' sources that the flags (and, in an ECS task, the task
+// metadata endpoint's variable) name.
+func workloadResolver(f *serveFlags, log *zap.Logger) *workload.Resolver {
 	if f.mode != imdsapi.ModeNode {
+		if uri := os.Getenv(ecsTaskMetadataVariable); uri != "" {
+			return workload.NewResolver(workload.NewECSTaskMetadata(uri, log))
+		}
 		return nil
 	}
-	return workload.NewNodeResolver(attribution.Attributor{}, workload.DefaultCallerTTL, workload.DefaultScansPerSecond)
+	var sources []workload.Source
+	var docker *workload.Docker
+	if f.dockerSocket != "" {
+		docker = workload.NewDocker(f.dockerSocket, log)
+	}
+	if f.ecsIntrospection != "" {
+		sources = append(sources, workload.NewECSIntrospection(f.ecsIntrospection, docker, log))
+	}
+	if docker != nil {
+		sources = append(sources, docker)
+	}
+	if err := (attribution.Attributor{}).CanTrace(); err != nil {
+		log.Warn("cannot see the processes of other network namespaces: callers are named by address and by what the "+
+			"workload sources know of it; give the agent the host's PID namespace and CAP_SYS_PTRACE", zap.Error(err))
+	}
+	return workload.NewNodeResolver(attribution.Attributor{}, workload.DefaultCallerTTL, workload.DefaultScansPerSecond, sources...)
 }
+
+// ecsTaskMetadataVariable is set by the ECS agent in every container of a
+// task: the task metadata endpoint v4.
+const ecsTaskMetadataVariable = "ECS_CONTAINER_METADATA_URI_V4"
 
 func newProxy(f *serveFlags, exemption iptables.Exemption, workloads *workload.Resolver, log *zap.Logger) (*proxy.Proxy, *prometheus.Registry, error) {
 	cfg, err := f.proxyConfig()

@@ -3,8 +3,10 @@ package main
 import (
 	"encoding/json"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
@@ -19,6 +21,8 @@ type emulatedWorkload struct {
 	cgroup string // below the test's cgroup parent
 	// what attribution must find from the cgroup
 	containerID, podUID, taskID, runtime string
+	// what the workload sources name it, where a test runs them
+	platform, namespace, workload, container string
 }
 
 const (
@@ -36,10 +40,14 @@ const (
 func newWorkloadNode(t *testing.T) (*testutil.EC2, []emulatedWorkload) {
 	e := testutil.NewEC2(t, testutil.WiredBy(testutil.VPCCNI), testutil.IMDSv1Allowed())
 	return e, []emulatedWorkload{
-		{"pod A", e.Task, testutil.VPCCNI.ContainerAddr, "kubepods/besteffort/pod" + podA + "/" + containerA, containerA, podA, "", "containerd"},
-		{"pod B", testutil.AddVPCCNIPod(t, e, "eni5b6c7d8e9f0", "10.0.5.18"), "10.0.5.18", "kubepods/besteffort/pod" + podB + "/" + containerB, containerB, podB, "", "containerd"},
-		{"ECS task", testutil.AddVPCCNIPod(t, e, "eni6c7d8e9f0a1", "10.0.5.19"), "10.0.5.19", "ecs/" + ecsTask + "/" + containerC, containerC, "", ecsTask, "docker"},
-		{"Docker container", testutil.AddVPCCNIPod(t, e, "eni7d8e9f0a1b2", "10.0.5.20"), "10.0.5.20", "docker/" + containerD, containerD, "", "", "docker"},
+		{name: "pod A", ns: e.Task, addr: testutil.VPCCNI.ContainerAddr, cgroup: "kubepods/besteffort/pod" + podA + "/" + containerA,
+			containerID: containerA, podUID: podA, runtime: "containerd"},
+		{name: "pod B", ns: testutil.AddVPCCNIPod(t, e, "eni5b6c7d8e9f0", "10.0.5.18"), addr: "10.0.5.18", cgroup: "kubepods/besteffort/pod" + podB + "/" + containerB,
+			containerID: containerB, podUID: podB, runtime: "containerd"},
+		{name: "ECS task", ns: testutil.AddVPCCNIPod(t, e, "eni6c7d8e9f0a1", "10.0.5.19"), addr: "10.0.5.19", cgroup: "ecs/" + ecsTask + "/" + containerC,
+			containerID: containerC, taskID: ecsTask, runtime: "docker", platform: "ecs", namespace: "prod", workload: "billing:7", container: "app"},
+		{name: "Docker container", ns: testutil.AddVPCCNIPod(t, e, "eni7d8e9f0a1b2", "10.0.5.20"), addr: "10.0.5.20", cgroup: "docker/" + containerD,
+			containerID: containerD, runtime: "docker"},
 	}
 }
 
@@ -89,23 +97,44 @@ func v1Callers(t *testing.T, e *testutil.EC2) []v1CallerRow {
 	return rows
 }
 
-// TestNodeAttributesEachContainer: behind a node agent, each workload's
-// tokenless request is traced to its process (PID, UID, executable) and
-// to the container and pod or task its cgroup names.
+// nodeAgentCaps are the node agent's capabilities in the manifests
+// (deploy/kubernetes/node, deploy/ecs): iptables needs NET_ADMIN and
+// NET_RAW, and seeing other processes' namespace and descriptor links
+// needs SYS_PTRACE.
+var nodeAgentCaps = []string{"+net_admin", "+net_raw", "+sys_ptrace"}
+
+// asNodeAgent runs the agent as root with caps only, as its manifests do.
+func asNodeAgent(caps ...string) testutil.ProxyOption {
+	return testutil.Wrapped("setpriv", "--inh-caps=-all", "--bounding-set=-all,"+strings.Join(caps, ","))
+}
+
+// TestNodeAttributesEachContainer: behind a node agent with its manifests'
+// capabilities, each workload's tokenless request is traced to its process
+// (PID, UID, executable) and to the container and pod or task its cgroup
+// names. Without SYS_PTRACE the agent says at start that it cannot.
 func TestNodeAttributesEachContainer(t *testing.T) {
 	e, workloads := newWorkloadNode(t)
 	cgroups := testutil.NewCgroups(t)
-	testutil.StartProxy(t, e.Node, binary, nodeArgs("--interfaces", "eni+", "--iptables-backend", "nft"))
-	for _, w := range workloads {
-		if got := curlIn(t, cgroups, w, "/latest/meta-data/instance-id"); got != "200" {
-			t.Errorf("%s: tokenless GET answered %s, want 200 (--v1 allow)", w.name, got)
+	ecs := testutil.StartECSIntrospectionStandIn(t, e.Node, "127.0.0.1:51678", "prod", testutil.ECSTask{
+		Arn: "arn:aws:ecs:us-east-1:123456789012:task/prod/" + ecsTask, Family: "billing", Revision: "7",
+		Containers: []testutil.ECSContainer{{DockerID: containerC, DockerName: "ecs-billing-7-app-d2f5", Name: "app"}}})
+	agent := testutil.StartProxy(t, e.Node, binary, nodeArgs("--interfaces", "eni+", "--iptables-backend", "nft", "--ecs-introspection", ecs.URL),
+		asNodeAgent(nodeAgentCaps...))
+	var rows []v1CallerRow
+	// Until the sources have answered once: the first requests may find them empty.
+	waitFor(t, 10*time.Second, func() bool {
+		for _, w := range workloads {
+			if got := curlIn(t, cgroups, w, "/latest/meta-data/instance-id"); got != "200" {
+				t.Fatalf("%s: tokenless GET answered %s, want 200 (--v1 allow)", w.name, got)
+			}
 		}
-	}
-	rows := v1Callers(t, e)
+		rows = v1Callers(t, e)
+		return slices.ContainsFunc(rows, func(r v1CallerRow) bool { return r.Workload != "" })
+	}, "the workload sources to name a workload")
 	for _, w := range workloads {
 		var found *v1CallerRow
 		for i := range rows {
-			if rows[i].Caller == w.addr {
+			if rows[i].Caller == w.addr && (found == nil || rows[i].Workload != "") { // the named row, if the sources were late for the first
 				found = &rows[i]
 			}
 		}
@@ -116,6 +145,19 @@ func TestNodeAttributesEachContainer(t *testing.T) {
 			t.Errorf("%s: process pid %d uid %v executable %q, want curl's, as root", w.name, found.PID, found.UID, found.Executable)
 		case found.ContainerID != w.containerID || found.PodUID != w.podUID || found.TaskID != w.taskID || found.Runtime != w.runtime:
 			t.Errorf("%s: container %+v, want id %s pod %q task %q runtime %s", w.name, *found, w.containerID, w.podUID, w.taskID, w.runtime)
+		case found.Platform != w.platform || found.Namespace != w.namespace || found.Workload != w.workload || found.Container != w.container:
+			t.Errorf("%s: workload %s %s/%s container %q, want %s %s/%s container %q", w.name,
+				found.Platform, found.Namespace, found.Workload, found.Container, w.platform, w.namespace, w.workload, w.container)
 		}
+	}
+	const warning = "cannot see the processes of other network namespaces"
+	if strings.Contains(agent.Logs.String(), warning) {
+		t.Errorf("the agent with SYS_PTRACE warns %q:\n%s", warning, agent.Logs.String())
+	}
+	agent.Terminate(t)
+
+	agent = testutil.StartProxy(t, e.Node, binary, nodeArgs("--interfaces", "eni+", "--iptables-backend", "nft"), asNodeAgent("+net_admin", "+net_raw"))
+	if !strings.Contains(agent.Logs.String(), warning) {
+		t.Errorf("the agent without SYS_PTRACE does not say %q:\n%s", warning, agent.Logs.String())
 	}
 }

@@ -10,6 +10,7 @@ package attribution
 import (
 	"bufio"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -181,6 +182,34 @@ func (a Attributor) pids() []int {
 	}
 	return pids
 }
+
+// CanTrace says why the reader cannot see which network namespace other
+// processes are in, if it cannot: reading another process's namespace and
+// descriptor links needs ptrace access to it, which a process without
+// CAP_SYS_PTRACE has only to processes of its own UID whose capabilities
+// it holds too (and containers' processes hold some an agent does not).
+func (a Attributor) CanTrace() error {
+	status, err := os.ReadFile(filepath.Join(a.root(), "self", "status"))
+	if err != nil {
+		return fmt.Errorf("reading its own capabilities: %w", err)
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if hexCaps, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			caps, err := strconv.ParseUint(strings.TrimSpace(hexCaps), 16, 64)
+			if err != nil {
+				return fmt.Errorf("reading its own capabilities: %w", err)
+			}
+			if caps&(1<<capSysPtrace) == 0 {
+				return errors.New("the process lacks CAP_SYS_PTRACE")
+			}
+			return nil
+		}
+	}
+	return errors.New("reading its own capabilities: no CapEff line")
+}
+
+// capSysPtrace is CAP_SYS_PTRACE's bit (linux/capability.h).
+const capSysPtrace = 19
 
 // Namespace is one network namespace and the processes in it.
 type Namespace struct {
