@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -53,6 +54,8 @@ type Docker struct {
 
 	mu         sync.RWMutex
 	containers map[string]Workload
+	// atAddr maps a container's addresses on Docker's networks to its ID.
+	atAddr map[netip.Addr]string
 
 	health health
 }
@@ -73,6 +76,7 @@ func NewDocker(socketPath string, log *zap.Logger) *Docker {
 		stream:     &http.Client{Transport: &http.Transport{DialContext: dial, ResponseHeaderTimeout: dockerRequestTimeout}},
 		retry:      defaultRetryInterval,
 		containers: map[string]Workload{},
+		atAddr:     map[netip.Addr]string{},
 		health:     health{log: log, what: "Docker Engine API", fields: []zap.Field{zap.String("socket", socketPath)}},
 	}
 }
@@ -87,6 +91,31 @@ func (d *Docker) Lookup(c attribution.Container) (Workload, bool) {
 	defer d.mu.RUnlock()
 	w, ok := d.containers[c.ID]
 	return w, ok
+}
+
+// LookupAddr returns the workload of the container with address addr on
+// one of Docker's networks (a container on the host's network has none).
+func (d *Docker) LookupAddr(addr netip.Addr) (Workload, bool) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	id, ok := d.atAddr[addr]
+	if !ok {
+		return Workload{}, false
+	}
+	w, ok := d.containers[id]
+	return w, ok
+}
+
+// forget drops container id.
+func (d *Docker) forget(id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.containers, id)
+	for addr, holder := range d.atAddr {
+		if holder == id {
+			delete(d.atAddr, addr)
+		}
+	}
 }
 
 // Run keeps the containers current until ctx ends: it follows the engine's
@@ -155,14 +184,17 @@ func (d *Docker) session(ctx context.Context) error {
 			continue
 		}
 		switch ev.Action {
-		case "create", "start":
+		case "create":
 			if err := d.add(ctx, version, ev.Actor.ID); err != nil && !errors.Is(err, errNoSuchContainer) {
 				return err
 			}
+		case "start":
+			// A container gets its addresses when it starts, after it was created.
+			if err := d.inspect(ctx, version, ev.Actor.ID); err != nil && !errors.Is(err, errNoSuchContainer) {
+				return err
+			}
 		case "destroy":
-			d.mu.Lock()
-			delete(d.containers, ev.Actor.ID)
-			d.mu.Unlock()
+			d.forget(ev.Actor.ID)
 		}
 	}
 }
@@ -219,21 +251,23 @@ func (d *Docker) sync(ctx context.Context, version string) error {
 			return err
 		}
 	}
-	d.mu.Lock()
+	d.mu.RLock()
+	var gone []string
 	for id := range d.containers {
 		if !present[id] {
-			delete(d.containers, id)
+			gone = append(gone, id)
 		}
 	}
-	d.mu.Unlock()
+	d.mu.RUnlock()
+	for _, id := range gone {
+		d.forget(id)
+	}
 	return nil
 }
 
 var errNoSuchContainer = errors.New("no such container")
 
 // add inspects a container it does not know yet and holds its workload.
-// The environment is read only for whether it names an ECS task role; no
-// value of it is kept or logged.
 func (d *Docker) add(ctx context.Context, version, id string) error {
 	d.mu.RLock()
 	_, known := d.containers[id]
@@ -241,6 +275,13 @@ func (d *Docker) add(ctx context.Context, version, id string) error {
 	if known {
 		return nil
 	}
+	return d.inspect(ctx, version, id)
+}
+
+// inspect reads container id and holds its workload and addresses. The
+// environment is read only for whether it names an ECS task role; no value
+// of it is kept or logged.
+func (d *Docker) inspect(ctx context.Context, version, id string) error {
 	var c struct {
 		ID     string `json:"Id"`
 		Name   string
@@ -248,6 +289,9 @@ func (d *Docker) add(ctx context.Context, version, id string) error {
 			Image  string
 			Labels map[string]string
 			Env    []string
+		}
+		NetworkSettings struct {
+			Networks map[string]struct{ IPAddress, GlobalIPv6Address string }
 		}
 	}
 	if err := d.get(ctx, "/v"+version+"/containers/"+url.PathEscape(id)+"/json", &c); err != nil {
@@ -266,8 +310,15 @@ func (d *Docker) add(ctx context.Context, version, id string) error {
 	c.Config.Env = nil
 	w := dockerWorkload(strings.TrimPrefix(c.Name, "/"), c.Config.Image, c.Config.Labels, taskRole)
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	d.containers[id] = w
-	d.mu.Unlock()
+	for _, n := range c.NetworkSettings.Networks {
+		for _, text := range []string{n.IPAddress, n.GlobalIPv6Address} {
+			if addr, err := netip.ParseAddr(text); err == nil {
+				d.atAddr[addr] = id
+			}
+		}
+	}
 	return nil
 }
 

@@ -2,6 +2,7 @@ package workload
 
 import (
 	"fmt"
+	"net/netip"
 	"reflect"
 	"strings"
 	"testing"
@@ -56,6 +57,9 @@ func TestDockerSource(t *testing.T) {
 	if p, set, err := got.V1Policy(); !set || err != nil || p != "block" {
 		t.Errorf("plain's V1Policy: %q, %v, %v", p, set, err)
 	}
+	if at, ok := src.LookupAddr(addressOf(t, d, plain)); !ok || at.Name != "plain" {
+		t.Errorf("plain at its address on docker0: %+v, %v", at, ok)
+	}
 	got, _ = lookup(src, ecsApp)
 	want = Workload{Platform: "ecs", Namespace: "prod", Name: "web:7", Pod: taskARN, Container: "app", Image: "imdsp-busybox",
 		OwnIdentity: IdentityTaskRole, Settings: map[string]string{V1Key: "warn"}}
@@ -89,10 +93,18 @@ func TestDockerSource(t *testing.T) {
 	if got, _ := lookup(src, late); got.Name != "late" || got.Settings[V1Key] != "allow" || got.OwnIdentity != "" {
 		t.Errorf("late: %+v", got)
 	}
+	lateAddr := addressOf(t, d, late)
+	eventually(t, 5*time.Second, "a container started after Run is not found at its address", func() bool {
+		w, ok := src.LookupAddr(lateAddr)
+		return ok && w.Name == "late"
+	})
 
 	d.CLI(t, "stop", "-t", "1", late)
 	d.CLI(t, "rm", late)
 	eventually(t, 5*time.Second, "a container removed is still found", func() bool { _, ok := lookup(src, late); return !ok })
+	if w, ok := src.LookupAddr(lateAddr); ok {
+		t.Errorf("a container removed is still found at its address: %+v", w)
+	}
 	if _, ok := lookup(src, plain); !ok {
 		t.Error("removing one container forgot another")
 	}
@@ -110,4 +122,14 @@ func TestDockerSource(t *testing.T) {
 	if n := logs.FilterMessageSnippet("unavailable").Len(); n != 0 {
 		t.Errorf("the engine was reported unavailable: %v", logs.All())
 	}
+}
+
+// addressOf is container id's address on Docker's default network.
+func addressOf(t *testing.T, d *testutil.Docker, id string) netip.Addr {
+	t.Helper()
+	addr, err := netip.ParseAddr(strings.TrimSpace(d.CLI(t, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", id)))
+	if err != nil {
+		t.Fatalf("container %s's address: %v", id, err)
+	}
+	return addr
 }

@@ -41,7 +41,8 @@ type Resolver struct {
 }
 
 // NewResolver names the workloads of containers from sources, asked in
-// order. Its Of traces nothing: it is a sidecar's.
+// order. Its Of traces nothing, and knows callers by address only: it is a
+// sidecar's, or a node agent's that cannot see other processes.
 func NewResolver(sources ...Source) *Resolver {
 	return &Resolver{sources: sources}
 }
@@ -64,20 +65,50 @@ func NewNodeResolver(a attribution.Attributor, ttl time.Duration, scansPerSecond
 		scans: rate.NewLimiter(rate.Limit(scansPerSecond), max(1, int(scansPerSecond)))}
 }
 
-// Of is what is known of client's connection. It never waits on the
-// network; a scan of /proc happens only for an address not known yet.
+// Of is what is known of client's connection: its namespace and container
+// where a node agent can trace it, and its workload from the container or,
+// failing that, from a source that knows the address (a pod's IP). It
+// never waits on the network; a scan of /proc happens only for an address
+// not known yet.
 func (r *Resolver) Of(client netip.AddrPort) Caller {
-	if r == nil || r.callers == nil {
+	if r == nil {
 		return Caller{}
 	}
-	ns, container, ok := r.callers.Known(client)
-	if !ok && r.scans.Allow() {
-		ns, container, ok = r.callers.Find(client)
+	var c Caller
+	if r.callers != nil {
+		ns, container, ok := r.callers.Known(client)
+		if !ok && r.scans.Allow() {
+			ns, container, ok = r.callers.Find(client)
+		}
+		if ok {
+			c = Caller{Namespace: ns, Container: container, Workload: r.Workload(container), Traced: true}
+		}
 	}
-	if !ok {
-		return Caller{}
+	if !c.Workload.Known() {
+		c.Workload = r.atAddress(client.Addr())
 	}
-	return Caller{Namespace: ns, Container: container, Workload: r.Workload(container), Traced: true}
+	return c
+}
+
+// AddressSource is a Source that also knows its workloads' addresses (a
+// pod's IPs, a bridge-mode container's), for a caller that cannot be
+// traced to its container.
+type AddressSource interface {
+	// LookupAddr returns the workload at addr if the source knows it. A
+	// workload on the host's own network is never at an address here.
+	LookupAddr(addr netip.Addr) (Workload, bool)
+}
+
+// atAddress is the workload at addr from the first source that knows it.
+func (r *Resolver) atAddress(addr netip.Addr) Workload {
+	for _, s := range r.sources {
+		if as, ok := s.(AddressSource); ok {
+			if w, ok := as.LookupAddr(addr); ok {
+				return w
+			}
+		}
+	}
+	return Workload{}
 }
 
 // Workload is container's workload from the first source that knows it.

@@ -103,6 +103,7 @@ func workloadResolver(f *serveFlags, log *zap.Logger) *workload.Resolver {
 	if err := (attribution.Attributor{}).CanTrace(); err != nil {
 		log.Warn("cannot see the processes of other network namespaces: callers are named by address and by what the "+
 			"workload sources know of it; give the agent the host's PID namespace and CAP_SYS_PTRACE", zap.Error(err))
+		return workload.NewResolver(sources...)
 	}
 	return workload.NewNodeResolver(attribution.Attributor{}, workload.DefaultCallerTTL, workload.DefaultScansPerSecond, sources...)
 }
