@@ -363,7 +363,8 @@ func (p *Proxy) writeOwn(w http.ResponseWriter, r *http.Request, x *exchange, a 
 // record counts the exchange and logs it at debug.
 func (p *Proxy) record(x *exchange, r *http.Request, status int) {
 	p.metrics.requests.WithLabelValues(methodLabel(r.Method), x.outcome, x.version).Inc()
-	if p.cfg.Workloads != nil {
+	if p.cfg.Workloads != nil && p.cfg.Mode == imdsapi.ModeNode {
+		// A sidecar serves one workload, which its own series name.
 		p.metrics.countWorkload(x.workload, x.version, x.policy)
 	}
 	if x.outcome == outcomeTokenIssued {
