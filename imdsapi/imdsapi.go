@@ -76,6 +76,11 @@ const (
 	V1Block V1Policy = "block"
 )
 
+// V1Key is the workload setting that chooses its IMDSv1 policy: a pod or
+// namespace annotation, or a container label. The webhook and `inject`
+// turn a pod's into its sidecar's --v1; a node agent applies it itself.
+const V1Key = "imds-proxy.io/v1"
+
 // ParseV1Policy parses the value of --v1.
 func ParseV1Policy(s string) (V1Policy, error) {
 	switch p := V1Policy(s); p {

@@ -36,7 +36,7 @@ const (
 	InjectKey = "imds-proxy.io/inject"
 	// V1Key is a pod annotation that sets the sidecar's --v1 policy for that
 	// workload (auto, allow, warn or block), within Policy.V1Floor.
-	V1Key = "imds-proxy.io/v1"
+	V1Key = imdsapi.V1Key
 
 	// Enabled and Disabled are the values of InjectKey.
 	Enabled  = "enabled"

@@ -16,9 +16,9 @@ import (
 // The keys of the workload settings imds-proxy reads: pod and namespace
 // annotations on Kubernetes, container labels on ECS and Docker.
 const (
-	// V1Key sets the IMDSv1 policy of the workload (allow, warn or block),
-	// as it sets an injected sidecar's.
-	V1Key = "imds-proxy.io/v1"
+	// V1Key sets the IMDSv1 policy of the workload (allow, warn, auto or
+	// block), as it sets an injected sidecar's.
+	V1Key = imdsapi.V1Key
 )
 
 // Own identities a workload can have instead of the node's role.
