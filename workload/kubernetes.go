@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"net/url"
 	"strings"
 	"sync"
@@ -86,7 +87,8 @@ type KubernetesConfig struct {
 // node and the namespaces, from informers (list and watch), with each
 // pod's top owner (ReplicaSet -> Deployment, Job -> CronJob) and its
 // service account's IRSA annotation read once in the background. Lookup
-// answers from those caches only.
+// and LookupAddr (it is an AddressSource: pods' IPs) answer from those
+// caches only.
 //
 // RBAC it needs (deploy/kubernetes/node/rbac.yaml): get, list and watch
 // pods; list and watch namespaces; get replicasets, jobs and
@@ -125,6 +127,7 @@ type objectRef struct {
 const (
 	podUIDIndex      = "uid"
 	containerIDIndex = "containerID"
+	podIPIndex       = "ip"
 	defaultSARefresh = 5 * time.Minute
 	defaultRetryMax  = 5 * time.Minute
 	requestTimeout   = 10 * time.Second
@@ -193,7 +196,7 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 	podsLW := k.reporting("pods", cache.NewListWatchFromClient(core, "pods", metav1.NamespaceAll,
 		fields.OneTermEqualSelector("spec.nodeName", cfg.NodeName)))
 	k.pods = cache.NewSharedIndexInformerWithOptions(podsLW, &podObject{}, cache.SharedIndexInformerOptions{
-		Indexers:          cache.Indexers{podUIDIndex: indexPodUID, containerIDIndex: indexContainerIDs},
+		Indexers:          cache.Indexers{podUIDIndex: indexPodUID, containerIDIndex: indexContainerIDs, podIPIndex: indexPodIPs},
 		ObjectDescription: "pods of node " + cfg.NodeName,
 	})
 	nsClient := meta.Resource(namespacesResource)
@@ -263,6 +266,28 @@ func (k *Kubernetes) Lookup(c attribution.Container) (Workload, bool) {
 	if pod == nil {
 		return Workload{}, false
 	}
+	return k.workloadOf(pod, c.ID), true
+}
+
+// LookupAddr finds the pod with address addr among the running pods of
+// this node with their own network namespace (a hostNetwork pod's address
+// is the node's), for a caller that could not be traced to its container.
+// An address two such pods claim (a stale status) names neither.
+func (k *Kubernetes) LookupAddr(addr netip.Addr) (Workload, bool) {
+	objs, _ := k.pods.GetIndexer().ByIndex(podIPIndex, addr.Unmap().String())
+	if len(objs) != 1 {
+		return Workload{}, false
+	}
+	pod, ok := objs[0].(*podObject)
+	if !ok {
+		return Workload{}, false
+	}
+	return k.workloadOf(pod, ""), true
+}
+
+// workloadOf is the workload of the pod's container with runtime ID id,
+// or of the pod when no container of its status has that ID.
+func (k *Kubernetes) workloadOf(pod *podObject, id string) Workload {
 	w := Workload{
 		Platform:       "kubernetes",
 		Namespace:      pod.Namespace,
@@ -272,7 +297,7 @@ func (k *Kubernetes) Lookup(c attribution.Container) (Workload, bool) {
 		Settings:       k.settings(pod),
 	}
 	var env []envVar
-	if name := containerName(pod, c.ID); name != "" {
+	if name := containerName(pod, id); name != "" {
 		w.Container = name
 		w.Image, env = containerSpec(pod, name)
 		w.OwnIdentity = identityOf(env)
@@ -287,7 +312,7 @@ func (k *Kubernetes) Lookup(c attribution.Container) (Workload, bool) {
 			w.OwnIdentity = IdentityIRSA
 		}
 	}
-	return w, true
+	return w
 }
 
 func (k *Kubernetes) podOf(c attribution.Container) *podObject {
@@ -464,6 +489,23 @@ func indexPodUID(obj any) ([]string, error) {
 		return []string{string(pod.UID)}, nil
 	}
 	return nil, nil
+}
+
+// indexPodIPs indexes the addresses of the pods that run in a network
+// namespace of their own and have not terminated (whose address may be
+// another pod's by now).
+func indexPodIPs(obj any) ([]string, error) {
+	pod, ok := obj.(*podObject)
+	if !ok || pod.Spec.HostNetwork || pod.Status.Phase == "Succeeded" || pod.Status.Phase == "Failed" {
+		return nil, nil
+	}
+	var ips []string
+	for _, ip := range pod.Status.PodIPs {
+		if addr, err := netip.ParseAddr(ip.IP); err == nil {
+			ips = append(ips, addr.Unmap().String())
+		}
+	}
+	return ips, nil
 }
 
 func indexContainerIDs(obj any) ([]string, error) {
@@ -702,3 +744,8 @@ func (w warningLogger) HandleWarningHeaderWithContext(_ context.Context, code in
 		w.log.Warn("API server warning", zap.String("warning", message))
 	}
 }
+
+var (
+	_ Source        = (*Kubernetes)(nil)
+	_ AddressSource = (*Kubernetes)(nil)
+)

@@ -15,7 +15,7 @@ import (
 // source never reads.
 
 // podObject is a core/v1 Pod: its metadata, and of its spec and status what
-// names its containers, their images and environments.
+// names its containers, their images and environments, and its addresses.
 type podObject struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
@@ -25,6 +25,7 @@ type podObject struct {
 
 type podSpec struct {
 	NodeName            string      `json:"nodeName,omitempty"`
+	HostNetwork         bool        `json:"hostNetwork,omitempty"`
 	ServiceAccountName  string      `json:"serviceAccountName,omitempty"`
 	Containers          []container `json:"containers,omitempty"`
 	InitContainers      []container `json:"initContainers,omitempty"`
@@ -46,9 +47,15 @@ type envVar struct {
 }
 
 type podStatus struct {
+	Phase                      string            `json:"phase,omitempty"`
+	PodIPs                     []podIP           `json:"podIPs,omitempty"`
 	ContainerStatuses          []containerStatus `json:"containerStatuses,omitempty"`
 	InitContainerStatuses      []containerStatus `json:"initContainerStatuses,omitempty"`
 	EphemeralContainerStatuses []containerStatus `json:"ephemeralContainerStatuses,omitempty"`
+}
+
+type podIP struct {
+	IP string `json:"ip"`
 }
 
 // containerStatus names a container and its runtime's ID,
@@ -86,12 +93,15 @@ func (p *podObject) deepCopy() *podObject {
 	p.ObjectMeta.DeepCopyInto(&out.ObjectMeta)
 	out.Spec = podSpec{
 		NodeName:            p.Spec.NodeName,
+		HostNetwork:         p.Spec.HostNetwork,
 		ServiceAccountName:  p.Spec.ServiceAccountName,
 		Containers:          copyContainers(p.Spec.Containers),
 		InitContainers:      copyContainers(p.Spec.InitContainers),
 		EphemeralContainers: copyContainers(p.Spec.EphemeralContainers),
 	}
 	out.Status = podStatus{
+		Phase:                      p.Status.Phase,
+		PodIPs:                     slices.Clone(p.Status.PodIPs),
 		ContainerStatuses:          slices.Clone(p.Status.ContainerStatuses),
 		InitContainerStatuses:      slices.Clone(p.Status.InitContainerStatuses),
 		EphemeralContainerStatuses: slices.Clone(p.Status.EphemeralContainerStatuses),

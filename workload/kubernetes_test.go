@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -168,8 +169,8 @@ func podTemplate(name string) corev1.PodTemplateSpec {
 	}
 }
 
-// containerID is a runtime container ID, 64 hexadecimal digits.
-func containerID(n int) string { return fmt.Sprintf("%064x", n) }
+// kubeContainerID is a runtime container ID, 64 hexadecimal digits.
+func kubeContainerID(n int) string { return fmt.Sprintf("%064x", n) }
 
 // setStatuses patches the pod's status as a kubelet would once its
 // containers run: each container's runtime ID.
@@ -196,6 +197,23 @@ func (c *cluster) setStatuses(p *corev1.Pod, runtimeIDs map[string]string, initR
 	}}, "status")
 }
 
+// setIPs patches the pod's addresses (and phase, if not ""), as a kubelet
+// reports them; the node's address is 192.168.1.10.
+func (c *cluster) setIPs(p *corev1.Pod, phase corev1.PodPhase, ips ...string) {
+	c.t.Helper()
+	status := map[string]any{
+		"hostIP": "192.168.1.10", "hostIPs": []map[string]string{{"ip": "192.168.1.10"}},
+		"podIP": ips[0], "podIPs": []map[string]string{},
+	}
+	for _, ip := range ips {
+		status["podIPs"] = append(status["podIPs"].([]map[string]string), map[string]string{"ip": ip})
+	}
+	if phase != "" {
+		status["phase"] = phase
+	}
+	c.patch("Pod", p.Namespace, p.Name, map[string]any{"status": status}, "status")
+}
+
 // startSource runs a Kubernetes source for testNode with cfg's
 // credentials until the test ends, and waits until it has listed.
 func startSource(t *testing.T, cfg *rest.Config, log *zap.Logger, wait bool) *Kubernetes {
@@ -216,13 +234,14 @@ func startSource(t *testing.T, cfg *rest.Config, log *zap.Logger, wait bool) *Ku
 		}
 	})
 	if wait {
-		eventually(t, 20*time.Second, "the source lists pods and namespaces", func() (bool, string) { return k.Synced(), "" })
+		eventuallyDetail(t, 20*time.Second, "the source lists pods and namespaces", func() (bool, string) { return k.Synced(), "" })
 	}
 	return k
 }
 
-// eventually polls cond until it holds or timeout passes.
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
+// eventuallyDetail polls cond until it holds or timeout passes, and says
+// what it last saw.
+func eventuallyDetail(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -240,7 +259,7 @@ func eventually(t *testing.T, timeout time.Duration, what string, cond func() (b
 // lookupEventually waits until Lookup(c) is want.
 func lookupEventually(t *testing.T, k *Kubernetes, c attribution.Container, want Workload) {
 	t.Helper()
-	eventually(t, 10*time.Second, fmt.Sprintf("Lookup(%+v)", c), func() (bool, string) {
+	eventuallyDetail(t, 10*time.Second, fmt.Sprintf("Lookup(%+v)", c), func() (bool, string) {
 		got, ok := k.Lookup(c)
 		if !ok {
 			return false, "not found"
@@ -298,9 +317,9 @@ func TestKubernetesSource(t *testing.T) {
 	webSpec.Spec.InitContainers = []corev1.Container{{Name: "migrate", Image: "registry.example/web-migrate:1.4"}}
 	web := create(c, webSpec)
 	c.setStatuses(web, map[string]string{
-		"app":         "containerd://" + containerID(1),
-		"log-shipper": "containerd://" + containerID(2),
-	}, map[string]string{"migrate": "cri-o://" + containerID(3)})
+		"app":         "containerd://" + kubeContainerID(1),
+		"log-shipper": "containerd://" + kubeContainerID(2),
+	}, map[string]string{"migrate": "cri-o://" + kubeContainerID(3)})
 
 	// CronJob nightly -> Job nightly-29123456 -> pod, with EKS Pod Identity
 	// (over IPv6).
@@ -318,7 +337,7 @@ func TestKubernetesSource(t *testing.T) {
 			{Name: "AWS_CONTAINER_CREDENTIALS_FULL_URI", Value: "http://[fd00:ec2::23]/v1/credentials"},
 			{Name: "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", Value: "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount/eks-pod-identity-token"},
 		}}))
-	c.setStatuses(nightly, map[string]string{"task": "containerd://" + containerID(4)}, nil)
+	c.setStatuses(nightly, map[string]string{"task": "containerd://" + kubeContainerID(4)}, nil)
 
 	// A StatefulSet's pod (its owner is its workload: no lookup), a bare
 	// pod whose service account has an IRSA role, and a pod of another
@@ -332,12 +351,12 @@ func TestKubernetesSource(t *testing.T) {
 			// Not Pod Identity: another host.
 			{Name: "AWS_CONTAINER_CREDENTIALS_FULL_URI", Value: "http://127.0.0.1:9911/creds"},
 		}}))
-	c.setStatuses(db, map[string]string{"postgres": "docker://" + containerID(5)}, nil)
+	c.setStatuses(db, map[string]string{"postgres": "docker://" + kubeContainerID(5)}, nil)
 	debug := create(c, newPod("team-a", "debug", testNode, "debug", nil, map[string]string{V1Key: "allow"},
 		corev1.Container{Name: "shell", Image: "registry.example/toolbox:1"}))
 	elsewhere := create(c, newPod("team-a", "elsewhere", otherNode, "web", nil, nil,
 		corev1.Container{Name: "app", Image: "registry.example/web:1.4"}))
-	c.setStatuses(elsewhere, map[string]string{"app": "containerd://" + containerID(9)}, nil)
+	c.setStatuses(elsewhere, map[string]string{"app": "containerd://" + kubeContainerID(9)}, nil)
 
 	// The source runs as the node agent's service account, with exactly
 	// the RBAC of deploy/kubernetes/node.
@@ -353,29 +372,29 @@ func TestKubernetesSource(t *testing.T) {
 	t.Run("DeploymentPodContainers", func(t *testing.T) {
 		want := webWorkload
 		want.Container, want.Image = "app", "registry.example/web:1.4"
-		lookupEventually(t, k, attribution.Container{Runtime: "containerd", ID: containerID(1), PodUID: string(web.UID)}, want)
+		lookupEventually(t, k, attribution.Container{Runtime: "containerd", ID: kubeContainerID(1), PodUID: string(web.UID)}, want)
 		// The cgroup named no pod: the container ID alone finds it.
-		lookupEventually(t, k, attribution.Container{Runtime: "containerd", ID: containerID(1)}, want)
+		lookupEventually(t, k, attribution.Container{Runtime: "containerd", ID: kubeContainerID(1)}, want)
 
 		want.Container, want.Image, want.OwnIdentity = "log-shipper", "registry.example/shipper:2", ""
-		lookupEventually(t, k, attribution.Container{ID: containerID(2), PodUID: string(web.UID)}, want)
+		lookupEventually(t, k, attribution.Container{ID: kubeContainerID(2), PodUID: string(web.UID)}, want)
 		want.Container, want.Image = "migrate", "registry.example/web-migrate:1.4"
-		lookupEventually(t, k, attribution.Container{Runtime: "cri-o", ID: containerID(3), PodUID: string(web.UID)}, want)
+		lookupEventually(t, k, attribution.Container{Runtime: "cri-o", ID: kubeContainerID(3), PodUID: string(web.UID)}, want)
 
 		// A container the status does not list (yet): the pod's workload,
 		// no container; not every app container has IRSA.
 		want.Container, want.Image = "", ""
-		lookupEventually(t, k, attribution.Container{ID: containerID(99), PodUID: string(web.UID)}, want)
+		lookupEventually(t, k, attribution.Container{ID: kubeContainerID(99), PodUID: string(web.UID)}, want)
 	})
 	t.Run("CronJobPodIdentity", func(t *testing.T) {
-		lookupEventually(t, k, attribution.Container{ID: containerID(4), PodUID: string(nightly.UID)}, Workload{
+		lookupEventually(t, k, attribution.Container{ID: kubeContainerID(4), PodUID: string(nightly.UID)}, Workload{
 			Platform: "kubernetes", Namespace: "team-a", Name: "CronJob/nightly", Pod: nightly.Name,
 			Container: "task", ServiceAccount: "batch", Image: "registry.example/report:7", OwnIdentity: IdentityPodIdentity,
 			Settings: map[string]string{V1Key: "warn", "imds-proxy.io/note": "namespace"},
 		})
 	})
 	t.Run("StatefulSet", func(t *testing.T) {
-		lookupEventually(t, k, attribution.Container{Runtime: "docker", ID: containerID(5), PodUID: string(db.UID)}, Workload{
+		lookupEventually(t, k, attribution.Container{Runtime: "docker", ID: kubeContainerID(5), PodUID: string(db.UID)}, Workload{
 			Platform: "kubernetes", Namespace: "team-a", Name: "StatefulSet/db", Pod: "db-0",
 			Container: "postgres", ServiceAccount: "web", Image: "registry.example/postgres:17",
 			Settings: map[string]string{V1Key: "warn", "imds-proxy.io/note": "namespace"},
@@ -384,7 +403,7 @@ func TestKubernetesSource(t *testing.T) {
 	t.Run("BarePodServiceAccountRole", func(t *testing.T) {
 		// No container status yet; the service account's role annotation
 		// is read in the background.
-		lookupEventually(t, k, attribution.Container{ID: containerID(6), PodUID: string(debug.UID)}, Workload{
+		lookupEventually(t, k, attribution.Container{ID: kubeContainerID(6), PodUID: string(debug.UID)}, Workload{
 			Platform: "kubernetes", Namespace: "team-a", Name: "Pod/debug", Pod: "debug",
 			ServiceAccount: "debug", OwnIdentity: IdentityIRSA,
 			Settings: map[string]string{V1Key: "allow", "imds-proxy.io/note": "namespace"},
@@ -392,9 +411,9 @@ func TestKubernetesSource(t *testing.T) {
 	})
 	t.Run("OtherNodeAndUnknown", func(t *testing.T) {
 		for _, c := range []attribution.Container{
-			{ID: containerID(9), PodUID: string(elsewhere.UID)},
-			{ID: containerID(9)},
-			{ID: containerID(42), PodUID: "6f1c2b0e-1111-2222-3333-444455556666"},
+			{ID: kubeContainerID(9), PodUID: string(elsewhere.UID)},
+			{ID: kubeContainerID(9)},
+			{ID: kubeContainerID(42), PodUID: "6f1c2b0e-1111-2222-3333-444455556666"},
 			{},
 		} {
 			if w, ok := k.Lookup(c); ok {
@@ -402,11 +421,56 @@ func TestKubernetesSource(t *testing.T) {
 			}
 		}
 	})
+	t.Run("PodAddresses", func(t *testing.T) {
+		// A finished pod (its address may be another's by now), a pod of
+		// another node and a hostNetwork pod (its address is the node's)
+		// are at no address; then the web pod gets its addresses, which
+		// the source sees after the others' (one watch, in order).
+		c.setIPs(nightly, corev1.PodSucceeded, "10.1.0.6")
+		c.setIPs(elsewhere, "", "10.1.0.9")
+		hostPod := newPod("team-a", "node-exporter", testNode, "web", nil, nil,
+			corev1.Container{Name: "exporter", Image: "registry.example/node-exporter:1"})
+		hostPod.Spec.HostNetwork = true
+		hostPod = create(c, hostPod)
+		c.setIPs(hostPod, "", "192.168.1.10")
+		c.setIPs(web, "", "10.1.0.5", "fd00:10:1::5")
+
+		want := webWorkload
+		want.OwnIdentity = "" // not every container of the pod has IRSA
+		for _, addr := range []string{"10.1.0.5", "fd00:10:1::5", "::ffff:10.1.0.5"} {
+			a := netip.MustParseAddr(addr)
+			eventuallyDetail(t, 10*time.Second, "LookupAddr("+addr+")", func() (bool, string) {
+				got, ok := k.LookupAddr(a)
+				diff := cmp.Diff(want, got)
+				return ok && diff == "", fmt.Sprintf("found %v (-want +got)\n%s", ok, diff)
+			})
+		}
+		if _, ok := k.Lookup(attribution.Container{PodUID: string(hostPod.UID)}); !ok {
+			t.Error("the hostNetwork pod is not known")
+		}
+		for _, addr := range []string{"10.1.0.6", "10.1.0.9", "192.168.1.10", "10.1.0.77"} {
+			if w, ok := k.LookupAddr(netip.MustParseAddr(addr)); ok {
+				t.Errorf("LookupAddr(%s) = %v, want nothing", addr, w)
+			}
+		}
+		// Two pods claiming one address: neither is named by it.
+		c.setIPs(db, "", "10.1.0.5")
+		eventuallyDetail(t, 10*time.Second, "10.1.0.5 ambiguous", func() (bool, string) {
+			w, ok := k.LookupAddr(netip.MustParseAddr("10.1.0.5"))
+			return !ok, w.String()
+		})
+		c.setIPs(db, "", "10.1.0.7")
+		eventuallyDetail(t, 10*time.Second, "10.1.0.5 the web pod's again, 10.1.0.7 the db pod's", func() (bool, string) {
+			w1, _ := k.LookupAddr(netip.MustParseAddr("10.1.0.5"))
+			w2, _ := k.LookupAddr(netip.MustParseAddr("10.1.0.7"))
+			return w1.Pod == web.Name && w2.Pod == "db-0", w1.Pod + " " + w2.Pod
+		})
+	})
 	t.Run("PolicyChangesShowWithinSeconds", func(t *testing.T) {
 		c.patch("Pod", "team-a", web.Name, map[string]any{"metadata": map[string]any{"annotations": map[string]any{V1Key: "block"}}})
 		start := time.Now()
-		eventually(t, 5*time.Second, "the pod's new imds-proxy.io/v1", func() (bool, string) {
-			w, _ := k.Lookup(attribution.Container{ID: containerID(1), PodUID: string(web.UID)})
+		eventuallyDetail(t, 5*time.Second, "the pod's new imds-proxy.io/v1", func() (bool, string) {
+			w, _ := k.Lookup(attribution.Container{ID: kubeContainerID(1), PodUID: string(web.UID)})
 			p, set, err := w.V1Policy()
 			return set && err == nil && p == imdsapi.V1Block, fmt.Sprintf("%v %v %v (%v)", p, set, err, w.Settings)
 		})
@@ -414,14 +478,14 @@ func TestKubernetesSource(t *testing.T) {
 		// A namespace default reaches the pods that set none.
 		c.patch("Namespace", "", "team-a", map[string]any{"metadata": map[string]any{"annotations": map[string]any{V1Key: "block"}}})
 		start = time.Now()
-		eventually(t, 5*time.Second, "the namespace's new imds-proxy.io/v1", func() (bool, string) {
+		eventuallyDetail(t, 5*time.Second, "the namespace's new imds-proxy.io/v1", func() (bool, string) {
 			w, _ := k.Lookup(attribution.Container{PodUID: string(nightly.UID)})
 			return w.Settings[V1Key] == "block", fmt.Sprint(w.Settings)
 		})
 		t.Logf("a namespace annotation reached Lookup in %v", time.Since(start).Round(time.Millisecond))
 		// Removing the pod's own setting falls back to the namespace's.
 		c.patch("Pod", "team-a", "debug", map[string]any{"metadata": map[string]any{"annotations": map[string]any{V1Key: nil}}})
-		eventually(t, 5*time.Second, "the debug pod's setting removed", func() (bool, string) {
+		eventuallyDetail(t, 5*time.Second, "the debug pod's setting removed", func() (bool, string) {
 			w, _ := k.Lookup(attribution.Container{PodUID: string(debug.UID)})
 			return w.Settings[V1Key] == "block", fmt.Sprint(w.Settings)
 		})
@@ -436,7 +500,7 @@ func TestKubernetesSource(t *testing.T) {
 			controllerRef("ReplicaSet", "apps/v1", rs2.Name, rs2.UID), nil,
 			corev1.Container{Name: "app", Image: "registry.example/web:1.5"}))
 		var sawDirect bool
-		eventually(t, 10*time.Second, "the new pod's Deployment", func() (bool, string) {
+		eventuallyDetail(t, 10*time.Second, "the new pod's Deployment", func() (bool, string) {
 			w, ok := k.Lookup(attribution.Container{PodUID: string(p.UID)})
 			if w.Name == "ReplicaSet/"+rs2.Name {
 				sawDirect = true // before the background read: the direct owner
@@ -448,7 +512,7 @@ func TestKubernetesSource(t *testing.T) {
 		if err := c.resource("Pod", "team-a").Delete(context.Background(), p.Name, metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, 10*time.Second, "the deleted pod gone", func() (bool, string) {
+		eventuallyDetail(t, 10*time.Second, "the deleted pod gone", func() (bool, string) {
 			_, ok := k.Lookup(attribution.Container{PodUID: string(p.UID)})
 			return !ok, ""
 		})
@@ -548,8 +612,8 @@ func TestKubernetesSource(t *testing.T) {
 		want.Name = "ReplicaSet/web-5d9f8c7b6"
 		want.Settings = map[string]string{V1Key: "block", "imds-proxy.io/note": "pod"}
 		want.Container, want.Image = "app", "registry.example/web:1.4"
-		lookupEventually(t, k, attribution.Container{ID: containerID(1), PodUID: string(web.UID)}, want)
-		eventually(t, 10*time.Second, "a warning about replicasets", func() (bool, string) {
+		lookupEventually(t, k, attribution.Container{ID: kubeContainerID(1), PodUID: string(web.UID)}, want)
+		eventuallyDetail(t, 10*time.Second, "a warning about replicasets", func() (bool, string) {
 			return observed.FilterField(zap.String("what", "get replicasets")).Len() > 0, ""
 		})
 		time.Sleep(2500 * time.Millisecond) // a retry or two (1 s, 2 s)
@@ -563,11 +627,11 @@ func TestKubernetesSource(t *testing.T) {
 	t.Run("NoRBACAtAll", func(t *testing.T) {
 		logs, observed := observer.New(zapcore.InfoLevel)
 		k := startSource(t, server.ServiceAccountConfig(agentNamespace, "nobody"), zap.New(logs), false)
-		eventually(t, 10*time.Second, "a warning about pods", func() (bool, string) {
+		eventuallyDetail(t, 10*time.Second, "a warning about pods", func() (bool, string) {
 			return observed.FilterField(zap.String("what", "pods")).Len() > 0 && observed.FilterField(zap.String("what", "namespaces")).Len() > 0, ""
 		})
 		start := time.Now()
-		if w, ok := k.Lookup(attribution.Container{ID: containerID(1), PodUID: string(web.UID)}); ok {
+		if w, ok := k.Lookup(attribution.Container{ID: kubeContainerID(1), PodUID: string(web.UID)}); ok {
 			t.Errorf("Lookup without any RBAC: %v", w)
 		}
 		if d := time.Since(start); d > 50*time.Millisecond {
@@ -583,18 +647,18 @@ func TestKubernetesSource(t *testing.T) {
 		want := webWorkload
 		want.Settings = map[string]string{V1Key: "block", "imds-proxy.io/note": "pod"}
 		want.Container, want.Image = "app", "registry.example/web:1.4"
-		lookupEventually(t, k, attribution.Container{ID: containerID(1), PodUID: string(web.UID)}, want)
+		lookupEventually(t, k, attribution.Container{ID: kubeContainerID(1), PodUID: string(web.UID)}, want)
 		server.Stop()
 		time.Sleep(2 * time.Second)
 		start := time.Now()
-		got, ok := k.Lookup(attribution.Container{ID: containerID(1), PodUID: string(web.UID)})
+		got, ok := k.Lookup(attribution.Container{ID: kubeContainerID(1), PodUID: string(web.UID)})
 		if d := time.Since(start); d > 50*time.Millisecond {
 			t.Errorf("Lookup took %v with the API server down", d)
 		}
 		if diff := cmp.Diff(want, got); !ok || diff != "" {
 			t.Errorf("with the API server down: (-want +got)\n%s", diff)
 		}
-		eventually(t, 15*time.Second, "a warning about the lost watch", func() (bool, string) {
+		eventuallyDetail(t, 15*time.Second, "a warning about the lost watch", func() (bool, string) {
 			return observed.FilterLevelExact(zapcore.WarnLevel).Len() > 0, fmt.Sprint(observed.All())
 		})
 	})
