@@ -364,7 +364,9 @@ func TestNodeDaemonSet(t *testing.T) {
 	if uid, ok := runAsUser(spec, c); !ok || uid != 0 {
 		t.Errorf("runs as %d (set: %v), want root (the image's user is 1337)", uid, ok)
 	}
-	checkMinimalPrivileges(t, "node agent", c, "NET_ADMIN", "NET_RAW")
+	// SYS_PTRACE: reading other processes' namespace and descriptor links
+	// in the host's /proc (hostPID).
+	checkMinimalPrivileges(t, "node agent", c, "NET_ADMIN", "NET_RAW", "SYS_PTRACE")
 	if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool {
 		return m.MountPath == "/run" && volume(t, spec, m.Name).EmptyDir != nil
 	}) {
