@@ -230,7 +230,7 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 }
 
 // Run keeps the caches current until ctx ends, and returns once
-// everything it started has stopped.
+// everything it started has stopped. Call it once.
 func (k *Kubernetes) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	wg.Go(func() { k.pods.RunWithContext(ctx) })
@@ -589,10 +589,15 @@ func (k *Kubernetes) processNext(ctx context.Context) bool {
 		return false
 	}
 	defer k.queue.Done(ref)
+	// No pod of this node needs it any more (a retry, a refresh): drop it.
 	if ref.resource == serviceAccountsResource && !k.saInUse(ref.namespace, ref.name) {
 		k.mu.Lock()
 		delete(k.sas, ref.namespace+"/"+ref.name)
 		k.mu.Unlock()
+		k.done(ref)
+		return true
+	}
+	if ref.resource != serviceAccountsResource && !k.ownerInUse(ref.uid) {
 		k.done(ref)
 		return true
 	}
@@ -648,6 +653,17 @@ func (k *Kubernetes) saInUse(namespace, name string) bool {
 	for _, obj := range k.pods.GetStore().List() {
 		if pod, ok := obj.(*podObject); ok && pod.Namespace == namespace && pod.Spec.ServiceAccountName == name {
 			return true
+		}
+	}
+	return false
+}
+
+func (k *Kubernetes) ownerInUse(uid types.UID) bool {
+	for _, obj := range k.pods.GetStore().List() {
+		if pod, ok := obj.(*podObject); ok {
+			if ref := metav1.GetControllerOfNoCopy(pod); ref != nil && ref.UID == uid {
+				return true
+			}
 		}
 	}
 	return false
