@@ -26,9 +26,12 @@ for m in $(sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\) => \./staging/.*#\1#
 	$go mod edit -dropreplace="$m" -require="$m@$staging"
 done
 mkdir -p "$(dirname "$out")"
-GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0 $go build -trimpath -o "$out.tmp" -ldflags "-s -w \
+# Built under another name, so that an interrupted build leaves nothing a
+# test would take for kube-apiserver (it looks for kube-apiserver-v*).
+partial="$(dirname "$out")/.$(basename "$out").partial"
+GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0 $go build -trimpath -o "$partial" -ldflags "-s -w \
 	-X k8s.io/component-base/version.gitVersion=$version \
 	-X k8s.io/component-base/version.gitMajor=1 \
 	-X k8s.io/component-base/version.gitMinor=$minor \
 	-X k8s.io/component-base/version.gitTreeState=clean" ./cmd/kube-apiserver
-mv "$out.tmp" "$out"
+mv "$partial" "$out"
