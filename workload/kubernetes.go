@@ -610,8 +610,12 @@ func (k *Kubernetes) processNext(ctx context.Context) bool {
 	case ctx.Err() != nil:
 		return true
 	default:
-		k.warn("get "+ref.resource.Resource, "cannot read a pod's "+strings.TrimSuffix(ref.resource.Resource, "s")+
-			"; serving what is known, retrying", err, zap.String("namespace", ref.namespace), zap.String("name", ref.name))
+		what := "pods' owners (their ReplicaSet or Job is named instead of its Deployment or CronJob)"
+		if ref.resource == serviceAccountsResource {
+			what = "service accounts (their eks.amazonaws.com/role-arn is not seen)"
+		}
+		k.warn("get "+ref.resource.Resource, "Kubernetes API: cannot get "+ref.resource.Resource+"; "+what+
+			" until it answers; retrying", err, zap.String("namespace", ref.namespace), zap.String("name", ref.name))
 		k.queue.AddRateLimited(ref)
 		return true
 	}
@@ -712,7 +716,7 @@ func (k *Kubernetes) clear(kind string) {
 	k.mu.Lock()
 	delete(k.warned, kind)
 	k.mu.Unlock()
-	k.log.Info("reading again", zap.String("what", kind))
+	k.log.Info("Kubernetes API: reading "+strings.TrimPrefix(kind, "get ")+" again", zap.String("what", kind))
 }
 
 // reporting reports the outcome of each list and watch call of lw: the
@@ -724,7 +728,8 @@ func (k *Kubernetes) reporting(kind string, lw *cache.ListWatch) *cache.ListWatc
 		case err == nil:
 			k.clear(kind)
 		case ctx.Err() == nil:
-			k.warn(kind, "cannot list or watch "+kind+"; serving what is known, retrying", err)
+			k.warn(kind, "Kubernetes API: cannot list or watch "+kind+"; workloads known so far are kept, "+
+				"changes are unseen until it answers", err)
 		}
 	}
 	return &cache.ListWatch{
