@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"net/url"
 	"strings"
@@ -98,6 +99,7 @@ type Kubernetes struct {
 	node      string
 	pods      cache.SharedIndexInformer
 	nss       cache.SharedIndexInformer
+	http      *http.Client
 	meta      metadata.Interface
 	queue     workqueue.TypedRateLimitingInterface[objectRef]
 	saRefresh time.Duration
@@ -161,6 +163,8 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 	}
 	restCfg.WarningHandlerWithContext = warningLogger{log}
 	restCfg.WarningHandler = nil
+	// A client timeout would cut every watch short; each GET has its own.
+	restCfg.Timeout = 0
 	httpClient, err := rest.HTTPClientFor(restCfg)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes source: %w", err)
@@ -183,6 +187,7 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 	k := &Kubernetes{
 		log:       log,
 		node:      cfg.NodeName,
+		http:      httpClient,
 		meta:      meta,
 		saRefresh: cfg.ServiceAccountRefresh,
 		owners:    map[types.UID]string{},
@@ -232,6 +237,7 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 // Run keeps the caches current until ctx ends, and returns once
 // everything it started has stopped. Call it once.
 func (k *Kubernetes) Run(ctx context.Context) {
+	defer k.http.CloseIdleConnections()
 	var wg sync.WaitGroup
 	wg.Go(func() { k.pods.RunWithContext(ctx) })
 	wg.Go(func() { k.nss.RunWithContext(ctx) })
