@@ -19,6 +19,26 @@ build:
 $(BIN)/ec2-metadata-mock:
 	GOBIN=$(BIN) $(GO) install $(AEMM_MODULE)
 
+# A real kube-apiserver and etcd on loopback for the Kubernetes tests
+# (internal/testutil/kube.go, which finds them through KUBE_APISERVER_BIN
+# and ETCD_BIN). kube-apiserver is built from its module through the Go
+# module proxy, once (5-7 minutes on 2 cores from empty Go caches; the
+# caches make a rebuild after `make clean` quick); etcd is unpacked from
+# Debian's etcd-server package, not installed (installing it would start a
+# system etcd on :2379).
+KUBE_VERSION   := v1.34.0
+KUBE_APISERVER := $(BIN)/kube-apiserver-$(KUBE_VERSION)
+ETCD           := $(BIN)/etcd
+
+$(KUBE_APISERVER):
+	GO=$(GO) nice ./internal/testutil/build-kube-apiserver.sh $(KUBE_VERSION) $@
+
+$(ETCD):
+	@mkdir -p $(BIN)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cd "$$tmp" && \
+	{ apt-get download etcd-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download etcd-server >/dev/null; }; } && \
+	dpkg-deb -x etcd-server_*.deb root && install -m 0755 root/usr/bin/etcd $@ && echo "unpacked $$(ls etcd-server_*.deb) into $@"
+
 $(BIN)/demo-client: $(shell find demo/client -name '*.go') go.mod
 	$(GO) build -o $@ ./demo/client
 
@@ -29,7 +49,8 @@ lint:
 	$(GO) vet ./...
 
 ## deps: the system packages the tests need (as root; elsewhere the namespace tests skip): iptables and
-## iproute2 for the namespace tests, openssl for deploy/kubernetes/webhook/gen-certs.sh, docker.io
+## iproute2 for the namespace tests, openssl for deploy/kubernetes/webhook/gen-certs.sh and the
+## kube-apiserver's certificates (internal/testutil/kube.go), docker.io
 ## (dockerd, containerd, runc; init script and systemd units left out, so nothing starts them) and
 ## busybox-static for the Docker tests (internal/testutil/docker.go)
 deps:
@@ -56,8 +77,9 @@ $(JSCLIENT)/node_modules/.installed: $(JSCLIENT)/package.json $(JSCLIENT)/packag
 	@touch $@
 
 ## test: every test, with the race detector
-test: deps lint $(BIN)/ec2-metadata-mock $(JSCLIENT)/node_modules/.installed
-	AEMM_BIN=$(BIN)/ec2-metadata-mock $(GO) test -race -count=1 -timeout 10m ./...
+test: deps lint $(BIN)/ec2-metadata-mock $(JSCLIENT)/node_modules/.installed $(KUBE_APISERVER) $(ETCD)
+	AEMM_BIN=$(BIN)/ec2-metadata-mock KUBE_APISERVER_BIN=$(KUBE_APISERVER) ETCD_BIN=$(ETCD) \
+		$(GO) test -race -count=1 -timeout 10m ./...
 
 ## demo: as root, the hop-limit problem and its fixes in network namespaces, with the AWS SDK
 demo: deps $(BIN)/ec2-metadata-mock

@@ -491,6 +491,8 @@ var (
 	namespaceIDs = []string{"Namespace imds-proxy"}
 	nodeIDs      = append(slices.Clone(namespaceIDs),
 		"ServiceAccount imds-proxy/imds-proxy-node",
+		"ClusterRole imds-proxy-node",
+		"ClusterRoleBinding imds-proxy-node",
 		"DaemonSet imds-proxy/imds-proxy-node")
 	nodeWithMetricsIDs = append(slices.Clone(nodeIDs),
 		"ClusterRole imds-proxy-node-kube-rbac-proxy",

@@ -14,6 +14,7 @@ import (
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -290,8 +291,14 @@ func TestNodeDaemonSet(t *testing.T) {
 	if !spec.HostNetwork || spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
 		t.Errorf("hostNetwork %v, dnsPolicy %q: want the host network with ClusterFirstWithHostNet", spec.HostNetwork, spec.DNSPolicy)
 	}
-	if spec.ServiceAccountName != sa.Name || !isFalse(sa.AutomountServiceAccountToken) || !isFalse(spec.AutomountServiceAccountToken) {
-		t.Errorf("service account %q (automount %v, pod %v): want %s without a token", spec.ServiceAccountName, sa.AutomountServiceAccountToken, spec.AutomountServiceAccountToken, sa.Name)
+	// The agent reads the pods of its node from the API server, with its
+	// service account's token, and finds the process behind a connection
+	// in the host's PID namespace.
+	if spec.ServiceAccountName != sa.Name || isFalse(sa.AutomountServiceAccountToken) || !isTrue(spec.AutomountServiceAccountToken) {
+		t.Errorf("service account %q (automount %v, pod %v): want %s with its token mounted", spec.ServiceAccountName, sa.AutomountServiceAccountToken, spec.AutomountServiceAccountToken, sa.Name)
+	}
+	if !spec.HostPID {
+		t.Error("no hostPID: the agent cannot find the process behind a connection in the host's /proc")
 	}
 	if !slices.ContainsFunc(spec.Tolerations, func(tol corev1.Toleration) bool {
 		return tol.Operator == corev1.TolerationOpExists && tol.Key == "" && tol.Effect == ""
@@ -330,6 +337,14 @@ func TestNodeDaemonSet(t *testing.T) {
 			t.Errorf("--interfaces %v trusts %s, the node's own or uplink interface", interfaces, uplink)
 		}
 	}
+	// --node-name is the node the pod runs on, from the downward API.
+	if v := mustFlag(t, "node agent", c.Args, "node-name"); v != "$(NODE_NAME)" ||
+		!slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool {
+			return e.Name == "NODE_NAME" && e.Value == "" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName"
+		}) {
+		t.Errorf("--node-name=%s, env %s: want $(NODE_NAME) with NODE_NAME from spec.nodeName", v, toYAML(c.Env))
+	}
+	checkNodeRBAC(t, build, sa)
 	apiPort := port(t, mustFlag(t, "node agent", c.Args, "listen"))
 	metricsListen := mustFlag(t, "node agent", c.Args, "metrics-listen")
 	metricsPort := port(t, metricsListen)
@@ -349,7 +364,9 @@ func TestNodeDaemonSet(t *testing.T) {
 	if uid, ok := runAsUser(spec, c); !ok || uid != 0 {
 		t.Errorf("runs as %d (set: %v), want root (the image's user is 1337)", uid, ok)
 	}
-	checkMinimalPrivileges(t, "node agent", c, "NET_ADMIN", "NET_RAW")
+	// SYS_PTRACE: reading other processes' namespace and descriptor links
+	// in the host's /proc (hostPID).
+	checkMinimalPrivileges(t, "node agent", c, "NET_ADMIN", "NET_RAW", "SYS_PTRACE")
 	if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool {
 		return m.MountPath == "/run" && volume(t, spec, m.Name).EmptyDir != nil
 	}) {
@@ -753,5 +770,32 @@ func decodeAPI(t *testing.T, v, into any) {
 	}
 	if strict, err := sigsjson.UnmarshalStrict(data, into); err != nil || len(strict) > 0 {
 		t.Fatalf("%s does not decode strictly into %T: %v %v", data, into, err, strict)
+	}
+}
+
+// checkNodeRBAC: the node agent's service account may read what
+// workload.Kubernetes reads, and nothing more: get, list and watch pods,
+// list and watch namespaces, get service accounts, ReplicaSets and Jobs.
+// (workload's tests run the source against a real API server as this
+// service account, with these manifests applied.)
+func checkNodeRBAC(t *testing.T, build map[string][]byte, sa corev1.ServiceAccount) {
+	t.Helper()
+	var role rbacv1.ClusterRole
+	builtObject(t, build, "ClusterRole imds-proxy-node", &role)
+	var binding rbacv1.ClusterRoleBinding
+	builtObject(t, build, "ClusterRoleBinding imds-proxy-node", &binding)
+	want := []rbacv1.PolicyRule{
+		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch"}},
+		{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"list", "watch"}},
+		{APIGroups: []string{""}, Resources: []string{"serviceaccounts"}, Verbs: []string{"get"}},
+		{APIGroups: []string{"apps"}, Resources: []string{"replicasets"}, Verbs: []string{"get"}},
+		{APIGroups: []string{"batch"}, Resources: []string{"jobs"}, Verbs: []string{"get"}},
+	}
+	if !equality.Semantic.DeepEqual(role.Rules, want) {
+		t.Errorf("ClusterRole %s rules:\n%s\nwant exactly:\n%s", role.Name, toYAML(role.Rules), toYAML(want))
+	}
+	if binding.RoleRef != (rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name}) ||
+		!slices.Equal(binding.Subjects, []rbacv1.Subject{{Kind: "ServiceAccount", Name: sa.Name, Namespace: sa.Namespace}}) {
+		t.Errorf("ClusterRoleBinding %s: %s, want %s bound to ServiceAccount %s/%s", binding.Name, toYAML(binding), role.Name, sa.Namespace, sa.Name)
 	}
 }
