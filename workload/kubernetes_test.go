@@ -2,11 +2,9 @@ package workload
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -21,13 +19,9 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
-	"sigs.k8s.io/kustomize/api/krusty"
-	"sigs.k8s.io/kustomize/kyaml/filesys"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/attribution"
@@ -41,103 +35,6 @@ const (
 	agentNamespace = "imds-proxy"
 	agentSA        = "imds-proxy-node"
 )
-
-// gvrs are the resources the test creates, by kind.
-var gvrs = map[string]schema.GroupVersionResource{
-	"Namespace":          {Version: "v1", Resource: "namespaces"},
-	"ServiceAccount":     {Version: "v1", Resource: "serviceaccounts"},
-	"Pod":                {Version: "v1", Resource: "pods"},
-	"Secret":             {Version: "v1", Resource: "secrets"},
-	"ConfigMap":          {Version: "v1", Resource: "configmaps"},
-	"Deployment":         {Group: "apps", Version: "v1", Resource: "deployments"},
-	"ReplicaSet":         {Group: "apps", Version: "v1", Resource: "replicasets"},
-	"StatefulSet":        {Group: "apps", Version: "v1", Resource: "statefulsets"},
-	"DaemonSet":          {Group: "apps", Version: "v1", Resource: "daemonsets"},
-	"Job":                {Group: "batch", Version: "v1", Resource: "jobs"},
-	"CronJob":            {Group: "batch", Version: "v1", Resource: "cronjobs"},
-	"ClusterRole":        {Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterroles"},
-	"ClusterRoleBinding": {Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterrolebindings"},
-}
-
-// cluster is a real API server and an administrator's client of it.
-type cluster struct {
-	t      *testing.T
-	server *testutil.KubeAPIServer
-	admin  *dynamic.DynamicClient
-}
-
-func (c *cluster) resource(kind, namespace string) dynamic.ResourceInterface {
-	gvr, ok := gvrs[kind]
-	if !ok {
-		c.t.Fatalf("no resource for kind %s", kind)
-	}
-	if namespace == "" {
-		return c.admin.Resource(gvr)
-	}
-	return c.admin.Resource(gvr).Namespace(namespace)
-}
-
-// create stores obj (a typed object with its TypeMeta set) and returns it
-// as stored, decoded into a new value of its type.
-func create[T any](c *cluster, obj *T) *T {
-	c.t.Helper()
-	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(obj)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	u := &unstructured.Unstructured{Object: m}
-	got, err := c.resource(u.GetKind(), u.GetNamespace()).Create(context.Background(), u, metav1.CreateOptions{})
-	if err != nil {
-		c.t.Fatalf("creating %s %s/%s: %v", u.GetKind(), u.GetNamespace(), u.GetName(), err)
-	}
-	out := new(T)
-	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(got.Object, out); err != nil {
-		c.t.Fatal(err)
-	}
-	return out
-}
-
-// patch applies a JSON merge patch to an object or, with subresource
-// "status", to its status.
-func (c *cluster) patch(kind, namespace, name string, patch any, subresource ...string) {
-	c.t.Helper()
-	data, err := json.Marshal(patch)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	if _, err := c.resource(kind, namespace).Patch(context.Background(), name, types.MergePatchType, data, metav1.PatchOptions{}, subresource...); err != nil {
-		c.t.Fatalf("patching %s %s/%s %s: %v", kind, namespace, name, data, err)
-	}
-}
-
-// applyNodeManifests creates what kustomize builds of deploy/kubernetes/node:
-// the namespace, the agent's service account, its ClusterRole and binding
-// (and the DaemonSet, which nothing runs here).
-func (c *cluster) applyNodeManifests() {
-	c.t.Helper()
-	dir := filepath.Join("..", "deploy", "kubernetes", "node")
-	m, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
-	if err != nil {
-		c.t.Fatalf("kustomize build %s: %v", dir, err)
-	}
-	var kinds []string
-	for _, r := range m.Resources() {
-		obj, err := r.Map()
-		if err != nil {
-			c.t.Fatal(err)
-		}
-		u := &unstructured.Unstructured{Object: obj}
-		if _, err := c.resource(u.GetKind(), u.GetNamespace()).Create(context.Background(), u, metav1.CreateOptions{}); err != nil {
-			c.t.Fatalf("applying %s %s from %s: %v", u.GetKind(), u.GetName(), dir, err)
-		}
-		kinds = append(kinds, u.GetKind())
-	}
-	for _, want := range []string{"ServiceAccount", "ClusterRole", "ClusterRoleBinding"} {
-		if !strings.Contains(strings.Join(kinds, " "), want) {
-			c.t.Fatalf("%s has no %s (it has %v)", dir, want, kinds)
-		}
-	}
-}
 
 func typeMeta(kind, apiVersion string) metav1.TypeMeta {
 	return metav1.TypeMeta{Kind: kind, APIVersion: apiVersion}
@@ -171,48 +68,6 @@ func podTemplate(name string) corev1.PodTemplateSpec {
 
 // kubeContainerID is a runtime container ID, 64 hexadecimal digits.
 func kubeContainerID(n int) string { return fmt.Sprintf("%064x", n) }
-
-// setStatuses patches the pod's status as a kubelet would once its
-// containers run: each container's runtime ID.
-func (c *cluster) setStatuses(p *corev1.Pod, runtimeIDs map[string]string, initRuntimeIDs map[string]string) {
-	c.t.Helper()
-	status := func(names map[string]string, specs []corev1.Container) []corev1.ContainerStatus {
-		var out []corev1.ContainerStatus
-		for _, spec := range specs {
-			id, ok := names[spec.Name]
-			if !ok {
-				continue
-			}
-			out = append(out, corev1.ContainerStatus{
-				Name: spec.Name, Image: spec.Image, ContainerID: id,
-				State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: metav1.Now()}},
-			})
-		}
-		return out
-	}
-	c.patch("Pod", p.Namespace, p.Name, map[string]any{"status": corev1.PodStatus{
-		Phase:                 corev1.PodRunning,
-		ContainerStatuses:     status(runtimeIDs, p.Spec.Containers),
-		InitContainerStatuses: status(initRuntimeIDs, p.Spec.InitContainers),
-	}}, "status")
-}
-
-// setIPs patches the pod's addresses (and phase, if not ""), as a kubelet
-// reports them; the node's address is 192.168.1.10.
-func (c *cluster) setIPs(p *corev1.Pod, phase corev1.PodPhase, ips ...string) {
-	c.t.Helper()
-	status := map[string]any{
-		"hostIP": "192.168.1.10", "hostIPs": []map[string]string{{"ip": "192.168.1.10"}},
-		"podIP": ips[0], "podIPs": []map[string]string{},
-	}
-	for _, ip := range ips {
-		status["podIPs"] = append(status["podIPs"].([]map[string]string), map[string]string{"ip": ip})
-	}
-	if phase != "" {
-		status["phase"] = phase
-	}
-	c.patch("Pod", p.Namespace, p.Name, map[string]any{"status": status}, "status")
-}
 
 // startSource runs a Kubernetes source for testNode with cfg's
 // credentials until the test ends, and waits until it has listed.
@@ -271,15 +126,11 @@ func lookupEventually(t *testing.T, k *Kubernetes, c attribution.Container, want
 
 func TestKubernetesSource(t *testing.T) {
 	server := testutil.StartKubeAPIServer(t)
-	admin, err := dynamic.NewForConfig(server.Config())
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &cluster{t: t, server: server, admin: admin}
-	c.applyNodeManifests()
+	c := server.Client(t)
+	c.ApplyNodeManifests(filepath.Join("..", "deploy", "kubernetes", "node"))
 
 	// Namespace team-a sets defaults; its pods override some.
-	create(c, &corev1.Namespace{TypeMeta: typeMeta("Namespace", "v1"), ObjectMeta: metav1.ObjectMeta{
+	testutil.KubeCreate(c, &corev1.Namespace{TypeMeta: typeMeta("Namespace", "v1"), ObjectMeta: metav1.ObjectMeta{
 		Name:        "team-a",
 		Annotations: map[string]string{V1Key: "warn", "imds-proxy.io/note": "namespace", "other.example/x": "not a setting"},
 	}})
@@ -290,17 +141,17 @@ func TestKubernetesSource(t *testing.T) {
 			IRSARoleAnnotation: "arn:aws:iam::111122223333:role/debug"}}},
 	} {
 		sa.TypeMeta = typeMeta("ServiceAccount", "v1")
-		create(c, sa)
+		testutil.KubeCreate(c, sa)
 	}
 
 	// Deployment web -> ReplicaSet web-5d9f8c7b6 -> pod, stored directly
 	// (no controller manager runs): the app container has what the EKS pod
 	// identity webhook injects for IRSA.
-	deploy := create(c, &appsv1.Deployment{TypeMeta: typeMeta("Deployment", "apps/v1"),
+	deploy := testutil.KubeCreate(c, &appsv1.Deployment{TypeMeta: typeMeta("Deployment", "apps/v1"),
 		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "web"},
 		Spec: appsv1.DeploymentSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}},
 			Template: withRestartAlways(podTemplate("web"))}})
-	rs := create(c, &appsv1.ReplicaSet{TypeMeta: typeMeta("ReplicaSet", "apps/v1"),
+	rs := testutil.KubeCreate(c, &appsv1.ReplicaSet{TypeMeta: typeMeta("ReplicaSet", "apps/v1"),
 		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "web-5d9f8c7b6",
 			OwnerReferences: controllerRef("Deployment", "apps/v1", "web", deploy.UID)},
 		Spec: appsv1.ReplicaSetSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}},
@@ -315,48 +166,48 @@ func TestKubernetesSource(t *testing.T) {
 		corev1.Container{Name: "log-shipper", Image: "registry.example/shipper:2"},
 	)
 	webSpec.Spec.InitContainers = []corev1.Container{{Name: "migrate", Image: "registry.example/web-migrate:1.4"}}
-	web := create(c, webSpec)
-	c.setStatuses(web, map[string]string{
+	web := testutil.KubeCreate(c, webSpec)
+	c.SetContainerStatuses(web, map[string]string{
 		"app":         "containerd://" + kubeContainerID(1),
 		"log-shipper": "containerd://" + kubeContainerID(2),
 	}, map[string]string{"migrate": "cri-o://" + kubeContainerID(3)})
 
 	// CronJob nightly -> Job nightly-29123456 -> pod, with EKS Pod Identity
 	// (over IPv6).
-	cron := create(c, &batchv1.CronJob{TypeMeta: typeMeta("CronJob", "batch/v1"),
+	cron := testutil.KubeCreate(c, &batchv1.CronJob{TypeMeta: typeMeta("CronJob", "batch/v1"),
 		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "nightly"},
 		Spec: batchv1.CronJobSpec{Schedule: "0 3 * * *", JobTemplate: batchv1.JobTemplateSpec{
 			Spec: batchv1.JobSpec{Template: podTemplate("nightly")}}}})
-	job := create(c, &batchv1.Job{TypeMeta: typeMeta("Job", "batch/v1"),
+	job := testutil.KubeCreate(c, &batchv1.Job{TypeMeta: typeMeta("Job", "batch/v1"),
 		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "nightly-29123456",
 			OwnerReferences: controllerRef("CronJob", "batch/v1", "nightly", cron.UID)},
 		Spec: batchv1.JobSpec{Template: podTemplate("nightly")}})
-	nightly := create(c, newPod("team-a", "nightly-29123456-7tq9z", testNode, "batch",
+	nightly := testutil.KubeCreate(c, newPod("team-a", "nightly-29123456-7tq9z", testNode, "batch",
 		controllerRef("Job", "batch/v1", job.Name, job.UID), nil,
 		corev1.Container{Name: "task", Image: "registry.example/report:7", Env: []corev1.EnvVar{
 			{Name: "AWS_CONTAINER_CREDENTIALS_FULL_URI", Value: "http://[fd00:ec2::23]/v1/credentials"},
 			{Name: "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", Value: "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount/eks-pod-identity-token"},
 		}}))
-	c.setStatuses(nightly, map[string]string{"task": "containerd://" + kubeContainerID(4)}, nil)
+	c.SetContainerStatuses(nightly, map[string]string{"task": "containerd://" + kubeContainerID(4)}, nil)
 
 	// A StatefulSet's pod (its owner is its workload: no lookup), a bare
 	// pod whose service account has an IRSA role, and a pod of another
 	// node, which the source must not see.
-	sts := create(c, &appsv1.StatefulSet{TypeMeta: typeMeta("StatefulSet", "apps/v1"),
+	sts := testutil.KubeCreate(c, &appsv1.StatefulSet{TypeMeta: typeMeta("StatefulSet", "apps/v1"),
 		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "db"},
 		Spec: appsv1.StatefulSetSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "db"}},
 			Template: withRestartAlways(podTemplate("db"))}})
-	db := create(c, newPod("team-a", "db-0", testNode, "web", controllerRef("StatefulSet", "apps/v1", "db", sts.UID), nil,
+	db := testutil.KubeCreate(c, newPod("team-a", "db-0", testNode, "web", controllerRef("StatefulSet", "apps/v1", "db", sts.UID), nil,
 		corev1.Container{Name: "postgres", Image: "registry.example/postgres:17", Env: []corev1.EnvVar{
 			// Not Pod Identity: another host.
 			{Name: "AWS_CONTAINER_CREDENTIALS_FULL_URI", Value: "http://127.0.0.1:9911/creds"},
 		}}))
-	c.setStatuses(db, map[string]string{"postgres": "docker://" + kubeContainerID(5)}, nil)
-	debug := create(c, newPod("team-a", "debug", testNode, "debug", nil, map[string]string{V1Key: "allow"},
+	c.SetContainerStatuses(db, map[string]string{"postgres": "docker://" + kubeContainerID(5)}, nil)
+	debug := testutil.KubeCreate(c, newPod("team-a", "debug", testNode, "debug", nil, map[string]string{V1Key: "allow"},
 		corev1.Container{Name: "shell", Image: "registry.example/toolbox:1"}))
-	elsewhere := create(c, newPod("team-a", "elsewhere", otherNode, "web", nil, nil,
+	elsewhere := testutil.KubeCreate(c, newPod("team-a", "elsewhere", otherNode, "web", nil, nil,
 		corev1.Container{Name: "app", Image: "registry.example/web:1.4"}))
-	c.setStatuses(elsewhere, map[string]string{"app": "containerd://" + kubeContainerID(9)}, nil)
+	c.SetContainerStatuses(elsewhere, map[string]string{"app": "containerd://" + kubeContainerID(9)}, nil)
 
 	// The source runs as the node agent's service account, with exactly
 	// the RBAC of deploy/kubernetes/node.
@@ -426,14 +277,14 @@ func TestKubernetesSource(t *testing.T) {
 		// another node and a hostNetwork pod (its address is the node's)
 		// are at no address; then the web pod gets its addresses, which
 		// the source sees after the others' (one watch, in order).
-		c.setIPs(nightly, corev1.PodSucceeded, "10.1.0.6")
-		c.setIPs(elsewhere, "", "10.1.0.9")
+		c.SetPodIPs(nightly, corev1.PodSucceeded, "10.1.0.6")
+		c.SetPodIPs(elsewhere, "", "10.1.0.9")
 		hostPod := newPod("team-a", "node-exporter", testNode, "web", nil, nil,
 			corev1.Container{Name: "exporter", Image: "registry.example/node-exporter:1"})
 		hostPod.Spec.HostNetwork = true
-		hostPod = create(c, hostPod)
-		c.setIPs(hostPod, "", "192.168.1.10")
-		c.setIPs(web, "", "10.1.0.5", "fd00:10:1::5")
+		hostPod = testutil.KubeCreate(c, hostPod)
+		c.SetPodIPs(hostPod, "", "192.168.1.10")
+		c.SetPodIPs(web, "", "10.1.0.5", "fd00:10:1::5")
 
 		want := webWorkload
 		want.OwnIdentity = "" // not every container of the pod has IRSA
@@ -454,12 +305,12 @@ func TestKubernetesSource(t *testing.T) {
 			}
 		}
 		// Two pods claiming one address: neither is named by it.
-		c.setIPs(db, "", "10.1.0.5")
+		c.SetPodIPs(db, "", "10.1.0.5")
 		eventuallyDetail(t, 10*time.Second, "10.1.0.5 ambiguous", func() (bool, string) {
 			w, ok := k.LookupAddr(netip.MustParseAddr("10.1.0.5"))
 			return !ok, w.String()
 		})
-		c.setIPs(db, "", "10.1.0.7")
+		c.SetPodIPs(db, "", "10.1.0.7")
 		eventuallyDetail(t, 10*time.Second, "10.1.0.5 the web pod's again, 10.1.0.7 the db pod's", func() (bool, string) {
 			w1, _ := k.LookupAddr(netip.MustParseAddr("10.1.0.5"))
 			w2, _ := k.LookupAddr(netip.MustParseAddr("10.1.0.7"))
@@ -467,7 +318,7 @@ func TestKubernetesSource(t *testing.T) {
 		})
 	})
 	t.Run("PolicyChangesShowWithinSeconds", func(t *testing.T) {
-		c.patch("Pod", "team-a", web.Name, map[string]any{"metadata": map[string]any{"annotations": map[string]any{V1Key: "block"}}})
+		c.Patch("Pod", "team-a", web.Name, map[string]any{"metadata": map[string]any{"annotations": map[string]any{V1Key: "block"}}})
 		start := time.Now()
 		eventuallyDetail(t, 5*time.Second, "the pod's new imds-proxy.io/v1", func() (bool, string) {
 			w, _ := k.Lookup(attribution.Container{ID: kubeContainerID(1), PodUID: string(web.UID)})
@@ -476,7 +327,7 @@ func TestKubernetesSource(t *testing.T) {
 		})
 		t.Logf("a pod annotation reached Lookup in %v", time.Since(start).Round(time.Millisecond))
 		// A namespace default reaches the pods that set none.
-		c.patch("Namespace", "", "team-a", map[string]any{"metadata": map[string]any{"annotations": map[string]any{V1Key: "block"}}})
+		c.Patch("Namespace", "", "team-a", map[string]any{"metadata": map[string]any{"annotations": map[string]any{V1Key: "block"}}})
 		start = time.Now()
 		eventuallyDetail(t, 5*time.Second, "the namespace's new imds-proxy.io/v1", func() (bool, string) {
 			w, _ := k.Lookup(attribution.Container{PodUID: string(nightly.UID)})
@@ -484,19 +335,19 @@ func TestKubernetesSource(t *testing.T) {
 		})
 		t.Logf("a namespace annotation reached Lookup in %v", time.Since(start).Round(time.Millisecond))
 		// Removing the pod's own setting falls back to the namespace's.
-		c.patch("Pod", "team-a", "debug", map[string]any{"metadata": map[string]any{"annotations": map[string]any{V1Key: nil}}})
+		c.Patch("Pod", "team-a", "debug", map[string]any{"metadata": map[string]any{"annotations": map[string]any{V1Key: nil}}})
 		eventuallyDetail(t, 5*time.Second, "the debug pod's setting removed", func() (bool, string) {
 			w, _ := k.Lookup(attribution.Container{PodUID: string(debug.UID)})
 			return w.Settings[V1Key] == "block", fmt.Sprint(w.Settings)
 		})
 	})
 	t.Run("NewPodOwnerFilledIn", func(t *testing.T) {
-		rs2 := create(c, &appsv1.ReplicaSet{TypeMeta: typeMeta("ReplicaSet", "apps/v1"),
+		rs2 := testutil.KubeCreate(c, &appsv1.ReplicaSet{TypeMeta: typeMeta("ReplicaSet", "apps/v1"),
 			ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "web-77c4d9f5b8",
 				OwnerReferences: controllerRef("Deployment", "apps/v1", "web", deploy.UID)},
 			Spec: appsv1.ReplicaSetSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}},
 				Template: withRestartAlways(podTemplate("web"))}})
-		p := create(c, newPod("team-a", "web-77c4d9f5b8-h7k2p", testNode, "web",
+		p := testutil.KubeCreate(c, newPod("team-a", "web-77c4d9f5b8-h7k2p", testNode, "web",
 			controllerRef("ReplicaSet", "apps/v1", rs2.Name, rs2.UID), nil,
 			corev1.Container{Name: "app", Image: "registry.example/web:1.5"}))
 		var sawDirect bool
@@ -509,7 +360,7 @@ func TestKubernetesSource(t *testing.T) {
 		})
 		t.Logf("the ReplicaSet's name was served before its Deployment's: %v", sawDirect)
 		// A pod deleted leaves the cache.
-		if err := c.resource("Pod", "team-a").Delete(context.Background(), p.Name, metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
+		if err := c.Resource("Pod", "team-a").Delete(context.Background(), p.Name, metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
 			t.Fatal(err)
 		}
 		eventuallyDetail(t, 10*time.Second, "the deleted pod gone", func() (bool, string) {
@@ -524,21 +375,29 @@ func TestKubernetesSource(t *testing.T) {
 		}
 		ctx := context.Background()
 		allowed := map[string]func() error{
-			"list pods": func() error { _, err := agent.Resource(gvrs["Pod"]).List(ctx, metav1.ListOptions{}); return err },
+			"list pods": func() error {
+				_, err := agent.Resource(testutil.KubeResource("Pod")).List(ctx, metav1.ListOptions{})
+				return err
+			},
 			"get a replicaset": func() error {
-				_, err := agent.Resource(gvrs["ReplicaSet"]).Namespace("team-a").Get(ctx, rs.Name, metav1.GetOptions{})
+				_, err := agent.Resource(testutil.KubeResource("ReplicaSet")).Namespace("team-a").Get(ctx, rs.Name, metav1.GetOptions{})
 				return err
 			},
 			"get a job": func() error {
-				_, err := agent.Resource(gvrs["Job"]).Namespace("team-a").Get(ctx, job.Name, metav1.GetOptions{})
+				_, err := agent.Resource(testutil.KubeResource("Job")).Namespace("team-a").Get(ctx, job.Name, metav1.GetOptions{})
 				return err
 			},
 			"get a service account": func() error {
-				_, err := agent.Resource(gvrs["ServiceAccount"]).Namespace("team-a").Get(ctx, "debug", metav1.GetOptions{})
+				_, err := agent.Resource(testutil.KubeResource("ServiceAccount")).Namespace("team-a").Get(ctx, "debug", metav1.GetOptions{})
 				return err
 			},
-			"list namespaces":         func() error { _, err := agent.Resource(gvrs["Namespace"]).List(ctx, metav1.ListOptions{}); return err },
-			"watch pods of this node": func() error { return watchOnce(ctx, agent.Resource(gvrs["Pod"]), "spec.nodeName="+testNode) },
+			"list namespaces": func() error {
+				_, err := agent.Resource(testutil.KubeResource("Namespace")).List(ctx, metav1.ListOptions{})
+				return err
+			},
+			"watch pods of this node": func() error {
+				return watchOnce(ctx, agent.Resource(testutil.KubeResource("Pod")), "spec.nodeName="+testNode)
+			},
 		}
 		for what, do := range allowed {
 			if err := do(); err != nil {
@@ -546,35 +405,47 @@ func TestKubernetesSource(t *testing.T) {
 			}
 		}
 		forbidden := map[string]func() error{
-			"list secrets": func() error { _, err := agent.Resource(gvrs["Secret"]).List(ctx, metav1.ListOptions{}); return err },
-			"get a secret": func() error {
-				_, err := agent.Resource(gvrs["Secret"]).Namespace("team-a").Get(ctx, "x", metav1.GetOptions{})
+			"list secrets": func() error {
+				_, err := agent.Resource(testutil.KubeResource("Secret")).List(ctx, metav1.ListOptions{})
 				return err
 			},
-			"list configmaps":  func() error { _, err := agent.Resource(gvrs["ConfigMap"]).List(ctx, metav1.ListOptions{}); return err },
-			"list replicasets": func() error { _, err := agent.Resource(gvrs["ReplicaSet"]).List(ctx, metav1.ListOptions{}); return err },
-			"list jobs":        func() error { _, err := agent.Resource(gvrs["Job"]).List(ctx, metav1.ListOptions{}); return err },
+			"get a secret": func() error {
+				_, err := agent.Resource(testutil.KubeResource("Secret")).Namespace("team-a").Get(ctx, "x", metav1.GetOptions{})
+				return err
+			},
+			"list configmaps": func() error {
+				_, err := agent.Resource(testutil.KubeResource("ConfigMap")).List(ctx, metav1.ListOptions{})
+				return err
+			},
+			"list replicasets": func() error {
+				_, err := agent.Resource(testutil.KubeResource("ReplicaSet")).List(ctx, metav1.ListOptions{})
+				return err
+			},
+			"list jobs": func() error {
+				_, err := agent.Resource(testutil.KubeResource("Job")).List(ctx, metav1.ListOptions{})
+				return err
+			},
 			"list service accounts": func() error {
-				_, err := agent.Resource(gvrs["ServiceAccount"]).List(ctx, metav1.ListOptions{})
+				_, err := agent.Resource(testutil.KubeResource("ServiceAccount")).List(ctx, metav1.ListOptions{})
 				return err
 			},
 			"get a deployment": func() error {
-				_, err := agent.Resource(gvrs["Deployment"]).Namespace("team-a").Get(ctx, "web", metav1.GetOptions{})
+				_, err := agent.Resource(testutil.KubeResource("Deployment")).Namespace("team-a").Get(ctx, "web", metav1.GetOptions{})
 				return err
 			},
 			"get a namespace": func() error {
-				_, err := agent.Resource(gvrs["Namespace"]).Get(ctx, "team-a", metav1.GetOptions{})
+				_, err := agent.Resource(testutil.KubeResource("Namespace")).Get(ctx, "team-a", metav1.GetOptions{})
 				return err
 			},
 			"delete a pod": func() error {
-				return agent.Resource(gvrs["Pod"]).Namespace("team-a").Delete(ctx, "debug", metav1.DeleteOptions{})
+				return agent.Resource(testutil.KubeResource("Pod")).Namespace("team-a").Delete(ctx, "debug", metav1.DeleteOptions{})
 			},
 			"patch a pod": func() error {
-				_, err := agent.Resource(gvrs["Pod"]).Namespace("team-a").Patch(ctx, "debug", types.MergePatchType, []byte(`{}`), metav1.PatchOptions{})
+				_, err := agent.Resource(testutil.KubeResource("Pod")).Namespace("team-a").Patch(ctx, "debug", types.MergePatchType, []byte(`{}`), metav1.PatchOptions{})
 				return err
 			},
 			"create a service account token": func() error {
-				_, err := agent.Resource(gvrs["ServiceAccount"]).Namespace("team-a").Create(ctx, &unstructured.Unstructured{Object: map[string]any{
+				_, err := agent.Resource(testutil.KubeResource("ServiceAccount")).Namespace("team-a").Create(ctx, &unstructured.Unstructured{Object: map[string]any{
 					"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
 					"metadata": map[string]any{"name": "debug"}, "spec": map[string]any{}}}, metav1.CreateOptions{}, "token")
 				return err
@@ -594,15 +465,15 @@ func TestKubernetesSource(t *testing.T) {
 		// A service account that may read pods and namespaces only: the
 		// pods are served with their direct owners, and the forbidden
 		// reads are logged once, not per retry.
-		create(c, &corev1.ServiceAccount{TypeMeta: typeMeta("ServiceAccount", "v1"),
+		testutil.KubeCreate(c, &corev1.ServiceAccount{TypeMeta: typeMeta("ServiceAccount", "v1"),
 			ObjectMeta: metav1.ObjectMeta{Namespace: agentNamespace, Name: "pods-only"}})
-		create(c, &rbacv1.ClusterRole{TypeMeta: typeMeta("ClusterRole", "rbac.authorization.k8s.io/v1"),
+		testutil.KubeCreate(c, &rbacv1.ClusterRole{TypeMeta: typeMeta("ClusterRole", "rbac.authorization.k8s.io/v1"),
 			ObjectMeta: metav1.ObjectMeta{Name: "pods-only"},
 			Rules: []rbacv1.PolicyRule{
 				{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list", "watch"}},
 				{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"list", "watch"}},
 			}})
-		create(c, &rbacv1.ClusterRoleBinding{TypeMeta: typeMeta("ClusterRoleBinding", "rbac.authorization.k8s.io/v1"),
+		testutil.KubeCreate(c, &rbacv1.ClusterRoleBinding{TypeMeta: typeMeta("ClusterRoleBinding", "rbac.authorization.k8s.io/v1"),
 			ObjectMeta: metav1.ObjectMeta{Name: "pods-only"},
 			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "pods-only"},
 			Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: agentNamespace, Name: "pods-only"}}})
