@@ -98,6 +98,10 @@ type serveFlags struct {
 	// API and the Docker Engine API ("" for none).
 	ecsIntrospection string
 	dockerSocket     string
+	// The node's name and the API server's credentials, for the
+	// Kubernetes source ("" for none; in-cluster credentials).
+	nodeName   string
+	kubeconfig string
 	// proxy holds the flags that are proxy.Config fields, from DefaultConfig.
 	proxy           proxy.Config
 	shutdownTimeout time.Duration
@@ -164,6 +168,8 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.BoolVar(&f.proxy.V1Tokenless, "v1-tokenless", false, "forward the tokenless requests the policy lets through as they came, without the proxy's session token and past the cache, so that the instance counts them in its MetadataNoToken metric (observing before a shutdown); by default they are upgraded to IMDSv2, which works where the instance already requires tokens")
 	if f.mode == imdsapi.ModeNode {
 		fs.StringVar(&f.v1Floor, "v1-floor", "", "node mode: the loosest IMDSv1 policy a workload may choose for itself (its "+workload.V1Key+" pod or namespace annotation, or container label), in the order allow < warn < auto < block; a workload can only tighten it (default: --v1)")
+		fs.StringVar(&f.nodeName, "node-name", "", "node mode: this Kubernetes node's name (the DaemonSet passes spec.nodeName): the agent watches this node's pods and the namespaces, which name each pod's workload and carry its "+workload.V1Key+" annotation (empty: not asked)")
+		fs.StringVar(&f.kubeconfig, "kubeconfig", "", "node mode, with --node-name: a kubeconfig file for the Kubernetes API (empty: the pod's own service account)")
 		fs.StringVar(&f.ecsIntrospection, "ecs-introspection", "", "node mode: the ECS agent's introspection API (http://localhost:51678 on an ECS instance), which names each container's cluster, task and task definition (empty: not asked)")
 		fs.StringVar(&f.dockerSocket, "docker-socket", "", "node mode: the Docker Engine API socket (/var/run/docker.sock), which names each container and its "+workload.V1Key+" label (an ECS task definition's dockerLabels); access to it is root-equivalent on the host (empty: not asked)")
 		fs.BoolVar(&f.proxy.GuardOwnIdentity, "guard-own-identity", false, "node mode: answer 404 for the node role's credentials (meta-data/iam/security-credentials/) to workloads with an AWS identity of their own: pods with an IRSA role or EKS Pod Identity, ECS tasks with a task role; the rest of IMDS stays served")

@@ -13,6 +13,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/attribution"
@@ -38,7 +40,10 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 	exemption := iptables.Exemption{Mode: f.mode, Redirects: f.rules, Mark: uint32(f.exemptMark), UID: f.exemptUID}.
 		WithOwnCgroup(f.exemptCgroup != exemptCgroupOff, iptables.OwnCgroup, log)
 	f.ownCgroup = exemption.Cgroup
-	workloads := workloadResolver(f, log)
+	workloads, err := workloadResolver(f, log)
+	if err != nil {
+		return err
+	}
 	p, reg, err := newProxy(f, exemption, workloads, log)
 	if err != nil {
 		return err
@@ -82,14 +87,21 @@ func serve(ctx context.Context, f *serveFlags, logOut io.Writer) error {
 // workloadResolver names the workloads behind the proxy's callers, from
 // the platforms' sources that the flags (and, in an ECS task, the task
 // metadata endpoint's variable) name.
-func workloadResolver(f *serveFlags, log *zap.Logger) *workload.Resolver {
+func workloadResolver(f *serveFlags, log *zap.Logger) (*workload.Resolver, error) {
 	if f.mode != imdsapi.ModeNode {
 		if uri := os.Getenv(ecsTaskMetadataVariable); uri != "" {
-			return workload.NewResolver(workload.NewECSTaskMetadata(uri, log))
+			return workload.NewResolver(workload.NewECSTaskMetadata(uri, log)), nil
 		}
-		return nil
+		return nil, nil
 	}
 	var sources []workload.Source
+	if f.nodeName != "" {
+		kube, err := kubernetesSource(f, log)
+		if err != nil {
+			return nil, err
+		}
+		sources = append(sources, kube)
+	}
 	var docker *workload.Docker
 	if f.dockerSocket != "" {
 		docker = workload.NewDocker(f.dockerSocket, log)
@@ -103,9 +115,24 @@ func workloadResolver(f *serveFlags, log *zap.Logger) *workload.Resolver {
 	if err := (attribution.Attributor{}).CanTrace(); err != nil {
 		log.Warn("cannot see the processes of other network namespaces: callers are named by address and by what the "+
 			"workload sources know of it; give the agent the host's PID namespace and CAP_SYS_PTRACE", zap.Error(err))
-		return workload.NewResolver(sources...)
+		return workload.NewResolver(sources...), nil
 	}
-	return workload.NewNodeResolver(attribution.Attributor{}, workload.DefaultCallerTTL, workload.DefaultScansPerSecond, sources...)
+	return workload.NewNodeResolver(attribution.Attributor{}, workload.DefaultCallerTTL, workload.DefaultScansPerSecond, sources...), nil
+}
+
+// kubernetesSource is the Kubernetes source of --node-name, with the
+// credentials of --kubeconfig or, by default, the pod's service account.
+func kubernetesSource(f *serveFlags, log *zap.Logger) (*workload.Kubernetes, error) {
+	var cfg *rest.Config
+	var err error
+	if f.kubeconfig != "" {
+		if cfg, err = clientcmd.BuildConfigFromFlags("", f.kubeconfig); err != nil {
+			return nil, fmt.Errorf("--kubeconfig: %w", err)
+		}
+	} else if cfg, err = rest.InClusterConfig(); err != nil {
+		return nil, fmt.Errorf("--node-name needs the Kubernetes API: %w (mount the service account's token, or name a --kubeconfig)", err)
+	}
+	return workload.NewKubernetes(workload.KubernetesConfig{REST: cfg, NodeName: f.nodeName, Log: log})
 }
 
 // ecsTaskMetadataVariable is set by the ECS agent in every container of a

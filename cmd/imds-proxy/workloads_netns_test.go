@@ -8,6 +8,12 @@ import (
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
@@ -160,4 +166,133 @@ func TestNodeAttributesEachContainer(t *testing.T) {
 	if !strings.Contains(agent.Logs.String(), warning) {
 		t.Errorf("the agent without SYS_PTRACE does not say %q:\n%s", warning, agent.Logs.String())
 	}
+}
+
+// TestNodeEnforcesPerWorkloadPolicy: a node agent with the Kubernetes
+// source (a real kube-apiserver) names each pod's workload in /v1-callers
+// and its metrics, applies a pod's imds-proxy.io/v1 annotation to that pod
+// alone within seconds and without a restart, and refuses the node role's
+// credentials to a pod with an IRSA role of its own.
+func TestNodeEnforcesPerWorkloadPolicy(t *testing.T) {
+	const node = "ip-10-0-5-1.ec2.internal"
+	e, workloads := newWorkloadNode(t)
+	podA, podB := &workloads[0], &workloads[1]
+	server := testutil.StartKubeAPIServer(t)
+	kube := server.Client(t)
+	testutil.KubeCreate(kube, &corev1.Namespace{TypeMeta: metav1.TypeMeta{Kind: "Namespace", APIVersion: "v1"},
+		ObjectMeta: metav1.ObjectMeta{Name: "team-a"}})
+	// No controller manager runs to make it.
+	testutil.KubeCreate(kube, &corev1.ServiceAccount{TypeMeta: metav1.TypeMeta{Kind: "ServiceAccount", APIVersion: "v1"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "default"}})
+	deployment := testutil.KubeCreate(kube, &appsv1.Deployment{TypeMeta: metav1.TypeMeta{Kind: "Deployment", APIVersion: "apps/v1"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "web"},
+		Spec:       appsv1.DeploymentSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}}, Template: podTemplate("web")}})
+	replicaSet := testutil.KubeCreate(kube, &appsv1.ReplicaSet{TypeMeta: metav1.TypeMeta{Kind: "ReplicaSet", APIVersion: "apps/v1"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "web-5d9f8c7b6", OwnerReferences: ownedBy("Deployment", "apps/v1", deployment.Name, deployment.UID)},
+		Spec:       appsv1.ReplicaSetSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}}, Template: podTemplate("web")}})
+	web := testutil.KubeCreate(kube, &corev1.Pod{TypeMeta: metav1.TypeMeta{Kind: "Pod", APIVersion: "v1"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "web-5d9f8c7b6-x2x7q", Labels: map[string]string{"app": "web"},
+			OwnerReferences: ownedBy("ReplicaSet", "apps/v1", replicaSet.Name, replicaSet.UID)},
+		Spec: corev1.PodSpec{NodeName: node, Containers: podTemplate("web").Spec.Containers}})
+	batch := testutil.KubeCreate(kube, &corev1.Pod{TypeMeta: metav1.TypeMeta{Kind: "Pod", APIVersion: "v1"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "batch-runner"},
+		Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "worker", Image: "public.ecr.aws/docker/library/busybox:1.37",
+			Env: []corev1.EnvVar{{Name: "AWS_ROLE_ARN", Value: "arn:aws:iam::123456789012:role/batch"},
+				{Name: "AWS_WEB_IDENTITY_TOKEN_FILE", Value: "/var/run/secrets/eks.amazonaws.com/serviceaccount/token"}}}}}})
+	for _, p := range []struct {
+		pod       *corev1.Pod
+		w         *emulatedWorkload
+		workload  string
+		container string
+	}{{web, podA, "Deployment/web", "app"}, {batch, podB, "Pod/batch-runner", "worker"}} {
+		kube.SetContainerStatuses(p.pod, map[string]string{p.container: "containerd://" + p.w.containerID}, nil)
+		kube.SetPodIPs(p.pod, "", p.w.addr)
+		// The emulated container's cgroup names the pod the API server made.
+		p.w.podUID, p.w.cgroup = string(p.pod.UID), "kubepods/besteffort/pod"+string(p.pod.UID)+"/"+p.w.containerID
+		p.w.platform, p.w.namespace, p.w.workload, p.w.container = "kubernetes", "team-a", p.workload, p.container
+	}
+
+	kubeconfig := server.Kubeconfig(t, server.ReachableFrom(t, e.Node))
+	cgroups := testutil.NewCgroups(t)
+	agent := testutil.StartProxy(t, e.Node, binary, nodeArgs("--interfaces", "eni+", "--iptables-backend", "nft", "--v1", "warn",
+		"--node-name", node, "--kubeconfig", kubeconfig, "--guard-own-identity"), asNodeAgent(nodeAgentCaps...))
+
+	named := func(w *emulatedWorkload) bool {
+		return slices.ContainsFunc(v1Callers(t, e), func(r v1CallerRow) bool {
+			return r.Caller == w.addr && r.Platform == w.platform && r.Namespace == w.namespace && r.Workload == w.workload &&
+				r.Container == w.container && r.PodUID == w.podUID && strings.HasSuffix(r.Executable, "/curl")
+		})
+	}
+	for _, w := range []*emulatedWorkload{podA, podB} {
+		waitFor(t, 20*time.Second, func() bool {
+			if got := curlIn(t, cgroups, *w, "/latest/meta-data/instance-id"); got != "200" {
+				t.Fatalf("%s: tokenless GET answered %s, want 200 (--v1 warn)", w.name, got)
+			}
+			return named(w)
+		}, w.name+" named in /v1-callers by namespace, workload, container and executable")
+	}
+
+	imdsv2 := func(w emulatedWorkload, path string) string {
+		t.Helper()
+		out, err := cgroups.Container(t, w.ns, w.cgroup, true, "sh", "-c",
+			`t=$(curl -s --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" http://169.254.169.254/latest/api/token) && `+
+				`curl -s -o /dev/null -w "%{http_code}" --max-time 5 -H "X-aws-ec2-metadata-token: $t" http://169.254.169.254`+path).Output()
+		if err != nil {
+			t.Fatalf("IMDSv2 in %s: %v (%s)", w.name, err, out)
+		}
+		return string(out)
+	}
+	const credentials = "/latest/meta-data/iam/security-credentials/"
+	if got := imdsv2(*podB, credentials); got != "404" {
+		t.Errorf("the IRSA pod's IMDSv2 GET of the node role's credentials: %s, want 404 (--guard-own-identity)", got)
+	}
+	if got := imdsv2(*podB, "/latest/meta-data/instance-id"); got != "200" {
+		t.Errorf("the IRSA pod's IMDSv2 GET of the instance ID: %s, want 200", got)
+	}
+	if got := imdsv2(*podA, credentials); got != "200" {
+		t.Errorf("the pod without an identity of its own: node role's credentials %s, want 200", got)
+	}
+
+	// Blocking pod A's workload by annotation: its tokenless requests get
+	// 401 within seconds, its neighbour's are still served, and the agent
+	// is the same process, with the same tokens.
+	pid := agent.Cmd.Process.Pid
+	kube.Patch("Pod", "team-a", web.Name, map[string]any{"metadata": map[string]any{"annotations": map[string]string{imdsapi.V1Key: "block"}}})
+	blockedAt := time.Now()
+	waitFor(t, 10*time.Second, func() bool { return curlIn(t, cgroups, *podA, "/latest/meta-data/instance-id") == "401" },
+		"pod A's tokenless GET refused after its annotation")
+	t.Logf("pod A's tokenless requests refused %s after the annotation", time.Since(blockedAt).Round(10*time.Millisecond))
+	if got := curlIn(t, cgroups, *podB, "/latest/meta-data/instance-id"); got != "200" {
+		t.Errorf("pod B's tokenless GET after pod A was blocked: %s, want 200", got)
+	}
+	if got := imdsv2(*podA, "/latest/meta-data/instance-id"); got != "200" {
+		t.Errorf("pod A's IMDSv2 GET after the block: %s, want 200", got)
+	}
+	if agent.Cmd.Process.Pid != pid || agent.Cmd.ProcessState != nil {
+		t.Error("the agent restarted")
+	}
+
+	status, metrics := e.Node.Get(t, "127.0.0.1:9169", "/metrics", nil)
+	for _, series := range []string{
+		`imds_proxy_workload_requests_total{imds_version="v1",namespace="team-a",v1_policy="warn",workload="Deployment/web"}`,
+		`imds_proxy_workload_requests_total{imds_version="v1",namespace="team-a",v1_policy="block",workload="Deployment/web"}`,
+		`imds_proxy_workload_requests_total{imds_version="v1",namespace="team-a",v1_policy="warn",workload="Pod/batch-runner"}`,
+		`imds_proxy_workload_requests_total{imds_version="v2",namespace="team-a",v1_policy="",workload="Pod/batch-runner"}`,
+		`imds_proxy_requests_total{imds_version="v2",method="GET",outcome="identity_guarded"} 1`,
+	} {
+		if status != http.StatusOK || !strings.Contains(metrics, series) {
+			t.Errorf("/metrics (%d) lacks %s", status, series)
+		}
+	}
+}
+
+// podTemplate is a workload's pod template, for its owner objects.
+func podTemplate(app string) corev1.PodTemplateSpec {
+	return corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{"app": app}},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "public.ecr.aws/docker/library/busybox:1.37"}}}}
+}
+
+func ownedBy(kind, apiVersion, name string, uid types.UID) []metav1.OwnerReference {
+	controller := true
+	return []metav1.OwnerReference{{APIVersion: apiVersion, Kind: kind, Name: name, UID: uid, Controller: &controller}}
 }

@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -357,4 +358,63 @@ func writePEM(t testing.TB, path, blockType string, der []byte) {
 	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: blockType, Bytes: der}), 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// ReachableFrom makes the API server reachable from inside ns, as a node
+// reaches its cluster's: a relay listening on ns's loopback forwards to
+// the server on the test's own. It returns the URL to use in ns.
+func (s *KubeAPIServer) ReachableFrom(t testing.TB, ns *Netns) string {
+	t.Helper()
+	var ln net.Listener
+	var err error
+	ns.Do(t, func() { ln, err = net.Listen("tcp", "127.0.0.1:0") })
+	if err != nil {
+		t.Fatalf("relay to the API server in %s: %v", ns, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	target := strings.TrimPrefix(s.URL, "https://")
+	go func() {
+		for {
+			in, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer in.Close()
+				out, err := net.Dial("tcp", target)
+				if err != nil {
+					return
+				}
+				defer out.Close()
+				go func() { _, _ = io.Copy(out, in); out.(*net.TCPConn).CloseWrite() }()
+				_, _ = io.Copy(in, out)
+			}()
+		}
+	}()
+	return "https://" + ln.Addr().String()
+}
+
+// Kubeconfig writes a kubeconfig file for the administrator at server
+// (s.URL, or what ReachableFrom returned) and returns its path.
+func (s *KubeAPIServer) Kubeconfig(t testing.TB, server string) string {
+	t.Helper()
+	tls := s.admin.TLSClientConfig
+	path := filepath.Join(t.TempDir(), "kubeconfig")
+	config := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster: {server: %q, certificate-authority: %q}
+users:
+- name: admin
+  user: {client-certificate: %q, client-key: %q}
+contexts:
+- name: test
+  context: {cluster: test, user: admin}
+current-context: test
+`, server, tls.CAFile, tls.CertFile, tls.KeyFile)
+	if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
