@@ -8,12 +8,15 @@ RUN go mod download
 COPY . .
 ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/imds-proxy ./cmd/imds-proxy
+# The node DaemonSet's build: with the Kubernetes source (--node-name), whose
+# client would cost every sidecar about 4.5 MB of binary and 4 MB of RSS.
+RUN CGO_ENABLED=0 go build -tags kubernetes -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/imds-proxy-kubernetes ./cmd/imds-proxy
 
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/imds-proxy /usr/local/bin/imds-proxy
+COPY --from=build /out/imds-proxy /out/imds-proxy-kubernetes /usr/local/bin/
 # A fixed non-root UID: the unprivileged proxy of the init-container setup,
 # whose rules exempt it with `rules install --exempt-uid 1337 --exempt-mark 0`.
 # Shapes where the proxy itself installs rules (native sidecar, node agent)

@@ -11,9 +11,10 @@ GO_TEST_NOISE := '^(=== RUN|--- PASS|PASS$$|ok )'
 
 .PHONY: build test lint demo demo-loopback bench bench-load image clean deps
 
-## build: bin/imds-proxy
+## build: bin/imds-proxy, and bin/imds-proxy-kubernetes (with the Kubernetes source, for the node DaemonSet)
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/imds-proxy ./cmd/imds-proxy
+	$(GO) build -tags kubernetes -ldflags "-X main.version=$(VERSION)" -o $(BIN)/imds-proxy-kubernetes ./cmd/imds-proxy
 
 # The IMDS mock the tests and the demo run as a real process.
 $(BIN)/ec2-metadata-mock:
@@ -47,6 +48,7 @@ lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags kubernetes ./...
 
 ## deps: the system packages the tests need (as root; elsewhere the namespace tests skip): iptables and
 ## iproute2 for the namespace tests, openssl for deploy/kubernetes/webhook/gen-certs.sh and the
@@ -79,7 +81,7 @@ $(JSCLIENT)/node_modules/.installed: $(JSCLIENT)/package.json $(JSCLIENT)/packag
 ## test: every test, with the race detector
 test: deps lint $(BIN)/ec2-metadata-mock $(JSCLIENT)/node_modules/.installed $(KUBE_APISERVER) $(ETCD)
 	AEMM_BIN=$(BIN)/ec2-metadata-mock KUBE_APISERVER_BIN=$(KUBE_APISERVER) ETCD_BIN=$(ETCD) \
-		$(GO) test -race -count=1 -timeout 10m ./...
+		$(GO) test -tags kubernetes -race -count=1 -timeout 10m ./...
 
 ## demo: as root, the hop-limit problem and its fixes in network namespaces, with the AWS SDK
 demo: deps $(BIN)/ec2-metadata-mock

@@ -326,6 +326,10 @@ func TestNodeDaemonSet(t *testing.T) {
 	if len(c.Args) == 0 || c.Args[0] != "node" {
 		t.Errorf("args %q: want node ...", c.Args)
 	}
+	// --node-name needs the build with the Kubernetes source.
+	if !slices.Equal(c.Command, []string{"/usr/local/bin/imds-proxy-kubernetes"}) || mustFlag(t, "node agent", c.Args, "node-name") != "$(NODE_NAME)" {
+		t.Errorf("command %q, --node-name %q: want the image's imds-proxy-kubernetes, with $(NODE_NAME)", c.Command, mustFlag(t, "node agent", c.Args, "node-name"))
+	}
 	interfaces := strings.Split(mustFlag(t, "node agent", c.Args, "interfaces"), ",")
 	for _, want := range []string{"eni+", "cali+", "lxc+", "cni0", "docker0", "veth+", "cni+", "br-+"} {
 		if !slices.Contains(interfaces, want) {

@@ -30,7 +30,6 @@ const (
 	ecsLabelRevision        = "com.amazonaws.ecs.task-definition-version"
 	ecsLabelContainerName   = "com.amazonaws.ecs.container-name"
 	ecsCredentialsEnv       = "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"
-	settingsPrefix          = "imds-proxy.io/"
 	dockerPreferredAPI      = "1.41" // docker.io 20.10's; every field read here is unchanged since
 	dockerRequestTimeout    = 10 * time.Second
 	defaultRetryInterval    = 5 * time.Second
@@ -345,7 +344,7 @@ func dockerWorkload(name, image string, labels map[string]string, taskRole bool)
 func settings(labels map[string]string) map[string]string {
 	var out map[string]string
 	for k, v := range labels {
-		if strings.HasPrefix(k, settingsPrefix) {
+		if strings.HasPrefix(k, SettingsPrefix) {
 			if out == nil {
 				out = map[string]string{}
 			}

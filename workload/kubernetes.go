@@ -1,3 +1,5 @@
+//go:build kubernetes
+
 package workload
 
 import (
@@ -30,9 +32,6 @@ import (
 
 // The Kubernetes annotations and environment variables the source reads.
 const (
-	// SettingsPrefix prefixes the imds-proxy.io/* annotations of pods and
-	// namespaces that become a workload's Settings.
-	SettingsPrefix = "imds-proxy.io/"
 	// IRSARoleAnnotation on a service account gives its pods an IAM role
 	// (IRSA): the EKS pod identity webhook then injects AWS_ROLE_ARN and
 	// AWS_WEB_IDENTITY_TOKEN_FILE into their containers.

@@ -16,6 +16,9 @@ import (
 // The keys of the workload settings imds-proxy reads: pod and namespace
 // annotations on Kubernetes, container labels on ECS and Docker.
 const (
+	// SettingsPrefix prefixes every key of a workload's Settings: the
+	// annotations and labels that are imds-proxy's.
+	SettingsPrefix = "imds-proxy.io/"
 	// V1Key sets the IMDSv1 policy of the workload (allow, warn, auto or
 	// block), as it sets an injected sidecar's.
 	V1Key = imdsapi.V1Key

@@ -20,8 +20,9 @@ import (
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
-// binary and demoClient are built once for these tests.
-var binary, demoClient string
+// binary, kubernetesBinary (the build with the Kubernetes source) and
+// demoClient are built once for these tests.
+var binary, kubernetesBinary, demoClient string
 
 func TestMain(m *testing.M) {
 	bins, err := testutil.BuildBinaries()
@@ -29,7 +30,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	binary, demoClient = bins.Proxy, bins.DemoClient
+	binary, kubernetesBinary, demoClient = bins.Proxy, bins.ProxyKubernetes, bins.DemoClient
 	code := m.Run()
 	bins.Remove()
 	os.Exit(code)

@@ -13,8 +13,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/attribution"
@@ -118,21 +116,6 @@ func workloadResolver(f *serveFlags, log *zap.Logger) (*workload.Resolver, error
 		return workload.NewResolver(sources...), nil
 	}
 	return workload.NewNodeResolver(attribution.Attributor{}, workload.DefaultCallerTTL, workload.DefaultScansPerSecond, sources...), nil
-}
-
-// kubernetesSource is the Kubernetes source of --node-name, with the
-// credentials of --kubeconfig or, by default, the pod's service account.
-func kubernetesSource(f *serveFlags, log *zap.Logger) (*workload.Kubernetes, error) {
-	var cfg *rest.Config
-	var err error
-	if f.kubeconfig != "" {
-		if cfg, err = clientcmd.BuildConfigFromFlags("", f.kubeconfig); err != nil {
-			return nil, fmt.Errorf("--kubeconfig: %w", err)
-		}
-	} else if cfg, err = rest.InClusterConfig(); err != nil {
-		return nil, fmt.Errorf("--node-name needs the Kubernetes API: %w (mount the service account's token, or name a --kubeconfig)", err)
-	}
-	return workload.NewKubernetes(workload.KubernetesConfig{REST: cfg, NodeName: f.nodeName, Log: log})
 }
 
 // ecsTaskMetadataVariable is set by the ECS agent in every container of a

@@ -214,7 +214,7 @@ func TestNodeEnforcesPerWorkloadPolicy(t *testing.T) {
 
 	kubeconfig := server.Kubeconfig(t, server.ReachableFrom(t, e.Node))
 	cgroups := testutil.NewCgroups(t)
-	agent := testutil.StartProxy(t, e.Node, binary, nodeArgs("--interfaces", "eni+", "--iptables-backend", "nft", "--v1", "warn",
+	agent := testutil.StartProxy(t, e.Node, kubernetesBinary, nodeArgs("--interfaces", "eni+", "--iptables-backend", "nft", "--v1", "warn",
 		"--node-name", node, "--kubeconfig", kubeconfig, "--guard-own-identity"), asNodeAgent(nodeAgentCaps...))
 
 	named := func(w *emulatedWorkload) bool {

@@ -12,9 +12,11 @@ import (
 type Binaries struct {
 	dir string
 	// Proxy is imds-proxy; ProxyNext is the same built as another version,
-	// for rollouts; DemoClient is the AWS SDK for Go v2 client of the demo;
-	// ClientV1 the same workload on the AWS SDK for Go v1.
-	Proxy, ProxyNext, DemoClient, ClientV1 string
+	// for rollouts; ProxyKubernetes is the build with the Kubernetes source
+	// (the kubernetes tag), which the node DaemonSet runs; DemoClient is
+	// the AWS SDK for Go v2 client of the demo; ClientV1 the same workload
+	// on the AWS SDK for Go v1.
+	Proxy, ProxyNext, ProxyKubernetes, DemoClient, ClientV1 string
 }
 
 // BuildBinaries builds imds-proxy and the demo client into a fresh directory
@@ -28,16 +30,21 @@ func BuildBinaries() (*Binaries, error) {
 		return nil, err
 	}
 	b := &Binaries{dir: dir, Proxy: filepath.Join(dir, "imds-proxy"), ProxyNext: filepath.Join(dir, "imds-proxy-next"),
-		DemoClient: filepath.Join(dir, "demo-client"), ClientV1: filepath.Join(dir, "demo-client-v1")}
+		ProxyKubernetes: filepath.Join(dir, "imds-proxy-kubernetes"),
+		DemoClient:      filepath.Join(dir, "demo-client"), ClientV1: filepath.Join(dir, "demo-client-v1")}
 	for out, pkg := range map[string]string{
-		b.Proxy:      proxyPackage,
-		b.ProxyNext:  proxyPackage,
-		b.DemoClient: "github.com/imds-proxy/imds-proxy/demo/client",
-		b.ClientV1:   "github.com/imds-proxy/imds-proxy/demo/clientv1",
+		b.Proxy:           proxyPackage,
+		b.ProxyNext:       proxyPackage,
+		b.ProxyKubernetes: proxyPackage,
+		b.DemoClient:      "github.com/imds-proxy/imds-proxy/demo/client",
+		b.ClientV1:        "github.com/imds-proxy/imds-proxy/demo/clientv1",
 	} {
 		var flags []string
-		if out == b.ProxyNext {
+		switch out {
+		case b.ProxyNext:
 			flags = []string{"-ldflags", "-X main.version=next"}
+		case b.ProxyKubernetes:
+			flags = []string{"-tags", "kubernetes"}
 		}
 		if err := goBuild(out, pkg, flags...); err != nil {
 			os.RemoveAll(dir)
