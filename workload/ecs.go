@@ -82,16 +82,22 @@ func (e *ECSIntrospection) Lookup(c attribution.Container) (Workload, bool) {
 // once, and again once it answers.
 func (e *ECSIntrospection) Run(ctx context.Context) {
 	defer e.client.CloseIdleConnections()
+	pollEvery(ctx, e.interval, e.poll, &e.health)
+}
+
+// pollEvery calls poll every interval until ctx ends, telling h how each
+// call went.
+func pollEvery(ctx context.Context, interval time.Duration, poll func(context.Context) error, h *health) {
 	for {
-		if err := e.poll(ctx); err != nil && ctx.Err() == nil {
-			e.health.failed(err)
+		if err := poll(ctx); err != nil && ctx.Err() == nil {
+			h.failed(err)
 		} else if err == nil {
-			e.health.ok()
+			h.ok()
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(e.interval):
+		case <-time.After(interval):
 		}
 	}
 }
@@ -206,18 +212,7 @@ func (m *ECSTaskMetadata) Lookup(c attribution.Container) (Workload, bool) {
 // keeping what it said last when it does not answer (logged once).
 func (m *ECSTaskMetadata) Run(ctx context.Context) {
 	defer m.client.CloseIdleConnections()
-	for {
-		if err := m.poll(ctx); err != nil && ctx.Err() == nil {
-			m.health.failed(err)
-		} else if err == nil {
-			m.health.ok()
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(m.interval):
-		}
-	}
+	pollEvery(ctx, m.interval, m.poll, &m.health)
 }
 
 // taskMetadataV4 is the endpoint's task answer, the fields read here.

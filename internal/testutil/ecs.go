@@ -33,27 +33,13 @@ func StartECSAgentStandIn(t testing.TB, node *Netns) {
 		"--dport", "80", "-j", "DNAT", "--to-destination", "127.0.0.1:51679")
 	node.Run(t, "iptables-nft", "-t", "nat", "-A", "OUTPUT", "-d", "169.254.170.2/32", "-p", "tcp", "-m", "tcp",
 		"--dport", "80", "-j", "REDIRECT", "--to-ports", "51679")
-	var ln net.Listener
-	var err error
-	node.Do(t, func() { ln, err = net.Listen("tcp", "127.0.0.1:51679") })
-	if err != nil {
-		t.Fatalf("ECS agent stand-in: %v", err)
-	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+ECSCredentialsPath, func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		fmt.Fprintf(w, `{"RoleArn":"arn:aws:iam::111122223333:role/task-role","AccessKeyId":%q,`+
 			`"SecretAccessKey":"stand-in-secret","Token":"stand-in-token","Expiration":"2030-01-01T00:00:00Z"}`, ECSStandInAccessKey)
 	})
-	srv := &http.Server{Handler: mux}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		_ = srv.Close()
-		if err := <-done; !errors.Is(err, http.ErrServerClosed) {
-			t.Errorf("ECS agent stand-in: %v", err)
-		}
-	})
+	serveECS(t, "ECS agent stand-in", node, "127.0.0.1:51679", mux)
 }
 
 // ECSTask is a task as the ECS stand-ins below serve it.
