@@ -189,7 +189,7 @@ func TestDecide(t *testing.T) {
 			p.session.update("session-token", nil)
 
 			origin, _ := r.Context().Value(testWorkloadKey{}).(workload.Workload)
-			v := p.decide(r, caller, origin)
+			v := p.decide(r, caller, func() workload.Workload { return origin })
 			got := decided{forward: v.path, v1: v.v1}
 			if v.answer != nil {
 				got = decided{status: v.answer.status, outcome: v.answer.outcome, v1: v.v1}

@@ -52,7 +52,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	x := newExchange(r)
 	x.who = p.cfg.Workloads.Of(x.client)
 	x.workload = x.who.Workload
-	v := p.decide(r, x.caller, x.who.Workload)
+	v := p.decide(r, x.caller, p.workloadFor(x))
 	if v.v1 {
 		p.noteV1(r, x, v.policy)
 	}
@@ -76,11 +76,12 @@ type verdict struct {
 	policy imdsapi.V1Policy
 }
 
-// decide applies the rules above to r from caller, whose workload is w (or
-// unknown). It reads the request (and discards any body); its only other
-// effects are log lines about a token that is refused or cannot be bound,
-// or a workload setting that is no policy.
-func (p *Proxy) decide(r *http.Request, caller netip.Addr, w workload.Workload) verdict {
+// decide applies the rules above to r from caller, whose workload the
+// rules that depend on it ask workloadOf for. It reads the request (and
+// discards any body); its only other effects are log lines about a token
+// that is refused or cannot be bound, or a workload setting that is no
+// policy, and the scan of /proc that workloadOf may make.
+func (p *Proxy) decide(r *http.Request, caller netip.Addr, workloadOf func() workload.Workload) verdict {
 	if a := p.checkLimits(r); a != nil {
 		return verdict{answer: a}
 	}
@@ -106,9 +107,9 @@ func (p *Proxy) decide(r *http.Request, caller netip.Addr, w workload.Workload) 
 			return verdict{answer: imdsRefusal(http.StatusUnauthorized, outcomeUnauthorized)}
 		}
 	case r.Header.Get(imdsapi.ProbeHeader) != "":
-		return verdict{answer: p.probeAnswer(r.Context(), w)}
+		return verdict{answer: p.probeAnswer(r.Context(), workloadOf())}
 	default:
-		v.v1, v.policy = true, p.v1Policy(r.Context(), w)
+		v.v1, v.policy = true, p.v1Policy(r.Context(), workloadOf())
 		if v.policy == imdsapi.V1Block {
 			v.answer = imdsRefusal(http.StatusUnauthorized, outcomeV1Blocked)
 			return v
@@ -123,10 +124,25 @@ func (p *Proxy) decide(r *http.Request, caller netip.Addr, w workload.Workload) 
 	switch {
 	case !p.cfg.Paths.Allows(clean):
 		v.answer = imdsRefusal(http.StatusForbidden, outcomePathDenied)
-	case p.cfg.GuardOwnIdentity && w.OwnIdentity != "" && roleCredentialsPath(clean):
+	case p.cfg.GuardOwnIdentity && roleCredentialsPath(clean) && workloadOf().OwnIdentity != "":
 		v.answer = imdsRefusal(http.StatusNotFound, outcomeIdentityGuarded)
 	}
 	return v
+}
+
+// workloadFor is the workload of x's caller for the rules that depend on
+// it: what Of knew, or else what a trace of the connection finds now, once.
+// Requests that no such rule decides (IMDSv2, mostly) never wait on a scan.
+func (p *Proxy) workloadFor(x *exchange) func() workload.Workload {
+	traced := false
+	return func() workload.Workload {
+		if !x.workload.Known() && !traced {
+			traced = true
+			x.who = p.cfg.Workloads.Trace(x.client)
+			x.workload = x.who.Workload
+		}
+		return x.workload
+	}
 }
 
 // checkLimits answers a request on a connection past the connection limits

@@ -47,6 +47,9 @@ func (p *Proxy) attribute(x *exchange) (proc attribution.Process, attributed boo
 		p.metrics.attributionsSkipped.Inc()
 		return attribution.Process{}, false
 	}
+	if !x.who.Traced && p.cfg.Workloads != nil {
+		x.who = p.cfg.Workloads.Trace(x.client) // its namespace, where a node agent knew its workload by address
+	}
 	if x.who.Traced {
 		proc = p.attributor.LookupIn(x.who.Namespace, x.client)
 	} else {

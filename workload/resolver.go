@@ -38,6 +38,9 @@ type Resolver struct {
 	// scans bounds the /proc scans for addresses not yet known, so that
 	// a flood of new connections cannot spend the agent's CPU on them.
 	scans *rate.Limiter
+
+	mu      sync.Mutex
+	pending map[netip.Addr]struct{} // addresses traced in the background now
 }
 
 // NewResolver names the workloads of containers from sources, asked in
@@ -62,32 +65,80 @@ const (
 // and scans for at most scansPerSecond new addresses a second.
 func NewNodeResolver(a attribution.Attributor, ttl time.Duration, scansPerSecond float64, sources ...Source) *Resolver {
 	return &Resolver{sources: sources, callers: attribution.NewCallers(a, ttl),
-		scans: rate.NewLimiter(rate.Limit(scansPerSecond), max(1, int(scansPerSecond)))}
+		scans:   rate.NewLimiter(rate.Limit(scansPerSecond), max(1, int(scansPerSecond))),
+		pending: map[netip.Addr]struct{}{}}
 }
 
-// Of is what is known of client's connection: its namespace and container
-// where a node agent can trace it, and its workload from the container or,
-// failing that, from a source that knows the address (a pod's IP). It
-// never waits on the network; a scan of /proc happens only for an address
-// not known yet.
+// Of is what is known of client's connection without scanning /proc: its
+// namespace and container where a node agent traced its address before,
+// and its workload from the container or, failing that, from a source
+// that knows the address (a pod's IP). It never waits on the network or
+// on a scan; where the address is not traced yet, a trace starts in the
+// background (within the scan bound), for the requests that follow.
 func (r *Resolver) Of(client netip.AddrPort) Caller {
 	if r == nil {
 		return Caller{}
 	}
-	var c Caller
+	c := r.known(client)
+	if !c.Traced && r.callers != nil {
+		r.traceLater(client)
+	}
+	return c
+}
+
+// Trace is Of, but scans /proc now (within the scan bound) where the
+// address is not traced yet: for a decision or a record that needs the
+// caller's container or process.
+func (r *Resolver) Trace(client netip.AddrPort) Caller {
+	if r == nil {
+		return Caller{}
+	}
+	c := r.known(client)
+	if c.Traced || r.callers == nil || !r.scans.Allow() {
+		return c
+	}
+	if ns, container, ok := r.callers.Find(client); ok {
+		return r.traced(ns, container, client)
+	}
+	return c
+}
+
+// known is what Of knows.
+func (r *Resolver) known(client netip.AddrPort) Caller {
 	if r.callers != nil {
-		ns, container, ok := r.callers.Known(client)
-		if !ok && r.scans.Allow() {
-			ns, container, ok = r.callers.Find(client)
-		}
-		if ok {
-			c = Caller{Namespace: ns, Container: container, Workload: r.Workload(container), Traced: true}
+		if ns, container, ok := r.callers.Known(client); ok {
+			return r.traced(ns, container, client)
 		}
 	}
+	return Caller{Workload: r.atAddress(client.Addr())}
+}
+
+func (r *Resolver) traced(ns attribution.Namespace, container attribution.Container, client netip.AddrPort) Caller {
+	c := Caller{Namespace: ns, Container: container, Workload: r.Workload(container), Traced: true}
 	if !c.Workload.Known() {
 		c.Workload = r.atAddress(client.Addr())
 	}
 	return c
+}
+
+// maxPendingTraces bounds the background traces in flight.
+const maxPendingTraces = 64
+
+// traceLater traces client in the background, once per address at a time,
+// while the connection is open (its socket is in the tables).
+func (r *Resolver) traceLater(client netip.AddrPort) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, pending := r.pending[client.Addr()]; pending || len(r.pending) >= maxPendingTraces || !r.scans.Allow() {
+		return
+	}
+	r.pending[client.Addr()] = struct{}{}
+	go func() {
+		r.callers.Find(client)
+		r.mu.Lock()
+		delete(r.pending, client.Addr())
+		r.mu.Unlock()
+	}()
 }
 
 // AddressSource is a Source that also knows its workloads' addresses (a

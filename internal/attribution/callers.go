@@ -44,10 +44,26 @@ func (c *Callers) Known(client netip.AddrPort) (Namespace, Container, bool) {
 	c.mu.Lock()
 	entry, ok := c.byAddr[client.Addr()]
 	c.mu.Unlock()
-	if !ok || !c.now().Before(entry.until) || !c.a.inNamespace(entry.ns.pids[0], entry.ns.ID) {
+	if !ok || !c.now().Before(entry.until) || !c.a.stillIn(entry.ns) {
 		return Namespace{}, Container{}, false
 	}
 	return entry.ns, entry.container, true
+}
+
+// maxLivenessChecks bounds the processes stillIn asks about.
+const maxLivenessChecks = 4
+
+// stillIn says whether one of the first processes ns was found with
+// still lives in it: the namespace, and the address in it, are then the
+// same (a container's first process, its pause or init, outlives its
+// commands).
+func (a Attributor) stillIn(ns Namespace) bool {
+	for _, pid := range ns.pids[:min(len(ns.pids), maxLivenessChecks)] {
+		if a.inNamespace(pid, ns.ID) {
+			return true
+		}
+	}
+	return false
 }
 
 // Find scans for the namespace of client's connection, and remembers it
