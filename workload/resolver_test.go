@@ -1,0 +1,68 @@
+package workload
+
+import (
+	"net"
+	"net/netip"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/imds-proxy/imds-proxy/internal/attribution"
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+// TestResolverTracesInTheBackground: a node agent's resolver never scans
+// /proc for Of, which only starts a trace in the background; the address's
+// container and workload are known once it ends. Trace scans at once, for
+// the rules that need the workload. The container is an ECS task's, in a
+// network namespace of its own and a cgroup shaped like ECS's, named by the
+// introspection source against the agent's stand-in.
+func TestResolverTracesInTheBackground(t *testing.T) {
+	const task = "8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d"
+	id := containerID("e")
+	node, container := testutil.NewNetns(t), testutil.NewNetns(t)
+	testutil.Veth(t, node, "veth1", "10.78.0.1/24", container, "eth0", "10.78.0.2/24")
+	var ln net.Listener
+	var err error
+	node.Do(t, func() { ln, err = net.Listen("tcp", "10.78.0.1:0") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	app := testutil.NewCgroups(t).Container(t, container, "ecs/"+task+"/"+id, true,
+		"bash", "-c", "exec 3<>/dev/tcp/10.78.0.1/"+strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)+"; exec sleep 60")
+	if err := app.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = app.Process.Kill(); _ = app.Wait() }()
+	_ = ln.(*net.TCPListener).SetDeadline(time.Now().Add(10 * time.Second))
+	conn, err := ln.Accept()
+	if err != nil {
+		t.Fatalf("the container did not connect: %v", err)
+	}
+	defer conn.Close()
+	client := netip.MustParseAddrPort(conn.RemoteAddr().String())
+
+	agent := testutil.StartECSIntrospectionStandIn(t, nil, "127.0.0.1:0", "prod", testutil.ECSTask{
+		Arn: "arn:aws:ecs:us-east-1:111122223333:task/prod/" + task, Family: "billing", Revision: "7",
+		Containers: []testutil.ECSContainer{{DockerID: id, DockerName: "ecs-billing-7-app", Name: "app"}}})
+	log, _ := observed()
+	ecs := NewECSIntrospection(agent.URL, nil, log)
+	run(t, ecs)
+	eventually(t, 10*time.Second, "the source never listed the task", func() bool { _, ok := lookup(ecs, id); return ok })
+
+	want := attribution.Container{Runtime: "docker", ID: id, TaskID: task}
+	background := NewNodeResolver(attribution.Attributor{}, time.Minute, 20, ecs)
+	if c := background.Of(client); c.Traced || c.Workload.Known() {
+		t.Fatalf("Of knew a caller it never traced: %+v", c)
+	}
+	eventually(t, 5*time.Second, "the background trace never ended", func() bool { return background.Of(client).Traced })
+	if c := background.Of(client); c.Container != want || c.Workload.Name != "billing:7" || c.Workload.Container != "app" {
+		t.Errorf("after the background trace: container %+v, workload %s container %q; want %+v, billing:7, app", c.Container, c.Workload, c.Workload.Container, want)
+	}
+
+	now := NewNodeResolver(attribution.Attributor{}, time.Minute, 20, ecs)
+	if c := now.Trace(client); !c.Traced || c.Container != want || c.Workload.Name != "billing:7" {
+		t.Errorf("Trace: %+v, want the task's container and workload at once", c)
+	}
+}
