@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -175,6 +176,8 @@ type ECSTaskMetadata struct {
 
 	mu         sync.RWMutex
 	containers map[string]Workload
+	task       Workload            // the task itself
+	addrs      map[netip.Addr]bool // the task ENI's addresses
 
 	health health
 }
@@ -226,6 +229,7 @@ type taskMetadataV4 struct {
 		Name     string
 		Image    string
 		Labels   map[string]string
+		Networks []struct{ IPv4Addresses, IPv6Addresses []string }
 	}
 }
 
@@ -235,7 +239,15 @@ func (m *ECSTaskMetadata) poll(ctx context.Context) error {
 		return err
 	}
 	containers := map[string]Workload{}
+	addrs := map[netip.Addr]bool{}
 	for _, c := range task.Containers {
+		for _, n := range c.Networks {
+			for _, text := range append(n.IPv4Addresses, n.IPv6Addresses...) {
+				if addr, err := netip.ParseAddr(text); err == nil {
+					addrs[addr] = true
+				}
+			}
+		}
 		if c.DockerID == "" {
 			continue
 		}
@@ -250,9 +262,20 @@ func (m *ECSTaskMetadata) poll(ctx context.Context) error {
 		}
 	}
 	m.mu.Lock()
-	m.containers = containers
+	m.containers, m.addrs = containers, addrs
+	m.task = Workload{Platform: "ecs", Namespace: clusterName(task.Cluster), Name: taskDefinition(task.Family, task.Revision), Pod: task.TaskARN}
 	m.mu.Unlock()
 	return nil
+}
+
+// LookupAddr returns the task's workload, without a container, for one of
+// its ENI's addresses: where an awsvpc task's sidecar cannot see which of
+// its containers called (they share the ENI, and not the sidecar's PID
+// namespace unless the task's pidMode says so), it still names the task.
+func (m *ECSTaskMetadata) LookupAddr(addr netip.Addr) (Workload, bool) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.task, m.addrs[addr]
 }
 
 // getJSON decodes the JSON answer of a GET.

@@ -2,6 +2,7 @@ package workload
 
 import (
 	"context"
+	"net/netip"
 	"reflect"
 	"strings"
 	"testing"
@@ -169,9 +170,9 @@ func TestECSTaskMetadata(t *testing.T) {
 		Arn:    "arn:aws:ecs:us-east-1:111122223333:task/prod/0123456789abcdef0123456789abcdef",
 		Family: "api", Revision: "12",
 		Containers: []testutil.ECSContainer{
-			{DockerID: containerID("a"), Name: "imds-proxy", Image: "ghcr.io/imds-proxy/imds-proxy:0.1.0"},
+			{DockerID: containerID("a"), Name: "imds-proxy", Image: "ghcr.io/imds-proxy/imds-proxy:0.1.0", Addrs: []string{"10.0.7.41"}},
 			{DockerID: containerID("b"), Name: "app", Image: "111122223333.dkr.ecr.us-east-1.amazonaws.com/api:1",
-				Labels: map[string]string{V1Key: "block", "team": "payments"}},
+				Labels: map[string]string{V1Key: "block", "team": "payments"}, Addrs: []string{"10.0.7.41"}},
 		},
 	}
 	endpoint := testutil.StartECSTaskMetadataStandIn(t, nil, "127.0.0.1:0", "arn:aws:ecs:us-east-1:111122223333:cluster/prod", task)
@@ -192,6 +193,14 @@ func TestECSTaskMetadata(t *testing.T) {
 	}
 	if got, _ := lookup(src, containerID("a")); got.Container != "imds-proxy" || got.Settings != nil {
 		t.Errorf("sidecar: %+v", got)
+	}
+	// A caller redirected to the sidecar comes from the task ENI's address.
+	if got, ok := src.LookupAddr(netip.MustParseAddr("10.0.7.41")); !ok ||
+		!reflect.DeepEqual(got, Workload{Platform: "ecs", Namespace: "prod", Name: "api:12", Pod: task.Arn}) {
+		t.Errorf("at the task's address: %+v, %v; want the task, without a container", got, ok)
+	}
+	if got, ok := src.LookupAddr(netip.MustParseAddr("127.0.0.1")); ok {
+		t.Errorf("at loopback: %+v, want no workload", got)
 	}
 
 	task.Containers = append(task.Containers, testutil.ECSContainer{DockerID: containerID("c"), Name: "late", Image: "busybox"})

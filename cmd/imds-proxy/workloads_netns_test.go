@@ -232,6 +232,15 @@ func TestNodeEnforcesPerWorkloadPolicy(t *testing.T) {
 		}, w.name+" named in /v1-callers by namespace, workload, container and executable")
 	}
 
+	for _, w := range []*emulatedWorkload{podA, podB} {
+		line := `"workload":"` + w.workload + `","pod":`
+		if !slices.ContainsFunc(strings.Split(agent.Logs.String(), "\n"), func(l string) bool {
+			return strings.Contains(l, "IMDSv1 request (no token)") && strings.Contains(l, `"namespace":"team-a"`) && strings.Contains(l, line)
+		}) {
+			t.Errorf("no IMDSv1 warn line names %s's namespace and workload:\n%s", w.name, agent.Logs.String())
+		}
+	}
+
 	imdsv2 := func(w emulatedWorkload, path string) string {
 		t.Helper()
 		out, err := cgroups.Container(t, w.ns, w.cgroup, true, "sh", "-c",
@@ -295,4 +304,46 @@ func podTemplate(app string) corev1.PodTemplateSpec {
 func ownedBy(kind, apiVersion, name string, uid types.UID) []metav1.OwnerReference {
 	controller := true
 	return []metav1.OwnerReference{{APIVersion: apiVersion, Kind: kind, Name: name, UID: uid, Controller: &controller}}
+}
+
+// TestECSSidecarNamesItsTask: a sidecar in an awsvpc task, given the task
+// metadata endpoint by the ECS agent's variable, names a tokenless caller
+// by the task (cluster, family:revision, ARN) and its container. The
+// endpoint is a stand-in answering its documented JSON.
+func TestECSSidecarNamesItsTask(t *testing.T) {
+	const task = "0f9d7b1c2a3e4f5061728394a5b6c7d8"
+	app := emulatedWorkload{name: "app", cgroup: "ecs/" + task + "/" + containerC, containerID: containerC}
+	e := newSidecarEC2(t)
+	app.ns = e.Task
+	arn := "arn:aws:ecs:us-east-1:123456789012:task/prod/" + task
+	endpoint := testutil.StartECSTaskMetadataStandIn(t, e.Task, "127.0.0.1:0", "prod", testutil.ECSTask{Arn: arn, Family: "billing", Revision: "7",
+		Containers: []testutil.ECSContainer{
+			{DockerID: containerD, Name: "imds-proxy", Addrs: []string{testutil.RoutedVeth.ContainerAddr}},
+			{DockerID: containerC, Name: "app", Addrs: []string{testutil.RoutedVeth.ContainerAddr}},
+		}})
+	testutil.StartProxy(t, e.Task, binary, sidecarArgs("--iptables-backend", "nft"),
+		testutil.WithEnv("ECS_CONTAINER_METADATA_URI_V4="+endpoint.URL))
+	cgroups := testutil.NewCgroups(t)
+	var row v1CallerRow
+	waitFor(t, 10*time.Second, func() bool {
+		if got := curlIn(t, cgroups, app, "/latest/meta-data/instance-id"); got != "200" {
+			t.Fatalf("tokenless GET in the task: %s, want 200 (--v1 allow)", got)
+		}
+		status, body := e.Task.Get(t, "127.0.0.1:9169", "/v1-callers", nil)
+		var rows []v1CallerRow
+		if status != http.StatusOK || json.Unmarshal([]byte(body), &rows) != nil {
+			t.Fatalf("/v1-callers: %d %s", status, body)
+		}
+		for _, r := range rows {
+			if r.Workload != "" {
+				row = r
+				return true
+			}
+		}
+		return false
+	}, "the sidecar to name its task")
+	if row.Platform != "ecs" || row.Namespace != "prod" || row.Workload != "billing:7" || row.Pod != arn || row.Container != "app" ||
+		row.ContainerID != containerC || !strings.HasSuffix(row.Executable, "/curl") {
+		t.Errorf("/v1-callers row %+v: want the task prod/billing:7 (%s), its container app (%s), curl", row, arn, containerC)
+	}
 }

@@ -60,6 +60,9 @@ type ECSContainer struct {
 	Name       string
 	Image      string
 	Labels     map[string]string // the task metadata endpoint's only
+	// Addrs are the task ENI's addresses (awsvpc), which the task metadata
+	// endpoint lists under each container's Networks.
+	Addrs []string
 }
 
 // ecsStandIn is what both ECS stand-ins share: a loopback or namespace
@@ -215,6 +218,10 @@ func StartECSTaskMetadataStandIn(t testing.TB, node *Netns, addr, cluster string
 	const prefix = "/v4/0f9d7b1c2a3e4f5061728394a5b6c7d8-1234567890"
 	mux := http.NewServeMux()
 	s.handle(mux, prefix+"/task", func(cluster string, tasks []ECSTask) any {
+		type network struct {
+			NetworkMode   string   `json:"NetworkMode"`
+			IPv4Addresses []string `json:"IPv4Addresses"`
+		}
 		type container struct {
 			DockerID      string            `json:"DockerId"`
 			Name          string            `json:"Name"`
@@ -225,6 +232,7 @@ func StartECSTaskMetadataStandIn(t testing.TB, node *Netns, addr, cluster string
 			DesiredStatus string            `json:"DesiredStatus"`
 			KnownStatus   string            `json:"KnownStatus"`
 			Type          string            `json:"Type"`
+			Networks      []network         `json:"Networks"`
 		}
 		var t ECSTask
 		if len(tasks) > 0 {
@@ -254,7 +262,8 @@ func StartECSTaskMetadataStandIn(t testing.TB, node *Netns, addr, cluster string
 			}
 			out.Containers = append(out.Containers, container{DockerID: c.DockerID, Name: c.Name, DockerName: c.DockerName,
 				Image: c.Image, ImageID: "sha256:" + strings.Repeat("0", 64), Labels: labels,
-				DesiredStatus: "RUNNING", KnownStatus: knownStatus(t), Type: "NORMAL"})
+				DesiredStatus: "RUNNING", KnownStatus: knownStatus(t), Type: "NORMAL",
+				Networks: []network{{NetworkMode: "awsvpc", IPv4Addresses: c.Addrs}}})
 		}
 		return out
 	})
