@@ -67,9 +67,9 @@ func TestCallersAcrossNamespaces(t *testing.T) {
 		t.Errorf("Lookup in the reader's own namespace found %+v, which is in another", got)
 	}
 
-	_ = app.Process.Kill()
+	cgroups.Kill(t, "kubepods/besteffort/pod"+podUID+"/"+containerID)
 	_ = app.Wait()
 	if _, _, ok := callers.Known(client); ok {
-		t.Error("the address is still known once the namespace's process is gone")
+		t.Error("the address is still known once the namespace's processes are gone")
 	}
 }

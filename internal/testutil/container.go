@@ -93,6 +93,27 @@ func (c *Cgroups) Container(t testing.TB, ns *Netns, name string, app bool, argv
 	return cmd
 }
 
+// Kill kills every process of container name, as a runtime stops a
+// container, and waits until its group is empty.
+func (c *Cgroups) Kill(t testing.TB, name string) {
+	t.Helper()
+	dir := filepath.Join(c.parent, name)
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644); err != nil {
+		t.Fatalf("killing container %s: %v", name, err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		procs, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+		if err == nil && len(strings.TrimSpace(string(procs))) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("container %s still has processes after 5s: %s", name, procs)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // remove kills what is left in the test's groups and removes them, the
 // deepest first.
 func (c *Cgroups) remove(t testing.TB) {
