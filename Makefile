@@ -54,7 +54,8 @@ lint:
 ## iproute2 for the namespace tests, openssl for deploy/kubernetes/webhook/gen-certs.sh and the
 ## kube-apiserver's certificates (internal/testutil/kube.go), docker.io
 ## (dockerd, containerd, runc; init script and systemd units left out, so nothing starts them) and
-## busybox-static for the Docker tests (internal/testutil/docker.go)
+## busybox-static for the Docker tests (internal/testutil/docker.go), and Debian's prometheus for promtool
+## (deploy/prometheus_test.go)
 deps:
 	@if [ "$$(id -u)" = 0 ] && ! { command -v iptables-legacy && command -v iptables-nft && command -v ip && command -v openssl; } >/dev/null; then \
 		echo "installing iptables, iproute2 and openssl"; \
@@ -66,6 +67,12 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			-o Dpkg::Options::=--path-exclude=/etc/init.d/docker -o 'Dpkg::Options::=--path-exclude=/lib/systemd/system/docker.*' \
 			-o Dpkg::Options::=--path-exclude=/lib/systemd/system/containerd.service docker.io busybox-static >/dev/null; \
+	fi
+	@if [ "$$(id -u)" = 0 ] && ! command -v promtool >/dev/null; then \
+		echo "installing Debian's prometheus for promtool, which tests deploy/prometheus (no daemon is started)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			-o Dpkg::Options::=--path-exclude=/etc/init.d/prometheus -o 'Dpkg::Options::=--path-exclude=/lib/systemd/system/prometheus*' \
+			prometheus >/dev/null; \
 	fi
 
 # The AWS SDK for JavaScript v3, a client the e2e tests run (from the npm registry).
