@@ -2,9 +2,12 @@ package deploy
 
 import (
 	"bytes"
+	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -98,3 +101,45 @@ spec:
 	}
 	return b.Bytes()
 }
+
+// TestGrafanaDashboard: every query of the dashboard is PromQL that
+// Prometheus's own parser accepts (promtool checks them as recording
+// rules), and only the proxies' metrics are asked for. What the queries
+// answer is checked against a real Prometheus scraping a node agent, in
+// cmd/imds-proxy's TestFleetViewOnARealPrometheus.
+func TestGrafanaDashboard(t *testing.T) {
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		testutil.SkipOutsideCI(t, "promtool is missing (make deps installs Debian's prometheus package for it)")
+	}
+	queries := testutil.DashboardQueries(t, filepath.Join("grafana", "imds-proxy.json"))
+	if len(queries) < 8 {
+		t.Fatalf("%d panels with queries, want the dashboard's", len(queries))
+	}
+	var rules strings.Builder
+	rules.WriteString("groups:\n  - name: dashboard\n    rules:\n")
+	n := 0
+	for title, exprs := range queries {
+		for _, expr := range exprs {
+			n++
+			quoted, _ := json.Marshal(expr) // a JSON string is a YAML one
+			fmt.Fprintf(&rules, "      - record: dashboard:query%d\n        expr: %s\n", n, quoted)
+			for _, match := range metricName.FindAllString(expr, -1) {
+				if name := strings.TrimRight(match, "{["); !strings.HasPrefix(name, "imds_proxy_") {
+					t.Errorf("panel %q asks for %s, which is no imds-proxy metric", title, name)
+				}
+			}
+		}
+	}
+	file := filepath.Join(t.TempDir(), "dashboard-rules.yaml")
+	if err := os.WriteFile(file, []byte(rules.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(promtool, "check", "rules", file).CombinedOutput(); err != nil {
+		t.Errorf("the dashboard's queries do not parse: %v\n%s\n%s", err, out, rules.String())
+	}
+}
+
+// metricName finds the metric names in a query: identifiers followed by a
+// selector or a range ("name{" or "name[").
+var metricName = regexp.MustCompile(`[a-z_:][a-z0-9_:]*(?:\{|\[)`)
