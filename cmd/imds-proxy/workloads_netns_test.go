@@ -72,6 +72,19 @@ func curlIn(t *testing.T, cgroups *testutil.Cgroups, w emulatedWorkload, path st
 	return string(out)
 }
 
+// imdsv2In fetches a token and then path with it in w's container, and
+// returns the status of the GET.
+func imdsv2In(t *testing.T, cgroups *testutil.Cgroups, w emulatedWorkload, path string) string {
+	t.Helper()
+	out, err := cgroups.Container(t, w.ns, w.cgroup, true, "sh", "-c",
+		`t=$(curl -s --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" http://169.254.169.254/latest/api/token) && `+
+			`curl -s -o /dev/null -w "%{http_code}" --max-time 5 -H "X-aws-ec2-metadata-token: $t" http://169.254.169.254`+path).Output()
+	if err != nil {
+		t.Fatalf("IMDSv2 in %s: %v (%s)", w.name, err, out)
+	}
+	return string(out)
+}
+
 // v1CallerRow is a /v1-callers row as an operator reads it.
 type v1CallerRow struct {
 	Caller      string `json:"caller"`
@@ -168,13 +181,22 @@ func TestNodeAttributesEachContainer(t *testing.T) {
 	}
 }
 
-// TestNodeEnforcesPerWorkloadPolicy: a node agent with the Kubernetes
-// source (a real kube-apiserver) names each pod's workload in /v1-callers
-// and its metrics, applies a pod's imds-proxy.io/v1 annotation to that pod
-// alone within seconds and without a restart, and refuses the node role's
-// credentials to a pod with an IRSA role of its own.
-func TestNodeEnforcesPerWorkloadPolicy(t *testing.T) {
-	const node = "ip-10-0-5-1.ec2.internal"
+// kubeNode is newWorkloadNode's node in a Kubernetes cluster (a real
+// kube-apiserver): pod A is web-5d9f8c7b6-x2x7q of Deployment web, pod B
+// the bare pod batch-runner with an IRSA role, both in team-a and on
+// kubeNodeName, with their containers' IDs and IPs in their status.
+type kubeNode struct {
+	e          *testutil.EC2
+	workloads  []emulatedWorkload
+	kube       *testutil.KubeClient
+	kubeconfig string // for an agent in the node namespace
+	web        *corev1.Pod
+}
+
+const kubeNodeName = "ip-10-0-5-1.ec2.internal"
+
+func newKubeNode(t *testing.T) kubeNode {
+	const node = kubeNodeName
 	e, workloads := newWorkloadNode(t)
 	podA, podB := &workloads[0], &workloads[1]
 	server := testutil.StartKubeAPIServer(t)
@@ -212,7 +234,18 @@ func TestNodeEnforcesPerWorkloadPolicy(t *testing.T) {
 		p.w.platform, p.w.namespace, p.w.workload, p.w.container = "kubernetes", "team-a", p.workload, p.container
 	}
 
-	kubeconfig := server.Kubeconfig(t, server.ReachableFrom(t, e.Node))
+	return kubeNode{e: e, workloads: workloads, kube: kube, kubeconfig: server.Kubeconfig(t, server.ReachableFrom(t, e.Node)), web: web}
+}
+
+// TestNodeEnforcesPerWorkloadPolicy: a node agent with the Kubernetes
+// source (a real kube-apiserver) names each pod's workload in /v1-callers
+// and its metrics, applies a pod's imds-proxy.io/v1 annotation to that pod
+// alone within seconds and without a restart, and refuses the node role's
+// credentials to a pod with an IRSA role of its own.
+func TestNodeEnforcesPerWorkloadPolicy(t *testing.T) {
+	k := newKubeNode(t)
+	e, kube, web, kubeconfig, node := k.e, k.kube, k.web, k.kubeconfig, kubeNodeName
+	podA, podB := &k.workloads[0], &k.workloads[1]
 	cgroups := testutil.NewCgroups(t)
 	agent := testutil.StartProxy(t, e.Node, kubernetesBinary, nodeArgs("--interfaces", "eni+", "--iptables-backend", "nft", "--v1", "warn",
 		"--node-name", node, "--kubeconfig", kubeconfig, "--guard-own-identity"), asNodeAgent(nodeAgentCaps...))
@@ -241,16 +274,7 @@ func TestNodeEnforcesPerWorkloadPolicy(t *testing.T) {
 		}
 	}
 
-	imdsv2 := func(w emulatedWorkload, path string) string {
-		t.Helper()
-		out, err := cgroups.Container(t, w.ns, w.cgroup, true, "sh", "-c",
-			`t=$(curl -s --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" http://169.254.169.254/latest/api/token) && `+
-				`curl -s -o /dev/null -w "%{http_code}" --max-time 5 -H "X-aws-ec2-metadata-token: $t" http://169.254.169.254`+path).Output()
-		if err != nil {
-			t.Fatalf("IMDSv2 in %s: %v (%s)", w.name, err, out)
-		}
-		return string(out)
-	}
+	imdsv2 := func(w emulatedWorkload, path string) string { return imdsv2In(t, cgroups, w, path) }
 	const credentials = "/latest/meta-data/iam/security-credentials/"
 	if got := imdsv2(*podB, credentials); got != "404" {
 		t.Errorf("the IRSA pod's IMDSv2 GET of the node role's credentials: %s, want 404 (--guard-own-identity)", got)

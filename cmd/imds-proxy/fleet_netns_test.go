@@ -1,0 +1,172 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imds-proxy/imds-proxy/imdsapi"
+	"github.com/imds-proxy/imds-proxy/internal/testutil"
+)
+
+// TestFleetViewOnARealPrometheus: a real Prometheus scrapes a node agent
+// (the Kubernetes source on, pod A's workload blocked by annotation) and a
+// sidecar under a small traffic mix: pod A's IMDSv2 client and its refused
+// IMDSv1 calls, pod B's IMDSv1 calls (warn), the sidecar's IMDSv1 and
+// IMDSv2 clients. Every dashboard query and every alert expression is run
+// there and answers what the traffic implies, and asks only for metrics
+// the proxies export.
+func TestFleetViewOnARealPrometheus(t *testing.T) {
+	k := newKubeNode(t)
+	e, podA, podB := k.e, k.workloads[0], k.workloads[1]
+	k.kube.Patch("Pod", "team-a", k.web.Name, map[string]any{"metadata": map[string]any{"annotations": map[string]string{imdsapi.V1Key: "block"}}})
+	testutil.StartProxy(t, e.Node, kubernetesBinary, nodeArgs("--interfaces", "eni+", "--iptables-backend", "nft", "--v1", "warn",
+		"--node-name", kubeNodeName, "--kubeconfig", k.kubeconfig), asNodeAgent(nodeAgentCaps...))
+	const sidecarAPI, sidecarAdmin = "127.0.0.1:18169", "127.0.0.1:19169"
+	testutil.StartProxy(t, e.Node, binary, []string{"sidecar", "--rules=false", "--v1", "allow", "--listen", sidecarAPI,
+		"--metrics-listen", sidecarAdmin, "--upstream", "http://169.254.169.254"})
+	rulesFile := filepath.Join("..", "..", "deploy", "prometheus", "rules.yaml")
+	prom := testutil.StartPrometheus(t, e.Node, []string{"127.0.0.1:9169", sidecarAdmin}, rulesFile)
+
+	cgroups := testutil.NewCgroups(t)
+	traffic := func() {
+		if got := imdsv2In(t, cgroups, podA, "/latest/meta-data/instance-id"); got != "200" {
+			t.Fatalf("pod A's IMDSv2 GET: %s", got)
+		}
+		if got := curlIn(t, cgroups, podB, "/latest/meta-data/instance-id"); got != "200" {
+			t.Fatalf("pod B's IMDSv1 GET: %s, want 200 (--v1 warn)", got)
+		}
+		if status, _ := e.Node.Get(t, sidecarAPI, "/latest/meta-data/instance-id", nil); status != http.StatusOK {
+			t.Fatalf("the sidecar's IMDSv1 GET: %d", status)
+		}
+		curlIn(t, cgroups, podA, "/latest/meta-data/instance-id") // refused once the annotation is seen
+	}
+	// Until pod A's policy is in force and Prometheus has seen it: the
+	// first scrapes may come before the first requests.
+	waitFor(t, 30*time.Second, func() bool {
+		traffic()
+		return len(prom.Query(t, `imds_proxy_workload_requests_total{v1_policy="block"}`)) > 0 &&
+			len(prom.Query(t, `rate(imds_proxy_workload_requests_total{v1_policy="block"}[1m]) > 0`)) > 0
+	}, "Prometheus to see pod A's blocked IMDSv1 calls")
+	traffic()
+	time.Sleep(2 * time.Second) // two more scrapes and rule evaluations
+
+	names := prom.MetricNames(t)
+	asked := map[string]bool{}
+	queries := testutil.DashboardQueries(t, filepath.Join("..", "..", "deploy", "grafana", "imds-proxy.json"))
+	results := map[string][]testutil.Sample{}
+	for title, exprs := range queries {
+		for _, expr := range exprs {
+			results[title] = append(results[title], prom.Query(t, expr)...)
+			for _, name := range metricNames(expr) {
+				asked[name] = true
+			}
+		}
+	}
+	for name := range asked {
+		if !slices.Contains(names, name) {
+			t.Errorf("a dashboard query asks for %s, which the proxies do not export (they do: %v)", name, names)
+		}
+	}
+	expectSeries := func(title string, want ...string) {
+		t.Helper()
+		var got []string
+		for _, s := range results[title] {
+			got = append(got, seriesName(s))
+		}
+		for _, w := range want {
+			if !slices.Contains(got, w) {
+				t.Errorf("panel %q: no series %s in %v", title, w, got)
+			}
+		}
+	}
+	expectSeries("IMDSv1 calls by workload (the shutdown's burn-down)", "team-a/Deployment/web", "team-a/Pod/batch-runner")
+	expectSeries("IMDSv1 calls refused by a workload's block", "team-a/Deployment/web")
+	if got := results["IMDSv1 calls refused by a workload's block"]; len(got) != 1 {
+		t.Errorf("blocked workloads: %v, want Deployment/web alone", got)
+	}
+	expectSeries("Would-block (what --v1 block would refuse)", "127.0.0.1:9169", sidecarAdmin)
+	expectSeries("Workloads by IMDS version, over the range", "team-a/Deployment/web/v2", "team-a/Deployment/web/v1", "team-a/Pod/batch-runner/v1")
+	expectSeries("Upstream session state per proxy", "127.0.0.1:9169/v2", sidecarAdmin+"/v2")
+	expectSeries("Requests by outcome", "forwarded", "token_issued", "v1_blocked")
+	for _, title := range []string{"Cache hit ratio", "Upstream requests saved", "Upstream latency (p50, p99)", "Connections turned away"} {
+		if len(results[title]) == 0 {
+			t.Errorf("panel %q: no data", title)
+		}
+	}
+	for _, s := range results["Connections turned away"] {
+		if s.Value != 0 {
+			t.Errorf("connections turned away: %v, want 0 (no client reached a limit)", s)
+		}
+	}
+
+	// The alert expressions: only the blocked workload and IMDSv1 still
+	// in use are true; every health alert is quiet.
+	firing := map[string][]string{}
+	for _, rule := range testutil.AlertRules(t, rulesFile) {
+		for _, s := range prom.Query(t, rule.Expr) {
+			firing[rule.Alert] = append(firing[rule.Alert], seriesName(s))
+		}
+		for _, name := range metricNames(rule.Expr) {
+			if !slices.Contains(names, name) && name != "imds_proxy_redirect_repairs_total" {
+				t.Errorf("alert %s asks for %s, which the proxies do not export", rule.Alert, name)
+			}
+		}
+	}
+	want := map[string][]string{
+		"ImdsProxyBlockedWorkloadCallsIMDSv1": {"team-a/Deployment/web"},
+		"ImdsProxyIMDSv1StillUsed":            {"127.0.0.1:9169", sidecarAdmin},
+	}
+	for alert, series := range firing {
+		w := want[alert]
+		slices.Sort(series)
+		slices.Sort(w)
+		if !slices.Equal(series, w) {
+			t.Errorf("alert %s's expression is true for %v, want %v", alert, series, w)
+		}
+	}
+	for alert := range want {
+		if _, ok := firing[alert]; !ok {
+			t.Errorf("alert %s's expression is true for nothing", alert)
+		}
+	}
+	waitFor(t, 10*time.Second, func() bool {
+		return len(prom.Query(t, `ALERTS{alertname="ImdsProxyBlockedWorkloadCallsIMDSv1", alertstate="firing", workload="Deployment/web"}`)) == 1
+	}, "Prometheus to fire ImdsProxyBlockedWorkloadCallsIMDSv1 for Deployment/web")
+}
+
+// seriesName names a sample by its identifying labels, in a fixed order:
+// namespace/workload, then the instance, version, state or outcome.
+func seriesName(s testutil.Sample) string {
+	var parts []string
+	if ns, w := s.Metric["namespace"], s.Metric["workload"]; w != "" {
+		parts = append(parts, ns+"/"+w)
+	}
+	for _, label := range []string{"instance", "imds_version", "state", "outcome"} {
+		if v := s.Metric[label]; v != "" {
+			parts = append(parts, v)
+		}
+	}
+	if len(parts) == 0 {
+		return fmt.Sprint(s.Metric)
+	}
+	return strings.Join(parts, "/")
+}
+
+// metricNames are the metric names a query asks for, as exported
+// (histogram series by their family's name plus _bucket, as stored).
+func metricNames(expr string) []string {
+	var names []string
+	for _, field := range strings.FieldsFunc(expr, func(r rune) bool {
+		return !(r == '_' || r >= 'a' && r <= 'z' || r >= '0' && r <= '9')
+	}) {
+		if strings.HasPrefix(field, "imds_proxy_") {
+			names = append(names, field)
+		}
+	}
+	return names
+}
