@@ -17,7 +17,10 @@ func TestUnknownCommandsAndArgumentsFail(t *testing.T) {
 		line string
 	}{
 		{[]string{"sidcar"}, `imds-proxy: unknown command "sidcar"; see imds-proxy --help`},
-		{[]string{"report"}, `imds-proxy: unknown command "report"; see imds-proxy --help`},
+		{[]string{"reprot"}, `imds-proxy: unknown command "reprot"; see imds-proxy --help`},
+		{[]string{"report"}, `imds-proxy: --prometheus is required: the URL of the Prometheus that scrapes the proxies`},
+		{[]string{"report", "--prometheus", "http://127.0.0.1:9", "--json", "--csv"}, `imds-proxy: --json, --csv and --html: choose one`},
+		{[]string{"report", "--prometheus", "127.0.0.1:9090"}, `imds-proxy: --prometheus "127.0.0.1:9090": want http(s)://host:port`},
 		{[]string{"sidcar", "--listen", "127.0.0.1:0"}, `imds-proxy: unknown command "sidcar"; see imds-proxy --help`},
 		{[]string{"rules", "instal"}, `imds-proxy: unknown command "rules instal"; see imds-proxy rules --help`},
 		{[]string{"inject", "k8"}, `imds-proxy: unknown command "inject k8"; see imds-proxy inject --help`},

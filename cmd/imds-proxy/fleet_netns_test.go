@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"path/filepath"
@@ -137,6 +138,70 @@ func TestFleetViewOnARealPrometheus(t *testing.T) {
 	waitFor(t, 10*time.Second, func() bool {
 		return len(prom.Query(t, `ALERTS{alertname="ImdsProxyBlockedWorkloadCallsIMDSv1", alertstate="firing", workload="Deployment/web"}`)) == 1
 	}, "Prometheus to fire ImdsProxyBlockedWorkloadCallsIMDSv1 for Deployment/web")
+
+	checkReport(t, e.Node, "http://"+prom.Addr)
+}
+
+// checkReport runs `imds-proxy report` against the fleet's Prometheus in
+// each format: pod A's workload is blocked (no call would-block), pod B's
+// warned (every call would-block), busiest first, and the burn-down holds
+// the calls.
+func checkReport(t *testing.T, ns *testutil.Netns, prometheus string) {
+	t.Helper()
+	run := func(format ...string) string {
+		cmd := ns.Command(append([]string{binary, "report", "--prometheus", prometheus, "--window", "10m"}, format...)...)
+		cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("imds-proxy report %v: %v\n%s", format, err, out)
+		}
+		return string(out)
+	}
+	var inv struct {
+		Workloads []struct {
+			Namespace, Workload, Policy string
+			Calls                       float64 `json:"imdsv1_calls"`
+			WouldBlock                  float64 `json:"would_block"`
+			Proxies                     int
+		}
+		Burndown []struct{ Calls float64 }
+	}
+	if err := json.Unmarshal([]byte(run("--json")), &inv); err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]int{}
+	for i, w := range inv.Workloads {
+		byName[w.Namespace+"/"+w.Workload] = i
+	}
+	web, okWeb := byName["team-a/Deployment/web"]
+	batch, okBatch := byName["team-a/Pod/batch-runner"]
+	if !okWeb || !okBatch {
+		t.Fatalf("report --json: %+v, want team-a/Deployment/web and team-a/Pod/batch-runner", inv.Workloads)
+	}
+	if w := inv.Workloads[web]; w.Policy != "block" || w.Calls <= 0 || w.WouldBlock != 0 || w.Proxies != 1 {
+		t.Errorf("Deployment/web: %+v, want policy block, calls, none would-block, one proxy", w)
+	}
+	if w := inv.Workloads[batch]; w.Policy != "warn" || w.Calls <= 0 || w.WouldBlock != w.Calls {
+		t.Errorf("Pod/batch-runner: %+v, want policy warn, every call would-block", w)
+	}
+	total := 0.0
+	for _, p := range inv.Burndown {
+		total += p.Calls
+	}
+	if total < inv.Workloads[web].Calls+inv.Workloads[batch].Calls-0.5 {
+		t.Errorf("the burn-down holds %v calls, fewer than the workloads' %v", total, inv.Workloads[web].Calls+inv.Workloads[batch].Calls)
+	}
+	table := run()
+	if !strings.Contains(table, "Deployment/web") || !strings.Contains(table, "NAMESPACE") {
+		t.Errorf("report (table):\n%s", table)
+	}
+	t.Logf("imds-proxy report:\n%s", table)
+	if csv := run("--csv"); !strings.HasPrefix(csv, "namespace,workload,policy,") || strings.Count(csv, "\n") != 1+len(inv.Workloads) {
+		t.Errorf("report --csv:\n%s", csv)
+	}
+	if html := run("--html"); !strings.Contains(html, "<svg") || !strings.Contains(html, "Pod/batch-runner") || strings.Contains(html, "http://") && !strings.Contains(html, "http://www.w3.org") {
+		t.Errorf("report --html is not a self-contained page with the burn-down:\n%s", html)
+	}
 }
 
 // seriesName names a sample by its identifying labels, in a fixed order:

@@ -74,6 +74,7 @@ func newRootCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command {
 			newReadyCommand(stderr),
 			newInjectCommand(stdin, stdout, stderr),
 			newWebhookCommand(stderr),
+			newReportCommand(stdout, stderr),
 			newVersionCommand(stdout, stderr),
 		},
 		Exec: subcommandsOnly("imds-proxy"),

@@ -1,0 +1,64 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+
+	"github.com/imds-proxy/imds-proxy/report"
+)
+
+func newReportCommand(stdout, stderr io.Writer) *ffcli.Command {
+	fs := newFlagSet("imds-proxy report", stderr)
+	prometheus := fs.String("prometheus", "", "the Prometheus that scrapes the proxies (http://host:port); required")
+	window := fs.Duration("window", 7*24*time.Hour, "how far back the inventory looks")
+	timeout := fs.Duration("timeout", 30*time.Second, "bound on the Prometheus query")
+	asJSON := fs.Bool("json", false, "print the inventory and the burn-down as JSON")
+	asCSV := fs.Bool("csv", false, "print the inventory as CSV")
+	asHTML := fs.Bool("html", false, "print a self-contained HTML page with the burn-down chart, for a change ticket")
+	return &ffcli.Command{
+		Name:       "report",
+		ShortUsage: "imds-proxy report --prometheus URL [--window 168h] [--json|--csv|--html]",
+		ShortHelp:  "the fleet's IMDSv1 inventory: which workloads still call without a token, from Prometheus",
+		LongHelp: "Asks Prometheus for the node agents' imds_proxy_workload_requests_total over --window\n" +
+			"(one range query) and prints, busiest first, each workload that made IMDSv1 calls: its\n" +
+			"namespace, the policy its latest calls met, its calls, those --v1 block would have\n" +
+			"refused, how many proxies saw them, and when it was first and last seen." + envHelp,
+		FlagSet: fs,
+		Options: parseOptions(),
+		Exec: flagsOnly("imds-proxy report", func(ctx context.Context) error {
+			if *prometheus == "" {
+				return errors.New("--prometheus is required: the URL of the Prometheus that scrapes the proxies")
+			}
+			formats := 0
+			for _, set := range []bool{*asJSON, *asCSV, *asHTML} {
+				if set {
+					formats++
+				}
+			}
+			if formats > 1 {
+				return errors.New("--json, --csv and --html: choose one")
+			}
+			ctx, cancel := context.WithTimeout(ctx, *timeout)
+			defer cancel()
+			inv, err := report.FromPrometheus(ctx, &http.Client{Transport: &http.Transport{Proxy: http.ProxyFromEnvironment}},
+				*prometheus, *window, time.Now())
+			if err != nil {
+				return err
+			}
+			switch {
+			case *asJSON:
+				return inv.WriteJSON(stdout)
+			case *asCSV:
+				return inv.WriteCSV(stdout)
+			case *asHTML:
+				return inv.WriteHTML(stdout)
+			}
+			return inv.WriteTable(stdout)
+		}),
+	}
+}

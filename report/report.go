@@ -1,0 +1,161 @@
+// Package report is the fleet's IMDSv1 inventory: which workloads still
+// call IMDS without a token, how often, since when, under which policy,
+// from the proxies' metrics in Prometheus. It asks only the Prometheus it
+// is given, with one range query.
+package report
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"time"
+)
+
+// Row is one workload of the inventory.
+type Row struct {
+	// Namespace is the Kubernetes namespace or the ECS cluster; Workload
+	// its top owner, task definition or container name (as the node
+	// agents name them in imds_proxy_workload_requests_total).
+	Namespace string `json:"namespace"`
+	Workload  string `json:"workload"`
+	// Proxies is how many proxies (nodes, sidecars) saw its IMDSv1 calls.
+	Proxies int `json:"proxies"`
+	// Calls are its IMDSv1 calls in the window; WouldBlock those that
+	// --v1 block would have refused (every call not already refused).
+	Calls      float64 `json:"imdsv1_calls"`
+	WouldBlock float64 `json:"would_block"`
+	// FirstSeen and LastSeen bound the steps in which it called.
+	FirstSeen time.Time `json:"first_seen"`
+	LastSeen  time.Time `json:"last_seen"`
+	// Policy is the IMDSv1 policy its latest calls met.
+	Policy string `json:"policy"`
+}
+
+// Point is the fleet's IMDSv1 calls in one step: the burn-down.
+type Point struct {
+	Time  time.Time `json:"time"`
+	Calls float64   `json:"calls"`
+}
+
+// Inventory is the report: its rows, busiest first, and the burn-down.
+type Inventory struct {
+	From, To time.Time
+	Step     time.Duration
+	Rows     []Row
+	Burndown []Point
+}
+
+// Query is the one PromQL range query the inventory is made of: the
+// IMDSv1 calls of each workload, policy and proxy in each step.
+func Query(step time.Duration) string {
+	return `sum by (namespace, workload, v1_policy, instance) (increase(imds_proxy_workload_requests_total{imds_version="v1"}[` +
+		strconv.FormatInt(int64(step/time.Second), 10) + `s]))`
+}
+
+// FromPrometheus asks the Prometheus at base (http://host:port) for the
+// window before to, in steps of window/100 (at least a minute).
+func FromPrometheus(ctx context.Context, client *http.Client, base string, window time.Duration, to time.Time) (*Inventory, error) {
+	step := max(window/100, time.Minute).Truncate(time.Second)
+	inv := &Inventory{From: to.Add(-window), To: to, Step: step}
+	u, err := url.Parse(base)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("--prometheus %q: want http(s)://host:port", base)
+	}
+	q := url.Values{"query": {Query(step)}, "start": {unix(inv.From)}, "end": {unix(to)}, "step": {strconv.Itoa(int(step.Seconds()))}}
+	u = u.JoinPath("api/v1/query_range")
+	u.RawQuery = q.Encode()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("asking Prometheus: %w", err)
+	}
+	defer resp.Body.Close()
+	var answer struct {
+		Status, Error string
+		Data          struct {
+			Result []struct {
+				Metric map[string]string
+				Values [][2]any
+			}
+		}
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&answer); err != nil {
+		return nil, fmt.Errorf("Prometheus answered %s, not a query result: %w", resp.Status, err)
+	}
+	if answer.Status != "success" {
+		return nil, fmt.Errorf("Prometheus refused the query: %s %s", resp.Status, answer.Error)
+	}
+	type key struct{ namespace, workload string }
+	rows := map[key]*Row{}
+	proxies := map[key]map[string]bool{}
+	latest := map[key]time.Time{}
+	burndown := map[int64]float64{}
+	for _, series := range answer.Data.Result {
+		k := key{series.Metric["namespace"], series.Metric["workload"]}
+		r := rows[k]
+		if r == nil {
+			r = &Row{Namespace: k.namespace, Workload: k.workload}
+			rows[k], proxies[k] = r, map[string]bool{}
+		}
+		for _, v := range series.Values {
+			at, calls, err := sample(v)
+			if err != nil {
+				return nil, fmt.Errorf("Prometheus answered a sample that is no number: %w", err)
+			}
+			burndown[at.Unix()] += calls
+			if calls <= 0 {
+				continue
+			}
+			r.Calls += calls
+			if series.Metric["v1_policy"] != "block" {
+				r.WouldBlock += calls
+			}
+			proxies[k][series.Metric["instance"]] = true
+			if r.FirstSeen.IsZero() || at.Before(r.FirstSeen) {
+				r.FirstSeen = at
+			}
+			if at.After(r.LastSeen) {
+				r.LastSeen = at
+			}
+			if !at.Before(latest[k]) {
+				latest[k], r.Policy = at, series.Metric["v1_policy"]
+			}
+		}
+	}
+	for k, r := range rows {
+		if r.Calls > 0 {
+			r.Proxies = len(proxies[k])
+			inv.Rows = append(inv.Rows, *r)
+		}
+	}
+	slices.SortFunc(inv.Rows, func(a, b Row) int {
+		return cmp.Or(cmp.Compare(b.Calls, a.Calls), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Workload, b.Workload))
+	})
+	for at := inv.From.Truncate(time.Second); !at.After(to); at = at.Add(step) {
+		inv.Burndown = append(inv.Burndown, Point{Time: at.UTC(), Calls: burndown[at.Unix()]})
+	}
+	return inv, nil
+}
+
+func unix(t time.Time) string { return strconv.FormatInt(t.Unix(), 10) }
+
+// sample reads a [time, "value"] pair of a range query's answer.
+func sample(v [2]any) (time.Time, float64, error) {
+	at, ok := v[0].(float64)
+	text, ok2 := v[1].(string)
+	if !ok || !ok2 {
+		return time.Time{}, 0, errors.New("malformed sample")
+	}
+	calls, err := strconv.ParseFloat(text, 64)
+	return time.Unix(int64(at), 0).UTC(), calls, err
+}
