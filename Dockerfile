@@ -1,16 +1,20 @@
 # imds-proxy image: a static binary on a small Debian base that carries
 # iptables and ip6tables with both the nft and legacy backends, so that
 # --iptables-backend auto matches whatever the host uses.
-FROM golang:1.26-bookworm AS build
+# The build stage runs on the builder's own platform and cross-compiles for
+# the target's (amd64, or arm64 for Graviton): pure Go, no emulation.
+FROM --platform=$BUILDPLATFORM golang:1.26-bookworm AS build
+# Set by BuildKit and buildah from --platform; empty (the host's) otherwise.
+ARG TARGETOS TARGETARCH
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 ARG VERSION=dev
-RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/imds-proxy ./cmd/imds-proxy
+RUN CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/imds-proxy ./cmd/imds-proxy
 # The node DaemonSet's build: with the Kubernetes source (--node-name), whose
 # client would cost every sidecar about 4.5 MB of binary and 4 MB of RSS.
-RUN CGO_ENABLED=0 go build -tags kubernetes -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/imds-proxy-kubernetes ./cmd/imds-proxy
+RUN CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH go build -tags kubernetes -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/imds-proxy-kubernetes ./cmd/imds-proxy
 
 FROM debian:bookworm-slim
 RUN apt-get update \

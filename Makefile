@@ -9,7 +9,7 @@ SHELL        := /bin/bash
 # The demo and benchmark print a table from the e2e package; these lines are go test's own.
 GO_TEST_NOISE := '^(=== RUN|--- PASS|PASS$$|ok )'
 
-.PHONY: build test lint demo demo-loopback bench bench-load image clean deps
+.PHONY: build test test-arm64 lint demo demo-loopback bench bench-load image clean deps
 
 ## build: bin/imds-proxy, and bin/imds-proxy-kubernetes (with the Kubernetes source, for the node DaemonSet)
 build:
@@ -55,7 +55,7 @@ lint:
 ## kube-apiserver's certificates (internal/testutil/kube.go), docker.io
 ## (dockerd, containerd, runc; init script and systemd units left out, so nothing starts them) and
 ## busybox-static for the Docker tests (internal/testutil/docker.go), and Debian's prometheus for promtool
-## (deploy/prometheus_test.go)
+## (deploy/prometheus_test.go), and qemu-user-static for the arm64 tests
 deps:
 	@if [ "$$(id -u)" = 0 ] && ! { command -v iptables-legacy && command -v iptables-nft && command -v ip && command -v openssl; } >/dev/null; then \
 		echo "installing iptables, iproute2 and openssl"; \
@@ -67,6 +67,10 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			-o Dpkg::Options::=--path-exclude=/etc/init.d/docker -o 'Dpkg::Options::=--path-exclude=/lib/systemd/system/docker.*' \
 			-o Dpkg::Options::=--path-exclude=/lib/systemd/system/containerd.service docker.io busybox-static >/dev/null; \
+	fi
+	@if [ "$$(id -u)" = 0 ] && ! command -v qemu-aarch64-static >/dev/null; then \
+		echo "installing qemu-user-static, which runs the arm64 tests (make test-arm64)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-user-static >/dev/null; \
 	fi
 	@if [ "$$(id -u)" = 0 ] && ! command -v promtool >/dev/null; then \
 		echo "installing Debian's prometheus for promtool, which tests deploy/prometheus (no daemon is started)"; \
@@ -89,6 +93,21 @@ $(JSCLIENT)/node_modules/.installed: $(JSCLIENT)/package.json $(JSCLIENT)/packag
 test: deps lint $(BIN)/ec2-metadata-mock $(JSCLIENT)/node_modules/.installed $(KUBE_APISERVER) $(ETCD)
 	AEMM_BIN=$(BIN)/ec2-metadata-mock KUBE_APISERVER_BIN=$(KUBE_APISERVER) ETCD_BIN=$(ETCD) \
 		$(GO) test -tags kubernetes -race -count=1 -timeout 10m ./...
+	@$(MAKE) --no-print-directory test-arm64
+
+# The packages whose tests run as an arm64 binary under user-mode emulation:
+# those that neither re-execute their own test binary (iptables) nor start
+# processes into a cgroup (clone3, which qemu-user lacks).
+ARM64_PACKAGES := ./token ./inject ./report ./webhook ./internal/serving ./doctor ./proxy
+
+## test-arm64: the pure-Go packages' tests built for arm64 (Graviton) and run under qemu-aarch64-static
+test-arm64: deps $(BIN)/ec2-metadata-mock
+	@if ! command -v qemu-aarch64-static >/dev/null; then \
+		if [ "$$CI" = true ]; then echo "qemu-aarch64-static is missing (make deps installs qemu-user-static as root)" >&2; exit 1; fi; \
+		echo "qemu-aarch64-static is missing: skipping the arm64 tests"; exit 0; \
+	fi; \
+	AEMM_BIN=$(BIN)/ec2-metadata-mock GOARCH=arm64 $(GO) test -count=1 -timeout 10m -exec qemu-aarch64-static $(ARM64_PACKAGES) && \
+	GOARCH=arm64 $(GO) test -count=1 -exec qemu-aarch64-static -run '^TestParseCgroup$$' ./internal/attribution
 
 ## demo: as root, the hop-limit problem and its fixes in network namespaces, with the AWS SDK
 demo: deps $(BIN)/ec2-metadata-mock
@@ -123,11 +142,18 @@ bench-load: $(BIN)/ec2-metadata-mock
 	$(BENCH_LOAD) -bench CredentialBurst -benchtime 1x | grep -vE $(BENCH_NOISE)
 	$(BENCH_LOAD) -bench Footprint -benchtime 1x | grep -vE $(BENCH_NOISE)
 
-## image: the container image, with docker (engine running) or buildah
+## image: the container image for amd64 and arm64 (Graviton), with docker (engine running, BuildKit) or buildah:
+## docker tags $(IMAGE)-amd64 and $(IMAGE)-arm64, buildah makes the manifest list $(IMAGE); the binaries are
+## cross-compiled, and the base image's apt-get runs under the host's binfmt emulation for the other architecture
 IMAGE ?= imds-proxy:$(VERSION)
+IMAGE_PLATFORMS ?= linux/amd64 linux/arm64
 image:
-	@if docker info >/dev/null 2>&1; then docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .; \
-	elif command -v buildah >/dev/null; then buildah bud --build-arg VERSION=$(VERSION) -t $(IMAGE) .; \
+	@if docker info >/dev/null 2>&1; then \
+		for platform in $(IMAGE_PLATFORMS); do \
+			DOCKER_BUILDKIT=1 docker build --platform $$platform --build-arg VERSION=$(VERSION) -t $(IMAGE)-$${platform#linux/} . || exit 1; \
+		done; \
+	elif command -v buildah >/dev/null; then \
+		buildah bud --platform $$(echo $(IMAGE_PLATFORMS) | tr ' ' ,) --manifest $(IMAGE) --build-arg VERSION=$(VERSION) .; \
 	else echo "make image needs docker with a running engine, or buildah; neither is available here" >&2; exit 1; fi
 
 clean:
