@@ -38,10 +38,12 @@ type Row struct {
 	Policy string `json:"policy"`
 }
 
-// Point is the fleet's IMDSv1 calls in one step: the burn-down.
+// Point is the fleet's IMDSv1 calls in one step that --v1 block would
+// refuse: the burn-down, which reaches zero when every workload either
+// stopped calling IMDSv1 or is blocked, and tokens can be required.
 type Point struct {
-	Time  time.Time `json:"time"`
-	Calls float64   `json:"calls"`
+	Time       time.Time `json:"time"`
+	WouldBlock float64   `json:"would_block"`
 }
 
 // Inventory is the report: its rows, busiest first, and the burn-down.
@@ -60,9 +62,13 @@ func Query(step time.Duration) string {
 }
 
 // FromPrometheus asks the Prometheus at base (http://host:port) for the
-// window before to, in steps of window/100 (at least a minute).
-func FromPrometheus(ctx context.Context, client *http.Client, base string, window time.Duration, to time.Time) (*Inventory, error) {
-	step := max(window/100, time.Minute).Truncate(time.Second)
+// window before to, in steps of step (if zero, window/100 and at least a
+// minute; at least a second in any case).
+func FromPrometheus(ctx context.Context, client *http.Client, base string, window, step time.Duration, to time.Time) (*Inventory, error) {
+	if step <= 0 {
+		step = max(window/100, time.Minute)
+	}
+	step = max(step, time.Second).Truncate(time.Second)
 	inv := &Inventory{From: to.Add(-window), To: to, Step: step}
 	u, err := url.Parse(base)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -112,13 +118,13 @@ func FromPrometheus(ctx context.Context, client *http.Client, base string, windo
 			if err != nil {
 				return nil, fmt.Errorf("Prometheus answered a sample that is no number: %w", err)
 			}
-			burndown[at.Unix()] += calls
 			if calls <= 0 {
 				continue
 			}
 			r.Calls += calls
 			if series.Metric["v1_policy"] != "block" {
 				r.WouldBlock += calls
+				burndown[at.Unix()] += calls
 			}
 			proxies[k][series.Metric["instance"]] = true
 			if r.FirstSeen.IsZero() || at.Before(r.FirstSeen) {
@@ -142,7 +148,7 @@ func FromPrometheus(ctx context.Context, client *http.Client, base string, windo
 		return cmp.Or(cmp.Compare(b.Calls, a.Calls), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Workload, b.Workload))
 	})
 	for at := inv.From.Truncate(time.Second); !at.After(to); at = at.Add(step) {
-		inv.Burndown = append(inv.Burndown, Point{Time: at.UTC(), Calls: burndown[at.Unix()]})
+		inv.Burndown = append(inv.Burndown, Point{Time: at.UTC(), WouldBlock: burndown[at.Unix()]})
 	}
 	return inv, nil
 }

@@ -58,12 +58,12 @@ func (inv *Inventory) WriteHTML(w io.Writer) error {
 	const width, height = 800.0, 240.0
 	peak := 1.0
 	for _, p := range inv.Burndown {
-		peak = max(peak, p.Calls)
+		peak = max(peak, p.WouldBlock)
 	}
 	var points string
 	for i, p := range inv.Burndown {
 		x := width * float64(i) / float64(max(len(inv.Burndown)-1, 1))
-		points += fmt.Sprintf("%.1f,%.1f ", x, height-height*p.Calls/peak)
+		points += fmt.Sprintf("%.1f,%.1f ", x, height-height*p.WouldBlock/peak)
 	}
 	return page.Execute(w, struct {
 		*Inventory
@@ -84,9 +84,10 @@ svg{border:1px solid #ccc;background:#fafafa}.block{color:#a00}</style></head><b
 <h1>IMDSv1 inventory</h1>
 <p>From {{time .From}} to {{time .To}}, in steps of {{.Step}}: the fleet's tokenless IMDS calls, by workload, from the imds-proxy metrics.</p>
 <h2>Burn-down</h2>
-<svg width="{{.Width}}" height="{{.Height}}" viewBox="0 0 {{.Width}} {{.Height}}" role="img" aria-label="IMDSv1 calls per step">
+<p>IMDSv1 calls per step that --v1 block would refuse: tokens can be required once this stays at zero.</p>
+<svg width="{{.Width}}" height="{{.Height}}" viewBox="0 0 {{.Width}} {{.Height}}" role="img" aria-label="would-block IMDSv1 calls per step">
 <polyline fill="none" stroke="#c33" stroke-width="2" points="{{.Points}}"/></svg>
-<p>Peak: {{calls .Peak}} IMDSv1 calls in one step.</p>
+<p>Peak: {{calls .Peak}} would-block calls in one step.</p>
 <h2>Workloads</h2>
 <table><tr><th>Namespace</th><th>Workload</th><th>Policy</th><th>IMDSv1 calls</th><th>Would-block</th><th>Proxies</th><th>First seen</th><th>Last seen</th></tr>
 {{range .Rows}}<tr><td>{{orDash .Namespace}}</td><td>{{.Workload}}</td><td{{if eq .Policy "block"}} class="block"{{end}}>{{.Policy}}</td><td>{{calls .Calls}}</td><td>{{calls .WouldBlock}}</td><td>{{.Proxies}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>

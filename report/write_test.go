@@ -15,7 +15,7 @@ func TestWritersQuoteWorkloadNames(t *testing.T) {
 	inv := &Inventory{From: at.Add(-time.Hour), To: at, Step: time.Minute,
 		Rows: []Row{{Namespace: "team-a", Workload: `Pod/<script>alert(1)</script>,"x"`, Calls: 3, WouldBlock: 3, Proxies: 1,
 			FirstSeen: at.Add(-time.Minute), LastSeen: at, Policy: "warn"}},
-		Burndown: []Point{{Time: at.Add(-time.Minute), Calls: 1}, {Time: at, Calls: 2}}}
+		Burndown: []Point{{Time: at.Add(-time.Minute), WouldBlock: 1}, {Time: at, WouldBlock: 2}}}
 	var html bytes.Buffer
 	if err := inv.WriteHTML(&html); err != nil {
 		t.Fatal(err)

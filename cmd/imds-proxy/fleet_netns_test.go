@@ -15,16 +15,17 @@ import (
 )
 
 // TestFleetViewOnARealPrometheus: a real Prometheus scrapes a node agent
-// (the Kubernetes source on, pod A's workload blocked by annotation) and a
-// sidecar under a small traffic mix: pod A's IMDSv2 client and its refused
-// IMDSv1 calls, pod B's IMDSv1 calls (warn), the sidecar's IMDSv1 and
-// IMDSv2 clients. Every dashboard query and every alert expression is run
-// there and answers what the traffic implies, and asks only for metrics
-// the proxies export.
+// (the Kubernetes source on) and a sidecar through a small simulated
+// IMDSv1 shutdown. Observe: pod A (Deployment/web) and pod B
+// (Pod/batch-runner) call IMDSv1 under warn, pod A also IMDSv2, and the
+// sidecar serves an IMDSv1 client. Enforce: pod A's workload is blocked by
+// annotation, and its IMDSv1 calls are refused. Fixed: pod B stops calling
+// IMDSv1. Every dashboard query and alert expression is run there and
+// answers what the traffic implies, asking only for exported metrics, and
+// `imds-proxy report` shows the inventory and the burn-down reaching zero.
 func TestFleetViewOnARealPrometheus(t *testing.T) {
 	k := newKubeNode(t)
 	e, podA, podB := k.e, k.workloads[0], k.workloads[1]
-	k.kube.Patch("Pod", "team-a", k.web.Name, map[string]any{"metadata": map[string]any{"annotations": map[string]string{imdsapi.V1Key: "block"}}})
 	testutil.StartProxy(t, e.Node, kubernetesBinary, nodeArgs("--interfaces", "eni+", "--iptables-backend", "nft", "--v1", "warn",
 		"--node-name", kubeNodeName, "--kubeconfig", k.kubeconfig), asNodeAgent(nodeAgentCaps...))
 	const sidecarAPI, sidecarAdmin = "127.0.0.1:18169", "127.0.0.1:19169"
@@ -32,28 +33,45 @@ func TestFleetViewOnARealPrometheus(t *testing.T) {
 		"--metrics-listen", sidecarAdmin, "--upstream", "http://169.254.169.254"})
 	rulesFile := filepath.Join("..", "..", "deploy", "prometheus", "rules.yaml")
 	prom := testutil.StartPrometheus(t, e.Node, []string{"127.0.0.1:9169", sidecarAdmin}, rulesFile)
+	start := time.Now()
 
 	cgroups := testutil.NewCgroups(t)
-	traffic := func() {
-		if got := imdsv2In(t, cgroups, podA, "/latest/meta-data/instance-id"); got != "200" {
-			t.Fatalf("pod A's IMDSv2 GET: %s", got)
+	// phase sends the traffic of one stage for a few seconds: pod A's
+	// IMDSv2 and IMDSv1 calls (wantA answers the latter), pod B's IMDSv1
+	// calls unless it is fixed, and the sidecar's IMDSv1 client.
+	phase := func(wantA string, podBFixed bool) {
+		for end := time.Now().Add(6 * time.Second); time.Now().Before(end); {
+			if got := imdsv2In(t, cgroups, podA, "/latest/meta-data/instance-id"); got != "200" {
+				t.Fatalf("pod A's IMDSv2 GET: %s", got)
+			}
+			if got := curlIn(t, cgroups, podA, "/latest/meta-data/instance-id"); got != wantA {
+				t.Fatalf("pod A's IMDSv1 GET: %s, want %s", got, wantA)
+			}
+			if !podBFixed {
+				if got := curlIn(t, cgroups, podB, "/latest/meta-data/instance-id"); got != "200" {
+					t.Fatalf("pod B's IMDSv1 GET: %s, want 200 (--v1 warn)", got)
+				}
+			}
+			if status, _ := e.Node.Get(t, sidecarAPI, "/latest/meta-data/instance-id", nil); status != http.StatusOK {
+				t.Fatalf("the sidecar's IMDSv1 GET: %d", status)
+			}
+			time.Sleep(200 * time.Millisecond)
 		}
-		if got := curlIn(t, cgroups, podB, "/latest/meta-data/instance-id"); got != "200" {
-			t.Fatalf("pod B's IMDSv1 GET: %s, want 200 (--v1 warn)", got)
-		}
-		if status, _ := e.Node.Get(t, sidecarAPI, "/latest/meta-data/instance-id", nil); status != http.StatusOK {
-			t.Fatalf("the sidecar's IMDSv1 GET: %d", status)
-		}
-		curlIn(t, cgroups, podA, "/latest/meta-data/instance-id") // refused once the annotation is seen
 	}
-	// Until pod A's policy is in force and Prometheus has seen it: the
-	// first scrapes may come before the first requests.
+	// Observe, until the sources name both pods (the first requests may
+	// come before the pods are listed).
 	waitFor(t, 30*time.Second, func() bool {
-		traffic()
-		return len(prom.Query(t, `imds_proxy_workload_requests_total{v1_policy="block"}`)) > 0 &&
-			len(prom.Query(t, `rate(imds_proxy_workload_requests_total{v1_policy="block"}[1m]) > 0`)) > 0
-	}, "Prometheus to see pod A's blocked IMDSv1 calls")
-	traffic()
+		phase("200", false)
+		return len(prom.Query(t, `imds_proxy_workload_requests_total{workload="Pod/batch-runner"}`)) > 0 &&
+			len(prom.Query(t, `imds_proxy_workload_requests_total{workload="Deployment/web"}`)) > 0
+	}, "Prometheus to see both pods' workloads")
+	// Enforce on pod A's workload.
+	k.kube.Patch("Pod", "team-a", k.web.Name, map[string]any{"metadata": map[string]any{"annotations": map[string]string{imdsapi.V1Key: "block"}}})
+	waitFor(t, 10*time.Second, func() bool { return curlIn(t, cgroups, podA, "/latest/meta-data/instance-id") == "401" },
+		"pod A's IMDSv1 calls refused")
+	phase("401", false)
+	// Pod B fixed.
+	phase("401", true)
 	time.Sleep(2 * time.Second) // two more scrapes and rule evaluations
 
 	names := prom.MetricNames(t)
@@ -139,17 +157,18 @@ func TestFleetViewOnARealPrometheus(t *testing.T) {
 		return len(prom.Query(t, `ALERTS{alertname="ImdsProxyBlockedWorkloadCallsIMDSv1", alertstate="firing", workload="Deployment/web"}`)) == 1
 	}, "Prometheus to fire ImdsProxyBlockedWorkloadCallsIMDSv1 for Deployment/web")
 
-	checkReport(t, e.Node, "http://"+prom.Addr)
+	checkReport(t, e.Node, "http://"+prom.Addr, time.Since(start))
 }
 
 // checkReport runs `imds-proxy report` against the fleet's Prometheus in
-// each format: pod A's workload is blocked (no call would-block), pod B's
-// warned (every call would-block), busiest first, and the burn-down holds
-// the calls.
-func checkReport(t *testing.T, ns *testutil.Netns, prometheus string) {
+// each format, over the shutdown's window in 2 s steps: pod A's workload
+// ends blocked, with the calls it made under warn would-block and the
+// later ones not; pod B's calls were all warned and would-block; and the
+// burn-down rises, then falls to zero once A is blocked and B fixed.
+func checkReport(t *testing.T, ns *testutil.Netns, prometheus string, window time.Duration) {
 	t.Helper()
 	run := func(format ...string) string {
-		cmd := ns.Command(append([]string{binary, "report", "--prometheus", prometheus, "--window", "10m"}, format...)...)
+		cmd := ns.Command(append([]string{binary, "report", "--prometheus", prometheus, "--window", window.Round(time.Second).String(), "--step", "2s"}, format...)...)
 		cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 		out, err := cmd.Output()
 		if err != nil {
@@ -164,7 +183,10 @@ func checkReport(t *testing.T, ns *testutil.Netns, prometheus string) {
 			WouldBlock                  float64 `json:"would_block"`
 			Proxies                     int
 		}
-		Burndown []struct{ Calls float64 }
+		Burndown []struct {
+			Time       time.Time
+			WouldBlock float64 `json:"would_block"`
+		}
 	}
 	if err := json.Unmarshal([]byte(run("--json")), &inv); err != nil {
 		t.Fatal(err)
@@ -178,18 +200,20 @@ func checkReport(t *testing.T, ns *testutil.Netns, prometheus string) {
 	if !okWeb || !okBatch {
 		t.Fatalf("report --json: %+v, want team-a/Deployment/web and team-a/Pod/batch-runner", inv.Workloads)
 	}
-	if w := inv.Workloads[web]; w.Policy != "block" || w.Calls <= 0 || w.WouldBlock != 0 || w.Proxies != 1 {
-		t.Errorf("Deployment/web: %+v, want policy block, calls, none would-block, one proxy", w)
+	if w := inv.Workloads[web]; w.Policy != "block" || w.WouldBlock <= 0 || w.WouldBlock >= w.Calls || w.Proxies != 1 {
+		t.Errorf("Deployment/web: %+v, want policy block, its calls under warn would-block and its blocked ones not, one proxy", w)
 	}
 	if w := inv.Workloads[batch]; w.Policy != "warn" || w.Calls <= 0 || w.WouldBlock != w.Calls {
 		t.Errorf("Pod/batch-runner: %+v, want policy warn, every call would-block", w)
 	}
-	total := 0.0
+	peak, steps := 0.0, []string{}
 	for _, p := range inv.Burndown {
-		total += p.Calls
+		peak = max(peak, p.WouldBlock)
+		steps = append(steps, fmt.Sprintf("%s %.0f", p.Time.Format("15:04:05"), p.WouldBlock))
 	}
-	if total < inv.Workloads[web].Calls+inv.Workloads[batch].Calls-0.5 {
-		t.Errorf("the burn-down holds %v calls, fewer than the workloads' %v", total, inv.Workloads[web].Calls+inv.Workloads[batch].Calls)
+	t.Logf("burn-down (would-block IMDSv1 calls per 2 s step): %s", strings.Join(steps, ", "))
+	if n := len(inv.Burndown); n < 4 || peak <= 0 || inv.Burndown[n-1].WouldBlock != 0 {
+		t.Errorf("burn-down %v: want it to rise, then end at zero", steps)
 	}
 	table := run()
 	if !strings.Contains(table, "Deployment/web") || !strings.Contains(table, "NAMESPACE") {

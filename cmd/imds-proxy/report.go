@@ -16,18 +16,21 @@ func newReportCommand(stdout, stderr io.Writer) *ffcli.Command {
 	fs := newFlagSet("imds-proxy report", stderr)
 	prometheus := fs.String("prometheus", "", "the Prometheus that scrapes the proxies (http://host:port); required")
 	window := fs.Duration("window", 7*24*time.Hour, "how far back the inventory looks")
+	step := fs.Duration("step", 0, "the burn-down's resolution (default: a hundredth of --window, at least 1m)")
 	timeout := fs.Duration("timeout", 30*time.Second, "bound on the Prometheus query")
 	asJSON := fs.Bool("json", false, "print the inventory and the burn-down as JSON")
 	asCSV := fs.Bool("csv", false, "print the inventory as CSV")
 	asHTML := fs.Bool("html", false, "print a self-contained HTML page with the burn-down chart, for a change ticket")
 	return &ffcli.Command{
 		Name:       "report",
-		ShortUsage: "imds-proxy report --prometheus URL [--window 168h] [--json|--csv|--html]",
+		ShortUsage: "imds-proxy report --prometheus URL [--window 168h] [--step 1h] [--json|--csv|--html]",
 		ShortHelp:  "the fleet's IMDSv1 inventory: which workloads still call without a token, from Prometheus",
 		LongHelp: "Asks Prometheus for the node agents' imds_proxy_workload_requests_total over --window\n" +
 			"(one range query) and prints, busiest first, each workload that made IMDSv1 calls: its\n" +
 			"namespace, the policy its latest calls met, its calls, those --v1 block would have\n" +
-			"refused, how many proxies saw them, and when it was first and last seen." + envHelp,
+			"refused, how many proxies saw them, and when it was first and last seen; and the\n" +
+			"burn-down: the fleet's would-block calls per --step, which must reach zero before the\n" +
+			"instances can require tokens." + envHelp,
 		FlagSet: fs,
 		Options: parseOptions(),
 		Exec: flagsOnly("imds-proxy report", func(ctx context.Context) error {
@@ -46,7 +49,7 @@ func newReportCommand(stdout, stderr io.Writer) *ffcli.Command {
 			ctx, cancel := context.WithTimeout(ctx, *timeout)
 			defer cancel()
 			inv, err := report.FromPrometheus(ctx, &http.Client{Transport: &http.Transport{Proxy: http.ProxyFromEnvironment}},
-				*prometheus, *window, time.Now())
+				*prometheus, *window, *step, time.Now())
 			if err != nil {
 				return err
 			}
