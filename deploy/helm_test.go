@@ -84,6 +84,8 @@ func decodeRendered(raw []byte, meta metav1.TypeMeta) (any, error) {
 		v = &corev1.Secret{}
 	case "monitoring.coreos.com/v1 PrometheusRule":
 		v = &monitoringv1.PrometheusRule{}
+	case "monitoring.coreos.com/v1 PodMonitor":
+		v = &monitoringv1.PodMonitor{}
 	default:
 		return decodeStrictly(raw, meta)
 	}
@@ -190,6 +192,16 @@ func TestHelmChart(t *testing.T) {
 				}
 				if c.Image != "ghcr.io/imds-proxy/imds-proxy:0.2.0" {
 					return "image " + c.Image
+				}
+				return ""
+			}},
+			{"PodMonitor", "podMonitor: {enabled: true}", func(o map[string]any) string {
+				m, ok := o["PodMonitor imds-proxy/imds-proxy-webhook"].(*monitoringv1.PodMonitor)
+				d, _ := o["Deployment imds-proxy/imds-proxy-webhook"].(*appsv1.Deployment)
+				if !ok || d == nil || len(m.Spec.PodMetricsEndpoints) != 1 || m.Spec.PodMetricsEndpoints[0].Port == nil ||
+					*m.Spec.PodMetricsEndpoints[0].Port != d.Spec.Template.Spec.Containers[0].Ports[1].Name ||
+					m.Spec.Selector.MatchLabels["app.kubernetes.io/name"] != d.Spec.Template.Labels["app.kubernetes.io/name"] {
+					return "no PodMonitor selecting the webhook's pods and their metrics port"
 				}
 				return ""
 			}},
