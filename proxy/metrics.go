@@ -126,10 +126,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		workloadRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imds_proxy_workload_requests_total",
 			Help: "Client requests by the caller's workload (Kubernetes namespace and top owner, ECS cluster and task definition, " +
-				"or Docker container name), IMDS version, and for IMDSv1 the policy applied to them. A node agent knows the workload; " +
+				"or Docker container name), IMDS version, and for IMDSv1 the policy applied to them and the client family from the User-Agent " +
+				"(the sdk label of imds_proxy_v1_requests_by_sdk_total). A node agent knows the workload; " +
 				"the first " + strconv.Itoa(maxWorkloadSeries) + " workloads get series of their own, later ones count as namespace=\"other\", workload=\"other\"; " +
 				"callers no source knows count as workload=\"unknown\".",
-		}, []string{"namespace", "workload", "imds_version", "v1_policy"}),
+		}, []string{"namespace", "workload", "imds_version", "v1_policy", "sdk"}),
 		workloads: newBoundedSet(maxWorkloadSeries),
 		attributionsSkipped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imds_proxy_v1_attributions_skipped_total",
@@ -212,8 +213,8 @@ func (m *metrics) setCacheSize(entries, bytes int) {
 const maxWorkloadSeries = 256
 
 // countWorkload counts one request of workload w, with the IMDSv1 policy
-// applied to it ("" for IMDSv2).
-func (m *metrics) countWorkload(w workload.Workload, version string, policy imdsapi.V1Policy) {
+// applied to it and its client family ("" for IMDSv2).
+func (m *metrics) countWorkload(w workload.Workload, version string, policy imdsapi.V1Policy, sdk string) {
 	namespace, name := w.Namespace, w.Name
 	switch {
 	case !w.Known():
@@ -221,7 +222,7 @@ func (m *metrics) countWorkload(w workload.Workload, version string, policy imds
 	case !m.workloads.admit(namespace + "/" + name):
 		namespace, name = "other", "other"
 	}
-	m.workloadRequests.WithLabelValues(namespace, name, version, string(policy)).Inc()
+	m.workloadRequests.WithLabelValues(namespace, name, version, string(policy), sdk).Inc()
 }
 
 // boundedSet admits its first max members, and those again.

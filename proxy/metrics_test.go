@@ -21,17 +21,17 @@ func TestWorkloadSeriesAreBounded(t *testing.T) {
 	}
 	for i := range maxWorkloadSeries + 50 {
 		w := workload.Workload{Platform: "kubernetes", Namespace: "team", Name: fmt.Sprintf("Deployment/app-%d", i)}
-		m.countWorkload(w, "v1", imdsapi.V1Warn)
+		m.countWorkload(w, "v1", imdsapi.V1Warn, "botocore")
 	}
-	m.countWorkload(workload.Workload{Platform: "kubernetes", Namespace: "team", Name: "Deployment/app-0"}, "v2", "")
-	m.countWorkload(workload.Workload{}, "v2", "")
+	m.countWorkload(workload.Workload{Platform: "kubernetes", Namespace: "team", Name: "Deployment/app-0"}, "v2", "", "")
+	m.countWorkload(workload.Workload{}, "v2", "", "")
 	if got, want := seriesOf(m.workloadRequests), maxWorkloadSeries+3; got != want {
 		t.Errorf("%d series, want %d (the first %d workloads, other, app-0's IMDSv2, unknown)", got, want, maxWorkloadSeries)
 	}
-	if got := valueOf(t, m.workloadRequests.WithLabelValues("other", "other", "v1", "warn")); got != 50 {
+	if got := valueOf(t, m.workloadRequests.WithLabelValues("other", "other", "v1", "warn", "botocore")); got != 50 {
 		t.Errorf("other: %v requests, want 50", got)
 	}
-	if got := valueOf(t, m.workloadRequests.WithLabelValues("", "unknown", "v2", "")); got != 1 {
+	if got := valueOf(t, m.workloadRequests.WithLabelValues("", "unknown", "v2", "", "")); got != 1 {
 		t.Errorf("unknown: %v requests, want 1", got)
 	}
 }

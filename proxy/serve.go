@@ -381,7 +381,11 @@ func (p *Proxy) record(x *exchange, r *http.Request, status int) {
 	p.metrics.requests.WithLabelValues(methodLabel(r.Method), x.outcome, x.version).Inc()
 	if p.cfg.Workloads != nil && p.cfg.Mode == imdsapi.ModeNode {
 		// A sidecar serves one workload, which its own series name.
-		p.metrics.countWorkload(x.workload, x.version, x.policy)
+		sdk := ""
+		if x.version == "v1" {
+			sdk = sdkFamily(r.UserAgent())
+		}
+		p.metrics.countWorkload(x.workload, x.version, x.policy, sdk)
 	}
 	if x.outcome == outcomeTokenIssued {
 		p.metrics.tokensMinted.Inc()

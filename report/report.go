@@ -27,6 +27,9 @@ type Row struct {
 	Workload  string `json:"workload"`
 	// Proxies is how many proxies (nodes, sidecars) saw its IMDSv1 calls.
 	Proxies int `json:"proxies"`
+	// SDKs are the client families its IMDSv1 calls came from, by their
+	// User-Agent (go-v1, botocore, aws-cli, curl, other, ...).
+	SDKs []string `json:"sdks"`
 	// Calls are its IMDSv1 calls in the window; WouldBlock those that
 	// --v1 block would have refused (every call not already refused).
 	Calls      float64 `json:"imdsv1_calls"`
@@ -55,9 +58,10 @@ type Inventory struct {
 }
 
 // Query is the one PromQL range query the inventory is made of: the
-// IMDSv1 calls of each workload, policy and proxy in each step.
+// IMDSv1 calls of each workload, policy, client family and proxy in each
+// step.
 func Query(step time.Duration) string {
-	return `sum by (namespace, workload, v1_policy, instance) (increase(imds_proxy_workload_requests_total{imds_version="v1"}[` +
+	return `sum by (namespace, workload, v1_policy, sdk, instance) (increase(imds_proxy_workload_requests_total{imds_version="v1"}[` +
 		strconv.FormatInt(int64(step/time.Second), 10) + `s]))`
 }
 
@@ -127,6 +131,9 @@ func FromPrometheus(ctx context.Context, client *http.Client, base string, windo
 				burndown[at.Unix()] += calls
 			}
 			proxies[k][series.Metric["instance"]] = true
+			if sdk := series.Metric["sdk"]; sdk != "" && !slices.Contains(r.SDKs, sdk) {
+				r.SDKs = append(r.SDKs, sdk)
+			}
 			if r.FirstSeen.IsZero() || at.Before(r.FirstSeen) {
 				r.FirstSeen = at
 			}
@@ -141,6 +148,7 @@ func FromPrometheus(ctx context.Context, client *http.Client, base string, windo
 	for k, r := range rows {
 		if r.Calls > 0 {
 			r.Proxies = len(proxies[k])
+			slices.Sort(r.SDKs)
 			inv.Rows = append(inv.Rows, *r)
 		}
 	}

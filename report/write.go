@@ -16,10 +16,10 @@ import (
 func (inv *Inventory) WriteTable(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
 	fmt.Fprintf(tw, "IMDSv1 calls from %s to %s\n", inv.From.UTC().Format(time.RFC3339), inv.To.UTC().Format(time.RFC3339))
-	fmt.Fprintln(tw, "NAMESPACE\tWORKLOAD\tPOLICY\tIMDSv1 CALLS\tWOULD-BLOCK\tPROXIES\tFIRST SEEN\tLAST SEEN")
+	fmt.Fprintln(tw, "NAMESPACE\tWORKLOAD\tPOLICY\tIMDSv1 CALLS\tWOULD-BLOCK\tSDKS\tPROXIES\tFIRST SEEN\tLAST SEEN")
 	for _, r := range inv.Rows {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%.0f\t%.0f\t%d\t%s\t%s\n", orDash(r.Namespace), r.Workload, r.Policy, r.Calls, r.WouldBlock,
-			r.Proxies, r.FirstSeen.Format(time.RFC3339), r.LastSeen.Format(time.RFC3339))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%.0f\t%.0f\t%s\t%d\t%s\t%s\n", orDash(r.Namespace), r.Workload, r.Policy, r.Calls, r.WouldBlock,
+			orDash(strings.Join(r.SDKs, ",")), r.Proxies, r.FirstSeen.Format(time.RFC3339), r.LastSeen.Format(time.RFC3339))
 	}
 	if len(inv.Rows) == 0 {
 		fmt.Fprintln(tw, "(no workload called IMDSv1 in the window)")
@@ -43,10 +43,10 @@ func (inv *Inventory) WriteJSON(w io.Writer) error {
 // WriteCSV writes the rows as CSV with a header line, for spreadsheets.
 func (inv *Inventory) WriteCSV(w io.Writer) error {
 	cw := csv.NewWriter(w)
-	_ = cw.Write([]string{"namespace", "workload", "policy", "imdsv1_calls", "would_block", "proxies", "first_seen", "last_seen"})
+	_ = cw.Write([]string{"namespace", "workload", "policy", "imdsv1_calls", "would_block", "sdks", "proxies", "first_seen", "last_seen"})
 	for _, r := range inv.Rows {
 		_ = cw.Write([]string{r.Namespace, r.Workload, r.Policy, strconv.FormatFloat(r.Calls, 'f', 0, 64),
-			strconv.FormatFloat(r.WouldBlock, 'f', 0, 64), strconv.Itoa(r.Proxies),
+			strconv.FormatFloat(r.WouldBlock, 'f', 0, 64), strings.Join(r.SDKs, " "), strconv.Itoa(r.Proxies),
 			r.FirstSeen.Format(time.RFC3339), r.LastSeen.Format(time.RFC3339)})
 	}
 	cw.Flush()
@@ -83,19 +83,19 @@ svg{border:1px solid #ccc;background:#fafafa}.block{color:#a00}</style></head><b
 <polyline fill="none" stroke="#c33" stroke-width="2" points="%[3]s"/></svg>
 <p>Peak: %[4]s would-block calls in one step.</p>
 <h2>Workloads</h2>
-<table><tr><th>Namespace</th><th>Workload</th><th>Policy</th><th>IMDSv1 calls</th><th>Would-block</th><th>Proxies</th><th>First seen</th><th>Last seen</th></tr>
+<table><tr><th>Namespace</th><th>Workload</th><th>Policy</th><th>IMDSv1 calls</th><th>Would-block</th><th>SDKs</th><th>Proxies</th><th>First seen</th><th>Last seen</th></tr>
 `, width, height, points.String(), strconv.FormatFloat(peak, 'f', 0, 64))
 	for _, r := range inv.Rows {
 		class := ""
 		if r.Policy == "block" {
 			class = ` class="block"`
 		}
-		fmt.Fprintf(&b, "<tr><td>%s</td><td>%s</td><td%s>%s</td><td>%.0f</td><td>%.0f</td><td>%d</td><td>%s</td><td>%s</td></tr>\n",
+		fmt.Fprintf(&b, "<tr><td>%s</td><td>%s</td><td%s>%s</td><td>%.0f</td><td>%.0f</td><td>%s</td><td>%d</td><td>%s</td><td>%s</td></tr>\n",
 			html.EscapeString(orDash(r.Namespace)), html.EscapeString(r.Workload), class, html.EscapeString(r.Policy), r.Calls, r.WouldBlock,
-			r.Proxies, r.FirstSeen.Format(time.RFC3339), r.LastSeen.Format(time.RFC3339))
+			html.EscapeString(strings.Join(r.SDKs, ", ")), r.Proxies, r.FirstSeen.Format(time.RFC3339), r.LastSeen.Format(time.RFC3339))
 	}
 	if len(inv.Rows) == 0 {
-		b.WriteString(`<tr><td colspan="8">No workload called IMDSv1 in the window.</td></tr>` + "\n")
+		b.WriteString(`<tr><td colspan="9">No workload called IMDSv1 in the window.</td></tr>` + "\n")
 	}
 	b.WriteString("</table></body></html>\n")
 	_, err := io.WriteString(w, b.String())

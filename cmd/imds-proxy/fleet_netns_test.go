@@ -182,6 +182,7 @@ func checkReport(t *testing.T, ns *testutil.Netns, prometheus string, window tim
 			Calls                       float64 `json:"imdsv1_calls"`
 			WouldBlock                  float64 `json:"would_block"`
 			Proxies                     int
+			SDKs                        []string
 		}
 		Burndown []struct {
 			Time       time.Time
@@ -203,8 +204,8 @@ func checkReport(t *testing.T, ns *testutil.Netns, prometheus string, window tim
 	if w := inv.Workloads[web]; w.Policy != "block" || w.WouldBlock <= 0 || w.WouldBlock >= w.Calls || w.Proxies != 1 {
 		t.Errorf("Deployment/web: %+v, want policy block, its calls under warn would-block and its blocked ones not, one proxy", w)
 	}
-	if w := inv.Workloads[batch]; w.Policy != "warn" || w.Calls <= 0 || w.WouldBlock != w.Calls {
-		t.Errorf("Pod/batch-runner: %+v, want policy warn, every call would-block", w)
+	if w := inv.Workloads[batch]; w.Policy != "warn" || w.Calls <= 0 || w.WouldBlock != w.Calls || !slices.Equal(w.SDKs, []string{"curl"}) {
+		t.Errorf("Pod/batch-runner: %+v, want policy warn, every call would-block, from curl", w)
 	}
 	peak, steps := 0.0, []string{}
 	for _, p := range inv.Burndown {
@@ -220,7 +221,7 @@ func checkReport(t *testing.T, ns *testutil.Netns, prometheus string, window tim
 		t.Errorf("report (table):\n%s", table)
 	}
 	t.Logf("imds-proxy report:\n%s", table)
-	if csv := run("--csv"); !strings.HasPrefix(csv, "namespace,workload,policy,") || strings.Count(csv, "\n") != 1+len(inv.Workloads) {
+	if csv := run("--csv"); !strings.HasPrefix(csv, "namespace,workload,policy,imdsv1_calls,would_block,sdks,") || strings.Count(csv, "\n") != 1+len(inv.Workloads) {
 		t.Errorf("report --csv:\n%s", csv)
 	}
 	if html := run("--html"); !strings.Contains(html, "<svg") || !strings.Contains(html, "Pod/batch-runner") || strings.Contains(html, "http://") && !strings.Contains(html, "http://www.w3.org") {

@@ -307,10 +307,10 @@ func TestNodeEnforcesPerWorkloadPolicy(t *testing.T) {
 
 	status, metrics := e.Node.Get(t, "127.0.0.1:9169", "/metrics", nil)
 	for _, series := range []string{
-		`imds_proxy_workload_requests_total{imds_version="v1",namespace="team-a",v1_policy="warn",workload="Deployment/web"}`,
-		`imds_proxy_workload_requests_total{imds_version="v1",namespace="team-a",v1_policy="block",workload="Deployment/web"}`,
-		`imds_proxy_workload_requests_total{imds_version="v1",namespace="team-a",v1_policy="warn",workload="Pod/batch-runner"}`,
-		`imds_proxy_workload_requests_total{imds_version="v2",namespace="team-a",v1_policy="",workload="Pod/batch-runner"}`,
+		`imds_proxy_workload_requests_total{imds_version="v1",namespace="team-a",sdk="curl",v1_policy="warn",workload="Deployment/web"}`,
+		`imds_proxy_workload_requests_total{imds_version="v1",namespace="team-a",sdk="curl",v1_policy="block",workload="Deployment/web"}`,
+		`imds_proxy_workload_requests_total{imds_version="v1",namespace="team-a",sdk="curl",v1_policy="warn",workload="Pod/batch-runner"}`,
+		`imds_proxy_workload_requests_total{imds_version="v2",namespace="team-a",sdk="",v1_policy="",workload="Pod/batch-runner"}`,
 		`imds_proxy_requests_total{imds_version="v2",method="GET",outcome="identity_guarded"} 1`,
 	} {
 		if status != http.StatusOK || !strings.Contains(metrics, series) {
