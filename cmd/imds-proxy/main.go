@@ -58,7 +58,7 @@ func exitCode(err error) int {
 func newRootCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command {
 	return &ffcli.Command{
 		Name:       "imds-proxy",
-		ShortUsage: "imds-proxy <sidecar|node|rules|doctor|ready|inject|webhook|version> [flags]",
+		ShortUsage: "imds-proxy <sidecar|node|rules|doctor|ready|inject|webhook|report|version> [flags]",
 		LongHelp: "A transparent proxy for the EC2 Instance Metadata Service (IMDS).\n\n" +
 			"It answers IMDSv2 token requests itself, so token responses reach containers\n" +
 			"whatever the instance's hop limit, keeps its own IMDSv2 session with IMDS,\n" +
