@@ -86,6 +86,8 @@ func decodeRendered(raw []byte, meta metav1.TypeMeta) (any, error) {
 		v = &monitoringv1.PrometheusRule{}
 	case "monitoring.coreos.com/v1 PodMonitor":
 		v = &monitoringv1.PodMonitor{}
+	case "monitoring.coreos.com/v1 ServiceMonitor":
+		v = &monitoringv1.ServiceMonitor{}
 	default:
 		return decodeStrictly(raw, meta)
 	}
@@ -147,6 +149,48 @@ func TestHelmChart(t *testing.T) {
 		!bytes.Equal(mwc.Webhooks[0].ClientConfig.CABundle, mwc.Webhooks[1].ClientConfig.CABundle) {
 		t.Error("the generated certificate's CA is not the caBundle of both webhooks")
 	}
+
+	t.Run("node metrics equal node-with-metrics", func(t *testing.T) {
+		objects, err := renderChart(t, map[string]any{"node": map[string]any{"metrics": map[string]any{"enabled": true, "serviceMonitor": true}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		build := kustomizeBuild(t, filepath.Join(kubernetesDir, "node-with-metrics"))
+		for _, c := range []struct {
+			key  string
+			spec func(any) any
+		}{
+			{"DaemonSet imds-proxy/imds-proxy-node", func(o any) any { return o.(*appsv1.DaemonSet).Spec }},
+			{"Service imds-proxy/imds-proxy-node-metrics", func(o any) any { return o.(*corev1.Service).Spec }},
+			{"ClusterRole imds-proxy-node-kube-rbac-proxy", func(o any) any { return o.(*rbacv1.ClusterRole).Rules }},
+			{"ClusterRole imds-proxy-metrics-reader", func(o any) any { return o.(*rbacv1.ClusterRole).Rules }},
+			{"ClusterRoleBinding imds-proxy-node-kube-rbac-proxy", func(o any) any {
+				b := o.(*rbacv1.ClusterRoleBinding)
+				return []any{b.RoleRef, b.Subjects}
+			}},
+		} {
+			got, ok := objects[c.key]
+			if !ok {
+				t.Errorf("the chart has no %s", c.key)
+				continue
+			}
+			want, err := decodeStrictly(build[c.key], metav1.TypeMeta{APIVersion: apiVersionOf(got), Kind: strings.Fields(c.key)[0]})
+			if err != nil {
+				t.Fatalf("%s: %v", c.key, err)
+			}
+			if g, w := c.spec(got), c.spec(want); !reflect.DeepEqual(g, w) {
+				gy, _ := yaml.Marshal(g)
+				wy, _ := yaml.Marshal(w)
+				t.Errorf("%s differs between the chart and node-with-metrics:\n--- chart\n%s\n--- kustomize\n%s", c.key, gy, wy)
+			}
+		}
+		m, ok := objects["ServiceMonitor imds-proxy/imds-proxy-node"].(*monitoringv1.ServiceMonitor)
+		svc, _ := objects["Service imds-proxy/imds-proxy-node-metrics"].(*corev1.Service)
+		if !ok || svc == nil || m.Spec.Selector.MatchLabels["app.kubernetes.io/name"] != svc.Labels["app.kubernetes.io/name"] ||
+			len(m.Spec.Endpoints) != 1 || m.Spec.Endpoints[0].Port != svc.Spec.Ports[0].Name {
+			t.Error("no ServiceMonitor selecting the node metrics Service and its port")
+		}
+	})
 
 	t.Run("combinations", func(t *testing.T) {
 		for _, c := range []struct {
