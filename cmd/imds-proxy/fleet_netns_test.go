@@ -65,6 +65,7 @@ func TestFleetViewOnARealPrometheus(t *testing.T) {
 		return len(prom.Query(t, `imds_proxy_workload_requests_total{workload="Pod/batch-runner"}`)) > 0 &&
 			len(prom.Query(t, `imds_proxy_workload_requests_total{workload="Deployment/web"}`)) > 0
 	}, "Prometheus to see both pods' workloads")
+	phase("200", false) // observed, now that both are named
 	// Enforce on pod A's workload.
 	k.kube.Patch("Pod", "team-a", k.web.Name, map[string]any{"metadata": map[string]any{"annotations": map[string]string{imdsapi.V1Key: "block"}}})
 	waitFor(t, 10*time.Second, func() bool { return curlIn(t, cgroups, podA, "/latest/meta-data/instance-id") == "401" },
@@ -161,14 +162,14 @@ func TestFleetViewOnARealPrometheus(t *testing.T) {
 }
 
 // checkReport runs `imds-proxy report` against the fleet's Prometheus in
-// each format, over the shutdown's window in 2 s steps: pod A's workload
+// each format, over the shutdown's window in 3 s steps: pod A's workload
 // ends blocked, with the calls it made under warn would-block and the
 // later ones not; pod B's calls were all warned and would-block; and the
 // burn-down rises, then falls to zero once A is blocked and B fixed.
 func checkReport(t *testing.T, ns *testutil.Netns, prometheus string, window time.Duration) {
 	t.Helper()
 	run := func(format ...string) string {
-		cmd := ns.Command(append([]string{binary, "report", "--prometheus", prometheus, "--window", window.Round(time.Second).String(), "--step", "2s"}, format...)...)
+		cmd := ns.Command(append([]string{binary, "report", "--prometheus", prometheus, "--window", window.Round(time.Second).String(), "--step", "3s"}, format...)...)
 		cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 		out, err := cmd.Output()
 		if err != nil {
@@ -212,7 +213,7 @@ func checkReport(t *testing.T, ns *testutil.Netns, prometheus string, window tim
 		peak = max(peak, p.WouldBlock)
 		steps = append(steps, fmt.Sprintf("%s %.0f", p.Time.Format("15:04:05"), p.WouldBlock))
 	}
-	t.Logf("burn-down (would-block IMDSv1 calls per 2 s step): %s", strings.Join(steps, ", "))
+	t.Logf("burn-down (would-block IMDSv1 calls per 3 s step): %s", strings.Join(steps, ", "))
 	if n := len(inv.Burndown); n < 4 || peak <= 0 || inv.Burndown[n-1].WouldBlock != 0 {
 		t.Errorf("burn-down %v: want it to rise, then end at zero", steps)
 	}
