@@ -131,14 +131,12 @@ func (p *Proxy) decide(r *http.Request, caller netip.Addr, workloadOf func() wor
 }
 
 // workloadFor is the workload of x's caller for the rules that depend on
-// it: what Of knew, or else what a trace of the connection finds now, once.
+// it: what Of knew, or else what a trace of the connection finds now.
 // Requests that no such rule decides (IMDSv2, mostly) never wait on a scan.
 func (p *Proxy) workloadFor(x *exchange) func() workload.Workload {
-	traced := false
 	return func() workload.Workload {
-		if !x.workload.Known() && !traced {
-			traced = true
-			x.who = p.cfg.Workloads.Trace(x.client)
+		if !x.workload.Known() {
+			x.trace(p.cfg.Workloads)
 			x.workload = x.who.Workload
 		}
 		return x.workload
@@ -333,10 +331,14 @@ type exchange struct {
 	caller netip.Addr
 	// who is the caller's connection as a node agent traced it.
 	who workload.Caller
+	// traceTried says the connection was traced in this request, found or
+	// not: one scan of /proc a request at most.
+	traceTried bool
 	// workload is the caller's workload: who's, or the one of the
 	// process that made a tokenless request, where that is known better.
 	workload workload.Workload
 	version  string           // "v1" (no token) or "v2"
+	sdk      string           // the client family of a tokenless request (sdkFamily)
 	policy   imdsapi.V1Policy // the IMDSv1 policy applied to a tokenless request
 	outcome  string
 	ttl      int // seconds a token request asked for: a client fingerprint (SDKs differ)
@@ -351,10 +353,20 @@ type tokenlessKey struct{}
 
 func sentTokenless(ctx context.Context) bool { return ctx.Value(tokenlessKey{}) != nil }
 
+// trace finds the caller's namespace and container, once a request, where
+// Of did not know them.
+func (x *exchange) trace(workloads *workload.Resolver) {
+	if x.who.Traced || x.traceTried {
+		return
+	}
+	x.traceTried = true
+	x.who = workloads.Trace(x.client)
+}
+
 func newExchange(r *http.Request) *exchange {
 	x := &exchange{start: time.Now(), version: "v2"}
 	if r.URL.Path != imdsapi.TokenPath && len(r.Header.Values(imdsapi.TokenHeader)) == 0 {
-		x.version = "v1"
+		x.version, x.sdk = "v1", sdkFamily(r.UserAgent())
 	}
 	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
 		x.client = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
@@ -381,11 +393,7 @@ func (p *Proxy) record(x *exchange, r *http.Request, status int) {
 	p.metrics.requests.WithLabelValues(methodLabel(r.Method), x.outcome, x.version).Inc()
 	if p.cfg.Workloads != nil && p.cfg.Mode == imdsapi.ModeNode {
 		// A sidecar serves one workload, which its own series name.
-		sdk := ""
-		if x.version == "v1" {
-			sdk = sdkFamily(r.UserAgent())
-		}
-		p.metrics.countWorkload(x.workload, x.version, x.policy, sdk)
+		p.metrics.countWorkload(x.workload, x.version, x.policy, x.sdk)
 	}
 	if x.outcome == outcomeTokenIssued {
 		p.metrics.tokensMinted.Inc()

@@ -27,7 +27,7 @@ func (p *Proxy) noteV1(r *http.Request, x *exchange, policy imdsapi.V1Policy) {
 		proc = p.callers.recordUnattributed(x.caller.String(), r.UserAgent(), r.URL.Path, x.workload, x.start)
 	}
 	p.logV1(r, x, proc, policy)
-	p.metrics.v1BySDK.WithLabelValues(sdkFamily(r.UserAgent())).Inc()
+	p.metrics.v1BySDK.WithLabelValues(x.sdk).Inc()
 	// Counted under every policy: it is the number operators watch fall
 	// to zero before they require tokens, whatever this proxy does now.
 	p.metrics.v1WouldBlock.Inc()
@@ -47,9 +47,8 @@ func (p *Proxy) attribute(x *exchange) (proc attribution.Process, attributed boo
 		p.metrics.attributionsSkipped.Inc()
 		return attribution.Process{}, false
 	}
-	if !x.who.Traced && p.cfg.Workloads != nil {
-		x.who = p.cfg.Workloads.Trace(x.client) // its namespace, where a node agent knew its workload by address
-	}
+	x.trace(p.cfg.Workloads) // its namespace, where a node agent knew its workload by address
+
 	if x.who.Traced {
 		proc = p.attributor.LookupIn(x.who.Namespace, x.client)
 	} else {

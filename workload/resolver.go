@@ -39,8 +39,10 @@ type Resolver struct {
 	// a flood of new connections cannot spend the agent's CPU on them.
 	scans *rate.Limiter
 
-	mu      sync.Mutex
-	pending map[netip.Addr]struct{} // addresses traced in the background now
+	mu sync.Mutex
+	// pending are the addresses traced in the background now, each with a
+	// channel closed when its trace ends.
+	pending map[netip.Addr]chan struct{}
 }
 
 // NewResolver names the workloads of containers from sources, asked in
@@ -66,7 +68,7 @@ const (
 func NewNodeResolver(a attribution.Attributor, ttl time.Duration, scansPerSecond float64, sources ...Source) *Resolver {
 	return &Resolver{sources: sources, callers: attribution.NewCallers(a, ttl),
 		scans:   rate.NewLimiter(rate.Limit(scansPerSecond), max(1, int(scansPerSecond))),
-		pending: map[netip.Addr]struct{}{}}
+		pending: map[netip.Addr]chan struct{}{}}
 }
 
 // Of is what is known of client's connection without scanning /proc: its
@@ -94,7 +96,19 @@ func (r *Resolver) Trace(client netip.AddrPort) Caller {
 		return Caller{}
 	}
 	c := r.known(client)
-	if c.Traced || r.callers == nil || !r.scans.Allow() {
+	if c.Traced || r.callers == nil {
+		return c
+	}
+	r.mu.Lock()
+	background := r.pending[client.Addr()]
+	r.mu.Unlock()
+	if background != nil {
+		// Of started the same scan for this address: wait for it rather
+		// than scan twice.
+		<-background
+		return r.known(client)
+	}
+	if !r.scans.Allow() {
 		return c
 	}
 	if ns, container, ok := r.callers.Find(client); ok {
@@ -132,12 +146,14 @@ func (r *Resolver) traceLater(client netip.AddrPort) {
 	if _, pending := r.pending[client.Addr()]; pending || len(r.pending) >= maxPendingTraces || !r.scans.Allow() {
 		return
 	}
-	r.pending[client.Addr()] = struct{}{}
+	done := make(chan struct{})
+	r.pending[client.Addr()] = done
 	go func() {
 		r.callers.Find(client)
 		r.mu.Lock()
 		delete(r.pending, client.Addr())
 		r.mu.Unlock()
+		close(done)
 	}()
 }
 

@@ -14,9 +14,10 @@ import (
 // TestResolverTracesInTheBackground: a node agent's resolver never scans
 // /proc for Of, which only starts a trace in the background; the address's
 // container and workload are known once it ends. Trace scans at once, for
-// the rules that need the workload. The container is an ECS task's, in a
-// network namespace of its own and a cgroup shaped like ECS's, named by the
-// introspection source against the agent's stand-in.
+// the rules that need the workload, or waits for Of's trace of the same
+// address. The container is an ECS task's, in a network namespace of its
+// own and a cgroup shaped like ECS's, named by the introspection source
+// against the agent's stand-in.
 func TestResolverTracesInTheBackground(t *testing.T) {
 	const task = "8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d"
 	id := containerID("e")
@@ -64,5 +65,12 @@ func TestResolverTracesInTheBackground(t *testing.T) {
 	now := NewNodeResolver(attribution.Attributor{}, time.Minute, 20, ecs)
 	if c := now.Trace(client); !c.Traced || c.Container != want || c.Workload.Name != "billing:7" {
 		t.Errorf("Trace: %+v, want the task's container and workload at once", c)
+	}
+
+	// Trace right after Of waits for Of's background trace, and has its answer.
+	both := NewNodeResolver(attribution.Attributor{}, time.Minute, 20, ecs)
+	both.Of(client)
+	if c := both.Trace(client); !c.Traced || c.Container != want {
+		t.Errorf("Trace after Of: %+v, want the background trace's answer", c)
 	}
 }
