@@ -1,9 +1,6 @@
 package workload
 
 import (
-	"net"
-	"net/netip"
-	"strconv"
 	"testing"
 	"time"
 
@@ -23,26 +20,7 @@ func TestResolverTracesInTheBackground(t *testing.T) {
 	id := containerID("e")
 	node, container := testutil.NewNetns(t), testutil.NewNetns(t)
 	testutil.Veth(t, node, "veth1", "10.78.0.1/24", container, "eth0", "10.78.0.2/24")
-	var ln net.Listener
-	var err error
-	node.Do(t, func() { ln, err = net.Listen("tcp", "10.78.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	app := testutil.NewCgroups(t).Container(t, container, "ecs/"+task+"/"+id, true,
-		"bash", "-c", "exec 3<>/dev/tcp/10.78.0.1/"+strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)+"; exec sleep 60")
-	if err := app.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = app.Process.Kill(); _ = app.Wait() }()
-	_ = ln.(*net.TCPListener).SetDeadline(time.Now().Add(10 * time.Second))
-	conn, err := ln.Accept()
-	if err != nil {
-		t.Fatalf("the container did not connect: %v", err)
-	}
-	defer conn.Close()
-	client := netip.MustParseAddrPort(conn.RemoteAddr().String())
+	client, _ := testutil.NewCgroups(t).ConnectedApp(t, node, container, "10.78.0.1", "ecs/"+task+"/"+id)
 
 	agent := testutil.StartECSIntrospectionStandIn(t, nil, "127.0.0.1:0", "prod", testutil.ECSTask{
 		Arn: "arn:aws:ecs:us-east-1:111122223333:task/prod/" + task, Family: "billing", Revision: "7",

@@ -1,9 +1,7 @@
 package attribution_test
 
 import (
-	"net"
 	"net/netip"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -19,31 +17,10 @@ import (
 func TestCallersAcrossNamespaces(t *testing.T) {
 	node, pod := testutil.NewNetns(t), testutil.NewNetns(t)
 	testutil.Veth(t, node, "cni0", "10.77.0.1/24", pod, "eth0", "10.77.0.2/24")
-	var ln net.Listener
-	var err error
-	node.Do(t, func() { ln, err = net.Listen("tcp", "10.77.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	port := ln.Addr().(*net.TCPAddr).Port
-
 	const podUID = "1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718"
 	const containerID = "4b825dc642cb6eb9a060e54bf8d69288fbee4904a8f7b1d3e2c6f0a9b8c7d6e5"
 	cgroups := testutil.NewCgroups(t)
-	app := cgroups.Container(t, pod, "kubepods/besteffort/pod"+podUID+"/"+containerID, true,
-		"bash", "-c", "exec 3<>/dev/tcp/10.77.0.1/"+strconv.Itoa(port)+"; exec sleep 60")
-	if err := app.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = app.Process.Kill(); _ = app.Wait() }()
-	_ = ln.(*net.TCPListener).SetDeadline(time.Now().Add(10 * time.Second))
-	conn, err := ln.Accept()
-	if err != nil {
-		t.Fatalf("the container did not connect: %v", err)
-	}
-	defer conn.Close()
-	client := netip.MustParseAddrPort(conn.RemoteAddr().String())
+	client, app := cgroups.ConnectedApp(t, node, pod, "10.77.0.1", "kubepods/besteffort/pod"+podUID+"/"+containerID)
 
 	callers := attribution.NewCallers(attribution.Attributor{}, time.Minute)
 	if _, _, ok := callers.Known(client); ok {

@@ -4,9 +4,12 @@ import (
 	"bufio"
 	"crypto/rand"
 	"encoding/hex"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -91,6 +94,35 @@ func (c *Cgroups) Container(t testing.TB, ns *Netns, name string, app bool, argv
 	cmd := exec.Command("nsenter", append(wrap, argv...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(group.Fd())}
 	return cmd
+}
+
+// ConnectedApp starts an app container named name (a cgroup path, see
+// Container) in ns whose process connects to a listener on nodeIP in node
+// and holds the connection open, as a workload's SDK holds its connection
+// to IMDS. It returns the caller's end of the connection as node sees it,
+// and the container's command; both end with the test.
+func (c *Cgroups) ConnectedApp(t testing.TB, node, ns *Netns, nodeIP, name string) (netip.AddrPort, *exec.Cmd) {
+	t.Helper()
+	var ln net.Listener
+	var err error
+	node.Do(t, func() { ln, err = net.Listen("tcp", net.JoinHostPort(nodeIP, "0")) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	app := c.Container(t, ns, name, true,
+		"bash", "-c", "exec 3<>/dev/tcp/"+nodeIP+"/"+strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)+"; exec sleep 60")
+	if err := app.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = app.Process.Kill(); _ = app.Wait() })
+	_ = ln.(*net.TCPListener).SetDeadline(time.Now().Add(10 * time.Second))
+	conn, err := ln.Accept()
+	if err != nil {
+		t.Fatalf("the container did not connect: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return netip.MustParseAddrPort(conn.RemoteAddr().String()), app
 }
 
 // Kill kills every process of container name, as a runtime stops a
