@@ -376,22 +376,7 @@ func taskDefinition(family, revision string) string {
 
 // get decodes the JSON answer of one Engine API request.
 func (d *Docker) get(ctx context.Context, path string, v any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker"+path, nil)
-	if err != nil {
-		return err
-	}
-	resp, err := d.client.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return apiError(resp)
-	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, maxMetadataResponseSize)).Decode(v); err != nil {
-		return fmt.Errorf("GET %s: %w", path, err)
-	}
-	return nil
+	return getJSON(ctx, d.client, "http://docker"+path, v)
 }
 
 // statusError is a request the API refused.
@@ -405,9 +390,10 @@ func (e *statusError) Error() string {
 }
 
 // apiError describes a refused request by its status and the API's
-// message, which never carries a container's environment.
+// message (the Engine API's JSON message, or the start of the body), which
+// never carries a container's environment.
 func apiError(resp *http.Response) error {
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 256))
 	var m struct{ Message string }
 	msg := strings.TrimSpace(string(body))
 	if json.Unmarshal(body, &m) == nil && m.Message != "" {

@@ -278,7 +278,8 @@ func (m *ECSTaskMetadata) LookupAddr(addr netip.Addr) (Workload, bool) {
 	return m.task, m.addrs[addr]
 }
 
-// getJSON decodes the JSON answer of a GET.
+// getJSON decodes the JSON answer of a GET; a refused request is a
+// *statusError.
 func getJSON(ctx context.Context, client *http.Client, url string, v any) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
@@ -290,8 +291,7 @@ func getJSON(ctx context.Context, client *http.Client, url string, v any) error 
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 256))
-		return fmt.Errorf("GET %s: %s: %s", url, resp.Status, strings.TrimSpace(string(body)))
+		return apiError(resp)
 	}
 	if err := json.NewDecoder(io.LimitReader(resp.Body, maxMetadataResponseSize)).Decode(v); err != nil {
 		return fmt.Errorf("GET %s: %w", url, err)
