@@ -108,20 +108,7 @@ func TestHelmChart(t *testing.T) {
 	webhook := kustomizeBuild(t, filepath.Join(kubernetesDir, "webhook"))
 	same := func(key string, build map[string][]byte, spec func(any) any) {
 		t.Helper()
-		got, ok := defaults[key]
-		if !ok {
-			t.Errorf("the chart has no %s", key)
-			return
-		}
-		want, err := decodeStrictly(build[key], metav1.TypeMeta{APIVersion: apiVersionOf(got), Kind: strings.Fields(key)[0]})
-		if err != nil {
-			t.Fatalf("%s: %v", key, err)
-		}
-		if g, w := spec(got), spec(want); !reflect.DeepEqual(g, w) {
-			gy, _ := yaml.Marshal(g)
-			wy, _ := yaml.Marshal(w)
-			t.Errorf("%s differs between the chart and kustomize:\n--- chart\n%s\n--- kustomize\n%s", key, gy, wy)
-		}
+		sameAsKustomize(t, defaults, build, key, spec)
 	}
 	same("DaemonSet imds-proxy/imds-proxy-node", node, func(o any) any { return o.(*appsv1.DaemonSet).Spec })
 	same("ServiceAccount imds-proxy/imds-proxy-node", node, func(o any) any { return o.(*corev1.ServiceAccount).AutomountServiceAccountToken })
@@ -169,20 +156,7 @@ func TestHelmChart(t *testing.T) {
 				return []any{b.RoleRef, b.Subjects}
 			}},
 		} {
-			got, ok := objects[c.key]
-			if !ok {
-				t.Errorf("the chart has no %s", c.key)
-				continue
-			}
-			want, err := decodeStrictly(build[c.key], metav1.TypeMeta{APIVersion: apiVersionOf(got), Kind: strings.Fields(c.key)[0]})
-			if err != nil {
-				t.Fatalf("%s: %v", c.key, err)
-			}
-			if g, w := c.spec(got), c.spec(want); !reflect.DeepEqual(g, w) {
-				gy, _ := yaml.Marshal(g)
-				wy, _ := yaml.Marshal(w)
-				t.Errorf("%s differs between the chart and node-with-metrics:\n--- chart\n%s\n--- kustomize\n%s", c.key, gy, wy)
-			}
+			sameAsKustomize(t, objects, build, c.key, c.spec)
 		}
 		m, ok := objects["ServiceMonitor imds-proxy/imds-proxy-node"].(*monitoringv1.ServiceMonitor)
 		svc, _ := objects["Service imds-proxy/imds-proxy-node-metrics"].(*corev1.Service)
@@ -299,6 +273,26 @@ func TestHelmChart(t *testing.T) {
 			t.Errorf("%s is not a copy of %s/rules.yaml (%v, %v): cp it", filepath.Join(chartDir, "files", "rules.yaml"), prometheusDir, err1, err2)
 		}
 	})
+}
+
+// sameAsKustomize checks that the part spec picks of the chart's object key
+// equals that of the kustomize build's.
+func sameAsKustomize(t *testing.T, chart map[string]any, build map[string][]byte, key string, spec func(any) any) {
+	t.Helper()
+	got, ok := chart[key]
+	if !ok {
+		t.Errorf("the chart has no %s", key)
+		return
+	}
+	want, err := decodeStrictly(build[key], metav1.TypeMeta{APIVersion: apiVersionOf(got), Kind: strings.Fields(key)[0]})
+	if err != nil {
+		t.Fatalf("%s: %v", key, err)
+	}
+	if g, w := spec(got), spec(want); !reflect.DeepEqual(g, w) {
+		gy, _ := yaml.Marshal(g)
+		wy, _ := yaml.Marshal(w)
+		t.Errorf("%s differs between the chart and kustomize:\n--- chart\n%s\n--- kustomize\n%s", key, gy, wy)
+	}
 }
 
 // apiVersionOf is the apiVersion of a decoded object.

@@ -79,17 +79,7 @@ func startSource(t *testing.T, cfg *rest.Config, log *zap.Logger, wait bool) *Ku
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	stopped := make(chan struct{})
-	go func() { k.Run(ctx); close(stopped) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-stopped:
-		case <-time.After(10 * time.Second):
-			t.Error("Run did not return within 10s of its context's end")
-		}
-	})
+	run(t, k)
 	if wait {
 		eventuallyDetail(t, 20*time.Second, "the source lists pods and namespaces", func() (bool, string) { return k.Synced(), "" })
 	}
