@@ -340,20 +340,6 @@ func dockerWorkload(name, image string, labels map[string]string, taskRole bool)
 	return w
 }
 
-// settings keeps the imds-proxy.io/* labels; nil where there are none.
-func settings(labels map[string]string) map[string]string {
-	var out map[string]string
-	for k, v := range labels {
-		if strings.HasPrefix(k, SettingsPrefix) {
-			if out == nil {
-				out = map[string]string{}
-			}
-			out[k] = v
-		}
-	}
-	return out
-}
-
 // clusterName is the cluster's short name: the ECS agent and the task
 // metadata endpoint give either it or the cluster's ARN
 // (arn:aws:ecs:REGION:ACCOUNT:cluster/NAME).

@@ -372,24 +372,13 @@ func resolvable(ref *metav1.OwnerReference) *schema.GroupVersionResource {
 // settings: the namespace's imds-proxy.io/* annotations, overlaid by the
 // pod's.
 func (k *Kubernetes) settings(pod *podObject) map[string]string {
-	var s map[string]string
-	add := func(annotations map[string]string) {
-		for key, v := range annotations {
-			if strings.HasPrefix(key, SettingsPrefix) {
-				if s == nil {
-					s = map[string]string{}
-				}
-				s[key] = v
-			}
-		}
-	}
+	var namespace map[string]string
 	if obj, ok, _ := k.nss.GetStore().GetByKey(pod.Namespace); ok {
 		if ns, ok := obj.(*metav1.PartialObjectMetadata); ok {
-			add(ns.Annotations)
+			namespace = ns.Annotations
 		}
 	}
-	add(pod.Annotations)
-	return s
+	return settings(namespace, pod.Annotations)
 }
 
 // runtimeID is the runtime's ID in a container status's containerID,

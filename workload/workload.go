@@ -8,6 +8,7 @@ package workload
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/attribution"
@@ -90,4 +91,22 @@ type Source interface {
 	Lookup(c attribution.Container) (Workload, bool)
 	// Run keeps what the source holds current until ctx ends.
 	Run(ctx context.Context)
+}
+
+// settings keeps the imds-proxy.io/* keys of annotations or labels, each
+// map's over those before it (a pod's over its namespace's); nil where
+// there are none.
+func settings(layers ...map[string]string) map[string]string {
+	var out map[string]string
+	for _, layer := range layers {
+		for k, v := range layer {
+			if strings.HasPrefix(k, SettingsPrefix) {
+				if out == nil {
+					out = map[string]string{}
+				}
+				out[k] = v
+			}
+		}
+	}
+	return out
 }
