@@ -11,6 +11,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/attribution"
 	"github.com/imds-proxy/imds-proxy/workload"
 	"go.uber.org/zap"
@@ -31,10 +32,15 @@ type V1Caller struct {
 	attribution.Process
 	// Workload is the caller's workload, where a node agent knows it.
 	workload.Workload
-	Count        uint64    `json:"count"`
-	FirstSeen    time.Time `json:"first_seen"`
-	LastSeen     time.Time `json:"last_seen"`
-	ExamplePaths []string  `json:"example_paths"`
+	Count uint64 `json:"count"`
+	// Blocked are the calls of Count that its policy refused; the others
+	// are the ones --v1 block would refuse.
+	Blocked uint64 `json:"blocked"`
+	// Policy is the IMDSv1 policy its latest call met.
+	Policy       imdsapi.V1Policy `json:"v1_policy"`
+	FirstSeen    time.Time        `json:"first_seen"`
+	LastSeen     time.Time        `json:"last_seen"`
+	ExamplePaths []string         `json:"example_paths"`
 }
 
 // callerKey is one row of the table.
@@ -104,7 +110,7 @@ func newV1Callers(size int, evicted func(reason string)) *v1Callers {
 // recordUnattributed counts a request whose process was not looked up
 // against the row its caller and User-Agent last had, if any, and returns
 // that row's process.
-func (c *v1Callers) recordUnattributed(caller, userAgent, path string, w workload.Workload, now time.Time) attribution.Process {
+func (c *v1Callers) recordUnattributed(caller, userAgent, path string, w workload.Workload, policy imdsapi.V1Policy, now time.Time) attribution.Process {
 	c.mu.Lock()
 	key, ok := c.latest[[2]string{caller, truncate(userAgent)}]
 	var proc attribution.Process
@@ -112,11 +118,11 @@ func (c *v1Callers) recordUnattributed(caller, userAgent, path string, w workloa
 		proc = el.Value.(*callerRow).Process
 	}
 	c.mu.Unlock()
-	c.record(caller, userAgent, path, proc, w, now)
+	c.record(caller, userAgent, path, proc, w, policy, now)
 	return proc
 }
 
-func (c *v1Callers) record(caller, userAgent, path string, proc attribution.Process, w workload.Workload, now time.Time) {
+func (c *v1Callers) record(caller, userAgent, path string, proc attribution.Process, w workload.Workload, policy imdsapi.V1Policy, now time.Time) {
 	key := callerKey{caller, truncate(userAgent), proc.Executable, uidOf(proc), proc.Cgroup, w.Namespace + "/" + w.Name + "/" + w.Container}
 	path = truncate(path)
 	c.mu.Lock()
@@ -125,6 +131,10 @@ func (c *v1Callers) record(caller, userAgent, path string, proc attribution.Proc
 	if el, ok := c.entries[key]; ok {
 		e := el.Value.(*callerRow)
 		e.Count++
+		if policy == imdsapi.V1Block {
+			e.Blocked++
+		}
+		e.Policy = policy
 		e.LastSeen = now
 		e.Process = proc // the latest process behind this caller
 		if len(e.ExamplePaths) < maxExamplePaths && !slices.Contains(e.ExamplePaths, path) {
@@ -147,7 +157,10 @@ func (c *v1Callers) record(caller, userAgent, path string, proc attribution.Proc
 		c.held[quota] = mine
 	}
 	e := &callerRow{V1Caller: V1Caller{Caller: caller, UserAgent: key.userAgent, SDK: sdkFamily(userAgent), Process: proc, Workload: w,
-		Count: 1, FirstSeen: now, LastSeen: now, ExamplePaths: []string{path}}, key: key, quota: quota}
+		Count: 1, Policy: policy, FirstSeen: now, LastSeen: now, ExamplePaths: []string{path}}, key: key, quota: quota}
+	if policy == imdsapi.V1Block {
+		e.Blocked = 1
+	}
 	el := c.order.PushFront(e)
 	e.own = mine.PushFront(el)
 	c.entries[key] = el

@@ -22,9 +22,9 @@ func (p *Proxy) noteV1(r *http.Request, x *exchange, policy imdsapi.V1Policy) {
 		x.workload = own
 	}
 	if attributed {
-		p.callers.record(x.caller.String(), r.UserAgent(), r.URL.Path, proc, x.workload, x.start)
+		p.callers.record(x.caller.String(), r.UserAgent(), r.URL.Path, proc, x.workload, policy, x.start)
 	} else {
-		proc = p.callers.recordUnattributed(x.caller.String(), r.UserAgent(), r.URL.Path, x.workload, x.start)
+		proc = p.callers.recordUnattributed(x.caller.String(), r.UserAgent(), r.URL.Path, x.workload, policy, x.start)
 	}
 	p.logV1(r, x, proc, policy)
 	p.metrics.v1BySDK.WithLabelValues(x.sdk).Inc()
