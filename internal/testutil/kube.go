@@ -47,6 +47,7 @@ type KubeAPIServer struct {
 	LogFile string
 
 	admin *rest.Config
+	certs kubeCerts
 	stop  func()
 }
 
@@ -158,7 +159,7 @@ func StartKubeAPIServer(t testing.TB) *KubeAPIServer {
 	certs := makeKubeCerts(t, dir)
 	addr := FreeLoopbackAddr(t)
 	_, port, _ := net.SplitHostPort(addr)
-	s := &KubeAPIServer{URL: "https://" + addr, LogFile: filepath.Join(dir, "kube-apiserver.log")}
+	s := &KubeAPIServer{URL: "https://" + addr, LogFile: filepath.Join(dir, "kube-apiserver.log"), certs: certs}
 	s.stop = startProcess(t, "kube-apiserver", s.LogFile, apiserverBin,
 		"--etcd-servers", "http://"+clientAddr,
 		"--bind-address", "127.0.0.1",
@@ -175,6 +176,10 @@ func StartKubeAPIServer(t testing.TB) *KubeAPIServer {
 		"--endpoint-reconciler-type", "none",
 		"--authorization-mode", "RBAC",
 		"--enable-priority-and-fairness=false",
+		// Kubelets (StartKubelet) are at their Node's InternalIP, with a
+		// serving certificate of the test's CA.
+		"--kubelet-preferred-address-types", "InternalIP",
+		"--kubelet-certificate-authority", certs.caCert,
 	)
 	s.admin = &rest.Config{
 		Host: s.URL,
@@ -268,20 +273,24 @@ func tail(path string) string {
 
 type kubeCerts struct {
 	caCert, serverCert, serverKey, adminCert, adminKey, saKey string
+	kubeletCert, kubeletKey                                   string
 }
 
 // makeKubeCerts writes a CA, the API server's serving certificate for
 // 127.0.0.1, an administrator's client certificate (group
-// system:masters) and the service account signing key into dir.
+// system:masters), a kubelet's serving certificate for 127.0.0.1 and the
+// service account signing key into dir.
 func makeKubeCerts(t testing.TB, dir string) kubeCerts {
 	t.Helper()
 	c := kubeCerts{
-		caCert:     filepath.Join(dir, "ca.crt"),
-		serverCert: filepath.Join(dir, "apiserver.crt"),
-		serverKey:  filepath.Join(dir, "apiserver.key"),
-		adminCert:  filepath.Join(dir, "admin.crt"),
-		adminKey:   filepath.Join(dir, "admin.key"),
-		saKey:      filepath.Join(dir, "sa.key"),
+		caCert:      filepath.Join(dir, "ca.crt"),
+		serverCert:  filepath.Join(dir, "apiserver.crt"),
+		serverKey:   filepath.Join(dir, "apiserver.key"),
+		adminCert:   filepath.Join(dir, "admin.crt"),
+		adminKey:    filepath.Join(dir, "admin.key"),
+		saKey:       filepath.Join(dir, "sa.key"),
+		kubeletCert: filepath.Join(dir, "kubelet.crt"),
+		kubeletKey:  filepath.Join(dir, "kubelet.key"),
 	}
 	now := time.Now()
 	caKey := newKey(t)
@@ -326,6 +335,12 @@ func makeKubeCerts(t testing.TB, dir string) kubeCerts {
 		SerialNumber: big.NewInt(3),
 		Subject:      pkix.Name{CommonName: "admin", Organization: []string{"system:masters"}},
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+	issue(c.kubeletCert, c.kubeletKey, &x509.Certificate{
+		SerialNumber: big.NewInt(4),
+		Subject:      pkix.Name{CommonName: "kubelet"},
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
 	})
 	writeKey(t, c.saKey, newKey(t))
 	// The files are what the client loads: check they make a pair.
@@ -395,11 +410,16 @@ func (s *KubeAPIServer) ReachableFrom(t testing.TB, ns *Netns) string {
 }
 
 // Kubeconfig writes a kubeconfig file for the administrator at server
-// (s.URL, or what ReachableFrom returned) and returns its path.
-func (s *KubeAPIServer) Kubeconfig(t testing.TB, server string) string {
+// (s.URL, or what ReachableFrom returned) and returns its path. With as,
+// the administrator impersonates that user, whom RBAC then judges.
+func (s *KubeAPIServer) Kubeconfig(t testing.TB, server string, as ...string) string {
 	t.Helper()
 	tls := s.admin.TLSClientConfig
 	path := filepath.Join(t.TempDir(), "kubeconfig")
+	impersonate := ""
+	if len(as) > 0 {
+		impersonate = fmt.Sprintf(", as: %q", as[0])
+	}
 	config := fmt.Sprintf(`apiVersion: v1
 kind: Config
 clusters:
@@ -407,12 +427,12 @@ clusters:
   cluster: {server: %q, certificate-authority: %q}
 users:
 - name: admin
-  user: {client-certificate: %q, client-key: %q}
+  user: {client-certificate: %q, client-key: %q%s}
 contexts:
 - name: test
   context: {cluster: test, user: admin}
 current-context: test
-`, server, tls.CAFile, tls.CertFile, tls.KeyFile)
+`, server, tls.CAFile, tls.CertFile, tls.KeyFile, impersonate)
 	if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
 		t.Fatal(err)
 	}

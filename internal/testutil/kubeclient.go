@@ -3,7 +3,7 @@ package testutil
 import (
 	"context"
 	"encoding/json"
-	"strings"
+	"slices"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -20,6 +20,7 @@ import (
 // kubeResources are the resources the tests create, by kind.
 var kubeResources = map[string]schema.GroupVersionResource{
 	"Namespace":          {Version: "v1", Resource: "namespaces"},
+	"Node":               {Version: "v1", Resource: "nodes"},
 	"ServiceAccount":     {Version: "v1", Resource: "serviceaccounts"},
 	"Pod":                {Version: "v1", Resource: "pods"},
 	"Secret":             {Version: "v1", Resource: "secrets"},
@@ -97,17 +98,14 @@ func (c *KubeClient) Patch(kind, namespace, name string, patch any, subresource 
 	}
 }
 
-// ApplyNodeManifests creates what kustomize builds of dir, the node
-// agent's deploy/kubernetes/node: the namespace, the agent's service
-// account, its ClusterRole and binding (and the DaemonSet, which nothing
-// runs here).
-func (c *KubeClient) ApplyNodeManifests(dir string) {
+// ApplyManifests creates what kustomize builds of dir and returns their
+// kinds.
+func (c *KubeClient) ApplyManifests(dir string) (kinds []string) {
 	c.t.Helper()
 	m, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
 	if err != nil {
 		c.t.Fatalf("kustomize build %s: %v", dir, err)
 	}
-	var kinds []string
 	for _, r := range m.Resources() {
 		obj, err := r.Map()
 		if err != nil {
@@ -119,8 +117,18 @@ func (c *KubeClient) ApplyNodeManifests(dir string) {
 		}
 		kinds = append(kinds, u.GetKind())
 	}
+	return kinds
+}
+
+// ApplyNodeManifests creates what kustomize builds of dir, the node
+// agent's deploy/kubernetes/node: the namespace, the agent's service
+// account, its ClusterRole and binding (and the DaemonSet, which nothing
+// runs here).
+func (c *KubeClient) ApplyNodeManifests(dir string) {
+	c.t.Helper()
+	kinds := c.ApplyManifests(dir)
 	for _, want := range []string{"ServiceAccount", "ClusterRole", "ClusterRoleBinding"} {
-		if !strings.Contains(strings.Join(kinds, " "), want) {
+		if !slices.Contains(kinds, want) {
 			c.t.Fatalf("%s has no %s (it has %v)", dir, want, kinds)
 		}
 	}

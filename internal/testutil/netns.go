@@ -85,22 +85,30 @@ func commandIn(ns *Netns, argv ...string) *exec.Cmd {
 // that processes fn starts (such as iptables) run there too.
 func (n *Netns) Do(t testing.TB, fn func()) {
 	t.Helper()
+	if err := n.Enter(fn); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Enter is Do for a goroutine that is not the test's: it answers an error
+// rather than failing the test.
+func (n *Netns) Enter(fn func()) error {
 	runtime.LockOSThread()
 	orig, err := os.Open("/proc/thread-self/ns/net")
 	if err != nil {
 		runtime.UnlockOSThread()
-		t.Fatal(err)
+		return err
 	}
 	defer orig.Close()
 	target, err := os.Open("/var/run/netns/" + n.Name)
 	if err != nil {
 		runtime.UnlockOSThread()
-		t.Fatal(err)
+		return err
 	}
 	defer target.Close()
 	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
 		runtime.UnlockOSThread()
-		t.Fatalf("entering %s: %v", n.Name, err)
+		return fmt.Errorf("entering %s: %w", n.Name, err)
 	}
 	defer func() {
 		// A thread that cannot return stays locked, so Go discards it.
@@ -109,6 +117,7 @@ func (n *Netns) Do(t testing.TB, fn func()) {
 		}
 	}()
 	fn()
+	return nil
 }
 
 // IptablesSave returns `<cmd>-save` of the namespace with counters zeroed and
