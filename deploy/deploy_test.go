@@ -530,6 +530,7 @@ func TestKustomizeBuilds(t *testing.T) {
 		"webhook":                                webhookIDs,
 		filepath.Join("webhook", "cert-manager"): certManagerIDs,
 		"webhook-with-cert-manager":              append(slices.Clone(webhookIDs), certManagerIDs...),
+		"report":                                 {"ClusterRole imds-proxy-report"},
 	}
 
 	var dirs []string

@@ -98,7 +98,8 @@ func decodeRendered(raw []byte, meta metav1.TypeMeta) (any, error) {
 // documented combination, and checks that what the chart and the
 // kustomize manifests both describe is the same: the node agent's
 // DaemonSet, service account and RBAC, and the webhook's Deployment,
-// Service and webhooks. Wrong values fail at the schema.
+// Service and webhooks, and the report's ClusterRole. Wrong values fail
+// at the schema.
 func TestHelmChart(t *testing.T) {
 	defaults, err := renderChart(t, nil)
 	if err != nil {
@@ -123,6 +124,7 @@ func TestHelmChart(t *testing.T) {
 		return spec
 	})
 	same("Service imds-proxy/imds-proxy-webhook", webhook, func(o any) any { return o.(*corev1.Service).Spec })
+	same("ClusterRole imds-proxy-report", kustomizeBuild(t, filepath.Join(kubernetesDir, "report")), func(o any) any { return o.(*rbacv1.ClusterRole).Rules })
 	same("MutatingWebhookConfiguration imds-proxy", webhook, func(o any) any {
 		hooks := slices.Clone(o.(*admissionregistrationv1.MutatingWebhookConfiguration).Webhooks)
 		for i := range hooks {

@@ -5,7 +5,6 @@
 package report
 
 import (
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,6 +15,8 @@ import (
 	"slices"
 	"strconv"
 	"time"
+
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
 // Row is one workload of the inventory.
@@ -27,6 +28,10 @@ type Row struct {
 	Workload  string `json:"workload"`
 	// Proxies is how many proxies (nodes, sidecars) saw its IMDSv1 calls.
 	Proxies int `json:"proxies"`
+	// Callers is how many programs made them: distinct addresses,
+	// containers and executables. Only /v1-callers tells them apart; from
+	// Prometheus it is zero, for unknown.
+	Callers int `json:"callers,omitempty"`
 	// SDKs are the client families its IMDSv1 calls came from, by their
 	// User-Agent (go-v1, botocore, aws-cli, curl, other, ...).
 	SDKs []string `json:"sdks"`
@@ -52,9 +57,13 @@ type Point struct {
 // Inventory is the report: its rows, busiest first, and the burn-down.
 type Inventory struct {
 	From, To time.Time
+	// Step is the burn-down's resolution. If zero, the inventory is a
+	// snapshot of the proxies' /v1-callers tables and has no burn-down.
 	Step     time.Duration
 	Rows     []Row
 	Burndown []Point
+	// Unreached are the proxies that did not answer, each with why.
+	Unreached []string
 }
 
 // Query is the one PromQL range query the inventory is made of: the
@@ -126,7 +135,7 @@ func FromPrometheus(ctx context.Context, client *http.Client, base string, windo
 				continue
 			}
 			r.Calls += calls
-			if series.Metric["v1_policy"] != "block" {
+			if series.Metric["v1_policy"] != string(imdsapi.V1Block) {
 				r.WouldBlock += calls
 				burndown[at.Unix()] += calls
 			}
@@ -152,9 +161,7 @@ func FromPrometheus(ctx context.Context, client *http.Client, base string, windo
 			inv.Rows = append(inv.Rows, *r)
 		}
 	}
-	slices.SortFunc(inv.Rows, func(a, b Row) int {
-		return cmp.Or(cmp.Compare(b.Calls, a.Calls), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Workload, b.Workload))
-	})
+	sortRows(inv.Rows)
 	for at := inv.From.Truncate(time.Second); !at.After(to); at = at.Add(step) {
 		inv.Burndown = append(inv.Burndown, Point{Time: at.UTC(), WouldBlock: burndown[at.Unix()]})
 	}

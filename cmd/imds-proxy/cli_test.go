@@ -18,7 +18,8 @@ func TestUnknownCommandsAndArgumentsFail(t *testing.T) {
 	}{
 		{[]string{"sidcar"}, `imds-proxy: unknown command "sidcar"; see imds-proxy --help`},
 		{[]string{"reprot"}, `imds-proxy: unknown command "reprot"; see imds-proxy --help`},
-		{[]string{"report"}, `imds-proxy: --prometheus is required: the URL of the Prometheus that scrapes the proxies`},
+		{[]string{"report"}, `imds-proxy: give one of --prometheus (the URL of the Prometheus that scrapes the proxies) or --kubeconfig (the cluster to read them in)`},
+		{[]string{"report", "--prometheus", "http://127.0.0.1:9", "--kubeconfig", "kubeconfig"}, `imds-proxy: give one of --prometheus (the URL of the Prometheus that scrapes the proxies) or --kubeconfig (the cluster to read them in)`},
 		{[]string{"report", "--prometheus", "http://127.0.0.1:9", "--json", "--csv"}, `imds-proxy: --json, --csv and --html: choose one`},
 		{[]string{"report", "--prometheus", "127.0.0.1:9090"}, `imds-proxy: --prometheus "127.0.0.1:9090": want http(s)://host:port`},
 		{[]string{"sidcar", "--listen", "127.0.0.1:0"}, `imds-proxy: unknown command "sidcar"; see imds-proxy --help`},

@@ -3,12 +3,18 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
@@ -22,7 +28,8 @@ import (
 // annotation, and its IMDSv1 calls are refused. Fixed: pod B stops calling
 // IMDSv1. Every dashboard query and alert expression is run there and
 // answers what the traffic implies, asking only for exported metrics, and
-// `imds-proxy report` shows the inventory and the burn-down reaching zero.
+// `imds-proxy report` shows the inventory and the burn-down reaching zero,
+// from Prometheus and, through port-forwards, from the proxies themselves.
 func TestFleetViewOnARealPrometheus(t *testing.T) {
 	k := newKubeNode(t)
 	e, podA, podB := k.e, k.workloads[0], k.workloads[1]
@@ -159,6 +166,130 @@ func TestFleetViewOnARealPrometheus(t *testing.T) {
 	}, "Prometheus to fire ImdsProxyBlockedWorkloadCallsIMDSv1 for Deployment/web")
 
 	checkReport(t, e.Node, "http://"+prom.Addr, time.Since(start))
+	checkKubernetesReport(t, k, sidecarAdmin)
+}
+
+// checkKubernetesReport runs `imds-proxy report --kubeconfig` as a user
+// with only the imds-proxy-report ClusterRole. The proxies are pods of the
+// API server: the node agent's (host network, admin on the node's
+// loopback) and the sidecar's (a native sidecar of team-b's Deployment/api;
+// here it runs in the node's namespace too), whose node has a kubelet
+// stand-in. The report reads both through port-forwards, counts the node
+// agent's workloads exactly as its /v1-callers does, names the sidecar's
+// calls after its pod's Deployment, skips a pending proxy pod, and lists
+// one that cannot be reached.
+func checkKubernetesReport(t *testing.T, k kubeNode, sidecarAdmin string) {
+	t.Helper()
+	kubelet := k.server.StartKubelet(t, kubeNodeName)
+	for _, ns := range []string{"imds-proxy", "team-b"} {
+		testutil.KubeCreate(k.kube, &corev1.Namespace{TypeMeta: metav1.TypeMeta{Kind: "Namespace", APIVersion: "v1"}, ObjectMeta: metav1.ObjectMeta{Name: ns}})
+		// No controller manager runs to make it.
+		testutil.KubeCreate(k.kube, &corev1.ServiceAccount{TypeMeta: metav1.TypeMeta{Kind: "ServiceAccount", APIVersion: "v1"},
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "default"}})
+	}
+	proxyPod := func(namespace, name string, phase corev1.PodPhase, spec corev1.PodSpec, meta ...func(*metav1.ObjectMeta)) *corev1.Pod {
+		m := metav1.ObjectMeta{Namespace: namespace, Name: name}
+		for _, f := range meta {
+			f(&m)
+		}
+		spec.NodeName = kubeNodeName
+		pod := testutil.KubeCreate(k.kube, &corev1.Pod{TypeMeta: metav1.TypeMeta{Kind: "Pod", APIVersion: "v1"}, ObjectMeta: m, Spec: spec})
+		k.kube.SetPodIPs(pod, phase, "192.168.1.10")
+		return pod
+	}
+	agent := func(name string, phase corev1.PodPhase) *corev1.Pod {
+		return proxyPod("imds-proxy", name, phase, corev1.PodSpec{HostNetwork: true, Containers: []corev1.Container{{
+			Name: "imds-proxy", Image: "ghcr.io/imds-proxy/imds-proxy:0.1.0", Command: []string{"/usr/local/bin/imds-proxy-kubernetes"},
+			Args: []string{"node", "--listen=:8169", "--metrics-listen=127.0.0.1:9169"}}}})
+	}
+	kubelet.Runs(agent("imds-proxy-node-7xk2p", corev1.PodRunning), k.e.Node)
+	agent("imds-proxy-node-pending", corev1.PodPending)
+	agent("imds-proxy-node-elsewhere", corev1.PodRunning) // the kubelet knows no such pod
+	always := corev1.ContainerRestartPolicyAlways
+	_, adminPort, _ := net.SplitHostPort(sidecarAdmin)
+	kubelet.Runs(proxyPod("team-b", "api-7c9d5b8f4-k2x9z", corev1.PodRunning, corev1.PodSpec{
+		InitContainers: []corev1.Container{{Name: "imds-proxy", Image: "ghcr.io/imds-proxy/imds-proxy:0.1.0", RestartPolicy: &always,
+			Args: []string{"sidecar", "--listen=127.0.0.1:8169", "--metrics-listen=:" + adminPort}}},
+		Containers: []corev1.Container{{Name: "app", Image: "public.ecr.aws/docker/library/python:3.13"}},
+	}, func(m *metav1.ObjectMeta) {
+		m.Labels = map[string]string{"app": "api", "pod-template-hash": "7c9d5b8f4"}
+		m.OwnerReferences = ownedBy("ReplicaSet", "apps/v1", "api-7c9d5b8f4", "6d1f3c2e-0000-4000-8000-000000000001")
+	}), k.e.Node)
+
+	k.kube.ApplyManifests(filepath.Join("..", "..", "deploy", "kubernetes", "report"))
+	testutil.KubeCreate(k.kube, &rbacv1.ClusterRoleBinding{TypeMeta: metav1.TypeMeta{Kind: "ClusterRoleBinding", APIVersion: "rbac.authorization.k8s.io/v1"},
+		ObjectMeta: metav1.ObjectMeta{Name: "imds-proxy-report-alice"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "imds-proxy-report"},
+		Subjects:   []rbacv1.Subject{{Kind: "User", APIGroup: "rbac.authorization.k8s.io", Name: "alice"}}})
+	run := func(user string, format ...string) (string, error) {
+		cmd := exec.Command(kubernetesBinary, append([]string{"report", "--kubeconfig", k.server.Kubeconfig(t, k.server.URL, user)}, format...)...)
+		cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			err = fmt.Errorf("%w: %s", err, stderr.String())
+		}
+		return string(out), err
+	}
+
+	if out, err := run("bob"); err == nil || !strings.Contains(err.Error(), "forbidden") {
+		t.Errorf("report --kubeconfig as a user without the role: %v\n%s, want it refused, saying so", err, out)
+	}
+
+	wantCalls := map[string]int{}
+	for _, row := range v1Callers(t, k.e) {
+		if row.Workload != "" {
+			wantCalls[row.Namespace+"/"+row.Workload] += row.Count
+		}
+	}
+	out, err := run("alice", "--json")
+	if err != nil {
+		t.Fatalf("report --kubeconfig --json: %v", err)
+	}
+	var inv struct {
+		Workloads []struct {
+			Namespace, Workload, Policy string
+			Calls                       float64 `json:"imdsv1_calls"`
+			WouldBlock                  float64 `json:"would_block"`
+			Proxies, Callers            int
+		}
+		Burndown  []any
+		Unreached []string
+	}
+	if err := json.Unmarshal([]byte(out), &inv); err != nil {
+		t.Fatalf("report --kubeconfig --json: %v\n%s", err, out)
+	}
+	got := map[string]int{}
+	for i, w := range inv.Workloads {
+		got[w.Namespace+"/"+w.Workload] = i
+	}
+	for name, calls := range wantCalls {
+		if i, ok := got[name]; !ok || inv.Workloads[i].Calls != float64(calls) {
+			t.Errorf("report --kubeconfig: %s has %+v, want the node agent's %d IMDSv1 calls", name, inv.Workloads, calls)
+		}
+	}
+	if w := inv.Workloads[got["team-a/Deployment/web"]]; w.Policy != "block" || w.WouldBlock <= 0 || w.WouldBlock >= w.Calls || w.Callers != 1 {
+		t.Errorf("Deployment/web: %+v, want block, its warned calls would-block and its refused ones not, one caller", w)
+	}
+	if w := inv.Workloads[got["team-a/Pod/batch-runner"]]; w.Policy != "warn" || w.WouldBlock != w.Calls || w.Callers != 1 {
+		t.Errorf("Pod/batch-runner: %+v, want warn, every call would-block, one caller", w)
+	}
+	if i, ok := got["team-b/Deployment/api"]; !ok || inv.Workloads[i].Policy != "allow" || inv.Workloads[i].Calls <= 0 ||
+		inv.Workloads[i].WouldBlock != inv.Workloads[i].Calls || inv.Workloads[i].Proxies != 1 {
+		t.Errorf("report --kubeconfig: %+v, want team-b/Deployment/api, the sidecar's pod's workload, under allow", inv.Workloads)
+	}
+	if len(inv.Burndown) != 0 || len(inv.Unreached) != 1 || !strings.Contains(inv.Unreached[0], "imds-proxy/imds-proxy-node-elsewhere") || !strings.Contains(inv.Unreached[0], "does not run on node") {
+		t.Errorf("burn-down %v, unreached %v: want none, and the pod the kubelet does not run", inv.Burndown, inv.Unreached)
+	}
+	table, err := run("alice")
+	if err != nil || !strings.Contains(table, "Deployment/api") || !strings.Contains(table, "CALLERS") {
+		t.Errorf("report --kubeconfig (table): %v\n%s", err, table)
+	}
+	t.Logf("imds-proxy report --kubeconfig:\n%s", table)
+	if html, err := run("alice", "--html"); err != nil || strings.Contains(html, "<svg") || !strings.Contains(html, "No burn-down") {
+		t.Errorf("report --kubeconfig --html: %v, want a page that says it has no burn-down:\n%s", err, html)
+	}
 }
 
 // checkReport runs `imds-proxy report` against the fleet's Prometheus in

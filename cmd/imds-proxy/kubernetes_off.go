@@ -3,10 +3,13 @@
 package main
 
 import (
+	"context"
 	"errors"
+	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/imds-proxy/imds-proxy/report"
 	"github.com/imds-proxy/imds-proxy/workload"
 )
 
@@ -17,4 +20,10 @@ import (
 func kubernetesSource(*serveFlags, *zap.Logger) (workload.Source, error) {
 	return nil, errors.New("--node-name: this imds-proxy is built without the Kubernetes source; " +
 		"run /usr/local/bin/imds-proxy-kubernetes (beside it in the image), or build with -tags kubernetes")
+}
+
+// kubernetesReport refuses report --kubeconfig, for the same reason.
+func kubernetesReport(context.Context, string, time.Time) (*report.Inventory, error) {
+	return nil, errors.New("--kubeconfig: this imds-proxy is built without the Kubernetes client; " +
+		"run imds-proxy-kubernetes (beside it in the image), or build with -tags kubernetes")
 }

@@ -188,6 +188,7 @@ func TestNodeAttributesEachContainer(t *testing.T) {
 type kubeNode struct {
 	e          *testutil.EC2
 	workloads  []emulatedWorkload
+	server     *testutil.KubeAPIServer
 	kube       *testutil.KubeClient
 	kubeconfig string // for an agent in the node namespace
 	web        *corev1.Pod
@@ -234,7 +235,7 @@ func newKubeNode(t *testing.T) kubeNode {
 		p.w.platform, p.w.namespace, p.w.workload, p.w.container = "kubernetes", "team-a", p.workload, p.container
 	}
 
-	return kubeNode{e: e, workloads: workloads, kube: kube, kubeconfig: server.Kubeconfig(t, server.ReachableFrom(t, e.Node)), web: web}
+	return kubeNode{e: e, workloads: workloads, server: server, kube: kube, kubeconfig: server.Kubeconfig(t, server.ReachableFrom(t, e.Node)), web: web}
 }
 
 // TestNodeEnforcesPerWorkloadPolicy: a node agent with the Kubernetes
