@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/imds-proxy/imds-proxy/inject"
+
 	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	"helm.sh/helm/v4/pkg/chart/common"
 	"helm.sh/helm/v4/pkg/chart/common/util"
@@ -222,6 +224,17 @@ func TestHelmChart(t *testing.T) {
 					*m.Spec.PodMetricsEndpoints[0].Port != d.Spec.Template.Spec.Containers[0].Ports[1].Name ||
 					m.Spec.Selector.MatchLabels["app.kubernetes.io/name"] != d.Spec.Template.Labels["app.kubernetes.io/name"] {
 					return "no PodMonitor selecting the webhook's pods and their metrics port"
+				}
+				s, ok := o["PodMonitor imds-proxy/imds-proxy-sidecars"].(*monitoringv1.PodMonitor)
+				if !ok || !s.Spec.NamespaceSelector.Any || len(s.Spec.Selector.MatchLabels)+len(s.Spec.Selector.MatchExpressions) != 0 ||
+					len(s.Spec.PodMetricsEndpoints) != 1 || s.Spec.PodMetricsEndpoints[0].Port == nil || *s.Spec.PodMetricsEndpoints[0].Port != inject.MetricsPortName {
+					return "no PodMonitor of every namespace's pods on the injected sidecar's metrics port " + inject.MetricsPortName
+				}
+				return ""
+			}},
+			{"PodMonitor without the sidecars", "podMonitor: {enabled: true, sidecars: false}", func(o map[string]any) string {
+				if _, ok := o["PodMonitor imds-proxy/imds-proxy-sidecars"]; ok || o["PodMonitor imds-proxy/imds-proxy-webhook"] == nil {
+					return "want the webhook's PodMonitor alone"
 				}
 				return ""
 			}},

@@ -18,6 +18,9 @@ const (
 	// of this name gets no other; unless that container is exactly the
 	// sidecar, that is a violation of the Policy.
 	ContainerName = "imds-proxy"
+	// MetricsPortName names the sidecar's admin port, which the chart's
+	// PodMonitor of the sidecars scrapes in every namespace.
+	MetricsPortName = "imds-metrics"
 	// RunVolumeName is the emptyDir mounted at /run: iptables-legacy takes
 	// its lock there, and the root filesystem stays read-only.
 	RunVolumeName = "imds-proxy-run"
@@ -133,7 +136,7 @@ func Container(o Options) ContainerSpec {
 		Name:          ContainerName,
 		Image:         o.Image,
 		Args:          append(o.args(""), "--token-key-file="+TokenKeyFile), // probes come from the kubelet, to the pod IP
-		Ports:         []ContainerPort{{Name: "imds-metrics", ContainerPort: int32(o.MetricsPort), Protocol: "TCP"}},
+		Ports:         []ContainerPort{{Name: MetricsPortName, ContainerPort: int32(o.MetricsPort), Protocol: "TCP"}},
 		Resources:     &Resources{Limits: map[string]string{"memory": "64Mi"}, Requests: map[string]string{"cpu": "10m", "memory": "24Mi"}},
 		RestartPolicy: "Always",
 		VolumeMounts:  []VolumeMount{{Name: RunVolumeName, MountPath: "/run"}},
