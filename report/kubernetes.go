@@ -15,10 +15,11 @@ import (
 	"time"
 
 	"github.com/go-logr/logr/funcr"
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/apimachinery/pkg/util/httpstream"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/portforward"
 	"k8s.io/client-go/transport/spdy"
@@ -50,19 +51,34 @@ const (
 // the VPC. The caller needs to list pods and create pods/portforward
 // (deploy/kubernetes/report is that ClusterRole).
 func FromKubernetes(ctx context.Context, cfg *rest.Config, at time.Time) (*Inventory, error) {
-	client, err := kubernetes.NewForConfig(cfg)
+	// A REST client of the core group that decodes nothing itself: the
+	// typed clients would add every API group's types to the binary.
+	coreCfg := rest.CopyConfig(cfg)
+	coreCfg.APIPath, coreCfg.GroupVersion = "/api", &schema.GroupVersion{Version: "v1"}
+	// It knows metav1.Status, so that a refusal reads as the API server's
+	// own message ("pods is forbidden: User ... cannot list ...").
+	statuses := runtime.NewScheme()
+	metav1.AddToGroupVersion(statuses, *coreCfg.GroupVersion)
+	coreCfg.NegotiatedSerializer = serializer.NewCodecFactory(statuses).WithoutConversion()
+	coreCfg.ContentType, coreCfg.AcceptContentTypes = runtime.ContentTypeJSON, runtime.ContentTypeJSON
+	client, err := rest.RESTClientFor(coreCfg)
 	if err != nil {
 		return nil, fmt.Errorf("--kubeconfig: %w", err)
 	}
-	var pods []corev1.Pod
-	opts := metav1.ListOptions{FieldSelector: "status.phase=Running", Limit: 500}
-	for {
-		list, err := client.CoreV1().Pods("").List(ctx, opts)
-		if err != nil {
+	var pods []pod
+	for next := ""; ; {
+		result := client.Get().Resource("pods").Param("fieldSelector", "status.phase=Running").Param("limit", "500").
+			Param("continue", next).Do(ctx)
+		raw, _ := result.Raw()
+		if err := result.Error(); err != nil {
 			return nil, fmt.Errorf("listing the cluster's pods to find the proxies (the imds-proxy-report ClusterRole grants it): %w", err)
 		}
+		var list podList
+		if err := json.Unmarshal(raw, &list); err != nil {
+			return nil, fmt.Errorf("listing the cluster's pods: not a pod list: %w", err)
+		}
 		pods = append(pods, list.Items...)
-		if opts.Continue = list.Continue; opts.Continue == "" {
+		if next = list.Continue; next == "" {
 			break
 		}
 	}
@@ -106,10 +122,30 @@ func FromKubernetes(ctx context.Context, cfg *rest.Config, at time.Time) (*Inven
 	return FromCallers(read, unreached, at), nil
 }
 
+// podList and pod are what the report reads of the cluster's pods.
+type podList struct {
+	metav1.ListMeta `json:"metadata"`
+	Items           []pod `json:"items"`
+}
+
+type pod struct {
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		HostNetwork    bool        `json:"hostNetwork"`
+		Containers     []container `json:"containers"`
+		InitContainers []container `json:"initContainers"`
+	} `json:"spec"`
+}
+
+type container struct {
+	Name string   `json:"name"`
+	Args []string `json:"args"`
+}
+
 // adminPort is the port of the pod's imds-proxy admin listener (its
 // --metrics-listen, by default imdsapi.AdminPort), if the pod runs one: as
 // a container or, injected as a native sidecar, as an init container.
-func adminPort(pod *corev1.Pod) (string, bool) {
+func adminPort(pod *pod) (string, bool) {
 	for _, c := range append(pod.Spec.InitContainers, pod.Spec.Containers...) {
 		if c.Name != inject.ContainerName {
 			continue
@@ -133,8 +169,8 @@ func adminPort(pod *corev1.Pod) (string, bool) {
 // alone: a ReplicaSet named for its pods' pod-template-hash is a
 // Deployment's, any other controller names itself, and a pod without one
 // is its own workload.
-func podWorkload(pod *corev1.Pod) string {
-	ref := metav1.GetControllerOfNoCopy(pod)
+func podWorkload(pod *pod) string {
+	ref := metav1.GetControllerOfNoCopy(&pod.ObjectMeta)
 	switch {
 	case ref == nil || ref.Kind == "Node":
 		return "Pod/" + pod.Name
@@ -150,10 +186,10 @@ func podWorkload(pod *corev1.Pod) string {
 
 // readCallers forwards a loopback port to the pod's admin port through the
 // API server and reads /v1-callers through it.
-func readCallers(ctx context.Context, cfg *rest.Config, client kubernetes.Interface, pod *corev1.Pod, port string) ([]proxy.V1Caller, error) {
+func readCallers(ctx context.Context, cfg *rest.Config, client *rest.RESTClient, pod *pod, port string) ([]proxy.V1Caller, error) {
 	ctx, cancel := context.WithTimeout(ctx, readTimeout)
 	defer cancel()
-	url := client.CoreV1().RESTClient().Post().Resource("pods").Namespace(pod.Namespace).Name(pod.Name).SubResource("portforward").URL()
+	url := client.Post().Resource("pods").Namespace(pod.Namespace).Name(pod.Name).SubResource("portforward").URL()
 	transport, upgrader, err := spdy.RoundTripperFor(cfg)
 	if err != nil {
 		return nil, err

@@ -5,7 +5,6 @@ package report
 import (
 	"testing"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -18,28 +17,30 @@ func TestProxyPods(t *testing.T) {
 	owned := func(kind, name string) []metav1.OwnerReference {
 		return []metav1.OwnerReference{{Kind: kind, Name: name, Controller: &controller}}
 	}
+	newPod := func(meta metav1.ObjectMeta, containers, initContainers []container) pod {
+		p := pod{ObjectMeta: meta}
+		p.Spec.Containers, p.Spec.InitContainers = containers, initContainers
+		return p
+	}
 	for _, c := range []struct {
 		name     string
-		pod      corev1.Pod
+		pod      pod
 		port     string
 		workload string
 	}{
-		{"node agent", corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "imds-proxy-node-x", OwnerReferences: owned("DaemonSet", "imds-proxy-node")},
-			Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "imds-proxy", Args: []string{"node", "--metrics-listen=127.0.0.1:9169"}}}}},
+		{"node agent", newPod(metav1.ObjectMeta{Name: "imds-proxy-node-x", OwnerReferences: owned("DaemonSet", "imds-proxy-node")},
+			[]container{{Name: "imds-proxy", Args: []string{"node", "--metrics-listen=127.0.0.1:9169"}}}, nil),
 			"9169", "DaemonSet/imds-proxy-node"},
-		{"native sidecar of a Deployment", corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "api-7c9d5b8f4-k2x9z",
+		{"native sidecar of a Deployment", newPod(metav1.ObjectMeta{Name: "api-7c9d5b8f4-k2x9z",
 			Labels: map[string]string{"pod-template-hash": "7c9d5b8f4"}, OwnerReferences: owned("ReplicaSet", "api-7c9d5b8f4")},
-			Spec: corev1.PodSpec{InitContainers: []corev1.Container{{Name: "imds-proxy", Args: []string{"sidecar", "--metrics-listen", ":19169"}}}}},
+			[]container{{Name: "app"}}, []container{{Name: "imds-proxy", Args: []string{"sidecar", "--metrics-listen", ":19169"}}}),
 			"19169", "Deployment/api"},
-		{"ReplicaSet of its own", corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "rs-1",
+		{"ReplicaSet of its own", newPod(metav1.ObjectMeta{Name: "rs-1",
 			Labels: map[string]string{"pod-template-hash": "abc"}, OwnerReferences: owned("ReplicaSet", "rs")},
-			Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "imds-proxy", Args: []string{"sidecar"}}}}},
+			[]container{{Name: "imds-proxy", Args: []string{"sidecar"}}}, nil),
 			"9169", "ReplicaSet/rs"},
-		{"bare pod", corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "debug"},
-			Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "imds-proxy"}}}},
-			"9169", "Pod/debug"},
-		{"no proxy", corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web"},
-			Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Args: []string{"--metrics-listen=:9169"}}}}},
+		{"bare pod", newPod(metav1.ObjectMeta{Name: "debug"}, []container{{Name: "imds-proxy"}}, nil), "9169", "Pod/debug"},
+		{"no proxy", newPod(metav1.ObjectMeta{Name: "web"}, []container{{Name: "app", Args: []string{"--metrics-listen=:9169"}}}, nil),
 			"", "Pod/web"},
 	} {
 		port, ok := adminPort(&c.pod)
