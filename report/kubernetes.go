@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -48,11 +49,12 @@ const (
 // does. A port-forward reaches the admin listener where it is: on a node
 // agent's loopback, which the API server's pod proxy cannot reach (it only
 // proxies to a pod's IP), and which would otherwise have to be opened to
-// the VPC. The caller needs to list pods and create pods/portforward
-// (deploy/kubernetes/report is that ClusterRole).
+// the VPC. The caller needs to list pods, and get and create
+// pods/portforward (deploy/kubernetes/report is that ClusterRole).
 func FromKubernetes(ctx context.Context, cfg *rest.Config, at time.Time) (*Inventory, error) {
-	// A REST client of the core group that decodes nothing itself: the
-	// typed clients would add every API group's types to the binary.
+	// A REST client of the core group that decodes only refusals, with the
+	// pods read into the few fields below: the typed clients would add
+	// every API group's types to the binary.
 	coreCfg := rest.CopyConfig(cfg)
 	coreCfg.APIPath, coreCfg.GroupVersion = "/api", &schema.GroupVersion{Version: "v1"}
 	// It knows metav1.Status, so that a refusal reads as the API server's
@@ -116,6 +118,7 @@ func FromKubernetes(ctx context.Context, cfg *rest.Config, at time.Time) (*Inven
 		}()
 	}
 	wg.Wait()
+	slices.Sort(unreached)
 	if len(read) == 0 && len(unreached) > 0 {
 		return nil, fmt.Errorf("no proxy answered: %s", strings.Join(unreached, "; "))
 	}

@@ -19,7 +19,7 @@ func newReportCommand(stdout, stderr io.Writer) *ffcli.Command {
 		"(the imds-proxy-kubernetes build)")
 	window := fs.Duration("window", 7*24*time.Hour, "how far back the inventory looks")
 	step := fs.Duration("step", 0, "the burn-down's resolution (default: a hundredth of --window, at least 1m)")
-	timeout := fs.Duration("timeout", 30*time.Second, "bound on the Prometheus query, or on reading every proxy of the cluster")
+	timeout := fs.Duration("timeout", 2*time.Minute, "bound on the Prometheus query, or on reading every proxy of the cluster (8 at a time)")
 	asJSON := fs.Bool("json", false, "print the inventory and the burn-down as JSON")
 	asCSV := fs.Bool("csv", false, "print the inventory as CSV")
 	asHTML := fs.Bool("html", false, "print a self-contained HTML page with the burn-down chart, for a change ticket")
@@ -36,9 +36,10 @@ func newReportCommand(stdout, stderr io.Writer) *ffcli.Command {
 			"With --kubeconfig instead, for a cluster without Prometheus, it finds the pods running\n" +
 			"imds-proxy (node agents and injected sidecars) and reads each one's /v1-callers through\n" +
 			"a port-forward, as kubectl port-forward does: the same table, with the distinct callers\n" +
-			"and counts since each proxy started, but no burn-down. It needs to list pods and create\n" +
-			"pods/portforward (the imds-proxy-report ClusterRole in deploy/kubernetes/report), and\n" +
-			"the imds-proxy-kubernetes build." + envHelp,
+			"and counts since each proxy started, but no burn-down; a proxy that does not answer is\n" +
+			"listed with the reason. It needs to list pods, and get and create pods/portforward (the\n" +
+			"imds-proxy-report ClusterRole in deploy/kubernetes/report), and the imds-proxy-kubernetes\n" +
+			"build." + envHelp,
 		FlagSet: fs,
 		Options: parseOptions(),
 		Exec: flagsOnly("imds-proxy report", func(ctx context.Context) error {
