@@ -15,12 +15,16 @@ RUN CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH go build -trimpath -ldflags 
 # The node DaemonSet's build: with the Kubernetes source (--node-name), whose
 # client would cost every sidecar about 4.5 MB of binary and 4 MB of RSS.
 RUN CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH go build -tags kubernetes -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/imds-proxy-kubernetes ./cmd/imds-proxy
+# The build for sidecars that serve the pod's or task's own role
+# (--credentials=workload), with the AWS SDK's credential providers, which
+# would cost every other sidecar about 2.6 MB of binary and 2.7 MiB of RSS.
+RUN CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH go build -tags workloadrole -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/imds-proxy-workload-role ./cmd/imds-proxy
 
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/imds-proxy /out/imds-proxy-kubernetes /usr/local/bin/
+COPY --from=build /out/imds-proxy /out/imds-proxy-kubernetes /out/imds-proxy-workload-role /usr/local/bin/
 # A fixed non-root UID: the unprivileged proxy of the init-container setup,
 # whose rules exempt it with `rules install --exempt-uid 1337 --exempt-mark 0`.
 # Shapes where the proxy itself installs rules (native sidecar, node agent)

@@ -11,10 +11,12 @@ GO_TEST_NOISE := '^(=== RUN|--- PASS|PASS$$|ok )'
 
 .PHONY: build test test-arm64 lint demo demo-loopback bench bench-load image clean deps
 
-## build: bin/imds-proxy, and bin/imds-proxy-kubernetes (with the Kubernetes source, for the node DaemonSet)
+## build: bin/imds-proxy, bin/imds-proxy-kubernetes (with the Kubernetes source, for the node DaemonSet),
+## and bin/imds-proxy-workload-role (with the AWS SDK's credential providers, for --credentials=workload)
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/imds-proxy ./cmd/imds-proxy
 	$(GO) build -tags kubernetes -ldflags "-X main.version=$(VERSION)" -o $(BIN)/imds-proxy-kubernetes ./cmd/imds-proxy
+	$(GO) build -tags workloadrole -ldflags "-X main.version=$(VERSION)" -o $(BIN)/imds-proxy-workload-role ./cmd/imds-proxy
 
 # The IMDS mock the tests and the demo run as a real process.
 $(BIN)/ec2-metadata-mock:
@@ -48,7 +50,7 @@ lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(GO) vet ./...
-	$(GO) vet -tags kubernetes ./...
+	$(GO) vet -tags kubernetes,workloadrole ./...
 
 ## deps: the system packages the tests need (as root; elsewhere the namespace tests skip): iptables and
 ## iproute2 for the namespace tests, openssl for deploy/kubernetes/webhook/gen-certs.sh and the
@@ -92,7 +94,7 @@ $(JSCLIENT)/node_modules/.installed: $(JSCLIENT)/package.json $(JSCLIENT)/packag
 ## test: every test, with the race detector
 test: deps lint $(BIN)/ec2-metadata-mock $(JSCLIENT)/node_modules/.installed $(KUBE_APISERVER) $(ETCD)
 	AEMM_BIN=$(BIN)/ec2-metadata-mock KUBE_APISERVER_BIN=$(KUBE_APISERVER) ETCD_BIN=$(ETCD) \
-		$(GO) test -tags kubernetes -race -count=1 -timeout 10m ./...
+		$(GO) test -tags kubernetes,workloadrole -race -count=1 -timeout 10m ./...
 	@$(MAKE) --no-print-directory test-arm64
 
 # The packages whose tests run as an arm64 binary under user-mode emulation:

@@ -4,7 +4,10 @@
 // IMDSv1 policies. It has no behaviour and imports nothing of this module.
 package imdsapi
 
-import "fmt"
+import (
+	"fmt"
+	"time"
+)
 
 // The IMDS endpoints.
 const (
@@ -33,6 +36,10 @@ const (
 	// ProbeHeader marks the proxy's tokenless probe of its upstream's
 	// IMDSv1 policy, which a chained imds-proxy answers with its own.
 	ProbeHeader = "X-Imds-Proxy-Probe"
+	// CredentialsHeader on an answer of the role path says that a proxy
+	// answered it from the workload's own role (--credentials=workload),
+	// and from which source: "workload; source=irsa".
+	CredentialsHeader = "X-Imds-Proxy-Credentials"
 	// UserAgent is the User-Agent of the proxy's own upstream requests.
 	UserAgent = "imds-proxy"
 )
@@ -80,6 +87,41 @@ const (
 // namespace annotation, or a container label. The webhook and `inject`
 // turn a pod's into its sidecar's --v1; a node agent applies it itself.
 const V1Key = "imds-proxy.io/v1"
+
+// Credentials is whose role a sidecar serves on the role path
+// (meta-data/iam/security-credentials/ and iam/info): --credentials.
+type Credentials string
+
+const (
+	// CredentialsInstance forwards the role path: the instance's role.
+	CredentialsInstance Credentials = "instance"
+	// CredentialsWorkload answers it from the task's or pod's own role
+	// (the ECS task role, EKS Pod Identity or IRSA), never the instance's.
+	CredentialsWorkload Credentials = "workload"
+)
+
+// CredentialsKey is the pod annotation that asks for a sidecar serving the
+// pod's own role (value "workload"); the webhook and `inject k8s` turn it
+// into the sidecar's --credentials.
+const CredentialsKey = "imds-proxy.io/credentials"
+
+// RoleCredentials are a role's credentials, as IMDS serves them under
+// meta-data/iam/security-credentials/<role>.
+type RoleCredentials struct {
+	AccessKeyID, SecretAccessKey, Token string
+	Expiration                          time.Time
+	// LastUpdated is when they were first served.
+	LastUpdated time.Time
+}
+
+// ParseCredentials parses the value of --credentials.
+func ParseCredentials(s string) (Credentials, error) {
+	switch c := Credentials(s); c {
+	case CredentialsInstance, CredentialsWorkload:
+		return c, nil
+	}
+	return "", fmt.Errorf("unknown credentials %q: want instance or workload", s)
+}
 
 // ParseV1Policy parses the value of --v1.
 func ParseV1Policy(s string) (V1Policy, error) {

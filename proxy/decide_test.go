@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -11,13 +12,16 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/token"
 	"github.com/imds-proxy/imds-proxy/workload"
+	"github.com/imds-proxy/imds-proxy/workloadrole"
 )
 
 // decided is what TestDecide compares: the answer's status, outcome and
@@ -137,6 +141,24 @@ func TestDecide(t *testing.T) {
 		{"path", "the node role's credentials, without the guard", strings.Replace(ok, "instance-id", "iam/security-credentials/", 1),
 			from(workloadWith("", ""), nil),
 			decided{forward: "/latest/meta-data/iam/security-credentials/"}},
+		{"path", "the role path, from the workload's own role", strings.Replace(ok, "instance-id", "iam/security-credentials/", 1),
+			func(c *Config, _ *http.Request) { c.WorkloadRole = testRole(nil) },
+			decided{status: 200, outcome: outcomeWorkloadRole, extra: "X-Imds-Proxy-Credentials: workload; source=irsa"}},
+		{"path", "the workload's own role under another version, tokenless", "GET /2021-07-15/meta-data/iam/security-credentials/web-role HTTP/1.1\r\nHost: x\r\n",
+			func(c *Config, _ *http.Request) { c.WorkloadRole = testRole(nil) },
+			decided{status: 200, outcome: outcomeWorkloadRole, extra: "X-Imds-Proxy-Credentials: workload; source=irsa", v1: true}},
+		{"path", "the workload role's ARN in iam/info", strings.Replace(ok, "instance-id", "iam/info", 1),
+			func(c *Config, _ *http.Request) { c.WorkloadRole = testRole(nil) },
+			decided{status: 200, outcome: outcomeWorkloadRole, extra: "X-Imds-Proxy-Credentials: workload; source=irsa"}},
+		{"path", "a role that is not the workload's", strings.Replace(ok, "instance-id", "iam/security-credentials/node-role", 1),
+			func(c *Config, _ *http.Request) { c.WorkloadRole = testRole(nil) },
+			decided{status: 404, outcome: outcomeWorkloadRole, extra: "X-Imds-Proxy-Credentials: workload; source=irsa"}},
+		{"path", "the role path while the workload role's source fails", strings.Replace(ok, "instance-id", "iam/security-credentials/web-role", 1),
+			func(c *Config, _ *http.Request) { c.WorkloadRole = testRole(errors.New("STS: AccessDenied")) },
+			decided{status: 404, outcome: outcomeWorkloadRoleUnavailable, extra: "X-Imds-Proxy-Credentials: workload; source=irsa"}},
+		{"path", "the rest of IMDS, beside the workload's own role", strings.Replace(ok, "instance-id", "iam/", 1),
+			func(c *Config, _ *http.Request) { c.WorkloadRole = testRole(nil) },
+			decided{forward: "/latest/meta-data/iam/"}},
 		{"forward", "the normalised path, without the query", strings.Replace(ok, "/latest/meta-data/instance-id", "/latest//meta-data/./iam/../instance-id?x=1", 1), nil,
 			decided{forward: "/latest/meta-data/instance-id"}},
 		{"forward", "a trailing slash is kept", strings.Replace(ok, "instance-id", "", 1), nil,
@@ -224,6 +246,19 @@ func TestDecide(t *testing.T) {
 			}
 		})
 	}
+}
+
+// testRole is a workload role named web-role (IRSA) whose source gives
+// fresh credentials, or fails with err.
+func testRole(err error) *workloadrole.Role {
+	return workloadrole.New("arn:aws:iam::111122223333:role/web-role", workloadrole.SourceIRSA,
+		aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
+			if err != nil {
+				return aws.Credentials{}, err
+			}
+			return aws.Credentials{AccessKeyID: "ASIAWEBROLE", SecretAccessKey: "web-secret", SessionToken: "web-token",
+				CanExpire: true, Expires: time.Now().Add(time.Hour)}, nil
+		}))
 }
 
 // testWorkloadKey carries a TestDecide row's workload to decide.

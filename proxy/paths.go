@@ -88,7 +88,7 @@ func (pp PathPolicy) Allows(p string) bool {
 // version.
 func roleCredentialsPath(p string) bool {
 	below, versioned := belowVersion(p)
-	return versioned && underPrefix(below, "/meta-data/iam/security-credentials")
+	return versioned && underPrefix(below, roleCredentialsDir)
 }
 
 func underPrefix(p, prefix string) bool {

@@ -23,6 +23,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -67,6 +68,12 @@ type Config struct {
 	// answers where no role is attached) to workloads that have an AWS
 	// identity of their own (workload.Workload.OwnIdentity).
 	GuardOwnIdentity bool
+	// WorkloadRole, if set, is the workload's own role, which the role
+	// path (iam/security-credentials/ and iam/info, in every API version)
+	// answers in place of the instance's; the role path is then never
+	// forwarded, and while the role's source fails it answers 404, as IMDS
+	// does where no role is attached (--credentials=workload, a sidecar's).
+	WorkloadRole RoleSource
 	// Paths decides which metadata paths may be forwarded. If zero, all.
 	Paths PathPolicy
 	// Mode is announced in the X-Imds-Proxy header of every answer, so that
@@ -127,6 +134,17 @@ type Config struct {
 	// the proxy's own beyond net/http's, except that request bodies, which
 	// IMDS requests never have, are refused past 4 KiB.
 	Limits ServerLimits
+}
+
+// RoleSource is the workload's own role (Config.WorkloadRole);
+// workloadrole.Role, in the imds-proxy-workload-role build, is the one.
+type RoleSource interface {
+	// Role names it: its name, the one entry the listing gives; its ARN,
+	// which iam/info gives, or "" where unknown; and its source, for logs,
+	// metrics and imds-proxy doctor.
+	Role() (name, arn, source string)
+	// Credentials are its current credentials, or why it has none.
+	Credentials(ctx context.Context) (imdsapi.RoleCredentials, error)
 }
 
 // The defaults of the fields documented "If zero".
@@ -242,6 +260,8 @@ type Proxy struct {
 	attributions *rate.Limiter
 	// upstreamIdle closes idle upstream connections when Run ends.
 	upstreamIdle func()
+	// role serves cfg.WorkloadRole, if set.
+	role *workloadRole
 }
 
 // New builds a Proxy. The caller owns reg (metrics are registered there) and
@@ -270,6 +290,11 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 	p.callers = newV1Callers(cfg.V1CallersMax, func(reason string) { m.v1CallersEvicted.WithLabelValues(reason).Inc() })
 	p.logs = newLogLimiter(cfg.V1LogInterval)
 	p.attributions = rate.NewLimiter(rate.Limit(cfg.V1AttributionsPerSecond), int(math.Ceil(cfg.V1AttributionsPerSecond)))
+	if cfg.WorkloadRole != nil {
+		if p.role, err = newWorkloadRole(cfg.WorkloadRole, log, reg); err != nil {
+			return nil, fmt.Errorf("registering metrics: %w", err)
+		}
+	}
 	return p, nil
 }
 
@@ -278,17 +303,17 @@ func New(cfg Config, log *zap.Logger, reg prometheus.Registerer, minter *token.M
 // belongs on the admin listener.
 func (p *Proxy) V1Callers() http.Handler { return p.callers }
 
-// Run keeps the upstream IMDSv2 session, and writes the log limit's
-// summaries, until ctx is cancelled.
+// Run keeps the upstream IMDSv2 session, writes the log limit's summaries,
+// and keeps the workload role's credentials fresh, until ctx is cancelled.
 func (p *Proxy) Run(ctx context.Context) {
 	defer p.upstreamIdle()
-	summaries := make(chan struct{})
-	go func() {
-		defer close(summaries)
-		p.logs.run(ctx, p.log)
-	}()
+	var background sync.WaitGroup
+	background.Go(func() { p.logs.run(ctx, p.log) })
+	if p.role != nil {
+		background.Go(func() { p.role.keepFresh(ctx) })
+	}
 	p.session.run(ctx)
-	<-summaries
+	background.Wait()
 }
 
 // Ready reports an error until the upstream session state is decided

@@ -37,7 +37,8 @@ import (
 //	                   the configured one
 //	7. path policy     a path that cannot be normalised 400; a denied path 403;
 //	                   the node role's credentials, to a workload with an
-//	                   identity of its own, 404 (GuardOwnIdentity)
+//	                   identity of its own, 404 (GuardOwnIdentity); the role
+//	                   path, from the workload's own role (WorkloadRole)
 //	8. forward         the normalised path, with the proxy's own headers only
 //	                   (a tokenless request as it came, with V1Tokenless)
 //
@@ -80,7 +81,8 @@ type verdict struct {
 // rules that depend on it ask workloadOf for. It reads the request (and
 // discards any body); its only other effects are log lines about a token
 // that is refused or cannot be bound, or a workload setting that is no
-// policy, and the scan of /proc that workloadOf may make.
+// policy, the scan of /proc that workloadOf may make, and asking the
+// workload role's source when its credentials are due.
 func (p *Proxy) decide(r *http.Request, caller netip.Addr, workloadOf func() workload.Workload) verdict {
 	if a := p.checkLimits(r); a != nil {
 		return verdict{answer: a}
@@ -126,6 +128,10 @@ func (p *Proxy) decide(r *http.Request, caller netip.Addr, workloadOf func() wor
 		v.answer = imdsRefusal(http.StatusForbidden, outcomePathDenied)
 	case p.cfg.GuardOwnIdentity && roleCredentialsPath(clean) && workloadOf().OwnIdentity != "":
 		v.answer = imdsRefusal(http.StatusNotFound, outcomeIdentityGuarded)
+	case p.role != nil:
+		if below, ok := workloadRolePath(clean); ok {
+			v.answer = p.role.answer(r.Context(), below)
+		}
 	}
 	return v
 }

@@ -3,8 +3,11 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
+	"os/exec"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestUnknownCommandsAndArgumentsFail: a typo'd subcommand or a stray
@@ -67,5 +70,42 @@ func TestTypoExitsNonZero(t *testing.T) {
 	stdout, stderr, code := runCLI(t, nil, "sidcar")
 	if want := "imds-proxy: unknown command \"sidcar\"; see imds-proxy --help\n"; code != 1 || stderr != want || stdout != "" {
 		t.Errorf("exit %d, stdout %q, stderr %q; want exit 1 and %q", code, stdout, stderr, want)
+	}
+}
+
+// TestCredentialsWorkloadSaysWhatIsMissing: --credentials=workload exits 1
+// naming what it lacks: the build with the AWS SDK's providers, a source in
+// the environment, or both keys and a source (the SDK would pick the keys).
+// --workload-role-arn alone is refused too.
+func TestCredentialsWorkloadSaysWhatIsMissing(t *testing.T) {
+	for _, c := range []struct {
+		name, binary string
+		env          []string
+		args         []string
+		want         string
+	}{
+		{"the lean build", binary, nil, []string{"--credentials=workload"}, "run /usr/local/bin/imds-proxy-workload-role"},
+		{"no source", workloadRoleBinary, nil, []string{"--credentials=workload"}, "the environment names no workload role"},
+		{"IRSA without its role", workloadRoleBinary, []string{"AWS_WEB_IDENTITY_TOKEN_FILE=/token"}, []string{"--credentials=workload"},
+			"without AWS_ROLE_ARN"},
+		{"static keys first", workloadRoleBinary, []string{"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/x",
+			"AWS_ACCESS_KEY_ID=AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY=x"}, []string{"--credentials=workload"}, "remove them from the sidecar"},
+		{"IRSA without a region", workloadRoleBinary, []string{"AWS_WEB_IDENTITY_TOKEN_FILE=/token", "AWS_ROLE_ARN=arn:aws:iam::111122223333:role/r"},
+			[]string{"--credentials=workload"}, "IRSA needs AWS_REGION"},
+		{"a role ARN alone", workloadRoleBinary, nil, []string{"--workload-role-arn=arn:aws:iam::111122223333:role/r"}, "--credentials=workload, which is not set"},
+		{"no such credentials", binary, nil, []string{"--credentials=node"}, `unknown credentials "node"`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, c.binary, append([]string{"sidecar", "--rules=false", "--listen", "127.0.0.1:0",
+				"--metrics-listen", "", "--upstream", "http://127.0.0.1:9"}, c.args...)...)
+			cmd.Env = append([]string{"PATH=/usr/bin:/bin", "HOME=/nonexistent", "AWS_CONFIG_FILE=/dev/null", "AWS_SHARED_CREDENTIALS_FILE=/dev/null"}, c.env...)
+			out, err := cmd.CombinedOutput()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(string(out), c.want) {
+				t.Errorf("%v: %v\n%s\nwant exit 1 saying %q", cmd.Args, err, out, c.want)
+			}
+		})
 	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -94,6 +95,10 @@ type serveFlags struct {
 	upstream      string
 	v1            string
 	v1Floor       string
+	// credentials and workloadRoleARN are --credentials and
+	// --workload-role-arn (sidecar mode).
+	credentials     string
+	workloadRoleARN string
 	// The workload sources of a node agent: the ECS agent's introspection
 	// API and the Docker Engine API ("" for none).
 	ecsIntrospection string
@@ -195,6 +200,12 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.logFormat, "log-format", "json", "log format: json or console")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error (debug logs every request)")
 	if f.mode == imdsapi.ModeSidecar {
+		fs.StringVar(&f.credentials, "credentials", string(imdsapi.CredentialsInstance), "sidecar mode: whose role the role path "+
+			"(meta-data/iam/security-credentials/, iam/info) serves: instance (the instance's, from IMDS) or workload (the task's or pod's "+
+			"own: the ECS task role, EKS Pod Identity or IRSA, whichever the sidecar's environment names, through the AWS SDK's providers; "+
+			"never the instance's, and 404 while that source fails)")
+		fs.StringVar(&f.workloadRoleARN, "workload-role-arn", "", "sidecar mode, with --credentials=workload: the role's ARN, which names "+
+			"it in the listing and iam/info where the source does not (an ECS task role, Pod Identity; IRSA's is AWS_ROLE_ARN)")
 		fs.StringVar(&f.exemptCgroup, "exempt-cgroup", exemptCgroupAuto, "sidecar mode: auto exempts the proxy's own cgroup from the redirect instead of --exempt-mark/--exempt-uid, which app containers can forge (needs cgroup v2, and Linux 6.1+ in a cgroup namespace; falls back to the mark, with a warning, elsewhere); off always uses the mark or UID")
 	}
 	f.registerEconomy(fs)
@@ -298,6 +309,14 @@ func (f *serveFlags) rulesConfig() (iptables.Config, error) {
 func (f *serveFlags) validate() error {
 	if _, err := f.proxyConfig(); err != nil {
 		return err
+	}
+	if f.mode == imdsapi.ModeSidecar {
+		if _, err := imdsapi.ParseCredentials(f.credentials); err != nil {
+			return fmt.Errorf("--credentials: %w", err)
+		}
+		if f.workloadRoleARN != "" && f.credentials != string(imdsapi.CredentialsWorkload) {
+			return errors.New("--workload-role-arn names the role of --credentials=workload, which is not set")
+		}
 	}
 	if f.mode == imdsapi.ModeSidecar && f.exemptCgroup != exemptCgroupAuto && f.exemptCgroup != exemptCgroupOff {
 		return fmt.Errorf("--exempt-cgroup %q: want auto or off", f.exemptCgroup)

@@ -20,9 +20,10 @@ import (
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
-// binary, kubernetesBinary (the build with the Kubernetes source) and
-// demoClient are built once for these tests.
-var binary, kubernetesBinary, demoClient string
+// binary, kubernetesBinary (the build with the Kubernetes source),
+// workloadRoleBinary (the build with the AWS SDK's credential providers)
+// and demoClient are built once for these tests.
+var binary, kubernetesBinary, workloadRoleBinary, demoClient string
 
 func TestMain(m *testing.M) {
 	bins, err := testutil.BuildBinaries()
@@ -30,7 +31,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	binary, kubernetesBinary, demoClient = bins.Proxy, bins.ProxyKubernetes, bins.DemoClient
+	binary, kubernetesBinary, workloadRoleBinary, demoClient = bins.Proxy, bins.ProxyKubernetes, bins.ProxyWorkloadRole, bins.DemoClient
 	code := m.Run()
 	bins.Remove()
 	os.Exit(code)

@@ -128,6 +128,14 @@ func newProxy(f *serveFlags, exemption iptables.Exemption, workloads *workload.R
 		return nil, nil, err
 	}
 	cfg.Workloads = workloads
+	if f.credentials == string(imdsapi.CredentialsWorkload) {
+		if cfg.WorkloadRole, err = workloadRole(context.Background(), f.workloadRoleARN); err != nil {
+			return nil, nil, fmt.Errorf("--credentials=workload: %w", err)
+		}
+		name, arn, source := cfg.WorkloadRole.Role()
+		log.Info("the role path serves the workload's own role, never the instance's", zap.String("source", source),
+			zap.String("role", name), zap.String("role_arn", arn))
+	}
 	if cfg.UpstreamDialControl, err = exemption.DialControl(log); err != nil {
 		return nil, nil, err
 	}

@@ -13,10 +13,12 @@ type Binaries struct {
 	dir string
 	// Proxy is imds-proxy; ProxyNext is the same built as another version,
 	// for rollouts; ProxyKubernetes is the build with the Kubernetes source
-	// (the kubernetes tag), which the node DaemonSet runs; DemoClient is
-	// the AWS SDK for Go v2 client of the demo; ClientV1 the same workload
-	// on the AWS SDK for Go v1.
-	Proxy, ProxyNext, ProxyKubernetes, DemoClient, ClientV1 string
+	// (the kubernetes tag), which the node DaemonSet runs;
+	// ProxyWorkloadRole is the build that can serve a workload's own role
+	// (the workloadrole tag, --credentials=workload); DemoClient is the
+	// AWS SDK for Go v2 client of the demo; ClientV1 the same workload on
+	// the AWS SDK for Go v1.
+	Proxy, ProxyNext, ProxyKubernetes, ProxyWorkloadRole, DemoClient, ClientV1 string
 }
 
 // BuildBinaries builds imds-proxy and the demo client into a fresh directory
@@ -30,14 +32,15 @@ func BuildBinaries() (*Binaries, error) {
 		return nil, err
 	}
 	b := &Binaries{dir: dir, Proxy: filepath.Join(dir, "imds-proxy"), ProxyNext: filepath.Join(dir, "imds-proxy-next"),
-		ProxyKubernetes: filepath.Join(dir, "imds-proxy-kubernetes"),
-		DemoClient:      filepath.Join(dir, "demo-client"), ClientV1: filepath.Join(dir, "demo-client-v1")}
+		ProxyKubernetes: filepath.Join(dir, "imds-proxy-kubernetes"), ProxyWorkloadRole: filepath.Join(dir, "imds-proxy-workload-role"),
+		DemoClient: filepath.Join(dir, "demo-client"), ClientV1: filepath.Join(dir, "demo-client-v1")}
 	for out, pkg := range map[string]string{
-		b.Proxy:           proxyPackage,
-		b.ProxyNext:       proxyPackage,
-		b.ProxyKubernetes: proxyPackage,
-		b.DemoClient:      "github.com/imds-proxy/imds-proxy/demo/client",
-		b.ClientV1:        "github.com/imds-proxy/imds-proxy/demo/clientv1",
+		b.Proxy:             proxyPackage,
+		b.ProxyNext:         proxyPackage,
+		b.ProxyKubernetes:   proxyPackage,
+		b.ProxyWorkloadRole: proxyPackage,
+		b.DemoClient:        "github.com/imds-proxy/imds-proxy/demo/client",
+		b.ClientV1:          "github.com/imds-proxy/imds-proxy/demo/clientv1",
 	} {
 		var flags []string
 		switch out {
@@ -45,6 +48,8 @@ func BuildBinaries() (*Binaries, error) {
 			flags = []string{"-ldflags", "-X main.version=next"}
 		case b.ProxyKubernetes:
 			flags = []string{"-tags", "kubernetes"}
+		case b.ProxyWorkloadRole:
+			flags = []string{"-tags", "workloadrole"}
 		}
 		if err := goBuild(out, pkg, flags...); err != nil {
 			os.RemoveAll(dir)
