@@ -28,6 +28,7 @@ const (
 	ExitV2Refused     = 4
 	ExitV2Unavailable = 5
 	ExitNodeAgent     = 6
+	ExitWorkloadRole  = 7
 )
 
 // Probe is one HTTP exchange's outcome.
@@ -48,13 +49,26 @@ type Report struct {
 	V1Get          Probe  `json:"v1_get"`
 	TokensRequired bool   `json:"tokens_required"`
 	Proxy          string `json:"proxy,omitempty"`
-	Rules          string `json:"redirect_rules"`
+	// Role is the role path as an IMDSv2 client finds it, where a proxy
+	// serves the workload's own role there (--credentials=workload).
+	Role  *RoleProbe `json:"workload_role,omitempty"`
+	Rules string     `json:"redirect_rules"`
 	// Node is the node agent's delivery, when its rules are in this
 	// namespace (doctor run on the node).
 	Node      *iptables.NodeInspection `json:"node_agent,omitempty"`
 	Diagnosis string                   `json:"diagnosis"`
 	Fixes     []string                 `json:"fixes,omitempty"`
 	ExitCode  int                      `json:"exit_code"`
+}
+
+// RoleProbe is the role path's listing (iam/security-credentials/) where a
+// proxy answers it from the workload's own role.
+type RoleProbe struct {
+	Probe
+	// Served is the proxy's imdsapi.CredentialsHeader: "workload; source=...".
+	Served string `json:"served"`
+	// Name is the role the listing names, on a 200.
+	Name string `json:"name,omitempty"`
 }
 
 // Config bounds the probes; the sum stays under five seconds.
@@ -136,6 +150,7 @@ func Run(ctx context.Context, cfg Config) Report {
 	if tok != "" {
 		p := probeGet(ctx, client, cfg, tok)
 		r.V2Get = &p
+		r.Role = probeRole(ctx, client, cfg, tok)
 	}
 	r.V1Get = probeGet(ctx, client, cfg, "")
 	r.TokensRequired = r.V1Get.Status == http.StatusUnauthorized
@@ -180,6 +195,26 @@ func probeGet(ctx context.Context, client *http.Client, cfg Config, tok string) 
 	}
 	p, _, _ := do(client, req)
 	return p
+}
+
+// probeRole asks for the role path's listing, and reports it where a proxy
+// serves the workload's own role there, else nil.
+func probeRole(ctx context.Context, client *http.Client, cfg Config, tok string) *RoleProbe {
+	ctx, cancel := context.WithTimeout(ctx, cfg.GetTimeout)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, cfg.Endpoint.JoinPath("/latest/meta-data/iam/security-credentials/").String(), nil)
+	req.Header.Set("User-Agent", "imds-proxy-doctor")
+	req.Header.Set(imdsapi.TokenHeader, tok)
+	p, body, header := do(client, req)
+	served := header.Get(imdsapi.CredentialsHeader)
+	if served == "" {
+		return nil
+	}
+	r := &RoleProbe{Probe: p, Served: served}
+	if p.Status == http.StatusOK {
+		r.Name = strings.TrimSpace(body)
+	}
+	return r
 }
 
 func do(client *http.Client, req *http.Request) (Probe, string, http.Header) {
@@ -241,10 +276,19 @@ func diagnose(r Report) Report {
 		}
 		r.Fixes = hopLimitFixes
 		r.ExitCode = ExitHopLimit
+	case r.Token.Status == http.StatusOK && r.V2Get != nil && r.V2Get.Status == http.StatusOK && r.Role != nil && r.Role.Status != http.StatusOK:
+		r.Diagnosis = fmt.Sprintf("IMDSv2 works, but imds-proxy (%s) serves the workload's own role (%s) and has no credentials of it: "+
+			"its source fails, so the role path answers %s, as IMDS does where no role is attached", r.Proxy, r.Role.Served, roleStatus(r.Role))
+		r.Fixes = []string{"read the sidecar's log (\"cannot be had from its source\" names the cause) and imds_proxy_workload_role_failures_total",
+			"check the source the sidecar's environment names: the ECS agent (169.254.170.2), the EKS Pod Identity agent (169.254.170.23) or STS (IRSA)"}
+		r.ExitCode = ExitWorkloadRole
 	case r.Token.Status == http.StatusOK && r.V2Get != nil && r.V2Get.Status == http.StatusOK:
 		r.Diagnosis = "healthy: IMDSv2 works"
 		if r.Proxy != "" {
 			r.Diagnosis += ", answered by imds-proxy (" + r.Proxy + ")"
+		}
+		if r.Role != nil {
+			r.Diagnosis += ", which serves the workload's own role " + r.Role.Name + " (" + r.Role.Served + "), never the instance's"
 		}
 		r.ExitCode = ExitHealthy
 	case r.Token.Status == http.StatusOK && r.V2Get != nil:
@@ -258,6 +302,14 @@ func diagnose(r Report) Report {
 		r.ExitCode = ExitV2Unavailable
 	}
 	return r
+}
+
+// roleStatus names the role probe's outcome: its HTTP status or its error.
+func roleStatus(r *RoleProbe) string {
+	if r.Status != 0 {
+		return fmt.Sprintf("HTTP %d", r.Status)
+	}
+	return r.Error
 }
 
 // metadataRefused diagnoses a token that was issued but a metadata GET

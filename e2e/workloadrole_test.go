@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imds-proxy/imds-proxy/doctor"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 	"github.com/imds-proxy/imds-proxy/workloadrole"
 )
@@ -282,6 +283,9 @@ func TestWorkloadRoleSourceFailures(t *testing.T) {
 	if status, _ := getV2(t, e.Task, "/latest/meta-data/instance-id"); status != 200 {
 		t.Errorf("the rest of IMDS while the role's source is down: %d, want 200", status)
 	}
+	if r, code := runDoctor(t, e.Task); code != doctor.ExitWorkloadRole || r.Role == nil || r.Role.Status != 404 {
+		t.Errorf("doctor while the source is down: exit %d, %+v: %s; want exit %d naming the workload role's 404", code, r.Role, r.Diagnosis, doctor.ExitWorkloadRole)
+	}
 	if metric("imds_proxy_workload_role_credentials_valid") != 0 || metric("imds_proxy_workload_role_failures_total") < 3 {
 		t.Errorf("metrics while down: valid %v, failures %v; want 0 and at least 3",
 			metric("imds_proxy_workload_role_credentials_valid"), metric("imds_proxy_workload_role_failures_total"))
@@ -296,6 +300,9 @@ func TestWorkloadRoleSourceFailures(t *testing.T) {
 	}
 	if metric("imds_proxy_workload_role_credentials_valid") != 1 {
 		t.Error("imds_proxy_workload_role_credentials_valid is not 1 once the source is back")
+	}
+	if r, code := runDoctor(t, e.Task); code != doctor.ExitHealthy || r.Role == nil || r.Role.Name != "task-role" {
+		t.Errorf("doctor once the source is back: exit %d, %+v: %s; want healthy, naming the role task-role", code, r.Role, r.Diagnosis)
 	}
 	logs := sidecar.Logs.String()
 	// Two outages: the garbage while the credentials were good, and the

@@ -75,6 +75,9 @@ func printReport(w io.Writer, r doctor.Report, asJSON bool) error {
 		fmt.Fprintf(&b, "IMDSv1 metadata:    %s\n", describe(r.V1Get))
 		fmt.Fprintf(&b, "tokens required:    %t\n", r.TokensRequired)
 		fmt.Fprintf(&b, "imds-proxy:         %s\n", orNone(r.Proxy))
+		if r.Role != nil {
+			fmt.Fprintf(&b, "workload role:      %s, %s %s\n", r.Role.Served, describe(r.Role.Probe), r.Role.Name)
+		}
 	}
 	fmt.Fprintf(&b, "redirect rules:     %s\n", r.Rules)
 	if r.Node != nil {
