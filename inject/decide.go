@@ -80,7 +80,7 @@ func decide(meta podMeta, spec *podSpec, namespace string, o Options) decision {
 	if kept {
 		d = decideExisting(e, o)
 	} else {
-		podOptions, warnings := o.forPod(meta)
+		podOptions, warnings := o.forPod(meta, spec)
 		d = decision{outcome: Injected, inject: &podOptions, warnings: warnings}
 	}
 	bypass := bypasses(spec, exempt, own...)
@@ -152,12 +152,29 @@ func clashes(spec *podSpec, o Options, own []int) string {
 	return ""
 }
 
-// forPod applies the pod's V1Key annotation to o, within the floor: the
+// forPod applies the pod's annotations to o. V1Key, within the floor: the
 // annotation may choose any policy the floor admits, looser or stricter
 // than o.V1. One looser than the floor gets the floor, one that is not a
 // policy gets o.V1 (raised to the floor), and a warning says so.
-func (o Options) forPod(meta podMeta) (Options, []string) {
+// CredentialsKey: "workload" gives the sidecar the pod's own role, with the
+// credential source of its app containers.
+func (o Options) forPod(meta podMeta, spec *podSpec) (Options, []string) {
 	o.V1 = o.Policy.raise(o.V1)
+	var warnings []string
+	switch value, ok := meta.Annotations[imdsapi.CredentialsKey]; {
+	case !ok:
+	case value == string(imdsapi.CredentialsWorkload):
+		o.Credentials, o.source = imdsapi.CredentialsWorkload, credentialSourceOf(spec)
+	case value != string(imdsapi.CredentialsInstance):
+		warnings = append(warnings, fmt.Sprintf("annotation %s: %q is neither instance nor workload; the sidecar serves the instance's role",
+			imdsapi.CredentialsKey, value))
+	}
+	o, v1Warnings := o.forPodV1(meta)
+	return o, append(warnings, v1Warnings...)
+}
+
+// forPodV1 applies the pod's V1Key annotation to o, within the floor.
+func (o Options) forPodV1(meta podMeta) (Options, []string) {
 	value, ok := meta.Annotations[V1Key]
 	if !ok {
 		return o, nil

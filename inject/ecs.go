@@ -48,6 +48,13 @@ func ECS(in []byte, o Options) (out []byte, notes []string, err error) {
 	if err := checkLaunchType(task); err != nil {
 		return nil, nil, err
 	}
+	if o.Credentials == imdsapi.CredentialsWorkload {
+		// The ECS agent gives every container of a task with a task role
+		// the role's credentials endpoint, the sidecar too: its ARN names it.
+		if o.WorkloadRoleARN, _ = task.str("taskRoleArn"); o.WorkloadRoleARN == "" {
+			return nil, nil, fmt.Errorf("--credentials workload: the task definition has no taskRoleArn, so no role of its own to serve")
+		}
+	}
 	var containers []object
 	if err := task.decode("containerDefinitions", &containers); err != nil {
 		return nil, nil, err
@@ -137,7 +144,7 @@ func ecsSidecar(c object, o Options) (command []string, arg int, policy imdsapi.
 	if arg, policy, why = v1Arg(command, "command"); why != "" {
 		return nil, arg, "", why
 	}
-	withV1 := o
+	withV1 := o.withCredentials(command, nil)
 	withV1.V1 = policy
 	raw, err := json.Marshal(c)
 	if err != nil {
@@ -258,9 +265,14 @@ func addDependsOn(c *object) error {
 // proxy's own readiness (rules installed, upstream decided).
 func ecsContainer(o Options) ecsContainerDefinition {
 	admin := "127.0.0.1:" + strconv.Itoa(o.MetricsPort)
+	var entryPoint []string
+	if o.Credentials == imdsapi.CredentialsWorkload {
+		entryPoint = []string{WorkloadRoleCommand}
+	}
 	return ecsContainerDefinition{
 		Name:                   ContainerName,
 		Image:                  o.Image,
+		EntryPoint:             entryPoint,
 		Essential:              true,
 		User:                   "0",
 		Command:                o.args("127.0.0.1"), // the health check runs inside the task
@@ -278,6 +290,7 @@ func ecsContainer(o Options) ecsContainerDefinition {
 type ecsContainerDefinition struct {
 	Name                   string             `json:"name"`
 	Image                  string             `json:"image"`
+	EntryPoint             []string           `json:"entryPoint,omitempty"`
 	Essential              bool               `json:"essential"`
 	User                   string             `json:"user"`
 	Command                []string           `json:"command"`

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/aws/aws-sdk-go-v2/service/ecs"
+	"github.com/google/go-cmp/cmp"
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
 
@@ -220,5 +221,35 @@ func TestECSBypasses(t *testing.T) {
 	}
 	if _, notes, err := ECS(injected, DefaultOptions()); err != nil || len(notes) != 0 {
 		t.Errorf("the injected example: notes %q, err %v; want neither (the sidecar's own NET_ADMIN is no bypass)", notes, err)
+	}
+}
+
+// TestECSWorkloadRole: --credentials workload gives the sidecar the
+// workload-role build and the task definition's taskRoleArn, refuses a task
+// definition without one, and a second injection changes nothing.
+func TestECSWorkloadRole(t *testing.T) {
+	o := DefaultOptions()
+	o.Credentials = imdsapi.CredentialsWorkload
+	in, err := os.ReadFile("testdata/ecs/awsvpc.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := ECS(in, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := decodeTaskDefinition(t, out).ContainerDefinitions[0]
+	args := strings.Join(c.Command, " ")
+	if strings.Join(c.EntryPoint, " ") != WorkloadRoleCommand ||
+		!strings.HasSuffix(args, "--credentials=workload --workload-role-arn=arn:aws:iam::111122223333:role/shop") {
+		t.Errorf("entryPoint %q, command %q: want %s with the task role", c.EntryPoint, args, WorkloadRoleCommand)
+	}
+	again, _, err := ECS(out, o)
+	if err != nil || !bytes.Equal(again, out) {
+		t.Errorf("injecting twice: %v\n%s", err, cmp.Diff(string(out), string(again)))
+	}
+	if _, _, err := ECS([]byte(`{"networkMode":"awsvpc","containerDefinitions":[{"name":"a","image":"b"}]}`), o); err == nil ||
+		!strings.Contains(err.Error(), "no taskRoleArn") {
+		t.Errorf("a task definition without a task role: %v, want it refused", err)
 	}
 }

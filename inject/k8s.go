@@ -20,8 +20,10 @@ import (
 type ContainerSpec struct {
 	Name            string           `json:"name"`
 	Image           string           `json:"image,omitempty"`
+	Command         []string         `json:"command,omitempty"`
 	Args            []string         `json:"args,omitempty"`
 	Ports           []ContainerPort  `json:"ports,omitempty"`
+	Env             []EnvVar         `json:"env,omitempty"`
 	Resources       *Resources       `json:"resources,omitempty"`
 	RestartPolicy   string           `json:"restartPolicy,omitempty"`
 	VolumeMounts    []VolumeMount    `json:"volumeMounts,omitempty"`
@@ -46,7 +48,14 @@ type Resources struct {
 // VolumeMount is a core/v1 VolumeMount.
 type VolumeMount struct {
 	Name      string `json:"name"`
+	ReadOnly  bool   `json:"readOnly,omitempty"`
 	MountPath string `json:"mountPath"`
+}
+
+// EnvVar is a core/v1 EnvVar with a value (valueFrom is never copied).
+type EnvVar struct {
+	Name  string `json:"name"`
+	Value string `json:"value,omitempty"`
 }
 
 // Probe is a core/v1 Probe with an HTTP GET handler.
@@ -116,9 +125,15 @@ type podSecurityContext struct {
 // podContainer is what the decision reads of a container, and all of it
 // (raw) for telling the sidecar from a container that only has its name.
 type podContainer struct {
-	Name  string   `json:"name"`
-	Args  []string `json:"args"`
-	Ports []struct {
+	Name string   `json:"name"`
+	Args []string `json:"args"`
+	Env  []struct {
+		Name      string          `json:"name"`
+		Value     string          `json:"value"`
+		ValueFrom json.RawMessage `json:"valueFrom"`
+	} `json:"env"`
+	VolumeMounts []VolumeMount `json:"volumeMounts"`
+	Ports        []struct {
 		ContainerPort int32 `json:"containerPort"`
 	} `json:"ports"`
 	SecurityContext *SecurityContext `json:"securityContext"`

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"testing"
 
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	corev1 "k8s.io/api/core/v1"
 	sigsjson "sigs.k8s.io/json"
 )
@@ -30,11 +31,15 @@ func asAPI[T any](t *testing.T, v any) T {
 // API's types, and the API's types encode them back to the very same JSON
 // (same fields, same order).
 func TestLocalTypesAreTheAPIs(t *testing.T) {
-	for name, v := range map[string]any{"container": Container(DefaultOptions()), "volume": RunVolume()} {
+	workloadRole := DefaultOptions()
+	workloadRole.Credentials = imdsapi.CredentialsWorkload
+	workloadRole.source = credentialSource{env: []EnvVar{{Name: "AWS_ROLE_ARN", Value: "arn:aws:iam::111122223333:role/web"}},
+		mounts: []VolumeMount{{Name: "aws-iam-token", ReadOnly: true, MountPath: "/var/run/secrets/eks.amazonaws.com/serviceaccount"}}}
+	for name, v := range map[string]any{"container": Container(DefaultOptions()), "workload role container": Container(workloadRole), "volume": RunVolume()} {
 		ours, _ := json.Marshal(v)
 		var theirs []byte
 		switch name {
-		case "container":
+		case "container", "workload role container":
 			theirs, _ = json.Marshal(asAPI[corev1.Container](t, v))
 		case "volume":
 			theirs, _ = json.Marshal(asAPI[corev1.Volume](t, v))

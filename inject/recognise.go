@@ -68,7 +68,7 @@ func recognise(spec *podSpec, o Options) (e existing, found bool, why string) {
 		return e, true, why
 	}
 	e.v1 = policy
-	withV1 := o
+	withV1 := o.withCredentials(sidecar.Args, spec)
 	withV1.V1 = policy
 	switch {
 	case e.index == 0:
@@ -105,6 +105,25 @@ func recognise(spec *podSpec, o Options) (e existing, found bool, why string) {
 		}
 	}
 	return e, true, "no volume " + RunVolumeName
+}
+
+// withCredentials is o with the --credentials and --workload-role-arn of a
+// sidecar's args (the role it serves), and, for the workload's own role,
+// the pod's credential source: what a sidecar injected for it would have.
+func (o Options) withCredentials(args []string, spec *podSpec) Options {
+	o.Credentials, o.WorkloadRoleARN, o.source = "", "", credentialSource{}
+	for _, a := range args {
+		if v, ok := strings.CutPrefix(a, "--credentials="); ok && v == string(imdsapi.CredentialsWorkload) {
+			o.Credentials = imdsapi.CredentialsWorkload
+		}
+		if v, ok := strings.CutPrefix(a, "--workload-role-arn="); ok {
+			o.WorkloadRoleARN = v
+		}
+	}
+	if o.Credentials == imdsapi.CredentialsWorkload && spec != nil {
+		o.source = credentialSourceOf(spec)
+	}
+	return o
 }
 
 // exemptUID is the --exempt-uid=N of args, if N > 0: exempting root would

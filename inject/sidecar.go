@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/url"
 	"strconv"
+	"strings"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
 )
@@ -60,6 +61,68 @@ type Options struct {
 	// never the pod's author. 0: no variant is the sidecar.
 	ExemptUID int64
 	Policy    Policy // what a pod's own choices may not override
+	// Credentials is the sidecar's --credentials: CredentialsWorkload runs
+	// the image's imds-proxy-workload-role build (WorkloadRoleCommand). If
+	// empty, the instance's role (a pod's CredentialsKey annotation, or
+	// inject ecs --credentials, chooses the workload's).
+	Credentials imdsapi.Credentials
+	// WorkloadRoleARN is the sidecar's --workload-role-arn: an ECS task
+	// definition's taskRoleArn. If empty, none.
+	WorkloadRoleARN string
+	// source is what the sidecar needs of a pod's own credential source
+	// (IRSA, Pod Identity), copied from its app containers by forPod.
+	source credentialSource
+}
+
+// WorkloadRoleCommand is the image's build that can serve a workload's own
+// role (--credentials=workload), with the AWS SDK's credential providers.
+const WorkloadRoleCommand = "/usr/local/bin/imds-proxy-workload-role"
+
+// credentialSource is the environment and mounts of a pod's own credential
+// source: IRSA's AWS_ROLE_ARN and token file, Pod Identity's agent URI and
+// token file, and the region; what the EKS webhook adds to each container.
+type credentialSource struct {
+	env    []EnvVar
+	mounts []VolumeMount
+}
+
+// credentialSourceVariables are the variables copied to the sidecar, in
+// this order, from the first app container that names a source.
+var credentialSourceVariables = []string{"AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+	"AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_STS_REGIONAL_ENDPOINTS"}
+
+// credentialSourceOf is the credential source the pod's first app
+// container that has one names (with a value, not valueFrom), and the
+// mounts that hold its token files; none if no app container has one yet
+// (the EKS webhook, when it runs after this one, adds it to the sidecar too).
+func credentialSourceOf(spec *podSpec) credentialSource {
+	for _, c := range spec.Containers {
+		values := map[string]string{}
+		for _, e := range c.Env {
+			if len(e.ValueFrom) == 0 {
+				values[e.Name] = e.Value
+			}
+		}
+		if values["AWS_WEB_IDENTITY_TOKEN_FILE"] == "" && values["AWS_CONTAINER_CREDENTIALS_FULL_URI"] == "" {
+			continue
+		}
+		var src credentialSource
+		for _, name := range credentialSourceVariables {
+			if v, ok := values[name]; ok {
+				src.env = append(src.env, EnvVar{Name: name, Value: v})
+			}
+		}
+		for _, m := range c.VolumeMounts {
+			for _, file := range []string{values["AWS_WEB_IDENTITY_TOKEN_FILE"], values["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]} {
+				if file != "" && strings.HasPrefix(file, strings.TrimSuffix(m.MountPath, "/")+"/") {
+					src.mounts = append(src.mounts, VolumeMount{Name: m.Name, ReadOnly: true, MountPath: m.MountPath})
+					break
+				}
+			}
+		}
+		return src
+	}
+	return credentialSource{}
 }
 
 // DefaultOptions are the sidecar of the example manifests; 1337 is the UID
@@ -93,6 +156,11 @@ func (o Options) Validate() error {
 			return fmt.Errorf("--upstream %q: must be http://host[:port]", o.Upstream)
 		}
 	}
+	if o.Credentials != "" {
+		if _, err := imdsapi.ParseCredentials(string(o.Credentials)); err != nil {
+			return fmt.Errorf("--credentials: %w", err)
+		}
+	}
 	if o.ExemptUID < 0 {
 		return fmt.Errorf("--exempt-uid %d: want the UID the sidecar-init variant exempts, or 0 for no variant", o.ExemptUID)
 	}
@@ -122,6 +190,12 @@ func (o Options) args(metricsHost string) []string {
 	if o.Upstream != "" {
 		args = append(args, "--upstream="+o.Upstream)
 	}
+	if o.Credentials == imdsapi.CredentialsWorkload {
+		args = append(args, "--credentials="+string(o.Credentials))
+		if o.WorkloadRoleARN != "" {
+			args = append(args, "--workload-role-arn="+o.WorkloadRoleARN)
+		}
+	}
 	return args
 }
 
@@ -132,7 +206,7 @@ func (o Options) args(metricsHost string) []string {
 // and is stopped after the app containers, removing its rules last.
 func Container(o Options) ContainerSpec {
 	root, no, yes := int64(0), false, true
-	return ContainerSpec{
+	c := ContainerSpec{
 		Name:          ContainerName,
 		Image:         o.Image,
 		Args:          append(o.args(""), "--token-key-file="+TokenKeyFile), // probes come from the kubelet, to the pod IP
@@ -151,6 +225,12 @@ func Container(o Options) ContainerSpec {
 			AllowPrivilegeEscalation: &no,
 		},
 	}
+	if o.Credentials == imdsapi.CredentialsWorkload {
+		c.Command = []string{WorkloadRoleCommand}
+		c.Env = o.source.env
+		c.VolumeMounts = append(c.VolumeMounts, o.source.mounts...)
+	}
+	return c
 }
 
 // RunVolume is the pod volume the sidecar mounts at /run.

@@ -26,6 +26,7 @@ type injectFlags struct {
 	exemptUID        int64
 	onViolation      string
 	optOutNamespaces string
+	credentials      string
 }
 
 // register adds the flags; forPods adds those that only pods have (the
@@ -36,6 +37,9 @@ func (f *injectFlags) register(fs *flag.FlagSet, forPods bool) {
 	fs.IntVar(&f.port, "port", d.Port, "the sidecar's IMDS port on 127.0.0.1 and [::1] (the redirect target)")
 	fs.StringVar(&f.upstream, "upstream", "", "the sidecar's upstream, e.g. a node agent (default: IMDS)")
 	if !forPods {
+		fs.StringVar(&f.credentials, "credentials", string(imdsapi.CredentialsInstance), "whose role the sidecar serves on the IMDS role path: "+
+			"instance, or workload (the task role, never the instance's: the sidecar runs "+inject.WorkloadRoleCommand+
+			" with --workload-role-arn of the task definition's taskRoleArn, which it must have)")
 		fs.IntVar(&f.metricsPort, "metrics-port", d.MetricsPort, "the sidecar's /metrics, /healthz and /readyz port (on 127.0.0.1, for the health check)")
 		fs.StringVar(&f.v1, "v1", string(d.V1), "the sidecar's IMDSv1 policy: auto, allow, warn or block (raised to --v1-floor)")
 		fs.StringVar(&f.v1Floor, "v1-floor", "", "the loosest IMDSv1 policy allowed, in the order allow < warn < auto < block (default: --v1); "+
@@ -68,6 +72,13 @@ func (f *injectFlags) register(fs *flag.FlagSet, forPods bool) {
 func (f *injectFlags) options() (inject.Options, error) {
 	o := inject.Options{Image: f.image, Port: f.port, MetricsPort: f.metricsPort, V1: imdsapi.V1Policy(f.v1), Upstream: f.upstream,
 		ExemptUID: f.exemptUID, Policy: inject.Policy{V1Floor: imdsapi.V1Policy(f.v1Floor), OnViolation: inject.OnViolation(f.onViolation)}}
+	if f.credentials != "" {
+		c, err := imdsapi.ParseCredentials(f.credentials)
+		if err != nil {
+			return o, fmt.Errorf("--credentials: %w", err)
+		}
+		o.Credentials = c
+	}
 	for _, ns := range strings.Split(f.optOutNamespaces, ",") {
 		if ns = strings.TrimSpace(ns); ns != "" {
 			o.Policy.OptOutNamespaces = append(o.Policy.OptOutNamespaces, ns)
@@ -96,6 +107,9 @@ func newInjectCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command 
 					"are noted on stderr, and so are containers that could bypass the sidecar (privileged\n"+
 					"or NET_ADMIN; in the sidecar-init variant, able to become its exempt UID), which\n"+
 					"--on-violation=deny refuses outside --allow-opt-out-namespaces.\n"+
+					"A pod annotated "+imdsapi.CredentialsKey+": workload gets a sidecar that serves its own\n"+
+					"role (IRSA or EKS Pod Identity) on the IMDS role path, never the node's: it runs\n"+
+					inject.WorkloadRoleCommand+" --credentials=workload, with its app containers' source.\n"+
 					"The native sidecar needs Kubernetes 1.29 or newer.",
 				true, stdin, stdout, stderr, injectK8s),
 			injectCommand("ecs", "add the sidecar to an awsvpc task definition (register-task-definition JSON)",
@@ -108,7 +122,7 @@ func newInjectCommand(stdin io.Reader, stdout, stderr io.Writer) *ffcli.Command 
 					"(--on-violation): a container named "+inject.ContainerName+" that is not exactly the sidecar,\n"+
 					"and containers that could bypass it: privileged, adding NET_ADMIN, or any in a task\n"+
 					"with pidMode task or host (they can signal the sidecar, which removes its redirect\n"+
-					"on SIGTERM).",
+					"on SIGTERM). --credentials workload serves the task role on the IMDS role path.",
 				false, stdin, stdout, stderr, injectECS),
 		},
 		Exec: subcommandsOnly("imds-proxy inject"),
