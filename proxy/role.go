@@ -24,9 +24,9 @@ const (
 	// roleTimeout bounds one retrieval that a request waits for. SDKs give
 	// IMDS a second or two; the refresher keeps requests from waiting at all.
 	roleTimeout = 5 * time.Second
-	// roleRetryAfter is how long after a failure requests are answered 404
-	// without asking the source again, so that a failing source is not
-	// asked once per request.
+	// roleRetryAfter is how long after a failure requests are answered
+	// without asking the source again (the last credentials, or 404), so
+	// that a failing source is not asked once per request.
 	roleRetryAfter = 2 * time.Second
 	// roleRefreshEvery is how often the refresher asks the role, which
 	// goes to its source when its credentials are due.
@@ -156,7 +156,7 @@ func (w *workloadRole) keepFresh(ctx context.Context) {
 	}
 }
 
-// roleAnswer answers a request under the role path (workloadRolePath) from
+// answer answers a request under the role path (workloadRolePath) from
 // the workload's own role, as IMDS answers for an instance profile's role:
 // security-credentials/ lists the role's name, security-credentials/<name>
 // gives its credentials, info names its ARN, and anything else there is
