@@ -22,6 +22,9 @@ func startWorkloadRoleSidecar(t *testing.T, e *testutil.EC2, env []string, args 
 	t.Helper()
 	argv := append([]string{"sidecar", "--listen", "127.0.0.1:8169", "--metrics-listen", "127.0.0.1:9169", "--iptables-backend", "nft",
 		"--upstream", "http://169.254.169.254", "--credentials=workload"}, args...)
+	// A proxy in the environment, where nothing listens: the sidecar must
+	// ask its upstream and the credential source directly.
+	env = append([]string{"HTTP_PROXY=http://127.0.0.1:1", "http_proxy=http://127.0.0.1:1"}, env...)
 	return testutil.StartProxy(t, e.Task, bins.ProxyWorkloadRole, argv, testutil.WithEnv(env...))
 }
 

@@ -20,7 +20,9 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/credentials/endpointcreds"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
@@ -102,12 +104,19 @@ func FromEnvironment(ctx context.Context, arn string) (*Role, error) {
 	if source == SourceIRSA {
 		arn = os.Getenv("AWS_ROLE_ARN")
 	}
+	// Only ever the platform's source: no HTTP_PROXY between, for STS and
+	// for the container endpoints alike (which the SDK would otherwise ask
+	// with a client of their own).
+	// The SDK's own client, which AWS_CA_BUNDLE can add a CA to.
+	client := awshttp.NewBuildableClient().WithTransportOptions(func(t *http.Transport) {
+		t.Proxy, t.ResponseHeaderTimeout = nil, 5*time.Second
+	})
 	cfg, err := config.LoadDefaultConfig(ctx,
 		config.WithEC2IMDSClientEnableState(imds.ClientDisabled), // never the instance's role
 		config.WithSharedConfigFiles([]string{}),
 		config.WithSharedCredentialsFiles([]string{}),
-		// Only ever the platform's source: no HTTP_PROXY between.
-		config.WithHTTPClient(&http.Client{Transport: &http.Transport{Proxy: nil, ResponseHeaderTimeout: 5 * time.Second}}),
+		config.WithHTTPClient(client),
+		config.WithEndpointCredentialOptions(func(o *endpointcreds.Options) { o.HTTPClient = client }),
 		config.WithCredentialsCacheOptions(cacheOptions),
 	)
 	if err != nil {
