@@ -22,6 +22,11 @@ func TestPodPatchMatchesTheManifestInjection(t *testing.T) {
 		"init and volumes": "apiVersion: v1\nkind: Pod\nmetadata:\n  name: b\nspec:\n  initContainers:\n    - name: setup\n      image: y\n" +
 			"  containers:\n    - name: app\n      image: x\n  volumes:\n    - name: v\n      emptyDir: {}\n",
 		"block annotation": "apiVersion: v1\nkind: Pod\nmetadata:\n  name: c\n  annotations:\n    imds-proxy.io/v1: block\nspec:\n  containers:\n    - name: app\n      image: x\n",
+		"workload role, IRSA": "apiVersion: v1\nkind: Pod\nmetadata:\n  name: d\n  annotations:\n    imds-proxy.io/credentials: workload\nspec:\n  containers:\n" +
+			"    - name: app\n      image: x\n      env:\n        - name: AWS_ROLE_ARN\n          value: arn:aws:iam::111122223333:role/d\n" +
+			"        - name: AWS_WEB_IDENTITY_TOKEN_FILE\n          value: /var/run/secrets/eks.amazonaws.com/serviceaccount/token\n" +
+			"      volumeMounts:\n        - name: aws-iam-token\n          readOnly: true\n          mountPath: /var/run/secrets/eks.amazonaws.com/serviceaccount\n" +
+			"  volumes:\n    - name: aws-iam-token\n      projected:\n        sources:\n          - serviceAccountToken: {audience: sts.amazonaws.com, path: token}\n",
 	}
 	for name, manifest := range pods {
 		t.Run(name, func(t *testing.T) {
