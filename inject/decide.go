@@ -164,7 +164,12 @@ func (o Options) forPod(meta podMeta, spec *podSpec) (Options, []string) {
 	switch value, ok := meta.Annotations[imdsapi.CredentialsKey]; {
 	case !ok:
 	case value == string(imdsapi.CredentialsWorkload):
-		o.Credentials, o.source = imdsapi.CredentialsWorkload, credentialSourceOf(spec)
+		var why string
+		o.Credentials = imdsapi.CredentialsWorkload
+		if o.source, why = credentialSourceOf(spec); why != "" {
+			warnings = append(warnings, fmt.Sprintf("annotation %s: %s: the sidecar takes nothing from it, and has a source only if "+
+				"the EKS webhook adds one to it", imdsapi.CredentialsKey, why))
+		}
 	case value != string(imdsapi.CredentialsInstance):
 		warnings = append(warnings, fmt.Sprintf("annotation %s: %q is neither instance nor workload; the sidecar serves the instance's role",
 			imdsapi.CredentialsKey, value))

@@ -284,3 +284,50 @@ func TestKubernetesEmptyFieldsAndLists(t *testing.T) {
 		t.Errorf("notes %q, want the port clash explained", notes)
 	}
 }
+
+// TestWorkloadRoleTakesOnlyTheEKSSource: the sidecar, root with NET_ADMIN,
+// takes from the app containers only what the EKS webhook adds. A token
+// file elsewhere (with its directory mounted from a config map over the
+// sidecar's own binaries), a token volume that is not a projected service
+// account token, or a credentials URI that is not the Pod Identity agent's
+// gives it nothing, and a note says why.
+func TestWorkloadRoleTakesOnlyTheEKSSource(t *testing.T) {
+	const head = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: n\n  annotations:\n    imds-proxy.io/credentials: workload\nspec:\n  containers:\n    - name: app\n      image: x\n      env:\n"
+	for name, c := range map[string]struct{ env, mounts, volumes, note string }{
+		"binaries from a config map": {
+			"        - {name: AWS_CONTAINER_CREDENTIALS_FULL_URI, value: 'http://169.254.170.23/v1/credentials'}\n" +
+				"        - {name: AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE, value: /usr/local/bin/tok}\n",
+			"        - {name: bin, mountPath: /usr/local/bin}\n", "    - {name: bin, configMap: {name: evil, defaultMode: 0755}}\n",
+			"token file /usr/local/bin/tok is not in a projected service account token volume"},
+		"a config map at the token directory": {
+			"        - {name: AWS_ROLE_ARN, value: 'arn:aws:iam::111122223333:role/r'}\n" +
+				"        - {name: AWS_WEB_IDENTITY_TOKEN_FILE, value: /var/run/secrets/eks.amazonaws.com/serviceaccount/token}\n",
+			"        - {name: t, mountPath: /var/run/secrets/eks.amazonaws.com/serviceaccount}\n", "    - {name: t, configMap: {name: evil}}\n",
+			"is not in a projected service account token volume"},
+		"another credentials endpoint": {
+			"        - {name: AWS_CONTAINER_CREDENTIALS_FULL_URI, value: 'http://127.0.0.1:8080/creds'}\n", "", "",
+			"AWS_CONTAINER_CREDENTIALS_FULL_URI is not the EKS Pod Identity agent's"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			manifest := head + c.env
+			if c.mounts != "" {
+				manifest += "      volumeMounts:\n" + c.mounts + "  volumes:\n" + c.volumes
+			}
+			out, notes, err := Kubernetes([]byte(manifest), DefaultOptions())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var pod corev1.Pod
+			if err := sigsyaml.UnmarshalStrict(out, &pod); err != nil {
+				t.Fatal(err)
+			}
+			sidecar := pod.Spec.InitContainers[0]
+			if sidecar.Name != ContainerName || len(sidecar.Env) != 0 || len(sidecar.VolumeMounts) != 1 || len(sidecar.Command) != 1 {
+				t.Errorf("sidecar env %v, mounts %v, command %v: want the workload-role build with nothing of the app's", sidecar.Env, sidecar.VolumeMounts, sidecar.Command)
+			}
+			if !strings.Contains(strings.Join(notes, "\n"), c.note) {
+				t.Errorf("notes %q, want one saying %q", notes, c.note)
+			}
+		})
+	}
+}

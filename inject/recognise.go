@@ -121,7 +121,7 @@ func (o Options) withCredentials(args []string, spec *podSpec) Options {
 		}
 	}
 	if o.Credentials == imdsapi.CredentialsWorkload && spec != nil {
-		o.source = credentialSourceOf(spec)
+		o.source, _ = credentialSourceOf(spec)
 	}
 	return o
 }

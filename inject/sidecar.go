@@ -6,8 +6,10 @@
 package inject
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -91,11 +93,23 @@ type credentialSource struct {
 var credentialSourceVariables = []string{"AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
 	"AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_STS_REGIONAL_ENDPOINTS"}
 
-// credentialSourceOf is the credential source the pod's first app
-// container that has one names (with a value, not valueFrom), and the
-// mounts that hold its token files; none if no app container has one yet
+// The token directories the EKS webhook mounts (IRSA's, Pod Identity's),
+// and the Pod Identity agent's URIs. A pod's author writes its containers'
+// environment and mounts: the sidecar, which runs as root with NET_ADMIN,
+// takes nothing else from them, so that a mount cannot put the author's
+// files in its path or libraries, nor a URI send its requests elsewhere.
+var (
+	tokenDirs              = []string{"/var/run/secrets/eks.amazonaws.com/serviceaccount", "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount"}
+	podIdentityAgentPrefix = []string{"http://169.254.170.23/", "http://[fd00:ec2::23]/"}
+)
+
+// credentialSourceOf is the credential source of the pod's first app
+// container that names one with values (never valueFrom), and the mounts
+// of its token directories, which must be projected service account
+// tokens; none, and why, if that source is not exactly what the EKS
+// webhook adds. None, and no reason, if no app container names one yet
 // (the EKS webhook, when it runs after this one, adds it to the sidecar too).
-func credentialSourceOf(spec *podSpec) credentialSource {
+func credentialSourceOf(spec *podSpec) (credentialSource, string) {
 	for _, c := range spec.Containers {
 		values := map[string]string{}
 		for _, e := range c.Env {
@@ -103,26 +117,58 @@ func credentialSourceOf(spec *podSpec) credentialSource {
 				values[e.Name] = e.Value
 			}
 		}
-		if values["AWS_WEB_IDENTITY_TOKEN_FILE"] == "" && values["AWS_CONTAINER_CREDENTIALS_FULL_URI"] == "" {
+		tokenFiles := []string{values["AWS_WEB_IDENTITY_TOKEN_FILE"], values["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]}
+		if tokenFiles[0] == "" && values["AWS_CONTAINER_CREDENTIALS_FULL_URI"] == "" {
 			continue
 		}
+		if uri := values["AWS_CONTAINER_CREDENTIALS_FULL_URI"]; uri != "" &&
+			!slices.ContainsFunc(podIdentityAgentPrefix, func(p string) bool { return strings.HasPrefix(uri, p) }) {
+			return credentialSource{}, "container " + c.Name + "'s AWS_CONTAINER_CREDENTIALS_FULL_URI is not the EKS Pod Identity agent's"
+		}
 		var src credentialSource
+		for _, file := range tokenFiles {
+			if file == "" {
+				continue
+			}
+			dir := file[:strings.LastIndex(file, "/")+1]
+			i := slices.IndexFunc(c.VolumeMounts, func(m VolumeMount) bool { return strings.TrimSuffix(m.MountPath, "/")+"/" == dir })
+			if !slices.Contains(tokenDirs, strings.TrimSuffix(dir, "/")) || i < 0 || !projectedToken(spec, c.VolumeMounts[i].Name) {
+				return credentialSource{}, "container " + c.Name + "'s token file " + file + " is not in a projected service account token " +
+					"volume at " + strings.Join(tokenDirs, " or ")
+			}
+			src.mounts = append(src.mounts, VolumeMount{Name: c.VolumeMounts[i].Name, ReadOnly: true, MountPath: c.VolumeMounts[i].MountPath})
+		}
 		for _, name := range credentialSourceVariables {
 			if v, ok := values[name]; ok {
 				src.env = append(src.env, EnvVar{Name: name, Value: v})
 			}
 		}
-		for _, m := range c.VolumeMounts {
-			for _, file := range []string{values["AWS_WEB_IDENTITY_TOKEN_FILE"], values["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]} {
-				if file != "" && strings.HasPrefix(file, strings.TrimSuffix(m.MountPath, "/")+"/") {
-					src.mounts = append(src.mounts, VolumeMount{Name: m.Name, ReadOnly: true, MountPath: m.MountPath})
-					break
-				}
-			}
-		}
-		return src
+		return src, ""
 	}
-	return credentialSource{}
+	return credentialSource{}, ""
+}
+
+// projectedToken says whether the pod's volume name holds only projected
+// service account tokens.
+func projectedToken(spec *podSpec, name string) bool {
+	i := slices.IndexFunc(spec.Volumes, func(v podVolume) bool { return v.Name == name })
+	if i < 0 {
+		return false
+	}
+	var v struct {
+		Projected *struct {
+			Sources []map[string]json.RawMessage `json:"sources"`
+		} `json:"projected"`
+	}
+	if json.Unmarshal(spec.Volumes[i].raw, &v) != nil || v.Projected == nil || len(v.Projected.Sources) == 0 {
+		return false
+	}
+	for _, source := range v.Projected.Sources {
+		if _, ok := source["serviceAccountToken"]; !ok || len(source) != 1 {
+			return false
+		}
+	}
+	return true
 }
 
 // DefaultOptions are the sidecar of the example manifests; 1337 is the UID

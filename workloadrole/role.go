@@ -111,12 +111,19 @@ func FromEnvironment(ctx context.Context, arn string) (*Role, error) {
 	client := awshttp.NewBuildableClient().WithTransportOptions(func(t *http.Transport) {
 		t.Proxy, t.ResponseHeaderTimeout = nil, 5*time.Second
 	})
+	// The container endpoints' answers are not followed anywhere: a
+	// redirect to IMDS would fetch the instance's role, past the redirect
+	// rules, which exempt the sidecar's own traffic.
+	endpointClient := &http.Client{
+		Transport:     &http.Transport{Proxy: nil, ResponseHeaderTimeout: 5 * time.Second},
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
 	cfg, err := config.LoadDefaultConfig(ctx,
 		config.WithEC2IMDSClientEnableState(imds.ClientDisabled), // never the instance's role
 		config.WithSharedConfigFiles([]string{}),
 		config.WithSharedCredentialsFiles([]string{}),
 		config.WithHTTPClient(client),
-		config.WithEndpointCredentialOptions(func(o *endpointcreds.Options) { o.HTTPClient = client }),
+		config.WithEndpointCredentialOptions(func(o *endpointcreds.Options) { o.HTTPClient = endpointClient }),
 		config.WithCredentialsCacheOptions(cacheOptions),
 	)
 	if err != nil {

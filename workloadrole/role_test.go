@@ -61,6 +61,20 @@ func TestFromEnvironment(t *testing.T) {
 		t.Errorf("role %q %q %q, want the source's name, no ARN", name, arn, source)
 	}
 
+	// An endpoint that redirects (to IMDS, say) is not followed.
+	imds := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte(`{"AccessKeyId":"ASIAINSTANCEROLE","SecretAccessKey":"s","Token":"t","Expiration":"` + expires.Format(time.RFC3339) + `"}`))
+	}))
+	defer imds.Close()
+	redirecting := httptest.NewServer(http.RedirectHandler(imds.URL+"/latest/meta-data/iam/security-credentials/node", http.StatusTemporaryRedirect))
+	defer redirecting.Close()
+	t.Setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", redirecting.URL+"/v1/credentials")
+	if role, err := FromEnvironment(ctx, ""); err != nil {
+		t.Fatal(err)
+	} else if c, err := role.Credentials(ctx); err == nil || c.AccessKeyID == "ASIAINSTANCEROLE" {
+		t.Errorf("a redirecting endpoint: %+v, %v; want an error, never what it redirects to", c, err)
+	}
+
 	t.Setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "x")
 	if _, err := FromEnvironment(ctx, ""); err == nil || !strings.Contains(err.Error(), "resolves other credentials first") {
