@@ -13,7 +13,6 @@ import (
 
 	"github.com/imds-proxy/imds-proxy/doctor"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
-	"github.com/imds-proxy/imds-proxy/workloadrole"
 )
 
 // startWorkloadRoleSidecar runs the imds-proxy-workload-role build as the
@@ -213,17 +212,20 @@ func keysOf(m map[string]string) []string {
 }
 
 // TestWorkloadRoleSourceFailures: with the ECS agent stand-in as the
-// source, the sidecar replaces credentials RefreshBefore their expiry, with
-// the source's own Expiration; while the source answers garbage or is
-// down, it serves the credentials it had while they are good for 5 more
-// minutes, then answers 404 on the role path (and only there), logging the
-// outage once and its end once; the metrics say so; and the instance's role
-// is never served.
+// source, the sidecar renews credentials in the background 20 minutes
+// before they expire; while the source answers garbage or is down, it
+// serves the credentials it had while they are good for 5 more minutes,
+// then answers 404 on the role path (and only there), logging each outage
+// once and its end once; the metrics and doctor say so; and the instance's
+// role is never served.
 func TestWorkloadRoleSourceFailures(t *testing.T) {
 	e := testutil.NewEC2(t, testutil.HopLimit(2))
 	instanceKey := instanceRoleKey(t, e)
 	ecs := testutil.StartCredentialEndpoint(t, e.Task, testutil.ECSTaskRoleAddr, "/v2/credentials/6f1c9d2e", "")
-	ecs.Expire(workloadrole.RefreshBefore - time.Minute) // due at once, and good for longer than 5 minutes
+	// The sidecar renews credentials 20 minutes before they expire
+	// (roleRefreshBefore in proxy/role.go): these are due 3 s after they come.
+	const dueSoon = 20*time.Minute + 3*time.Second
+	ecs.Expire(dueSoon)
 	sidecar := startWorkloadRoleSidecar(t, e, []string{"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/6f1c9d2e"},
 		"--workload-role-arn", ecs.RoleARN)
 	const rolePath = "/latest/meta-data/iam/security-credentials/task-role"
@@ -244,6 +246,18 @@ func TestWorkloadRoleSourceFailures(t *testing.T) {
 		}
 		return c.AccessKeyId
 	}
+	// served waits up to 5 s for the sidecar to serve the source's latest key.
+	served := func(what string) string {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+			if key := credentials(200); key == last(ecs.Issued()) {
+				return key
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the sidecar serves %s, not the source's latest %s\n%s", what, credentials(200), last(ecs.Issued()), sidecar.Logs.String())
+			}
+		}
+	}
 	metric := func(name string) float64 {
 		t.Helper()
 		_, text := e.Task.Get(t, "127.0.0.1:9169", "/metrics", nil)
@@ -257,28 +271,30 @@ func TestWorkloadRoleSourceFailures(t *testing.T) {
 		t.Fatalf("no %s in /metrics", name)
 		return 0
 	}
-	pause := func() { time.Sleep(2100 * time.Millisecond) } // past the proxy's wait before asking a failing source again
+	pause := func(d time.Duration) { time.Sleep(d) }
 
-	// Due credentials are replaced, by the source's.
-	first, second := credentials(200), credentials(200)
-	if first == second || second != last(ecs.Issued()) {
-		t.Errorf("credentials within RefreshBefore of their expiry: served %s then %s, want the source's newer %s", first, second, last(ecs.Issued()))
+	// Due credentials are served, and renewed in the background.
+	first := credentials(200)
+	pause(3500 * time.Millisecond)
+	if second := served("credentials due"); second == first {
+		t.Errorf("credentials due for renewal were served on (%s), not renewed", first)
 	}
-	// Garbage: the last credentials are good for 19 minutes, and served.
+	// Garbage, while the last credentials are good for 20 minutes: served.
 	ecs.Garbage(true)
-	if got := credentials(200); got != second {
-		t.Errorf("while the source answers garbage: served %s, want the last good %s", got, second)
+	pause(3500 * time.Millisecond)
+	good := credentials(200)
+	if good != last(ecs.Issued()) {
+		t.Errorf("while the source answers garbage: served %s, want the last good %s", good, last(ecs.Issued()))
 	}
 	// Credentials good for 4 minutes only: once the source fails, 404.
 	ecs.Garbage(false)
 	ecs.Expire(4 * time.Minute)
-	pause()
-	credentials(200)
+	pause(2100 * time.Millisecond) // past the wait before a failing source is asked again
+	served("the 4-minute credentials")
 	ecs.Garbage(true)
-	pause()
 	credentials(404)
 	ecs.Down()
-	pause()
+	pause(2100 * time.Millisecond)
 	credentials(404)
 	if status, _ := getV2(t, e.Task, "/latest/meta-data/iam/security-credentials/"); status != 404 {
 		t.Errorf("the listing while the source is down: %d, want 404 as where no role is attached", status)
@@ -297,7 +313,7 @@ func TestWorkloadRoleSourceFailures(t *testing.T) {
 	ecs.Expire(6 * time.Hour)
 	ecs.Garbage(false)
 	ecs.Up(t)
-	pause()
+	pause(2100 * time.Millisecond)
 	if got := credentials(200); got != last(ecs.Issued()) {
 		t.Errorf("after the source came back: served %s, want its %s", got, last(ecs.Issued()))
 	}

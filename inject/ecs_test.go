@@ -252,4 +252,17 @@ func TestECSWorkloadRole(t *testing.T) {
 		!strings.Contains(err.Error(), "no taskRoleArn") {
 		t.Errorf("a task definition without a task role: %v, want it refused", err)
 	}
+	// A task definition whose sidecar serves the instance's role keeps it,
+	// and a note says it is not the one asked for; none when it is.
+	instance, notes, err := ECS(in, DefaultOptions())
+	if err != nil || len(notes) != 0 {
+		t.Fatalf("instance sidecar: %v %v", notes, err)
+	}
+	kept, notes, err := ECS(instance, o)
+	if err != nil || !bytes.Equal(kept, instance) || len(notes) != 1 || !strings.Contains(notes[0], "not the one asked for") {
+		t.Errorf("asking for the workload role of a task definition with an instance sidecar: notes %q, %v", notes, err)
+	}
+	if _, notes, _ := ECS(out, o); len(notes) != 0 {
+		t.Errorf("the workload-role sidecar asked for again: notes %q, want none", notes)
+	}
 }

@@ -331,3 +331,18 @@ func TestWorkloadRoleTakesOnlyTheEKSSource(t *testing.T) {
 		})
 	}
 }
+
+// TestKubernetesNotesAnotherRole: a pod whose own sidecar serves the
+// instance's role while its annotation asks for its own keeps the sidecar,
+// with a note that says so.
+func TestKubernetesNotesAnotherRole(t *testing.T) {
+	injected, _, err := Kubernetes([]byte("apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  namespace: n\nspec:\n  containers:\n    - name: app\n      image: x\n"), DefaultOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	annotated := strings.Replace(string(injected), "  name: a\n", "  name: a\n  annotations:\n    imds-proxy.io/credentials: workload\n", 1)
+	out, notes, err := Kubernetes([]byte(annotated), DefaultOptions())
+	if err != nil || string(out) != annotated || !strings.Contains(strings.Join(notes, "\n"), "serves the instance's role") {
+		t.Errorf("notes %q, %v; want the pod kept, with a note", notes, err)
+	}
+}

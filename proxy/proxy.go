@@ -143,8 +143,9 @@ type RoleSource interface {
 	// which iam/info gives, or "" where unknown; and its source, for logs,
 	// metrics and imds-proxy doctor.
 	Role() (name, arn, source string)
-	// Credentials are its current credentials, or why it has none.
-	Credentials(ctx context.Context) (imdsapi.RoleCredentials, error)
+	// Credentials are its credentials: the ones it holds, or with renew,
+	// or when it holds none, new ones from its source; or why it has none.
+	Credentials(ctx context.Context, renew bool) (imdsapi.RoleCredentials, error)
 }
 
 // The defaults of the fields documented "If zero".

@@ -19,23 +19,27 @@ const (
 	outcomeWorkloadRoleUnavailable = "workload_role_unavailable"
 )
 
-// Bounds on asking the workload role's source.
+// When and how the workload role's source is asked.
 const (
-	// roleTimeout bounds one retrieval that a request waits for. SDKs give
-	// IMDS a second or two; the refresher keeps requests from waiting at all.
-	roleTimeout = 5 * time.Second
-	// roleRetryAfter is how long after a failure requests are answered
-	// without asking the source again (the last credentials, or 404), so
-	// that a failing source is not asked once per request.
-	roleRetryAfter = 2 * time.Second
-	// roleRefreshEvery is how often the refresher asks the role, which
-	// goes to its source when its credentials are due.
-	roleRefreshEvery = 30 * time.Second
-	// roleStillGood is how long before their expiry the credentials the
-	// source gave last are still served while it fails to replace them, as
-	// IMDS serves a role's credentials until they expire. Clients given
-	// less would ask again at once.
+	// roleRefreshBefore is how long before they expire the credentials are
+	// renewed, in the background. It is longer than the window in which the
+	// SDKs' IMDS clients refresh theirs (botocore's is 15 minutes), so that
+	// a client that refreshes gets credentials it will keep.
+	roleRefreshBefore = 20 * time.Minute
+	// roleStillGood is how long before their expiry the last credentials
+	// are still served, while the source fails to renew them, as IMDS
+	// serves a role's credentials until they expire. Clients given less
+	// would ask again at once. Past it, requests wait for new ones.
 	roleStillGood = 5 * time.Minute
+	// roleTimeout bounds one retrieval. SDKs give IMDS a second or two: a
+	// request waits for the source only when there is nothing to serve.
+	roleTimeout = 5 * time.Second
+	// roleRetryAfter is how long after a failure the source is not asked
+	// again, so that a failing source is not asked once per request.
+	roleRetryAfter = 2 * time.Second
+	// roleRefreshEvery is how often the refresher looks whether the
+	// credentials are due, or missing.
+	roleRefreshEvery = 30 * time.Second
 )
 
 // workloadRole serves Config.WorkloadRole and keeps the books on its source.
@@ -48,10 +52,12 @@ type workloadRole struct {
 	valid    prometheus.Gauge
 
 	mu       sync.Mutex
-	last     imdsapi.RoleCredentials // the source's last credentials
+	last     imdsapi.RoleCredentials // the newest the source gave
+	asked    uint64                  // retrievals started, in order
+	applied  uint64                  // the latest retrieval whose answer last is, or whose failure was noted
+	renewing bool                    // a background renewal is in flight
 	failing  bool                    // since the last success; logged once, on the way in and out
 	failedAt time.Time
-	lastErr  error
 }
 
 func newWorkloadRole(role RoleSource, log *zap.Logger, reg prometheus.Registerer) (*workloadRole, error) {
@@ -59,13 +65,13 @@ func newWorkloadRole(role RoleSource, log *zap.Logger, reg prometheus.Registerer
 	w := &workloadRole{role: role, name: name, arn: arn, source: source, log: log,
 		failures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name:        "imds_proxy_workload_role_failures_total",
-			Help:        "Failed retrievals of the workload's own role credentials (--credentials=workload), each logged once per outage.",
+			Help:        "Failed retrievals of the workload's own role credentials (--credentials=workload), each outage logged once.",
 			ConstLabels: prometheus.Labels{"source": source},
 		}),
 		valid: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "imds_proxy_workload_role_credentials_valid",
-			Help: "1 while the proxy holds unexpired credentials of the workload's own role, 0 while the role path answers 404 " +
-				"for want of them (--credentials=workload).",
+			Help: "1 while the proxy holds credentials of the workload's own role good for 5 more minutes, 0 while the role path " +
+				"answers 404 for want of them (--credentials=workload).",
 			ConstLabels: prometheus.Labels{"source": source},
 		}),
 	}
@@ -77,40 +83,86 @@ func newWorkloadRole(role RoleSource, log *zap.Logger, reg prometheus.Registerer
 	return w, nil
 }
 
-// credentials are the role's credentials. While its source fails (asked
-// again roleRetryAfter after a failure), the error says why, and the
-// credentials are the ones it gave last while they are good for
-// roleStillGood, else none.
-func (w *workloadRole) credentials(ctx context.Context) (imdsapi.RoleCredentials, error) {
+// credentials are what a request is served. While the last credentials
+// are good for roleStillGood, they are, at once, and once they are due
+// (roleRefreshBefore their expiry) a background renewal replaces them.
+// Otherwise the request waits for new ones from the source, unless it
+// failed within roleRetryAfter; none if it fails.
+func (w *workloadRole) credentials(ctx context.Context) imdsapi.RoleCredentials {
 	w.mu.Lock()
-	if w.failing && time.Since(w.failedAt) < roleRetryAfter {
+	if w.goodFor(roleStillGood) {
+		if !w.goodFor(roleRefreshBefore) {
+			w.renewInBackground()
+		}
 		defer w.mu.Unlock()
-		return w.stillGood(), w.lastErr
+		return w.last
 	}
+	resting := w.failing && time.Since(w.failedAt) < roleRetryAfter
 	w.mu.Unlock()
-	ctx, cancel := context.WithTimeout(ctx, roleTimeout)
-	defer cancel()
-	c, err := w.role.Credentials(ctx)
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.note(c, err)
-	if err != nil {
-		return w.stillGood(), err
-	}
-	return c, nil
-}
-
-// stillGood are the source's last credentials while they are good for
-// roleStillGood, else none. w.mu is held.
-func (w *workloadRole) stillGood() imdsapi.RoleCredentials {
-	if time.Until(w.last.Expiration) < roleStillGood {
+	if resting {
 		return imdsapi.RoleCredentials{}
 	}
-	return w.last
+	// The request's own end (a client that gave up) is no verdict on the source.
+	c, _ := w.fetch(context.WithoutCancel(ctx))
+	return c
 }
 
-// note logs a failure once, and the recovery, and sets the metrics. w.mu
-// is held.
+// goodFor says whether the last credentials are good for d more. w.mu is held.
+func (w *workloadRole) goodFor(d time.Duration) bool {
+	return w.last.AccessKeyID != "" && time.Until(w.last.Expiration) >= d
+}
+
+// renewInBackground starts a renewal unless one is in flight, the source
+// failed within roleRetryAfter, or the last credentials were due when they
+// came and are newer than roleRefreshEvery: a source whose credentials
+// live less than roleRefreshBefore is not asked on every request. w.mu is
+// held.
+func (w *workloadRole) renewInBackground() {
+	dueOnArrival := w.last.Expiration.Sub(w.last.LastUpdated) < roleRefreshBefore
+	if w.renewing || w.failing && time.Since(w.failedAt) < roleRetryAfter || dueOnArrival && time.Since(w.last.LastUpdated) < roleRefreshEvery {
+		return
+	}
+	w.renewing = true
+	go func() {
+		_, _ = w.fetch(context.Background())
+		w.mu.Lock()
+		w.renewing = false
+		w.mu.Unlock()
+	}()
+}
+
+// fetch asks the source for new credentials, within roleTimeout, notes the
+// answer, and returns the credentials to serve: the new ones, or, if it
+// fails, the last while they are good for roleStillGood, else none. If
+// parent ends first, nothing is noted.
+func (w *workloadRole) fetch(parent context.Context) (imdsapi.RoleCredentials, error) {
+	w.mu.Lock()
+	w.asked++
+	seq, renew := w.asked, w.last.AccessKeyID != ""
+	w.mu.Unlock()
+	ctx, cancel := context.WithTimeout(parent, roleTimeout)
+	defer cancel()
+	c, err := w.role.Credentials(ctx, renew)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if parent.Err() != nil {
+		return imdsapi.RoleCredentials{}, parent.Err()
+	}
+	if seq > w.applied { // an answer older than the one noted last is dropped
+		w.applied = seq
+		w.note(c, err)
+	}
+	switch {
+	case err == nil: // new, however short they live
+		return c, nil
+	case w.goodFor(roleStillGood):
+		return w.last, err
+	}
+	return imdsapi.RoleCredentials{}, err
+}
+
+// note logs a failure once, and the recovery, keeps new credentials, and
+// sets the metrics. w.mu is held.
 func (w *workloadRole) note(c imdsapi.RoleCredentials, err error) {
 	if err != nil {
 		w.failures.Inc()
@@ -121,16 +173,15 @@ func (w *workloadRole) note(c imdsapi.RoleCredentials, err error) {
 				zap.String("source", w.source), zap.String("role", w.name), zap.Time("last_expiration", w.last.Expiration),
 				zap.String("error", truncate(err.Error())))
 		}
-		w.failing, w.failedAt, w.lastErr = true, time.Now(), err
-		w.valid.Set(boolGauge(w.stillGood().AccessKeyID != ""))
-		return
+		w.failing, w.failedAt = true, time.Now()
+	} else {
+		if w.failing {
+			w.log.Info("the workload's own role credentials are had from its source again", zap.String("source", w.source),
+				zap.String("role", w.name), zap.Time("expiration", c.Expiration))
+		}
+		w.last, w.failing = c, false
 	}
-	w.valid.Set(1)
-	if w.failing {
-		w.log.Info("the workload's own role credentials are had from its source again", zap.String("source", w.source),
-			zap.String("role", w.name), zap.Time("expiration", c.Expiration))
-	}
-	w.last, w.failing, w.lastErr = c, false, nil
+	w.valid.Set(boolGauge(w.goodFor(roleStillGood)))
 }
 
 func boolGauge(b bool) float64 {
@@ -140,14 +191,19 @@ func boolGauge(b bool) float64 {
 	return 0
 }
 
-// keepFresh asks for the credentials every roleRefreshEvery until ctx
-// ends, so that they are replaced before they expire without a client
-// waiting on the source, and a failing source is noticed with no client.
+// keepFresh looks every roleRefreshEvery, until ctx ends, whether the
+// credentials are due or missing, and renews them, so that no client waits
+// for the source and a failing source is noticed with no client asking.
 func (w *workloadRole) keepFresh(ctx context.Context) {
 	t := time.NewTicker(roleRefreshEvery)
 	defer t.Stop()
 	for {
-		_, _ = w.credentials(ctx)
+		w.mu.Lock()
+		due := !w.goodFor(roleRefreshBefore) && !(w.failing && time.Since(w.failedAt) < roleRetryAfter)
+		w.mu.Unlock()
+		if due {
+			_, _ = w.fetch(ctx)
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -169,7 +225,7 @@ func (w *workloadRole) answer(ctx context.Context, below string) *ownAnswer {
 		if w.arn == "" {
 			return w.notFound(outcomeWorkloadRole)
 		}
-		c, _ := w.credentials(ctx)
+		c := w.credentials(ctx)
 		if c.AccessKeyID == "" {
 			return w.notFound(outcomeWorkloadRoleUnavailable)
 		}
@@ -180,7 +236,7 @@ func (w *workloadRole) answer(ctx context.Context, below string) *ownAnswer {
 			InstanceProfileId  string
 		}{"Success", imdsTime(c.LastUpdated), w.arn, ""}
 	case roleCredentialsDir, roleCredentialsDir + "/" + w.name:
-		c, _ := w.credentials(ctx)
+		c := w.credentials(ctx)
 		if c.AccessKeyID == "" {
 			return w.notFound(outcomeWorkloadRoleUnavailable)
 		}

@@ -28,12 +28,18 @@ type scriptedSource struct {
 	calls     int
 	expiresIn time.Duration
 	err       error
+	delay     time.Duration
 	expires   time.Time // of the credentials it gave last
 }
 
-func (s *scriptedSource) Retrieve(context.Context) (aws.Credentials, error) {
+func (s *scriptedSource) Retrieve(ctx context.Context) (aws.Credentials, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	select {
+	case <-time.After(s.delay):
+	case <-ctx.Done():
+		return aws.Credentials{}, ctx.Err()
+	}
 	s.calls++
 	if s.err != nil {
 		return aws.Credentials{}, s.err
@@ -41,6 +47,16 @@ func (s *scriptedSource) Retrieve(context.Context) (aws.Credentials, error) {
 	s.expires = time.Now().Add(s.expiresIn).Truncate(time.Second)
 	return aws.Credentials{AccessKeyID: fmt.Sprintf("ASIAKEY%d", s.calls), SecretAccessKey: "secret", SessionToken: "token",
 		CanExpire: true, Expires: s.expires}, nil
+}
+
+// eventually waits up to 2 s for cond.
+func eventually(t *testing.T, cond func() bool, what string) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within 2s", what)
+		}
+	}
 }
 
 func (s *scriptedSource) set(expiresIn time.Duration, err error) {
@@ -56,11 +72,12 @@ func (s *scriptedSource) count() int {
 }
 
 // TestWorkloadRoleAnswers: the role path answers in IMDS's shapes from the
-// workload's own role; credentials within RefreshBefore of their expiry are
-// replaced; while the source fails, the last credentials are served until
-// roleStillGood before they expire, then the role path answers 404; the
-// failure is logged once with its cause and once on recovery, and the
-// source is asked again only after roleRetryAfter; the metrics follow.
+// workload's own role; credentials within roleRefreshBefore of their expiry
+// are served at once and renewed in the background; while the source
+// fails, the last credentials are served until roleStillGood before they
+// expire, then the role path answers 404; the failure is logged once with
+// its cause and once on recovery, and the source is asked again only after
+// roleRetryAfter; the metrics follow.
 func TestWorkloadRoleAnswers(t *testing.T) {
 	source := &scriptedSource{expiresIn: 6 * time.Hour}
 	core, logs := observer.New(zap.InfoLevel)
@@ -101,26 +118,36 @@ func TestWorkloadRoleAnswers(t *testing.T) {
 		t.Errorf("the source was asked %d times, want once: the credentials are cached", source.count())
 	}
 
-	// Due: within RefreshBefore of their expiry, they are replaced.
-	source.set(workloadrole.RefreshBefore/2, nil)
-	w.role = workloadrole.New(w.arn, w.source, source)
-	first, _ := w.credentials(ctx)
-	second, _ := w.credentials(ctx)
-	if first.AccessKeyID == second.AccessKeyID {
-		t.Errorf("credentials expiring within RefreshBefore were served again (%s), not replaced", first.AccessKeyID)
+	// Due: credentials within roleRefreshBefore of their expiry are served
+	// at once and renewed in the background, even from a source that hangs.
+	source.set(roleRefreshBefore/2, nil)
+	source.delay = 300 * time.Millisecond
+	age := func(expiresIn time.Duration) {
+		w.mu.Lock()
+		w.last.Expiration, w.last.LastUpdated = time.Now().Add(expiresIn), time.Now().Add(-time.Hour)
+		w.mu.Unlock()
 	}
+	age(roleRefreshBefore / 2)
+	start := time.Now()
+	first := w.credentials(ctx)
+	if waited := time.Since(start); first.AccessKeyID != "ASIAKEY1" || waited > 100*time.Millisecond {
+		t.Errorf("due credentials: %s after %s, want the last ones at once", first.AccessKeyID, waited)
+	}
+	eventually(t, func() bool { return w.credentials(ctx).AccessKeyID == "ASIAKEY2" }, "the background renewal's credentials served")
+	source.delay = 0
 
 	// Down: the last credentials are served while they are good for
-	// roleStillGood, then 404; logged once with the cause; the source is
-	// not asked again at once.
+	// roleStillGood, at once; the failure is logged once with its cause; the
+	// source is asked once by 5 requests.
 	source.set(6*time.Hour, errors.New("dial tcp 169.254.170.2:80: connect: connection refused"))
-	w.role = workloadrole.New(w.arn, w.source, source)
+	age(roleRefreshBefore / 2)
 	before := source.count()
 	for range 5 {
-		if a := w.answer(ctx, roleCredentialsDir+"/web-role"); a.status != http.StatusOK || !strings.Contains(a.body, second.AccessKeyID) {
-			t.Errorf("while the source fails, its last credentials good for %s: %d %s, want them served", workloadrole.RefreshBefore/2, a.status, a.body)
+		if a := w.answer(ctx, roleCredentialsDir+"/web-role"); a.status != http.StatusOK || !strings.Contains(a.body, "ASIAKEY2") {
+			t.Errorf("while the source fails, its last credentials good for %s: %d %s, want them served", roleRefreshBefore/2, a.status, a.body)
 		}
 	}
+	eventually(t, func() bool { return testutil.ToFloat64(w.failures) == 1 }, "the background renewal's failure counted")
 	if asked := source.count() - before; asked != 1 {
 		t.Errorf("the failing source was asked %d times by 5 requests within %s, want once", asked, roleRetryAfter)
 	}
@@ -156,5 +183,22 @@ func TestWorkloadRoleAnswers(t *testing.T) {
 		if strings.Contains(fmt.Sprint(entry.ContextMap()), "secret") || strings.Contains(fmt.Sprint(entry.ContextMap()), "ASIAKEY") {
 			t.Errorf("a log line carries credentials: %v", entry.ContextMap())
 		}
+	}
+}
+
+// TestWorkloadRoleCallerGivingUpIsNoOutage: a request whose client has
+// gone still gets the source's answer recorded, and its cancellation is
+// neither logged nor counted as the source's failure.
+func TestWorkloadRoleCallerGivingUpIsNoOutage(t *testing.T) {
+	source := &scriptedSource{expiresIn: 6 * time.Hour, delay: 50 * time.Millisecond}
+	core, logs := observer.New(zap.InfoLevel)
+	w, err := newWorkloadRole(workloadrole.New("", workloadrole.SourceIRSA, source), zap.New(core), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if c := w.credentials(ctx); c.AccessKeyID != "ASIAKEY1" || testutil.ToFloat64(w.failures) != 0 || logs.Len() != 0 {
+		t.Errorf("a gone client's request: %q, failures %v, logs %v; want the credentials and no failure", c.AccessKeyID, testutil.ToFloat64(w.failures), logs.All())
 	}
 }

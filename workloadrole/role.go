@@ -42,14 +42,8 @@ const (
 	SourcePodIdentity = "eks-pod-identity"
 )
 
-// RefreshBefore is how long before they expire the credentials are
-// replaced. It is longer than the window in which the SDKs' IMDS clients
-// refresh theirs (botocore's is 15 minutes), so that a client that refreshes
-// gets credentials it will keep.
-const RefreshBefore = 20 * time.Minute
-
-// Role is the workload's role and its credentials, cached until
-// RefreshBefore their expiry; concurrent retrievals share one.
+// Role is the workload's role and its credentials, cached until they
+// expire or are renewed; concurrent retrievals share one.
 type Role struct {
 	// Name is the role's name, the one entry IMDS lists under
 	// iam/security-credentials/: the last part of ARN, else Source.
@@ -62,8 +56,7 @@ type Role struct {
 	Source string
 
 	// creds caches the source's credentials to their real expiry (its
-	// ExpiryWindow is 0, so that the Expiration served is the source's);
-	// Credentials replaces them RefreshBefore it.
+	// ExpiryWindow is 0, so that the Expiration served is the source's).
 	creds *aws.CredentialsCache
 
 	mu        sync.Mutex
@@ -165,14 +158,14 @@ func sourceHere() (string, aws.CredentialSource, error) {
 // is a proxy.RoleSource).
 func (r *Role) Role() (name, arn, source string) { return r.Name, r.ARN, r.Source }
 
-// Credentials are the role's current credentials, from the cache or, within
-// RefreshBefore their expiry, from the source.
-func (r *Role) Credentials(ctx context.Context) (imdsapi.RoleCredentials, error) {
-	c, err := r.creds.Retrieve(ctx)
-	if err == nil && c.CanExpire && time.Until(c.Expires) < RefreshBefore {
+// Credentials are the role's credentials: the cached ones, or with renew,
+// or when none are cached or they expired, new ones from the source (the
+// proxy decides when to renew: proxy.RoleSource).
+func (r *Role) Credentials(ctx context.Context, renew bool) (imdsapi.RoleCredentials, error) {
+	if renew {
 		r.creds.Invalidate()
-		c, err = r.creds.Retrieve(ctx)
 	}
+	c, err := r.creds.Retrieve(ctx)
 	if err != nil {
 		return imdsapi.RoleCredentials{}, err
 	}

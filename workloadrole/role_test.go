@@ -53,7 +53,7 @@ func TestFromEnvironment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := role.Credentials(ctx)
+	c, err := role.Credentials(ctx, false)
 	if err != nil || c.AccessKeyID != "ASIAPODIDENTITY" || !c.Expiration.Equal(expires) {
 		t.Errorf("Pod Identity: %+v, %v; want ASIAPODIDENTITY expiring at %s, the source's", c, err, expires)
 	}
@@ -71,7 +71,7 @@ func TestFromEnvironment(t *testing.T) {
 	t.Setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", redirecting.URL+"/v1/credentials")
 	if role, err := FromEnvironment(ctx, ""); err != nil {
 		t.Fatal(err)
-	} else if c, err := role.Credentials(ctx); err == nil || c.AccessKeyID == "ASIAINSTANCEROLE" {
+	} else if c, err := role.Credentials(ctx, false); err == nil || c.AccessKeyID == "ASIAINSTANCEROLE" {
 		t.Errorf("a redirecting endpoint: %+v, %v; want an error, never what it redirects to", c, err)
 	}
 

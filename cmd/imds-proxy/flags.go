@@ -203,7 +203,8 @@ func (f *serveFlags) register(fs *flag.FlagSet, defaultListen string) {
 		fs.StringVar(&f.credentials, "credentials", string(imdsapi.CredentialsInstance), "sidecar mode: whose role the role path "+
 			"(meta-data/iam/security-credentials/, iam/info) serves: instance (the instance's, from IMDS) or workload (the task's or pod's "+
 			"own: the ECS task role, EKS Pod Identity or IRSA, whichever the sidecar's environment names, through the AWS SDK's providers; "+
-			"never the instance's, and 404 while that source fails)")
+			"never the instance's: while that source fails, the last credentials until 5 minutes before they expire, then 404); "+
+			"the imds-proxy-workload-role build")
 		fs.StringVar(&f.workloadRoleARN, "workload-role-arn", "", "sidecar mode, with --credentials=workload: the role's ARN, which names "+
 			"it in the listing and iam/info where the source does not (an ECS task role, Pod Identity; IRSA's is AWS_ROLE_ARN)")
 		fs.StringVar(&f.exemptCgroup, "exempt-cgroup", exemptCgroupAuto, "sidecar mode: auto exempts the proxy's own cgroup from the redirect instead of --exempt-mark/--exempt-uid, which app containers can forge (needs cgroup v2, and Linux 6.1+ in a cgroup namespace; falls back to the mark, with a warning, elsewhere); off always uses the mark or UID")
