@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/imds-proxy/imds-proxy/doctor"
+	"github.com/imds-proxy/imds-proxy/imdsapi"
 	"github.com/imds-proxy/imds-proxy/internal/testutil"
 )
 
@@ -31,44 +33,25 @@ func startWorkloadRoleSidecar(t *testing.T, e *testutil.EC2, env []string, args 
 // and returns the status and body.
 func getV2(t *testing.T, ns *testutil.Netns, path string) (int, string) {
 	t.Helper()
-	token, err := ns.Command("curl", "-sS", "--max-time", "5", "-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60",
-		"http://169.254.169.254/latest/api/token").Output()
-	if err != nil {
-		t.Fatalf("token in %s: %v", ns, err)
+	status, token := ns.Send(t, http.MethodPut, imdsAddr, imdsapi.TokenPath, http.Header{imdsapi.TokenTTLHeader: {"60"}})
+	if status != http.StatusOK {
+		t.Fatalf("token in %s: %d %s", ns, status, token)
 	}
-	out, err := ns.Command("curl", "-sS", "--max-time", "5", "-w", "\n%{http_code}", "-H", "X-aws-ec2-metadata-token: "+string(token),
-		"http://169.254.169.254"+path).Output()
-	if err != nil {
-		t.Fatalf("GET %s in %s: %v", path, ns, err)
-	}
-	body, code, _ := strings.Cut(string(out), "\n")
-	for strings.Contains(code, "\n") { // the body had lines of its own
-		var more string
-		more, code, _ = strings.Cut(code, "\n")
-		body += "\n" + more
-	}
-	status := 0
-	_, _ = fmt.Sscan(code, &status)
-	return status, body
+	return ns.Get(t, imdsAddr, path, http.Header{imdsapi.TokenHeader: {token}})
 }
+
+// imdsAddr is IMDS's address, which a redirect may send to a proxy.
+const imdsAddr = imdsapi.AddrV4 + ":80"
 
 // instanceRoleKey is the access key of the instance's role, asked of IMDS
 // from the node: what must never reach a workload with a role of its own.
 func instanceRoleKey(t *testing.T, e *testutil.EC2) string {
 	t.Helper()
-	curl := func(args ...string) string {
-		out, err := e.Node.Command(append([]string{"curl", "-sS", "--max-time", "5"}, args...)...).Output()
-		if err != nil {
-			t.Fatalf("curl %v in the node: %v", args, err)
-		}
-		return strings.TrimSpace(string(out))
-	}
-	token := curl("-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60", "http://169.254.169.254/latest/api/token")
-	header := "X-aws-ec2-metadata-token: " + token
-	role := curl("-H", header, "http://169.254.169.254/latest/meta-data/iam/security-credentials/")
+	_, role := getV2(t, e.Node, "/latest/meta-data/iam/security-credentials/")
+	_, body := getV2(t, e.Node, "/latest/meta-data/iam/security-credentials/"+role)
 	var creds struct{ AccessKeyId string }
-	if err := json.Unmarshal([]byte(curl("-H", header, "http://169.254.169.254/latest/meta-data/iam/security-credentials/"+role)), &creds); err != nil || creds.AccessKeyId == "" {
-		t.Fatalf("the instance role's credentials from IMDS: %v", err)
+	if err := json.Unmarshal([]byte(body), &creds); err != nil || creds.AccessKeyId == "" {
+		t.Fatalf("the instance role's credentials from IMDS: %q: %v", body, err)
 	}
 	return creds.AccessKeyId
 }
@@ -246,11 +229,12 @@ func TestWorkloadRoleSourceFailures(t *testing.T) {
 		}
 		return c.AccessKeyId
 	}
-	// served waits up to 5 s for the sidecar to serve the source's latest key.
-	served := func(what string) string {
+	// served waits up to 5 s for the sidecar to serve the source's latest
+	// key, other than old: a background renewal's.
+	served := func(what, old string) string {
 		t.Helper()
 		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(200 * time.Millisecond) {
-			if key := credentials(200); key == last(ecs.Issued()) {
+			if key := credentials(200); key != old && key == last(ecs.Issued()) {
 				return key
 			}
 			if time.Now().After(deadline) {
@@ -276,9 +260,7 @@ func TestWorkloadRoleSourceFailures(t *testing.T) {
 	// Due credentials are served, and renewed in the background.
 	first := credentials(200)
 	pause(3500 * time.Millisecond)
-	if second := served("credentials due"); second == first {
-		t.Errorf("credentials due for renewal were served on (%s), not renewed", first)
-	}
+	served("credentials due, renewed", first)
 	// Garbage, while the last credentials are good for 20 minutes: served.
 	ecs.Garbage(true)
 	pause(3500 * time.Millisecond)
@@ -286,11 +268,18 @@ func TestWorkloadRoleSourceFailures(t *testing.T) {
 	if good != last(ecs.Issued()) {
 		t.Errorf("while the source answers garbage: served %s, want the last good %s", good, last(ecs.Issued()))
 	}
+	// The background renewal that request started fails (after the SDK's
+	// own retries) before the source is mended.
+	for deadline := time.Now().Add(10 * time.Second); metric("imds_proxy_workload_role_failures_total") < 1; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the renewal from a source answering garbage was not counted as failed\n%s", sidecar.Logs.String())
+		}
+	}
 	// Credentials good for 4 minutes only: once the source fails, 404.
 	ecs.Garbage(false)
 	ecs.Expire(4 * time.Minute)
 	pause(2100 * time.Millisecond) // past the wait before a failing source is asked again
-	served("the 4-minute credentials")
+	served("the 4-minute credentials", good)
 	ecs.Garbage(true)
 	credentials(404)
 	ecs.Down()

@@ -157,6 +157,12 @@ func (n *Netns) String() string { return fmt.Sprintf("netns %s", n.Name) }
 // dial from another thread, outside the namespace).
 func (n *Netns) Get(t testing.TB, addr, path string, header http.Header) (int, string) {
 	t.Helper()
+	return n.Send(t, http.MethodGet, addr, path, header)
+}
+
+// Send is Get with another method: an IMDSv2 token's PUT, say.
+func (n *Netns) Send(t testing.TB, method, addr, path string, header http.Header) (int, string) {
+	t.Helper()
 	var status int
 	var body []byte
 	n.Do(t, func() {
@@ -166,7 +172,7 @@ func (n *Netns) Get(t testing.TB, addr, path string, header http.Header) (int, s
 		}
 		defer c.Close()
 		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-		req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
+		req, _ := http.NewRequest(method, "http://"+addr+path, nil)
 		for k, v := range header {
 			req.Header[k] = v
 		}
@@ -176,7 +182,7 @@ func (n *Netns) Get(t testing.TB, addr, path string, header http.Header) (int, s
 		}
 		resp, err := http.ReadResponse(bufio.NewReader(c), req)
 		if err != nil {
-			t.Fatalf("%s: GET %s%s: %v", n, addr, path, err)
+			t.Fatalf("%s: %s %s%s: %v", n, method, addr, path, err)
 		}
 		defer resp.Body.Close()
 		status = resp.StatusCode
