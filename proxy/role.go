@@ -97,14 +97,19 @@ func (w *workloadRole) credentials(ctx context.Context) imdsapi.RoleCredentials 
 		defer w.mu.Unlock()
 		return w.last
 	}
-	resting := w.failing && time.Since(w.failedAt) < roleRetryAfter
+	resting := w.resting()
 	w.mu.Unlock()
 	if resting {
 		return imdsapi.RoleCredentials{}
 	}
 	// The request's own end (a client that gave up) is no verdict on the source.
-	c, _ := w.fetch(context.WithoutCancel(ctx))
-	return c
+	return w.fetch(context.WithoutCancel(ctx))
+}
+
+// resting says whether the source failed within roleRetryAfter, and is not
+// to be asked yet. w.mu is held.
+func (w *workloadRole) resting() bool {
+	return w.failing && time.Since(w.failedAt) < roleRetryAfter
 }
 
 // goodFor says whether the last credentials are good for d more. w.mu is held.
@@ -119,12 +124,12 @@ func (w *workloadRole) goodFor(d time.Duration) bool {
 // held.
 func (w *workloadRole) renewInBackground() {
 	dueOnArrival := w.last.Expiration.Sub(w.last.LastUpdated) < roleRefreshBefore
-	if w.renewing || w.failing && time.Since(w.failedAt) < roleRetryAfter || dueOnArrival && time.Since(w.last.LastUpdated) < roleRefreshEvery {
+	if w.renewing || w.resting() || dueOnArrival && time.Since(w.last.LastUpdated) < roleRefreshEvery {
 		return
 	}
 	w.renewing = true
 	go func() {
-		_, _ = w.fetch(context.Background())
+		w.fetch(context.Background())
 		w.mu.Lock()
 		w.renewing = false
 		w.mu.Unlock()
@@ -135,7 +140,7 @@ func (w *workloadRole) renewInBackground() {
 // answer, and returns the credentials to serve: the new ones, or, if it
 // fails, the last while they are good for roleStillGood, else none. If
 // parent ends first, nothing is noted.
-func (w *workloadRole) fetch(parent context.Context) (imdsapi.RoleCredentials, error) {
+func (w *workloadRole) fetch(parent context.Context) imdsapi.RoleCredentials {
 	w.mu.Lock()
 	w.asked++
 	seq, renew := w.asked, w.last.AccessKeyID != ""
@@ -146,7 +151,7 @@ func (w *workloadRole) fetch(parent context.Context) (imdsapi.RoleCredentials, e
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if parent.Err() != nil {
-		return imdsapi.RoleCredentials{}, parent.Err()
+		return imdsapi.RoleCredentials{}
 	}
 	if seq > w.applied { // an answer older than the one noted last is dropped
 		w.applied = seq
@@ -154,11 +159,11 @@ func (w *workloadRole) fetch(parent context.Context) (imdsapi.RoleCredentials, e
 	}
 	switch {
 	case err == nil: // new, however short they live
-		return c, nil
+		return c
 	case w.goodFor(roleStillGood):
-		return w.last, err
+		return w.last
 	}
-	return imdsapi.RoleCredentials{}, err
+	return imdsapi.RoleCredentials{}
 }
 
 // note logs a failure once, and the recovery, keeps new credentials, and
@@ -199,10 +204,10 @@ func (w *workloadRole) keepFresh(ctx context.Context) {
 	defer t.Stop()
 	for {
 		w.mu.Lock()
-		due := !w.goodFor(roleRefreshBefore) && !(w.failing && time.Since(w.failedAt) < roleRetryAfter)
+		due := !w.goodFor(roleRefreshBefore) && !w.resting()
 		w.mu.Unlock()
 		if due {
-			_, _ = w.fetch(ctx)
+			w.fetch(ctx)
 		}
 		select {
 		case <-ctx.Done():
