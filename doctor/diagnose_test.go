@@ -61,7 +61,7 @@ func TestDiagnoseEveryVerdict(t *testing.T) {
 			Role: &RoleProbe{Probe: ok, Served: "workload; source=irsa", Name: "web"}}, ExitHealthy,
 			"which serves the workload's own role web (workload; source=irsa), never the instance's", ""},
 		{"the workload's own role has no credentials", Report{Connects: true, Token: ok, V2Get: &ok, V1Get: unauthorized, Proxy: "sidecar",
-			Role: &RoleProbe{Probe: Probe{Status: 404}, Served: "workload; source=ecs-task-role"}}, ExitWorkloadRole,
+			Role: &RoleProbe{Probe: Probe{Status: 404}, Served: "workload; source=task-role"}}, ExitWorkloadRole,
 			"has no credentials of it: its source fails, so the role path answers HTTP 404", "read the sidecar's log"},
 		{"healthy node", Report{Connects: true, Token: ok, V2Get: &ok, V1Get: ok, Node: healthyNode}, ExitHealthy,
 			"healthy", ""},

@@ -251,7 +251,7 @@ func TestDecide(t *testing.T) {
 // testRole is a workload role named web-role (IRSA) whose source gives
 // fresh credentials, or fails with err.
 func testRole(err error) *workloadrole.Role {
-	return workloadrole.New("arn:aws:iam::111122223333:role/web-role", workloadrole.SourceIRSA,
+	return workloadrole.New("arn:aws:iam::111122223333:role/web-role", workload.IdentityIRSA,
 		aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
 			if err != nil {
 				return aws.Credentials{}, err

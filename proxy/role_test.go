@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/imds-proxy/imds-proxy/workload"
 	"github.com/imds-proxy/imds-proxy/workloadrole"
 )
 
@@ -81,7 +82,7 @@ func (s *scriptedSource) count() int {
 func TestWorkloadRoleAnswers(t *testing.T) {
 	source := &scriptedSource{expiresIn: 6 * time.Hour}
 	core, logs := observer.New(zap.InfoLevel)
-	w, err := newWorkloadRole(workloadrole.New("arn:aws:iam::111122223333:role/team/web-role", workloadrole.SourceECSTaskRole, source),
+	w, err := newWorkloadRole(workloadrole.New("arn:aws:iam::111122223333:role/team/web-role", workload.IdentityTaskRole, source),
 		zap.New(core), prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
@@ -192,7 +193,7 @@ func TestWorkloadRoleAnswers(t *testing.T) {
 func TestWorkloadRoleCallerGivingUpIsNoOutage(t *testing.T) {
 	source := &scriptedSource{expiresIn: 6 * time.Hour, delay: 50 * time.Millisecond}
 	core, logs := observer.New(zap.InfoLevel)
-	w, err := newWorkloadRole(workloadrole.New("", workloadrole.SourceIRSA, source), zap.New(core), prometheus.NewRegistry())
+	w, err := newWorkloadRole(workloadrole.New("", workload.IdentityIRSA, source), zap.New(core), prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}

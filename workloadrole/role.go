@@ -26,20 +26,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 
 	"github.com/imds-proxy/imds-proxy/imdsapi"
-)
-
-// The sources, by the environment the platform sets in the sidecar.
-const (
-	// SourceIRSA is IAM roles for service accounts: AWS_ROLE_ARN and
-	// AWS_WEB_IDENTITY_TOKEN_FILE, exchanged at the regional STS with
-	// AssumeRoleWithWebIdentity.
-	SourceIRSA = "irsa"
-	// SourceECSTaskRole is the ECS task role: the ECS agent's endpoint at
-	// 169.254.170.2 and AWS_CONTAINER_CREDENTIALS_RELATIVE_URI.
-	SourceECSTaskRole = "ecs-task-role"
-	// SourcePodIdentity is EKS Pod Identity: AWS_CONTAINER_CREDENTIALS_FULL_URI
-	// (the agent at 169.254.170.23) with AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE.
-	SourcePodIdentity = "eks-pod-identity"
+	"github.com/imds-proxy/imds-proxy/workload"
 )
 
 // Role is the workload's role and its credentials, cached until they
@@ -51,8 +38,8 @@ type Role struct {
 	// ARN is the role's ARN where it is known (IRSA's AWS_ROLE_ARN, or
 	// --workload-role-arn), else empty.
 	ARN string
-	// Source is where its credentials come from: SourceIRSA,
-	// SourceECSTaskRole or SourcePodIdentity.
+	// Source is where its credentials come from: workload.IdentityIRSA,
+	// IdentityTaskRole or IdentityPodIdentity.
 	Source string
 
 	// creds caches the source's credentials to their real expiry (its
@@ -94,7 +81,7 @@ func FromEnvironment(ctx context.Context, arn string) (*Role, error) {
 	if err != nil {
 		return nil, err
 	}
-	if source == SourceIRSA {
+	if source == workload.IdentityIRSA {
 		arn = os.Getenv("AWS_ROLE_ARN")
 	}
 	// Only ever the platform's source: no HTTP_PROXY between, for STS and
@@ -129,7 +116,7 @@ func FromEnvironment(ctx context.Context, arn string) (*Role, error) {
 		return nil, fmt.Errorf("the environment names the %s source, but the AWS SDK resolves other credentials first "+
 			"(AWS_ACCESS_KEY_ID, AWS_PROFILE or a shared config file): remove them from the sidecar", source)
 	}
-	if source == SourceIRSA && cfg.Region == "" {
+	if source == workload.IdentityIRSA && cfg.Region == "" {
 		return nil, errors.New("IRSA needs AWS_REGION for the regional STS endpoint: set it on the sidecar " +
 			"(the EKS webhook sets it on every container it mutates)")
 	}
@@ -137,18 +124,25 @@ func FromEnvironment(ctx context.Context, arn string) (*Role, error) {
 }
 
 // sourceHere names the source the environment sets, in the AWS SDK's own
-// order, and the provider source the SDK reports for it.
+// order, and the provider source the SDK reports for it. The sources are
+// the workload's own identities (workload.Workload's OwnIdentity):
+//   - workload.IdentityIRSA: AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE,
+//     exchanged at the regional STS with AssumeRoleWithWebIdentity;
+//   - workload.IdentityTaskRole: the ECS agent's endpoint at 169.254.170.2
+//     and AWS_CONTAINER_CREDENTIALS_RELATIVE_URI;
+//   - workload.IdentityPodIdentity: AWS_CONTAINER_CREDENTIALS_FULL_URI (the
+//     agent at 169.254.170.23) with AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE.
 func sourceHere() (string, aws.CredentialSource, error) {
 	switch {
 	case os.Getenv("AWS_WEB_IDENTITY_TOKEN_FILE") != "":
 		if os.Getenv("AWS_ROLE_ARN") == "" {
 			return "", 0, errors.New("AWS_WEB_IDENTITY_TOKEN_FILE is set without AWS_ROLE_ARN: IRSA needs both")
 		}
-		return SourceIRSA, aws.CredentialSourceEnvVarsSTSWebIDToken, nil
+		return workload.IdentityIRSA, aws.CredentialSourceEnvVarsSTSWebIDToken, nil
 	case os.Getenv("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") != "":
-		return SourceECSTaskRole, aws.CredentialSourceHTTP, nil
+		return workload.IdentityTaskRole, aws.CredentialSourceHTTP, nil
 	case os.Getenv("AWS_CONTAINER_CREDENTIALS_FULL_URI") != "":
-		return SourcePodIdentity, aws.CredentialSourceHTTP, nil
+		return workload.IdentityPodIdentity, aws.CredentialSourceHTTP, nil
 	}
 	return "", 0, errors.New("the environment names no workload role: want AWS_CONTAINER_CREDENTIALS_RELATIVE_URI (an ECS task role), " +
 		"AWS_CONTAINER_CREDENTIALS_FULL_URI (EKS Pod Identity) or AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE (IRSA) on the sidecar")

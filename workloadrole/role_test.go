@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imds-proxy/imds-proxy/workload"
 )
 
 // TestFromEnvironment: the source the environment names is asked, with Pod
@@ -57,7 +59,7 @@ func TestFromEnvironment(t *testing.T) {
 	if err != nil || c.AccessKeyID != "ASIAPODIDENTITY" || !c.Expiration.Equal(expires) {
 		t.Errorf("Pod Identity: %+v, %v; want ASIAPODIDENTITY expiring at %s, the source's", c, err, expires)
 	}
-	if name, arn, source := role.Role(); name != SourcePodIdentity || arn != "" || source != SourcePodIdentity {
+	if name, arn, source := role.Role(); name != workload.IdentityPodIdentity || arn != "" || source != workload.IdentityPodIdentity {
 		t.Errorf("role %q %q %q, want the source's name, no ARN", name, arn, source)
 	}
 
