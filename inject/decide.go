@@ -79,7 +79,10 @@ func decide(meta podMeta, spec *podSpec, namespace string, o Options) decision {
 	var d decision
 	if kept {
 		d = decideExisting(e, o)
-		d.warnings = append(d.warnings, credentialsMismatch(meta, spec.InitContainers[e.index].Args)...)
+		asked, _ := o.forPod(meta, spec)
+		if note := otherRole(o.withCredentials(spec.InitContainers[e.index].Args, nil), asked); note != "" {
+			d.warnings = append(d.warnings, note)
+		}
 	} else {
 		podOptions, warnings := o.forPod(meta, spec)
 		d = decision{outcome: Injected, inject: &podOptions, warnings: warnings}
@@ -96,25 +99,6 @@ func decide(meta podMeta, spec *podSpec, namespace string, o Options) decision {
 	}
 	d.outcome, d.warnings = Warned, append(d.warnings, bypass...)
 	return d
-}
-
-// credentialsMismatch notes a pod whose own sidecar serves another role
-// than its CredentialsKey annotation asks for: a sidecar the pod brings is
-// kept as it is.
-func credentialsMismatch(meta podMeta, sidecarArgs []string) []string {
-	asked := imdsapi.CredentialsInstance
-	if meta.Annotations[imdsapi.CredentialsKey] == string(imdsapi.CredentialsWorkload) {
-		asked = imdsapi.CredentialsWorkload
-	}
-	has := imdsapi.CredentialsInstance
-	if slices.Contains(sidecarArgs, "--credentials="+string(imdsapi.CredentialsWorkload)) {
-		has = imdsapi.CredentialsWorkload
-	}
-	if asked == has {
-		return nil
-	}
-	return []string{fmt.Sprintf("its %s sidecar serves the %s's role, and annotation %s asks for the %s's: it is kept as it is; "+
-		"remove it from the pod's spec to have the one asked for injected", ContainerName, has, imdsapi.CredentialsKey, asked)}
 }
 
 // violation is the decision for a pod that would get around the sidecar

@@ -102,10 +102,8 @@ func keepECSSidecar(in []byte, task object, containers []object, i int, o Option
 	if err != nil {
 		return nil, nil, err
 	}
-	if has := o.withCredentials(command, nil); orInstance(has.Credentials) != orInstance(o.Credentials) || has.WorkloadRoleARN != o.WorkloadRoleARN {
-		notes = append(notes, fmt.Sprintf("the %s container serves the role %q (--credentials=%s), not the one asked for (%s %q): "+
-			"it is kept as it is; remove it to have the one asked for injected", ContainerName, has.WorkloadRoleARN, orInstance(has.Credentials),
-			orInstance(o.Credentials), o.WorkloadRoleARN))
+	if note := otherRole(o.withCredentials(command, nil), o); note != "" {
+		notes = append(notes, note)
 	}
 	changed := false
 	if o.Policy.looser(policy) {
@@ -140,13 +138,6 @@ func keepECSSidecar(in []byte, task object, containers []object, i int, o Option
 	}
 	out, err := marshalIndent(task)
 	return out, notes, err
-}
-
-func orInstance(c imdsapi.Credentials) imdsapi.Credentials {
-	if c == "" {
-		return imdsapi.CredentialsInstance
-	}
-	return c
 }
 
 // ecsSidecar reads c, a container named ContainerName: its command, where

@@ -112,30 +112,56 @@ func recognise(spec *podSpec, o Options) (e existing, found bool, why string) {
 // the pod's credential source: what a sidecar injected for it would have.
 func (o Options) withCredentials(args []string, spec *podSpec) Options {
 	o.Credentials, o.WorkloadRoleARN, o.source = "", "", credentialSource{}
-	for _, a := range args {
-		if v, ok := strings.CutPrefix(a, "--credentials="); ok && v == string(imdsapi.CredentialsWorkload) {
-			o.Credentials = imdsapi.CredentialsWorkload
-		}
-		if v, ok := strings.CutPrefix(a, "--workload-role-arn="); ok {
-			o.WorkloadRoleARN = v
-		}
+	if v, _ := argValue(args, "--credentials"); v == string(imdsapi.CredentialsWorkload) {
+		o.Credentials = imdsapi.CredentialsWorkload
 	}
+	o.WorkloadRoleARN, _ = argValue(args, "--workload-role-arn")
 	if o.Credentials == imdsapi.CredentialsWorkload && spec != nil {
 		o.source, _ = credentialSourceOf(spec)
 	}
 	return o
 }
 
+// otherRole notes a sidecar that is kept as it is although it serves
+// another role than asked, or is "" where it serves the one asked.
+func otherRole(has, asked Options) string {
+	if has.role() == asked.role() {
+		return ""
+	}
+	return fmt.Sprintf("its %s sidecar serves %s, not the one asked for (%s): it is kept as it is; remove it to have the one asked for injected",
+		ContainerName, has.role(), asked.role())
+}
+
+// role names the role the sidecar of o serves.
+func (o Options) role() string {
+	switch {
+	case o.Credentials != imdsapi.CredentialsWorkload:
+		return "the instance's role"
+	case o.WorkloadRoleARN != "":
+		return "the workload's role " + o.WorkloadRoleARN
+	}
+	return "the workload's role"
+}
+
+// argValue is the value of the first --flag=value of args.
+func argValue(args []string, flag string) (string, bool) {
+	for _, a := range args {
+		if v, ok := strings.CutPrefix(a, flag+"="); ok {
+			return v, true
+		}
+	}
+	return "", false
+}
+
 // exemptUID is the --exempt-uid=N of args, if N > 0: exempting root would
 // let every root process past the redirect.
 func exemptUID(args []string) (int64, bool) {
-	for _, a := range args {
-		if v, ok := strings.CutPrefix(a, "--exempt-uid="); ok {
-			uid, err := strconv.ParseInt(v, 10, 64)
-			return uid, err == nil && uid > 0
-		}
+	v, ok := argValue(args, "--exempt-uid")
+	if !ok {
+		return 0, false
 	}
-	return 0, false
+	uid, err := strconv.ParseInt(v, 10, 64)
+	return uid, err == nil && uid > 0
 }
 
 // rulesContainer is the init container of deploy/kubernetes/sidecar-init:
