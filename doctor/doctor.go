@@ -148,11 +148,11 @@ func Run(ctx context.Context, cfg Config) Report {
 	var tok string
 	r.Token, tok, r.Proxy = probeToken(ctx, client, cfg)
 	if tok != "" {
-		p := probeGet(ctx, client, cfg, tok)
+		p, _, _ := probeGet(ctx, client, cfg, "/latest/meta-data/", tok)
 		r.V2Get = &p
 		r.Role = probeRole(ctx, client, cfg, tok)
 	}
-	r.V1Get = probeGet(ctx, client, cfg, "")
+	r.V1Get, _, _ = probeGet(ctx, client, cfg, "/latest/meta-data/", "")
 	r.TokensRequired = r.V1Get.Status == http.StatusUnauthorized
 	return diagnose(r)
 }
@@ -185,27 +185,23 @@ func probeToken(ctx context.Context, client *http.Client, cfg Config) (Probe, st
 	return p, body, header.Get(imdsapi.ProxyHeader)
 }
 
-func probeGet(ctx context.Context, client *http.Client, cfg Config, tok string) Probe {
+// probeGet GETs path with tok (none if "") within cfg.GetTimeout, and
+// returns the probe, the body and the header.
+func probeGet(ctx context.Context, client *http.Client, cfg Config, path, tok string) (Probe, string, http.Header) {
 	ctx, cancel := context.WithTimeout(ctx, cfg.GetTimeout)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, cfg.Endpoint.JoinPath("/latest/meta-data/").String(), nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, cfg.Endpoint.JoinPath(path).String(), nil)
 	req.Header.Set("User-Agent", "imds-proxy-doctor")
 	if tok != "" {
 		req.Header.Set(imdsapi.TokenHeader, tok)
 	}
-	p, _, _ := do(client, req)
-	return p
+	return do(client, req)
 }
 
 // probeRole asks for the role path's listing, and reports it where a proxy
 // serves the workload's own role there, else nil.
 func probeRole(ctx context.Context, client *http.Client, cfg Config, tok string) *RoleProbe {
-	ctx, cancel := context.WithTimeout(ctx, cfg.GetTimeout)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, cfg.Endpoint.JoinPath("/latest/meta-data/iam/security-credentials/").String(), nil)
-	req.Header.Set("User-Agent", "imds-proxy-doctor")
-	req.Header.Set(imdsapi.TokenHeader, tok)
-	p, body, header := do(client, req)
+	p, body, header := probeGet(ctx, client, cfg, "/latest/meta-data/iam/security-credentials/", tok)
 	served := header.Get(imdsapi.CredentialsHeader)
 	if served == "" {
 		return nil
